@@ -1,0 +1,29 @@
+//! Argument parsing and dispatch for the `ddpm` binary: args -> validated configs -> library calls.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Denoising Diffusion Probabilistic Models (Ho et al. 2020) on the CPU.
+#[derive(Parser, Debug)]
+#[command(name = "ddpm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {}
+
+/// Parses the command line, runs the command, prints any error chain on one line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: anyhow::Result<()> = match cli.command {};
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

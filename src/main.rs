@@ -1,0 +1,9 @@
+//! The `ddpm` command line. Binary-only code lives in `src/cli/`.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::main()
+}
