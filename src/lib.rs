@@ -24,8 +24,12 @@
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod data;
+pub mod diffusion;
 pub mod error;
+pub mod io;
 pub mod kernels;
+pub mod nn;
 pub mod ops;
 
 pub use autodiff::{Grads, Tape, Tensor, Var};

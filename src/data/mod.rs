@@ -1,0 +1,1 @@
+//! Datasets: image folders, IDX, CIFAR-10 binaries, seeded batches.

@@ -1,0 +1,1 @@
+//! Files: checkpoints (safetensors), PNG grids, npz.

@@ -1,0 +1,1 @@
+//! Parameters, layers, the U-Net, Adam and EMA.
