@@ -151,6 +151,20 @@ impl Var {
     where
         F: FnOnce(&Tensor, [bool; N]) -> [Option<Tensor>; N] + 'static,
     {
+        Var::record_many(&inputs, value, move |g, needs| {
+            let needs: [bool; N] = std::array::from_fn(|i| needs[i]);
+            backward(g, needs).into()
+        })
+    }
+
+    /// [`Var::record`] for a number of inputs known only at run time (e.g. concat).
+    ///
+    /// # Panics
+    /// As [`Var::record`]; also if `backward` returns a different number of gradients.
+    pub fn record_many<F>(inputs: &[&Var], value: Tensor, backward: F) -> Var
+    where
+        F: FnOnce(&Tensor, &[bool]) -> Vec<Option<Tensor>> + 'static,
+    {
         let mut tape: Option<Tape> = None;
         for v in inputs.iter() {
             if let Some((t, _)) = &v.node {
@@ -163,11 +177,12 @@ impl Var {
         let Some(tape) = tape else {
             return Var::constant(value);
         };
-        let ids: [Option<usize>; N] = std::array::from_fn(|i| inputs[i].id());
-        let shapes: [Vec<usize>; N] = std::array::from_fn(|i| inputs[i].shape().to_vec());
+        let ids: Vec<Option<usize>> = inputs.iter().map(|v| v.id()).collect();
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|v| v.shape().to_vec()).collect();
         let closure: BackwardFn = Box::new(move |grad_out: &Tensor, grads: &mut Grads| {
-            let needs: [bool; N] = std::array::from_fn(|i| ids[i].is_some());
-            let input_grads = backward(grad_out, needs);
+            let needs: Vec<bool> = ids.iter().map(Option::is_some).collect();
+            let input_grads = backward(grad_out, &needs);
+            assert_eq!(input_grads.len(), ids.len(), "backward returned the wrong number of gradients");
             for (i, g) in input_grads.into_iter().enumerate() {
                 if let (Some(id), Some(g)) = (ids[i], g) {
                     assert_eq!(

@@ -1,0 +1,90 @@
+//! Explicit broadcasting and its adjoint. No other op broadcasts implicitly.
+
+use ndarray::{Axis, IxDyn};
+
+use crate::{Tensor, Var};
+
+/// Sums `g` down to `shape` (the adjoint of broadcasting `shape` up to `g.shape()`): leading
+/// axes are summed away, axes where `shape` has 1 are summed with the axis kept.
+///
+/// # Panics
+/// If `shape` does not broadcast to `g.shape()`.
+pub(crate) fn sum_to_shape(g: &Tensor, shape: &[usize]) -> Tensor {
+    let lead = g.ndim().checked_sub(shape.len()).unwrap_or_else(|| {
+        panic!("sum_to: {:?} has fewer axes than {:?}", g.shape(), shape)
+    });
+    let mut out = g.clone();
+    for _ in 0..lead {
+        out = out.sum_axis(Axis(0));
+    }
+    for (ax, (&want, &have)) in shape.iter().zip(g.shape()[lead..].to_vec().iter()).enumerate() {
+        if want == have {
+            continue;
+        }
+        assert_eq!(want, 1, "sum_to: cannot reduce {:?} to {:?}", g.shape(), shape);
+        out = out.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+    }
+    out
+}
+
+fn broadcast_value(x: &Tensor, shape: &[usize]) -> Tensor {
+    x.broadcast(IxDyn(shape))
+        .unwrap_or_else(|| panic!("broadcast_to: {:?} does not broadcast to {:?}", x.shape(), shape))
+        .to_owned()
+}
+
+impl Var {
+    /// Broadcasts to `shape` by numpy's rules (align trailing axes; size-1 axes repeat; missing
+    /// leading axes are added). Backward: [`Var::sum_to`] the input's shape.
+    ///
+    /// # Panics
+    /// If the shapes are not compatible.
+    pub fn broadcast_to(&self, shape: &[usize]) -> Var {
+        let y = broadcast_value(self.value(), shape);
+        let in_shape = self.shape().to_vec();
+        Var::record([self], y, move |g, _| [Some(sum_to_shape(g, &in_shape))])
+    }
+
+    /// Sums down to `shape` (the adjoint of [`Var::broadcast_to`]). Backward: broadcast back.
+    ///
+    /// # Panics
+    /// If `shape` does not broadcast to this value's shape.
+    pub fn sum_to(&self, shape: &[usize]) -> Var {
+        let y = sum_to_shape(self.value(), shape);
+        let in_shape = self.shape().to_vec();
+        Var::record([self], y, move |g, _| [Some(broadcast_value(g, &in_shape))])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::testutil::{check, randn};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        #[test]
+        fn broadcast_and_sum_to_backward_match_finite_differences(
+            n in 1usize..4, c in 1usize..4, h in 1usize..4, seed in 0u64..1000
+        ) {
+            // Per-channel bias [C, 1, 1] onto [N, C, H, H], and a row vector onto a matrix.
+            check(&[randn(&[c, 1, 1], seed)], seed, |v| v[0].broadcast_to(&[n, c, h, h]));
+            check(&[randn(&[h], seed)], seed, |v| v[0].broadcast_to(&[n, h]));
+            check(&[randn(&[n, c, h], seed)], seed, |v| v[0].sum_to(&[c, 1]));
+            check(&[randn(&[n, c, h], seed)], seed, |v| v[0].sum_to(&[n, c, h]));
+        }
+    }
+
+    #[test]
+    fn sum_to_is_the_adjoint_of_broadcast_to() {
+        // <broadcast(x), y> == <x, sum_to(y)>
+        let x = randn(&[3, 1], 1);
+        let y = randn(&[2, 3, 4], 2);
+        let bx = super::broadcast_value(&x, &[2, 3, 4]);
+        let sy = super::sum_to_shape(&y, &[3, 1]);
+        let lhs: f32 = (&bx * &y).sum();
+        let rhs: f32 = (&x * &sy).sum();
+        assert!((lhs - rhs).abs() < 1e-4, "{lhs} vs {rhs}");
+    }
+}

@@ -1,0 +1,181 @@
+//! 2-D convolution and nearest-neighbour upsampling on `[N, C, H, W]` values. The loops live
+//! in [`crate::kernels`]; this file checks shapes and wires forward to backward.
+
+use crate::kernels::conv::{
+    conv2d_backward_input, conv2d_backward_weight, conv2d_forward, upsample_nearest2x,
+    upsample_nearest2x_backward, Conv2dGeom,
+};
+use crate::{Tensor, Var};
+
+/// Zero padding on each side of a 2-D convolution's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Padding {
+    /// Rows added above.
+    pub top: usize,
+    /// Rows added below.
+    pub bottom: usize,
+    /// Columns added on the left.
+    pub left: usize,
+    /// Columns added on the right.
+    pub right: usize,
+}
+
+impl Padding {
+    /// The same padding `p` on all four sides (PyTorch's `padding=p`).
+    pub fn same(p: usize) -> Self {
+        Self { top: p, bottom: p, left: p, right: p }
+    }
+
+    /// No padding.
+    pub fn zero() -> Self {
+        Self::same(0)
+    }
+}
+
+fn contiguous(t: &Tensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(t.iter().copied().collect()),
+    }
+}
+
+impl Var {
+    /// 2-D cross-correlation (PyTorch's `conv2d`): x `[N, C_in, H, W]`, weight
+    /// `[C_out, C_in, kh, kw]`, optional bias `[C_out]`, output `[N, C_out, H_out, W_out]` with
+    /// `H_out = (H + top + bottom − kh) / stride + 1` (likewise W).
+    ///
+    /// # Panics
+    /// On mismatched shapes, stride 0, or a kernel larger than the padded input.
+    pub fn conv2d(&self, weight: &Var, bias: Option<&Var>, stride: usize, pad: Padding) -> Var {
+        let (xs, ws) = (self.shape(), weight.shape());
+        assert!(xs.len() == 4 && ws.len() == 4, "conv2d: x {xs:?}, weight {ws:?} must be 4-D");
+        assert_eq!(xs[1], ws[1], "conv2d: x {xs:?} has {} channels, weight {ws:?} expects {}", xs[1], ws[1]);
+        assert!(stride > 0, "conv2d: stride 0");
+        assert!(
+            xs[2] + pad.top + pad.bottom >= ws[2] && xs[3] + pad.left + pad.right >= ws[3],
+            "conv2d: kernel {ws:?} larger than padded input {xs:?} with {pad:?}"
+        );
+        if let Some(b) = bias {
+            assert_eq!(b.shape(), &[ws[0]], "conv2d: bias {:?} for weight {ws:?}", b.shape());
+        }
+        let g = Conv2dGeom {
+            n: xs[0],
+            c_in: xs[1],
+            h: xs[2],
+            w: xs[3],
+            c_out: ws[0],
+            kh: ws[2],
+            kw: ws[3],
+            stride,
+            pad_top: pad.top,
+            pad_bottom: pad.bottom,
+            pad_left: pad.left,
+            pad_right: pad.right,
+        };
+        let out_shape = [g.n, g.c_out, g.out_h(), g.out_w()];
+        let mut y = vec![0.0f32; out_shape.iter().product()];
+        {
+            let x = contiguous(self.value());
+            let w = contiguous(weight.value());
+            let b = bias.map(|b| contiguous(b.value()));
+            conv2d_forward(&g, &x, &w, b.as_deref(), &mut y);
+        }
+        let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("output size from geometry");
+        let (xv, wv) = (self.value_rc(), weight.value_rc());
+        let inputs: Vec<&Var> = [self, weight].into_iter().chain(bias).collect();
+        Var::record_many(&inputs, y, move |gy, needs| {
+            let dy = contiguous(gy);
+            let dx = needs[0].then(|| {
+                let mut dx = vec![0.0f32; xv.len()];
+                conv2d_backward_input(&g, &dy, &contiguous(&wv), &mut dx);
+                Tensor::from_shape_vec(xv.shape(), dx).expect("input size")
+            });
+            let want_b = needs.len() == 3 && needs[2];
+            let (dw, db) = if needs[1] || want_b {
+                let mut dw = vec![0.0f32; wv.len()];
+                let mut db = vec![0.0f32; g.c_out];
+                conv2d_backward_weight(&g, &contiguous(&xv), &dy, &mut dw, want_b.then_some(db.as_mut_slice()));
+                let dw = Tensor::from_shape_vec(wv.shape(), dw).expect("weight size");
+                (needs[1].then_some(dw), want_b.then(|| Tensor::from_shape_vec(vec![g.c_out], db).expect("bias size")))
+            } else {
+                (None, None)
+            };
+            let mut out = vec![dx, dw];
+            if needs.len() == 3 {
+                out.push(db);
+            }
+            out
+        })
+    }
+
+    /// Nearest-neighbour 2x upsampling: `[N, C, H, W] -> [N, C, 2H, 2W]`, each value copied to
+    /// a 2x2 block. Backward: each input gets the sum of its block's gradients.
+    ///
+    /// # Panics
+    /// If the input is not 4-D.
+    pub fn upsample_nearest2x(&self) -> Var {
+        let s = self.shape().to_vec();
+        assert_eq!(s.len(), 4, "upsample_nearest2x: input {s:?} is not [N, C, H, W]");
+        let (nc, h, w) = (s[0] * s[1], s[2], s[3]);
+        let mut y = vec![0.0f32; nc * 4 * h * w];
+        upsample_nearest2x(nc, h, w, &contiguous(self.value()), &mut y);
+        let y = Tensor::from_shape_vec(vec![s[0], s[1], 2 * h, 2 * w], y).expect("4x the input");
+        Var::record([self], y, move |g, _| {
+            let mut dx = vec![0.0f32; nc * h * w];
+            upsample_nearest2x_backward(nc, h, w, &contiguous(g), &mut dx);
+            [Some(Tensor::from_shape_vec(s.as_slice(), dx).expect("input size"))]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Padding;
+    use crate::ops::testutil::{check, randn};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        #[test]
+        fn conv2d_backward_matches_finite_differences(
+            n in 1usize..3, c_in in 1usize..4, c_out in 1usize..4, h in 1usize..7, w in 1usize..7,
+            k in prop::sample::select(vec![1usize, 2, 3]), stride in 1usize..3,
+            pads in prop::array::uniform4(0usize..3), bias in any::<bool>(), seed in 0u64..1000
+        ) {
+            let pad = Padding { top: pads[0], bottom: pads[1], left: pads[2], right: pads[3] };
+            prop_assume!(h + pad.top + pad.bottom >= k && w + pad.left + pad.right >= k);
+            let x = randn(&[n, c_in, h, w], seed);
+            let wt = randn(&[c_out, c_in, k, k], seed + 1);
+            if bias {
+                check(&[x, wt, randn(&[c_out], seed + 2)], seed, |v| v[0].conv2d(&v[1], Some(&v[2]), stride, pad));
+            } else {
+                check(&[x, wt], seed, |v| v[0].conv2d(&v[1], None, stride, pad));
+            }
+        }
+
+        #[test]
+        fn upsample_backward_matches_finite_differences(
+            n in 1usize..3, c in 1usize..3, h in 1usize..5, w in 1usize..5, seed in 0u64..1000
+        ) {
+            check(&[randn(&[n, c, h, w], seed)], seed, |v| v[0].upsample_nearest2x());
+        }
+    }
+
+    #[test]
+    fn conv2d_where_the_input_is_used_twice() {
+        // y = conv(x, w) + x-as-skip: the skip path and the conv path both reach x.
+        let x = randn(&[1, 2, 5, 5], 1);
+        let w = randn(&[2, 2, 3, 3], 2);
+        check(&[x, w], 3, |v| v[0].conv2d(&v[1], None, 1, Padding::same(1)).add(&v[0]));
+    }
+
+    #[test]
+    fn stride_two_with_tf_same_padding_has_half_the_size() {
+        // TensorFlow "SAME" for stride 2 on an even size pads 0 before and 1 after.
+        let x = crate::Var::constant(randn(&[1, 1, 8, 8], 1));
+        let w = crate::Var::constant(randn(&[1, 1, 3, 3], 2));
+        let pad = Padding { top: 0, bottom: 1, left: 0, right: 1 };
+        assert_eq!(x.conv2d(&w, None, 2, pad).shape(), &[1, 1, 4, 4]);
+    }
+}

@@ -1,0 +1,136 @@
+//! Ops that move values without changing them: reshape, permute, transpose, concat, slice.
+
+use ndarray::{Axis, IxDyn, Slice};
+
+use crate::{Tensor, Var};
+
+/// A row-major copy in the given logical order.
+fn standard(x: ndarray::ArrayViewD<'_, f32>) -> Tensor {
+    x.as_standard_layout().into_owned()
+}
+
+impl Var {
+    /// Same elements in row-major order, new shape.
+    ///
+    /// # Panics
+    /// If the element counts differ.
+    pub fn reshape(&self, shape: &[usize]) -> Var {
+        let y = standard(self.value().view())
+            .into_shape_with_order(IxDyn(shape))
+            .unwrap_or_else(|_| panic!("reshape: {:?} has a different size from {:?}", self.shape(), shape));
+        let in_shape = self.shape().to_vec();
+        Var::record([self], y, move |g, _| {
+            let g = standard(g.view()).into_shape_with_order(IxDyn(&in_shape)).expect("same element count");
+            [Some(g)]
+        })
+    }
+
+    /// Reorders the axes: output axis `i` is input axis `axes[i]`.
+    ///
+    /// # Panics
+    /// If `axes` is not a permutation of `0..ndim`.
+    pub fn permute(&self, axes: &[usize]) -> Var {
+        let n = self.value().ndim();
+        let mut seen = vec![false; n];
+        assert_eq!(axes.len(), n, "permute: {axes:?} for shape {:?}", self.shape());
+        for &a in axes {
+            assert!(a < n && !seen[a], "permute: {axes:?} is not a permutation of 0..{n}");
+            seen[a] = true;
+        }
+        let y = standard(self.value().view().permuted_axes(IxDyn(axes)));
+        let mut inverse = vec![0; n];
+        for (i, &a) in axes.iter().enumerate() {
+            inverse[a] = i;
+        }
+        Var::record([self], y, move |g, _| [Some(standard(g.view().permuted_axes(IxDyn(&inverse))))])
+    }
+
+    /// Swaps two axes.
+    ///
+    /// # Panics
+    /// If an axis is out of range.
+    pub fn transpose(&self, a: usize, b: usize) -> Var {
+        let mut axes: Vec<usize> = (0..self.value().ndim()).collect();
+        axes.swap(a, b);
+        self.permute(&axes)
+    }
+
+    /// Joins values along `axis`; all other axes must agree.
+    ///
+    /// # Panics
+    /// If `vars` is empty or the shapes disagree off `axis`.
+    pub fn concat(vars: &[&Var], axis: usize) -> Var {
+        assert!(!vars.is_empty(), "concat: nothing to join");
+        let views: Vec<_> = vars.iter().map(|v| v.value().view()).collect();
+        let y = ndarray::concatenate(Axis(axis), &views).unwrap_or_else(|_| {
+            let shapes: Vec<_> = vars.iter().map(|v| v.shape().to_vec()).collect();
+            panic!("concat: shapes {shapes:?} do not agree off axis {axis}")
+        });
+        let sizes: Vec<usize> = vars.iter().map(|v| v.shape()[axis]).collect();
+        Var::record_many(vars, y, move |g, needs| {
+            let mut start = 0;
+            sizes
+                .iter()
+                .zip(needs)
+                .map(|(&len, &need)| {
+                    let piece = need.then(|| {
+                        g.slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned()
+                    });
+                    start += len;
+                    piece
+                })
+                .collect()
+        })
+    }
+
+    /// The elements with index in `start..end` along `axis` (a narrowing, like `x[:, a:b]`).
+    ///
+    /// # Panics
+    /// If the range is out of bounds.
+    pub fn slice(&self, axis: usize, start: usize, end: usize) -> Var {
+        let len = self.shape()[axis];
+        assert!(start <= end && end <= len, "slice: {start}..{end} of axis {axis} with size {len}");
+        let y = self.value().slice_axis(Axis(axis), Slice::from(start..end)).to_owned();
+        let in_shape = self.shape().to_vec();
+        Var::record([self], y, move |g, _| {
+            let mut dx = Tensor::zeros(IxDyn(&in_shape));
+            dx.slice_axis_mut(Axis(axis), Slice::from(start..end)).assign(g);
+            [Some(dx)]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::testutil::{check, randn, shape_strategy};
+    use crate::Var;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        #[test]
+        fn shape_ops_backward_match_finite_differences(shape in shape_strategy(3, 4), seed in 0u64..1000) {
+            let x = randn(&shape, seed);
+            let n: usize = shape.iter().product();
+            check(&[x.clone()], seed, |v| v[0].reshape(&[n]));
+            check(&[x.clone()], seed, |v| v[0].reshape(&[shape[2], 1, shape[0] * shape[1]]));
+            check(&[x.clone()], seed, |v| v[0].permute(&[2, 0, 1]));
+            check(&[x.clone()], seed, |v| v[0].transpose(0, 2));
+            check(&[x.clone()], seed, |v| v[0].slice(1, 0, shape[1]));
+            check(&[x.clone()], seed, |v| v[0].slice(2, shape[2] / 2, shape[2]));
+            // Concat of two different values and of one value with itself (used twice).
+            let y = randn(&[shape[0], 2, shape[2]], seed + 1);
+            check(&[x.clone(), y], seed, |v| Var::concat(&[&v[0], &v[1]], 1));
+            check(&[x.clone()], seed, |v| Var::concat(&[&v[0], &v[0].mul_scalar(2.0)], 0));
+        }
+    }
+
+    #[test]
+    fn permute_moves_elements_where_expected() {
+        let x = Var::constant(ndarray::Array::from_shape_fn((2, 3, 4), |(a, b, c)| (a * 100 + b * 10 + c) as f32).into_dyn());
+        let y = x.permute(&[2, 0, 1]);
+        assert_eq!(y.shape(), &[4, 2, 3]);
+        assert_eq!(y.value()[[3, 1, 2]], 123.0);
+    }
+}
