@@ -94,6 +94,11 @@ impl Var {
         Var { value: Rc::new(value), node: None }
     }
 
+    /// Like [`Var::constant`], sharing an existing value instead of copying it.
+    pub fn constant_shared(value: Rc<Tensor>) -> Var {
+        Var { value, node: None }
+    }
+
     /// The value.
     pub fn value(&self) -> &Tensor {
         &self.value
