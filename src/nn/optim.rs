@@ -58,15 +58,17 @@ impl Adam {
         let c = &self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        // 1 − β computed in f64: 1 − (0.999 as f32) would be off by 1.3e-5 relative.
         let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let (one_minus_b1, one_minus_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
         let (step_size, eps) = ((lr / bc1) as f32, c.eps as f32);
         let sqrt_bc2 = bc2.sqrt() as f32;
         let decay = (lr * c.weight_decay) as f32;
         for (((p, g), m), v) in params.values_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
             assert_eq!(p.shape(), g.shape(), "adam: gradient shape differs from parameter");
             Zip::from(p).and(g).and(m).and(v).par_for_each(|p, &g, m, v| {
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
+                *m = b1 * *m + one_minus_b1 * g;
+                *v = b2 * *v + one_minus_b2 * g * g;
                 if decay != 0.0 {
                     *p -= decay * *p;
                 }
