@@ -1,2 +1,23 @@
-//! Hot loops with no tape: gemm, conv2d via im2col, and friends. Pure functions over slices,
-//! benchmarked on their own.
+//! Hot loops with no tape: gemm, conv2d via im2col, nearest-neighbour upsampling. Pure functions
+//! over row-major `f32` slices, parallel with rayon, benchmarked on their own.
+//!
+//! The differentiable ops in [`crate::ops`] check shapes, call these kernels, and record their
+//! backward closures; nothing here knows about the tape.
+//!
+//! | file          | owns                                                                    |
+//! |---------------|-------------------------------------------------------------------------|
+//! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over `matrixmultiply` |
+//! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
+//! | `upsample.rs` | [`upsample_nearest2x`] and its gradient                                  |
+//!
+//! Determinism: every kernel gives bit-identical results for the same inputs whatever the number
+//! of rayon threads. Work is split in pieces whose size depends on the shapes only, and where
+//! pieces are summed (the convolution weight gradient) they are summed in a fixed order.
+
+pub mod conv;
+pub mod gemm;
+pub mod upsample;
+
+pub use conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom};
+pub use gemm::{sgemm, sgemm_batched};
+pub use upsample::{upsample_nearest2x, upsample_nearest2x_backward};

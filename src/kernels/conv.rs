@@ -1,0 +1,931 @@
+//! 2-D convolution (cross-correlation, as in PyTorch) with zero padding: forward, and the
+//! gradients with respect to the input, the weight and the bias.
+//!
+//! Each image is a matrix product. With `K = C_in·kh·kw` rows of patches and `P = out_h·out_w`
+//! output pixels, im2col lays the patches of image `n` out as `col_n: [K, P]`, and
+//!
+//! | kernel                         | product per image                                    |
+//! |--------------------------------|------------------------------------------------------|
+//! | [`conv2d_forward`]             | `y_n = W @ col_n (+ bias)`, `W` viewed as `[C_out, K]` |
+//! | [`conv2d_backward_input`]      | `dx_n = col2im(Wᵀ @ dy_n)`                           |
+//! | [`conv2d_backward_weight`]     | `dW = Σ_n dy_n @ col_nᵀ`, `db = Σ_{n,p} dy_n[:, p]`    |
+//!
+//! The patch matrix is built a tile of output pixels at a time (a fixed number of columns chosen
+//! from the geometry alone), so the buffer stays cache-sized and is allocated once per rayon task.
+//! A 1x1, stride-1, unpadded convolution skips im2col: the image `[C_in, H·W]` already is `col_n`.
+//!
+//! Determinism: forward and input gradient write each image from one task. The weight gradient
+//! splits the batch into chunks whose size depends only on `N`, computes each chunk's partial sum
+//! serially, and adds the partials in chunk order, so the result is bit-identical whatever the
+//! number of rayon threads.
+
+use rayon::prelude::*;
+
+use super::gemm::{gemm, MatMut, MatRef};
+
+/// Target size, in f32 elements, of one tile of the patch matrix (512 KiB: about an L2 cache).
+const TILE_ELEMS: usize = 1 << 17;
+
+/// A tile never has fewer output pixels than this, so each product stays wide enough for the
+/// gemm micro-kernels even when `K` is large.
+const MIN_TILE_PX: usize = 64;
+
+/// The weight gradient is summed from at most this many per-chunk partials. The chunk size is
+/// `ceil(N / MAX_WEIGHT_PARTIALS)`: a function of the batch size only, never of the thread count.
+const MAX_WEIGHT_PARTIALS: usize = 16;
+
+/// Geometry of a 2-D convolution (cross-correlation, as in PyTorch) with zero padding.
+///
+/// Input `x: [n, c_in, h, w]`, weight `w: [c_out, c_in, kh, kw]`, output
+/// `y: [n, c_out, out_h, out_w]`. Padding may differ per side, so TensorFlow's "SAME" padding
+/// for a stride-2 convolution of an even-sized image (`pad_top = pad_left = 0`,
+/// `pad_bottom = pad_right = 1` for a 3x3 kernel) is expressible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dGeom {
+    /// Batch size `N`.
+    pub n: usize,
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride, the same along both axes.
+    pub stride: usize,
+    /// Zero rows added above the input.
+    pub pad_top: usize,
+    /// Zero rows added below the input.
+    pub pad_bottom: usize,
+    /// Zero columns added left of the input.
+    pub pad_left: usize,
+    /// Zero columns added right of the input.
+    pub pad_right: usize,
+}
+
+impl Conv2dGeom {
+    /// Output height, `(h + pad_top + pad_bottom − kh) / stride + 1` (integer division).
+    ///
+    /// # Panics
+    /// If `stride` is 0 or the kernel is taller than the padded input.
+    pub fn out_h(&self) -> usize {
+        assert!(self.stride > 0, "Conv2dGeom: stride must be positive");
+        let padded = self.h + self.pad_top + self.pad_bottom;
+        assert!(
+            padded >= self.kh,
+            "Conv2dGeom: kernel height {} exceeds padded input height {padded}",
+            self.kh
+        );
+        (padded - self.kh) / self.stride + 1
+    }
+
+    /// Output width, `(w + pad_left + pad_right − kw) / stride + 1` (integer division).
+    ///
+    /// # Panics
+    /// If `stride` is 0 or the kernel is wider than the padded input.
+    pub fn out_w(&self) -> usize {
+        assert!(self.stride > 0, "Conv2dGeom: stride must be positive");
+        let padded = self.w + self.pad_left + self.pad_right;
+        assert!(
+            padded >= self.kw,
+            "Conv2dGeom: kernel width {} exceeds padded input width {padded}",
+            self.kw
+        );
+        (padded - self.kw) / self.stride + 1
+    }
+
+    /// Number of elements of the input `[N, C_in, H, W]`.
+    pub fn x_len(&self) -> usize {
+        self.n * self.c_in * self.h * self.w
+    }
+
+    /// Number of elements of the weight `[C_out, C_in, kh, kw]`.
+    pub fn w_len(&self) -> usize {
+        self.c_out * self.c_in * self.kh * self.kw
+    }
+
+    /// Number of elements of the output `[N, C_out, out_h, out_w]`.
+    pub fn y_len(&self) -> usize {
+        self.n * self.c_out * self.out_h() * self.out_w()
+    }
+
+    /// Rows of the patch matrix, `K = C_in·kh·kw`.
+    fn patch_len(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// Output pixels per image, `P = out_h·out_w`.
+    fn out_px(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    /// Whether the input image already is its patch matrix (1x1, stride 1, no padding).
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.stride == 1
+            && self.pad_top == 0
+            && self.pad_bottom == 0
+            && self.pad_left == 0
+            && self.pad_right == 0
+    }
+
+    /// Output pixels per patch-matrix tile: about `TILE_ELEMS / K`, at least `MIN_TILE_PX`, at
+    /// most `P`. Depends on the geometry only.
+    fn tile_px(&self) -> usize {
+        let k = self.patch_len().max(1);
+        (TILE_ELEMS / k).max(MIN_TILE_PX).min(self.out_px()).max(1)
+    }
+
+    /// Checks the geometry describes a convolution these kernels handle.
+    fn validate(&self, kernel: &str) {
+        assert!(
+            self.c_in > 0
+                && self.h > 0
+                && self.w > 0
+                && self.c_out > 0
+                && self.kh > 0
+                && self.kw > 0,
+            "{kernel}: every size but n must be positive, got {self:?}"
+        );
+        // out_h / out_w check the stride and that the kernel fits the padded input.
+        let _ = (self.out_h(), self.out_w());
+    }
+}
+
+/// Output columns `ow` of one kernel column `j` whose input column lies inside the image: the
+/// half-open range `lo..hi` of `ow` with `0 <= ow·stride + j − pad_left < w`, clipped to `out_w`.
+fn valid_cols(g: &Conv2dGeom, j: usize, out_w: usize) -> (usize, usize) {
+    let s = g.stride;
+    let lo = g.pad_left.saturating_sub(j).div_ceil(s);
+    let hi = (g.w + g.pad_left).saturating_sub(j).div_ceil(s).min(out_w);
+    (lo.min(hi), hi)
+}
+
+/// Visits the segments of one patch-matrix row for the output pixels `p0..p1`: for each output
+/// row `oh` the tile touches, calls `f(seg_start, oh, ow_start, ow_end)`, where `seg_start` is the
+/// offset of `ow_start` within the tile.
+fn for_each_row_segment(
+    out_w: usize,
+    p0: usize,
+    p1: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
+    let mut p = p0;
+    while p < p1 {
+        let (oh, ow_start) = (p / out_w, p % out_w);
+        let ow_end = out_w.min(ow_start + (p1 - p));
+        f(p - p0, oh, ow_start, ow_end);
+        p += ow_end - ow_start;
+    }
+}
+
+/// Input row read by output row `oh` at kernel row `i`, if it is inside the image.
+fn input_row(g: &Conv2dGeom, oh: usize, i: usize) -> Option<usize> {
+    (oh * g.stride + i)
+        .checked_sub(g.pad_top)
+        .filter(|&ih| ih < g.h)
+}
+
+/// Writes the patch-matrix columns `p0..p1` of one image into `col: [K, p1 − p0]`.
+///
+/// `col[(ci·kh + i)·kw + j, p − p0] = x_padded[ci, oh·stride + i, ow·stride + j]` with
+/// `(oh, ow) = (p / out_w, p % out_w)`; padding reads as zero.
+fn im2col_tile(g: &Conv2dGeom, x_img: &[f32], p0: usize, p1: usize, col: &mut [f32]) {
+    let (out_w, t, s, plane) = (g.out_w(), p1 - p0, g.stride, g.h * g.w);
+    for ci in 0..g.c_in {
+        let x_plane = &x_img[ci * plane..(ci + 1) * plane];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = (ci * g.kh + i) * g.kw + j;
+                let dst = &mut col[row * t..(row + 1) * t];
+                let (lo, hi) = valid_cols(g, j, out_w);
+                for_each_row_segment(out_w, p0, p1, |start, oh, ow_start, ow_end| {
+                    let seg = &mut dst[start..start + (ow_end - ow_start)];
+                    let Some(ih) = input_row(g, oh, i) else {
+                        seg.fill(0.0);
+                        return;
+                    };
+                    let x_row = &x_plane[ih * g.w..(ih + 1) * g.w];
+                    let (a, b) = (lo.clamp(ow_start, ow_end), hi.clamp(ow_start, ow_end));
+                    seg[..a - ow_start].fill(0.0);
+                    seg[b - ow_start..].fill(0.0);
+                    let inside = &mut seg[a - ow_start..b - ow_start];
+                    if a < b {
+                        // a >= lo guarantees a·s + j >= pad_left.
+                        let iw0 = a * s + j - g.pad_left;
+                        if s == 1 {
+                            inside.copy_from_slice(&x_row[iw0..iw0 + (b - a)]);
+                        } else {
+                            for (d, &v) in inside.iter_mut().zip(x_row[iw0..].iter().step_by(s)) {
+                                *d = v;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Adds the patch-matrix columns `p0..p1` (`col: [K, p1 − p0]`) back onto the image they were
+/// read from: the adjoint of [`im2col_tile`]. Entries that came from padding are dropped.
+fn col2im_tile_add(g: &Conv2dGeom, col: &[f32], p0: usize, p1: usize, dx_img: &mut [f32]) {
+    let (out_w, t, s, plane) = (g.out_w(), p1 - p0, g.stride, g.h * g.w);
+    for ci in 0..g.c_in {
+        let dx_plane = &mut dx_img[ci * plane..(ci + 1) * plane];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = (ci * g.kh + i) * g.kw + j;
+                let src = &col[row * t..(row + 1) * t];
+                let (lo, hi) = valid_cols(g, j, out_w);
+                for_each_row_segment(out_w, p0, p1, |start, oh, ow_start, ow_end| {
+                    let Some(ih) = input_row(g, oh, i) else {
+                        return;
+                    };
+                    let (a, b) = (lo.clamp(ow_start, ow_end), hi.clamp(ow_start, ow_end));
+                    if a >= b {
+                        return;
+                    }
+                    let seg = &src[start + (a - ow_start)..start + (b - ow_start)];
+                    let dx_row = &mut dx_plane[ih * g.w..(ih + 1) * g.w];
+                    let iw0 = a * s + j - g.pad_left;
+                    for (d, &v) in dx_row[iw0..].iter_mut().step_by(s).zip(seg) {
+                        *d += v;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Forward convolution: `y[n, co, oh, ow] = bias[co] + Σ_{ci,i,j} w[co, ci, i, j] ·
+/// x_padded[n, ci, oh·stride + i, ow·stride + j]`.
+///
+/// Shapes: `x: [N, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`,
+/// `y: [N, C_out, out_h, out_w]` (overwritten). Parallel over images.
+///
+/// # Panics
+/// If a slice length does not match the geometry, or the geometry is degenerate (a zero size
+/// other than `n`, zero stride, a kernel larger than the padded input).
+pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    forward_tiled(g, x, w, bias, y, g.tile_px());
+}
+
+fn forward_tiled(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    tile_px: usize,
+) {
+    g.validate("conv2d_forward");
+    assert_eq!(
+        x.len(),
+        g.x_len(),
+        "conv2d_forward: x has {} elements, geometry {g:?} needs [N, C_in, H, W]",
+        x.len()
+    );
+    assert_eq!(
+        w.len(),
+        g.w_len(),
+        "conv2d_forward: w has {} elements, geometry {g:?} needs [C_out, C_in, kh, kw]",
+        w.len()
+    );
+    assert_eq!(
+        y.len(),
+        g.y_len(),
+        "conv2d_forward: y has {} elements, geometry {g:?} needs [N, C_out, out_h, out_w]",
+        y.len()
+    );
+    if let Some(b) = bias {
+        assert_eq!(
+            b.len(),
+            g.c_out,
+            "conv2d_forward: bias has {} elements, C_out is {}",
+            b.len(),
+            g.c_out
+        );
+    }
+    if g.n == 0 {
+        return;
+    }
+    let (k, px) = (g.patch_len(), g.out_px());
+    let pointwise = g.is_pointwise();
+    let tile_px = if pointwise { px } else { tile_px };
+    let w_mat = MatRef::row_major(w, g.c_out, k);
+    let x_img_len = g.c_in * g.h * g.w;
+    y.par_chunks_mut(g.c_out * px)
+        .zip(x.par_chunks(x_img_len))
+        .for_each_init(
+            || {
+                if pointwise {
+                    Vec::new()
+                } else {
+                    vec![0.0; k * tile_px]
+                }
+            },
+            |col, (y_img, x_img)| {
+                for p0 in (0..px).step_by(tile_px) {
+                    let p1 = px.min(p0 + tile_px);
+                    let t = p1 - p0;
+                    let patches = if pointwise {
+                        MatRef::new(&x_img[p0..], g.c_in, t, px, 1)
+                    } else {
+                        im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
+                        MatRef::row_major(&col[..k * t], k, t)
+                    };
+                    let beta = match bias {
+                        Some(b) => {
+                            for (co, &b_co) in b.iter().enumerate() {
+                                y_img[co * px + p0..co * px + p1].fill(b_co);
+                            }
+                            1.0
+                        }
+                        None => 0.0,
+                    };
+                    gemm(
+                        1.0,
+                        w_mat,
+                        patches,
+                        beta,
+                        MatMut::new(&mut y_img[p0..], g.c_out, t, px),
+                    );
+                }
+            },
+        );
+}
+
+/// Gradient of a convolution with respect to its input: `dx = ∂(Σ dy ⊙ y)/∂x`, i.e.
+/// `dx[n, ci, ih, iw] = Σ w[co, ci, i, j] · dy[n, co, oh, ow]` over every `(co, i, j, oh, ow)`
+/// with `oh·stride + i − pad_top = ih` and `ow·stride + j − pad_left = iw`.
+///
+/// Shapes: `dy: [N, C_out, out_h, out_w]`, `w: [C_out, C_in, kh, kw]`, `dx: [N, C_in, H, W]`
+/// (overwritten). Parallel over images.
+///
+/// # Panics
+/// If a slice length does not match the geometry, or the geometry is degenerate.
+pub fn conv2d_backward_input(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    backward_input_tiled(g, dy, w, dx, g.tile_px());
+}
+
+fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], tile_px: usize) {
+    g.validate("conv2d_backward_input");
+    assert_eq!(
+        dy.len(),
+        g.y_len(),
+        "conv2d_backward_input: dy has {} elements, geometry {g:?} needs [N, C_out, out_h, out_w]",
+        dy.len()
+    );
+    assert_eq!(
+        w.len(),
+        g.w_len(),
+        "conv2d_backward_input: w has {} elements, geometry {g:?} needs [C_out, C_in, kh, kw]",
+        w.len()
+    );
+    assert_eq!(
+        dx.len(),
+        g.x_len(),
+        "conv2d_backward_input: dx has {} elements, geometry {g:?} needs [N, C_in, H, W]",
+        dx.len()
+    );
+    if g.n == 0 {
+        return;
+    }
+    let (k, px) = (g.patch_len(), g.out_px());
+    let pointwise = g.is_pointwise();
+    let w_t = MatRef::row_major(w, g.c_out, k).t();
+    let x_img_len = g.c_in * g.h * g.w;
+    dx.par_chunks_mut(x_img_len)
+        .zip(dy.par_chunks(g.c_out * px))
+        .for_each_init(
+            || {
+                if pointwise {
+                    Vec::new()
+                } else {
+                    vec![0.0; k * tile_px]
+                }
+            },
+            |dcol, (dx_img, dy_img)| {
+                if pointwise {
+                    // The image is its own patch matrix: dx_n = Wᵀ @ dy_n, no col2im.
+                    let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
+                    gemm(1.0, w_t, dy_mat, 0.0, MatMut::row_major(dx_img, g.c_in, px));
+                    return;
+                }
+                dx_img.fill(0.0);
+                for p0 in (0..px).step_by(tile_px) {
+                    let p1 = px.min(p0 + tile_px);
+                    let t = p1 - p0;
+                    let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
+                    gemm(
+                        1.0,
+                        w_t,
+                        dy_tile,
+                        0.0,
+                        MatMut::row_major(&mut dcol[..k * t], k, t),
+                    );
+                    col2im_tile_add(g, &dcol[..k * t], p0, p1, dx_img);
+                }
+            },
+        );
+}
+
+/// Gradients of a convolution with respect to its weight and bias, summed over the batch:
+/// `dw[co, ci, i, j] = Σ_{n,oh,ow} dy[n, co, oh, ow] · x_padded[n, ci, oh·stride + i,
+/// ow·stride + j]` and `db[co] = Σ_{n,oh,ow} dy[n, co, oh, ow]`.
+///
+/// Shapes: `x: [N, C_in, H, W]`, `dy: [N, C_out, out_h, out_w]`, `dw: [C_out, C_in, kh, kw]`
+/// (overwritten), `db: [C_out]` (overwritten). The batch is cut into chunks whose size depends
+/// only on `N`; chunk partials are computed in parallel and added in chunk order, and `db` is
+/// accumulated in f64 in a fixed order, so both are bit-identical for any number of threads.
+///
+/// # Panics
+/// If a slice length does not match the geometry, or the geometry is degenerate.
+pub fn conv2d_backward_weight(
+    g: &Conv2dGeom,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) {
+    backward_weight_tiled(g, x, dy, dw, db, g.tile_px(), MAX_WEIGHT_PARTIALS);
+}
+
+fn backward_weight_tiled(
+    g: &Conv2dGeom,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    tile_px: usize,
+    max_partials: usize,
+) {
+    g.validate("conv2d_backward_weight");
+    assert_eq!(
+        x.len(),
+        g.x_len(),
+        "conv2d_backward_weight: x has {} elements, geometry {g:?} needs [N, C_in, H, W]",
+        x.len()
+    );
+    assert_eq!(
+        dy.len(),
+        g.y_len(),
+        "conv2d_backward_weight: dy has {} elements, geometry {g:?} needs [N, C_out, out_h, out_w]",
+        dy.len()
+    );
+    assert_eq!(
+        dw.len(),
+        g.w_len(),
+        "conv2d_backward_weight: dw has {} elements, geometry {g:?} needs [C_out, C_in, kh, kw]",
+        dw.len()
+    );
+    let (k, px) = (g.patch_len(), g.out_px());
+    let (x_img_len, y_img_len) = (g.c_in * g.h * g.w, g.c_out * px);
+
+    if let Some(db) = db {
+        assert_eq!(
+            db.len(),
+            g.c_out,
+            "conv2d_backward_weight: db has {} elements, C_out is {}",
+            db.len(),
+            g.c_out
+        );
+        db.par_iter_mut().enumerate().for_each(|(co, db_co)| {
+            let mut acc = 0.0f64;
+            for n in 0..g.n {
+                let start = n * y_img_len + co * px;
+                acc += dy[start..start + px].iter().map(|&v| v as f64).sum::<f64>();
+            }
+            *db_co = acc as f32;
+        });
+    }
+
+    if g.n == 0 {
+        dw.fill(0.0);
+        return;
+    }
+    let pointwise = g.is_pointwise();
+    let chunk = g.n.div_ceil(max_partials.max(1));
+    // One partial dW per chunk of images; each is summed serially, image after image.
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(chunk * x_img_len)
+        .zip(dy.par_chunks(chunk * y_img_len))
+        .map(|(x_chunk, dy_chunk)| {
+            let mut acc = vec![0.0f32; g.w_len()];
+            let mut col = if pointwise {
+                Vec::new()
+            } else {
+                vec![0.0; k * tile_px]
+            };
+            for (x_img, dy_img) in x_chunk.chunks(x_img_len).zip(dy_chunk.chunks(y_img_len)) {
+                if pointwise {
+                    let x_t = MatRef::row_major(x_img, g.c_in, px).t();
+                    let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
+                    gemm(
+                        1.0,
+                        dy_mat,
+                        x_t,
+                        1.0,
+                        MatMut::row_major(&mut acc, g.c_out, k),
+                    );
+                    continue;
+                }
+                for p0 in (0..px).step_by(tile_px) {
+                    let p1 = px.min(p0 + tile_px);
+                    let t = p1 - p0;
+                    im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
+                    let col_t = MatRef::row_major(&col[..k * t], k, t).t();
+                    let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
+                    gemm(
+                        1.0,
+                        dy_tile,
+                        col_t,
+                        1.0,
+                        MatMut::row_major(&mut acc, g.c_out, k),
+                    );
+                }
+            }
+            acc
+        })
+        .collect();
+
+    // Sum the partials in chunk order; every element sees the same order whatever the threads.
+    const SUM_BLOCK: usize = 4096;
+    dw.par_chunks_mut(SUM_BLOCK)
+        .enumerate()
+        .for_each(|(block, dw_block)| {
+            let start = block * SUM_BLOCK;
+            let range = start..start + dw_block.len();
+            dw_block.copy_from_slice(&partials[0][range.clone()]);
+            for partial in &partials[1..] {
+                for (d, &p) in dw_block.iter_mut().zip(&partial[range.clone()]) {
+                    *d += p;
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::Rng as _;
+
+    fn random_vec(rng: &mut crate::Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Calls `f(n, co, oh, ow, ci, i, j, x_index)` for every multiply-add of the convolution
+    /// whose input element is inside the image (padding contributes nothing).
+    fn for_each_tap(
+        g: &Conv2dGeom,
+        mut f: impl FnMut(usize, usize, usize, usize, usize, usize, usize, usize),
+    ) {
+        let (out_h, out_w) = (g.out_h(), g.out_w());
+        for n in 0..g.n {
+            for co in 0..g.c_out {
+                for oh in 0..out_h {
+                    for ow in 0..out_w {
+                        for ci in 0..g.c_in {
+                            for i in 0..g.kh {
+                                for j in 0..g.kw {
+                                    let ih = (oh * g.stride + i) as isize - g.pad_top as isize;
+                                    let iw = (ow * g.stride + j) as isize - g.pad_left as isize;
+                                    if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((n * g.c_in + ci) * g.h + ih as usize) * g.w + iw as usize;
+                                    f(n, co, oh, ow, ci, i, j, xi);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reference values in f64 and, per element, the sum of the absolute values of its terms.
+    struct Reference {
+        value: Vec<f64>,
+        scale: Vec<f64>,
+    }
+
+    impl Reference {
+        fn zeros(len: usize) -> Self {
+            Self {
+                value: vec![0.0; len],
+                scale: vec![0.0; len],
+            }
+        }
+        fn add(&mut self, idx: usize, term: f64) {
+            self.value[idx] += term;
+            self.scale[idx] += term.abs();
+        }
+    }
+
+    fn y_index(g: &Conv2dGeom, n: usize, co: usize, oh: usize, ow: usize) -> usize {
+        ((n * g.c_out + co) * g.out_h() + oh) * g.out_w() + ow
+    }
+
+    fn w_index(g: &Conv2dGeom, co: usize, ci: usize, i: usize, j: usize) -> usize {
+        ((co * g.c_in + ci) * g.kh + i) * g.kw + j
+    }
+
+    fn forward_ref(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Reference {
+        let mut r = Reference::zeros(g.y_len());
+        if let Some(b) = bias {
+            for n in 0..g.n {
+                for (co, &b_co) in b.iter().enumerate() {
+                    for oh in 0..g.out_h() {
+                        for ow in 0..g.out_w() {
+                            r.add(y_index(g, n, co, oh, ow), b_co as f64);
+                        }
+                    }
+                }
+            }
+        }
+        for_each_tap(g, |n, co, oh, ow, ci, i, j, xi| {
+            r.add(
+                y_index(g, n, co, oh, ow),
+                w[w_index(g, co, ci, i, j)] as f64 * x[xi] as f64,
+            );
+        });
+        r
+    }
+
+    fn backward_input_ref(g: &Conv2dGeom, dy: &[f32], w: &[f32]) -> Reference {
+        let mut r = Reference::zeros(g.x_len());
+        for_each_tap(g, |n, co, oh, ow, ci, i, j, xi| {
+            r.add(
+                xi,
+                w[w_index(g, co, ci, i, j)] as f64 * dy[y_index(g, n, co, oh, ow)] as f64,
+            );
+        });
+        r
+    }
+
+    fn backward_weight_ref(g: &Conv2dGeom, x: &[f32], dy: &[f32]) -> (Reference, Reference) {
+        let mut dw = Reference::zeros(g.w_len());
+        let mut db = Reference::zeros(g.c_out);
+        for_each_tap(g, |n, co, oh, ow, ci, i, j, xi| {
+            dw.add(
+                w_index(g, co, ci, i, j),
+                x[xi] as f64 * dy[y_index(g, n, co, oh, ow)] as f64,
+            );
+        });
+        for n in 0..g.n {
+            for co in 0..g.c_out {
+                for oh in 0..g.out_h() {
+                    for ow in 0..g.out_w() {
+                        db.add(co, dy[y_index(g, n, co, oh, ow)] as f64);
+                    }
+                }
+            }
+        }
+        (dw, db)
+    }
+
+    fn assert_close(got: &[f32], want: &Reference, what: &str) {
+        assert_eq!(got.len(), want.value.len(), "{what}: length");
+        for (idx, &g) in got.iter().enumerate() {
+            let (w, s) = (want.value[idx], want.scale[idx]);
+            let err = (g as f64 - w).abs();
+            assert!(
+                err <= 1e-5 * s + 1e-12,
+                "{what}[{idx}]: got {g}, want {w} (scale {s}, err {err})"
+            );
+        }
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum()
+    }
+
+    fn abs_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&p, &q)| (p as f64 * q as f64).abs())
+            .sum()
+    }
+
+    /// Builds a geometry, growing `h`/`w` if the kernel would not fit the padded input.
+    #[allow(clippy::too_many_arguments)]
+    fn geom(
+        n: usize,
+        c_in: usize,
+        c_out: usize,
+        (h, w): (usize, usize),
+        (kh, kw): (usize, usize),
+        stride: usize,
+        (pad_top, pad_bottom, pad_left, pad_right): (usize, usize, usize, usize),
+    ) -> Conv2dGeom {
+        let h = h.max(kh.saturating_sub(pad_top + pad_bottom));
+        let w = w.max(kw.saturating_sub(pad_left + pad_right));
+        Conv2dGeom {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            pad_top,
+            pad_bottom,
+            pad_left,
+            pad_right,
+        }
+    }
+
+    fn kernel_size() -> impl Strategy<Value = usize> {
+        prop::sample::select(vec![1usize, 2, 3, 5])
+    }
+
+    /// Random geometries: any kernel in {1, 2, 3, 5}², stride 1 or 2, each pad 0..=2; plus the
+    /// pointwise fast path and TensorFlow "SAME" stride-2 padding, which random draws rarely hit.
+    fn geometry() -> impl Strategy<Value = Conv2dGeom> {
+        let general = (
+            1usize..=3,
+            1usize..=5,
+            1usize..=5,
+            (1usize..=9, 1usize..=9),
+            (kernel_size(), kernel_size()),
+            1usize..=2,
+            (0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2),
+        )
+            .prop_map(|(n, ci, co, hw, k, s, p)| geom(n, ci, co, hw, k, s, p));
+        let pointwise = (1usize..=3, 1usize..=5, 1usize..=5, (1usize..=9, 1usize..=9))
+            .prop_map(|(n, ci, co, hw)| geom(n, ci, co, hw, (1, 1), 1, (0, 0, 0, 0)));
+        let same_stride2 = (1usize..=3, 1usize..=5, 1usize..=5, (1usize..=4, 1usize..=4)).prop_map(
+            |(n, ci, co, (h, w))| geom(n, ci, co, (2 * h, 2 * w), (3, 3), 2, (0, 1, 0, 1)),
+        );
+        prop_oneof![6 => general, 1 => pointwise, 1 => same_stride2]
+    }
+
+    /// A geometry, a tile width (from 1 pixel to the whole image), and a data seed.
+    fn case() -> impl Strategy<Value = (Conv2dGeom, usize, u64)> {
+        geometry().prop_flat_map(|g| {
+            let px = g.out_h() * g.out_w();
+            (
+                Just(g),
+                prop_oneof![Just(g.tile_px()), 1..=px],
+                any::<u64>(),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+
+        #[test]
+        fn forward_matches_f64_reference((g, tile, seed) in case(), with_bias in any::<bool>()) {
+            let mut rng = crate::rng_from_seed(seed);
+            let x = random_vec(&mut rng, g.x_len());
+            let w = random_vec(&mut rng, g.w_len());
+            let b = random_vec(&mut rng, g.c_out);
+            let bias = with_bias.then_some(&b[..]);
+            let mut y = vec![f32::NAN; g.y_len()];
+            forward_tiled(&g, &x, &w, bias, &mut y, tile);
+            assert_close(&y, &forward_ref(&g, &x, &w, bias), &format!("forward {g:?} tile {tile}"));
+        }
+
+        #[test]
+        fn backward_input_matches_f64_reference((g, tile, seed) in case()) {
+            let mut rng = crate::rng_from_seed(seed);
+            let dy = random_vec(&mut rng, g.y_len());
+            let w = random_vec(&mut rng, g.w_len());
+            let mut dx = vec![f32::NAN; g.x_len()];
+            backward_input_tiled(&g, &dy, &w, &mut dx, tile);
+            assert_close(&dx, &backward_input_ref(&g, &dy, &w), &format!("backward_input {g:?} tile {tile}"));
+        }
+
+        #[test]
+        fn backward_weight_matches_f64_reference(
+            (g, tile, seed) in case(),
+            max_partials in prop_oneof![Just(MAX_WEIGHT_PARTIALS), 1usize..=3],
+        ) {
+            let mut rng = crate::rng_from_seed(seed);
+            let x = random_vec(&mut rng, g.x_len());
+            let dy = random_vec(&mut rng, g.y_len());
+            let mut dw = vec![f32::NAN; g.w_len()];
+            let mut db = vec![f32::NAN; g.c_out];
+            backward_weight_tiled(&g, &x, &dy, &mut dw, Some(&mut db), tile, max_partials);
+            let (dw_ref, db_ref) = backward_weight_ref(&g, &x, &dy);
+            assert_close(&dw, &dw_ref, &format!("backward_weight dw {g:?} tile {tile}"));
+            assert_close(&db, &db_ref, &format!("backward_weight db {g:?}"));
+        }
+
+        /// ⟨conv(x; w), dy⟩ = ⟨x, ∂/∂x⟩ = ⟨w, ∂/∂w⟩ and ⟨bias, Σ dy⟩ = ⟨bias, db⟩: the backward
+        /// kernels are the adjoints of the forward one, whatever the code looks like.
+        #[test]
+        fn backward_kernels_are_adjoints_of_forward((g, _tile, seed) in case()) {
+            let mut rng = crate::rng_from_seed(seed);
+            let x = random_vec(&mut rng, g.x_len());
+            let w = random_vec(&mut rng, g.w_len());
+            let b = random_vec(&mut rng, g.c_out);
+            let dy = random_vec(&mut rng, g.y_len());
+
+            let mut y = vec![0.0; g.y_len()];
+            conv2d_forward(&g, &x, &w, None, &mut y);
+            let mut dx = vec![0.0; g.x_len()];
+            conv2d_backward_input(&g, &dy, &w, &mut dx);
+            let mut dw = vec![0.0; g.w_len()];
+            let mut db = vec![0.0; g.c_out];
+            conv2d_backward_weight(&g, &x, &dy, &mut dw, Some(&mut db));
+
+            // Every side is a sum of the same terms w·x·dy; tolerate f32 rounding of that size.
+            let y_abs: Vec<f64> = forward_ref(&g, &x, &w, None).scale;
+            let scale: f64 = y_abs.iter().zip(&dy).map(|(&s, &d)| s * (d as f64).abs()).sum();
+            let tol = 1e-5 * scale + 1e-12;
+            let lhs = dot(&y, &dy);
+            let by_input = dot(&x, &dx);
+            let by_weight = dot(&w, &dw);
+            prop_assert!((lhs - by_input).abs() <= tol, "<conv(x), dy> = {lhs}, <x, dx> = {by_input}");
+            prop_assert!((lhs - by_weight).abs() <= tol, "<conv(x), dy> = {lhs}, <w, dw> = {by_weight}");
+
+            let mut y_bias = vec![0.0; g.y_len()];
+            let zeros = vec![0.0; g.w_len()];
+            conv2d_forward(&g, &x, &zeros, Some(&b), &mut y_bias);
+            let bias_tol = 1e-5 * abs_dot(&y_bias, &dy) + 1e-12;
+            prop_assert!((dot(&y_bias, &dy) - dot(&b, &db)).abs() <= bias_tol);
+        }
+    }
+
+    #[test]
+    fn same_padding_stride2_halves_the_image() {
+        let g = geom(1, 1, 1, (8, 6), (3, 3), 2, (0, 1, 0, 1));
+        assert_eq!((g.out_h(), g.out_w()), (4, 3));
+    }
+
+    #[test]
+    fn pointwise_conv_is_a_channel_matmul() {
+        // 1x1 conv with w = [[1, 2]] and bias 0.5 maps channels (a, b) to a + 2b + 0.5.
+        let g = geom(1, 2, 1, (1, 3), (1, 1), 1, (0, 0, 0, 0));
+        let x = [1.0, 2.0, 3.0, 10.0, 20.0, 30.0];
+        let mut y = [0.0; 3];
+        conv2d_forward(&g, &x, &[1.0, 2.0], Some(&[0.5]), &mut y);
+        assert_eq!(y, [21.5, 42.5, 63.5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "conv2d_forward: w has 8 elements")]
+    fn forward_panics_naming_the_mismatched_weight() {
+        let g = geom(1, 1, 1, (4, 4), (3, 3), 1, (1, 1, 1, 1));
+        let mut y = vec![0.0; g.y_len()];
+        conv2d_forward(&g, &[0.0; 16], &[0.0; 8], None, &mut y);
+    }
+
+    #[test]
+    fn empty_batch_zeroes_the_weight_gradient() {
+        let g = geom(0, 2, 3, (4, 4), (3, 3), 1, (1, 1, 1, 1));
+        let mut dw = vec![f32::NAN; g.w_len()];
+        let mut db = vec![f32::NAN; 3];
+        conv2d_backward_weight(&g, &[], &[], &mut dw, Some(&mut db));
+        assert!(dw.iter().chain(&db).all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn results_are_bit_identical_across_thread_counts() {
+        // Seven images and a small tile: several chunks and several tiles per image, so the
+        // weight gradient really reduces partials computed on different threads.
+        let g = geom(7, 3, 4, (9, 9), (3, 3), 1, (1, 1, 1, 1));
+        let mut rng = crate::rng_from_seed(11);
+        let x = random_vec(&mut rng, g.x_len());
+        let w = random_vec(&mut rng, g.w_len());
+        let b = random_vec(&mut rng, g.c_out);
+        let dy = random_vec(&mut rng, g.y_len());
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("building a rayon pool");
+            pool.install(|| {
+                let mut y = vec![0.0; g.y_len()];
+                forward_tiled(&g, &x, &w, Some(&b), &mut y, 17);
+                let mut dx = vec![0.0; g.x_len()];
+                backward_input_tiled(&g, &dy, &w, &mut dx, 17);
+                let mut dw = vec![0.0; g.w_len()];
+                let mut db = vec![0.0; g.c_out];
+                backward_weight_tiled(&g, &x, &dy, &mut dw, Some(&mut db), 17, 3);
+                let mut dw_public = vec![0.0; g.w_len()];
+                conv2d_backward_weight(&g, &x, &dy, &mut dw_public, None);
+                [y, dx, dw, db, dw_public]
+            })
+        };
+        let one = run(1);
+        let three = run(3);
+        for (a, b) in one.iter().zip(&three) {
+            assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+    }
+}
