@@ -1,7 +1,7 @@
 //! 2-D convolution and nearest-neighbour upsampling on `[N, C, H, W]` values. The loops live
 //! in [`crate::kernels`]; this file checks shapes and wires forward to backward.
 
-use crate::kernels::conv::{
+use crate::kernels::{
     conv2d_backward_input, conv2d_backward_weight, conv2d_forward, upsample_nearest2x,
     upsample_nearest2x_backward, Conv2dGeom,
 };

@@ -21,7 +21,7 @@
 //! | `loss`          | mean-squared error                                                   |
 
 mod broadcast;
-// mod conv;
+mod conv;
 mod dropout;
 mod elementwise;
 mod loss;
@@ -31,7 +31,7 @@ mod reduce;
 mod shape;
 mod softmax;
 
-// pub use conv::Padding;
+pub use conv::Padding;
 
 #[cfg(test)]
 pub(crate) mod testutil {
