@@ -1,9 +1,26 @@
 //! Parameters, layers, the U-Net, Adam and EMA.
+//!
+//! | file          | owns                                                            |
+//! |---------------|-----------------------------------------------------------------|
+//! | `params`      | [`ParamStore`] (named tensors) and [`Bound`] (them as `Var`s)   |
+//! | `layers`      | conv / linear / group-norm helpers and the DDPM initialiser     |
+//! | `embedding`   | the sinusoidal timestep embedding                               |
+//! | `resblock`    | the residual block with its timestep projection                 |
+//! | `attention`   | single-head spatial self-attention                              |
+//! | `unet`        | [`UNetConfig`], [`Preset`], [`UNet`]                            |
+//! | `optim`, `ema`| Adam, clipping, warm-up; the parameter EMA                      |
 
+mod attention;
 mod ema;
+mod embedding;
+pub mod layers;
 mod optim;
 mod params;
+mod resblock;
+mod unet;
 
 pub use ema::Ema;
+pub use embedding::{timestep_embedding, EmbeddingOrder};
 pub use optim::{clip_grad_norm, warmup_lr, Adam, AdamConfig};
 pub use params::{Bound, ParamStore};
+pub use unet::{DownsamplePadding, Preset, UNet, UNetConfig};

@@ -1,0 +1,72 @@
+//! The U-Net's building layers as functions of a [`Bound`] parameter set and a name prefix:
+//! convolution, linear, group norm. Each `*_params` function registers the tensors under
+//! PyTorch's names (`{prefix}.weight`, `{prefix}.bias`) with the DDPM initialisation.
+
+use rand::Rng as _;
+
+use super::{Bound, ParamStore};
+use crate::ops::Padding;
+use crate::{Rng, Tensor, Var};
+
+/// DDPM's initialiser: `variance_scaling(scale, mode="fan_avg", distribution="uniform")` of the
+/// original TF code, i.e. `U(−a, a)` with `a = √(3·scale / ((fan_in + fan_out)/2))`, where the
+/// fans count `channels × kh × kw`. `scale = 1e-10` is the original code's "zero" init of the
+/// last conv of each residual branch and of the output conv.
+pub fn variance_scaling_uniform(shape: &[usize], fan_in: usize, fan_out: usize, scale: f64, rng: &mut Rng) -> Tensor {
+    let limit = (3.0 * scale / ((fan_in + fan_out) as f64 / 2.0)).sqrt() as f32;
+    Tensor::from_shape_simple_fn(shape, || rng.random_range(-limit..=limit))
+}
+
+/// How a layer's weights start.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Variance scaling with scale 1.
+    Default,
+    /// Variance scaling with scale 1e-10 (effectively zero): residual branches start as identity.
+    Zero,
+}
+
+impl Init {
+    fn scale(self) -> f64 {
+        match self {
+            Init::Default => 1.0,
+            Init::Zero => 1e-10,
+        }
+    }
+}
+
+/// Registers a conv's `weight [C_out, C_in, k, k]` and `bias [C_out]` (bias zero).
+pub fn conv_params(store: &mut ParamStore, prefix: &str, c_in: usize, c_out: usize, k: usize, init: Init, rng: &mut Rng) {
+    let rf = k * k;
+    let w = variance_scaling_uniform(&[c_out, c_in, k, k], c_in * rf, c_out * rf, init.scale(), rng);
+    store.insert(format!("{prefix}.weight"), w);
+    store.insert(format!("{prefix}.bias"), Tensor::zeros(vec![c_out]));
+}
+
+/// Registers a linear layer's `weight [out, in]` and `bias [out]` (bias zero).
+pub fn linear_params(store: &mut ParamStore, prefix: &str, d_in: usize, d_out: usize, rng: &mut Rng) {
+    let w = variance_scaling_uniform(&[d_out, d_in], d_in, d_out, 1.0, rng);
+    store.insert(format!("{prefix}.weight"), w);
+    store.insert(format!("{prefix}.bias"), Tensor::zeros(vec![d_out]));
+}
+
+/// Registers a group norm's `weight` (γ = 1) and `bias` (β = 0), both `[C]`.
+pub fn group_norm_params(store: &mut ParamStore, prefix: &str, c: usize) {
+    store.insert(format!("{prefix}.weight"), Tensor::ones(vec![c]));
+    store.insert(format!("{prefix}.bias"), Tensor::zeros(vec![c]));
+}
+
+/// `conv2d` with the parameters `{prefix}.weight`, `{prefix}.bias`.
+pub fn conv(p: &Bound, prefix: &str, x: &Var, stride: usize, pad: Padding) -> Var {
+    x.conv2d(p.get(&format!("{prefix}.weight")), Some(p.get(&format!("{prefix}.bias"))), stride, pad)
+}
+
+/// `linear` with the parameters `{prefix}.weight`, `{prefix}.bias`.
+pub fn linear(p: &Bound, prefix: &str, x: &Var) -> Var {
+    x.linear(p.get(&format!("{prefix}.weight")), Some(p.get(&format!("{prefix}.bias"))))
+}
+
+/// `group_norm` with the parameters `{prefix}.weight` (γ), `{prefix}.bias` (β).
+pub fn group_norm(p: &Bound, prefix: &str, x: &Var, groups: usize, eps: f32) -> Var {
+    x.group_norm(p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")), groups, eps)
+}

@@ -1,0 +1,77 @@
+//! The residual block of the DDPM U-Net (Ho et al. 2020, Appendix B; the Wide ResNet block with
+//! group norm and a timestep projection):
+//!
+//! ```text
+//! h = conv1(SiLU(norm1(x)))                      3x3, C_in → C_out
+//! h = h + temb_proj(SiLU(temb))[:, :, None, None]
+//! h = conv2(dropout(SiLU(norm2(h))))             3x3, C_out → C_out, starts at ~zero
+//! out = (C_in ≠ C_out ? nin_shortcut(x) : x) + h  1x1 shortcut when the width changes
+//! ```
+
+use super::layers::{conv, conv_params, group_norm, group_norm_params, linear, linear_params, Init};
+use super::{Bound, ParamStore};
+use crate::ops::Padding;
+use crate::{Rng, Var};
+
+/// Shape of one residual block.
+#[derive(Clone, Copy, Debug)]
+pub struct ResBlockSpec {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Width of the timestep embedding (4 × base channels).
+    pub temb_ch: usize,
+}
+
+/// Group count for `c` channels: `min(max_groups, c)`, as in the reference code.
+pub fn groups_for(c: usize, max_groups: usize) -> usize {
+    max_groups.min(c)
+}
+
+impl ResBlockSpec {
+    /// Registers the block's parameters under `prefix` (`norm1`, `conv1`, `temb_proj`, `norm2`,
+    /// `conv2`, and `nin_shortcut` when the width changes).
+    pub fn params(&self, store: &mut ParamStore, prefix: &str, rng: &mut Rng) {
+        group_norm_params(store, &format!("{prefix}.norm1"), self.c_in);
+        conv_params(store, &format!("{prefix}.conv1"), self.c_in, self.c_out, 3, Init::Default, rng);
+        linear_params(store, &format!("{prefix}.temb_proj"), self.temb_ch, self.c_out, rng);
+        group_norm_params(store, &format!("{prefix}.norm2"), self.c_out);
+        conv_params(store, &format!("{prefix}.conv2"), self.c_out, self.c_out, 3, Init::Zero, rng);
+        if self.c_in != self.c_out {
+            conv_params(store, &format!("{prefix}.nin_shortcut"), self.c_in, self.c_out, 1, Init::Default, rng);
+        }
+    }
+
+    /// Runs the block on x `[N, C_in, H, W]` with the embedding temb `[N, temb_ch]`.
+    /// `dropout` is `Some((p, rng))` in training.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        p: &Bound,
+        prefix: &str,
+        x: &Var,
+        temb: &Var,
+        max_groups: usize,
+        eps: f32,
+        dropout: Option<(f32, &mut Rng)>,
+    ) -> Var {
+        let (gi, go) = (groups_for(self.c_in, max_groups), groups_for(self.c_out, max_groups));
+        let h = group_norm(p, &format!("{prefix}.norm1"), x, gi, eps).silu();
+        let h = conv(p, &format!("{prefix}.conv1"), &h, 1, Padding::same(1));
+        let s = h.shape().to_vec();
+        let t = linear(p, &format!("{prefix}.temb_proj"), &temb.silu()).reshape(&[s[0], s[1], 1, 1]);
+        let h = h.add(&t.broadcast_to(&s));
+        let mut h = group_norm(p, &format!("{prefix}.norm2"), &h, go, eps).silu();
+        if let Some((rate, rng)) = dropout {
+            h = h.dropout(rate, rng);
+        }
+        let h = conv(p, &format!("{prefix}.conv2"), &h, 1, Padding::same(1));
+        let skip = if self.c_in != self.c_out {
+            conv(p, &format!("{prefix}.nin_shortcut"), x, 1, Padding::zero())
+        } else {
+            x.clone()
+        };
+        skip.add(&h)
+    }
+}

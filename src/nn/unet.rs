@@ -1,0 +1,375 @@
+//! The U-Net of Ho et al. 2020 (Appendix B), parameter for parameter: the original TF code's
+//! architecture under the names of its common PyTorch port (`down.{i}.block.{j}.conv1.weight`,
+//! `mid.attn_1.q.bias`, …), the names ../shared/bench/peer and checkpoints use.
+//!
+//! ```text
+//! temb = dense.1(SiLU(dense.0(sinusoid(t, ch))))            4·ch wide
+//! hs = [conv_in(x)]
+//! for level i (width ch·ch_mult[i]):  num_res_blocks × (ResBlock, + Attn at attn resolutions)
+//!                                     then Downsample (stride-2 conv) except at the last level
+//! mid: ResBlock, Attn, ResBlock
+//! for level i reversed: (num_res_blocks + 1) × ResBlock(concat[h, hs.pop()]) (+ Attn)
+//!                       then Upsample (nearest ×2 + conv) except at level 0
+//! out = conv_out(SiLU(norm_out(h)))                          starts at ~zero
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::attention::{attention, attention_params};
+use super::embedding::{timestep_embedding, EmbeddingOrder};
+use super::layers::{conv, conv_params, group_norm, group_norm_params, linear, linear_params, Init};
+use super::resblock::{groups_for, ResBlockSpec};
+use super::{Bound, ParamStore};
+use crate::ops::Padding;
+use crate::{Error, Result, Rng, Var};
+
+/// How the stride-2 downsampling conv pads its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DownsamplePadding {
+    /// TensorFlow "SAME" for even sizes: 0 rows/columns before, 1 after (Ho et al.'s code, the
+    /// peer model, diffusers' `downsample_padding=0`).
+    TfSame,
+    /// 1 on every side (PyTorch-style `padding=1`, diffusers' `downsample_padding=1`,
+    /// improved-diffusion). Same output size for even inputs, different numbers.
+    Symmetric,
+}
+
+impl DownsamplePadding {
+    fn padding(self) -> Padding {
+        match self {
+            DownsamplePadding::TfSame => Padding { top: 0, bottom: 1, left: 0, right: 1 },
+            DownsamplePadding::Symmetric => Padding::same(1),
+        }
+    }
+}
+
+/// Every architectural choice of the U-Net.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    /// Image channels in (1 for MNIST, 3 for RGB).
+    pub in_channels: usize,
+    /// Channels out: `in_channels`, or `2·in_channels` when the variance is learned.
+    pub out_channels: usize,
+    /// Input height = width.
+    pub resolution: usize,
+    /// Base width `ch`.
+    pub ch: usize,
+    /// Width multiplier per level; one level per entry.
+    pub ch_mult: Vec<usize>,
+    /// Residual blocks per level on the way down (one more on the way up).
+    pub num_res_blocks: usize,
+    /// Feature-map sizes at which attention follows each residual block.
+    pub attn_resolutions: Vec<usize>,
+    /// Dropout rate inside the residual blocks during training.
+    pub dropout: f32,
+    /// Group norm uses `min(gn_groups, C)` groups.
+    pub gn_groups: usize,
+    /// Group norm epsilon (1e-6 in the original code; PyTorch's default is 1e-5).
+    pub gn_eps: f32,
+    /// Downsampling padding convention.
+    pub downsample_padding: DownsamplePadding,
+    /// Sinusoid order of the timestep embedding.
+    pub embedding_order: EmbeddingOrder,
+    /// `freq_shift` of the timestep embedding (1 in Ho et al.'s code).
+    pub embedding_freq_shift: f64,
+}
+
+/// The named architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// `mnist-small` of ../shared/bench/peer: ch 32, ch_mult (1,2,2), one block per level,
+    /// attention at 14x14, 1,112,801 parameters at 1x28x28.
+    Mnist,
+    /// The paper's CIFAR-10 model: ch 128, ch_mult (1,2,2,2), two blocks per level, attention
+    /// at 16x16, 35,746,307 parameters at 3x32x32.
+    Cifar10,
+    /// A small network for tests: ch 32, ch_mult (1,2), one block, attention at 4x4 on 8x8
+    /// inputs.
+    Tiny,
+}
+
+impl Preset {
+    /// The preset's configuration for images of `channels` x `resolution` x `resolution`.
+    pub fn config(self, channels: usize, resolution: usize) -> UNetConfig {
+        let base = |ch, ch_mult: &[usize], nrb, attn: &[usize], dropout| UNetConfig {
+            in_channels: channels,
+            out_channels: channels,
+            resolution,
+            ch,
+            ch_mult: ch_mult.to_vec(),
+            num_res_blocks: nrb,
+            attn_resolutions: attn.to_vec(),
+            dropout,
+            gn_groups: 32,
+            gn_eps: 1e-6,
+            downsample_padding: DownsamplePadding::TfSame,
+            embedding_order: EmbeddingOrder::SinCos,
+            embedding_freq_shift: 1.0,
+        };
+        match self {
+            Preset::Mnist => base(32, &[1, 2, 2], 1, &[resolution / 2], 0.1),
+            Preset::Cifar10 => base(128, &[1, 2, 2, 2], 2, &[resolution / 2], 0.1),
+            Preset::Tiny => base(32, &[1, 2], 1, &[resolution / 2], 0.0),
+        }
+    }
+}
+
+impl UNetConfig {
+    /// Width of the timestep embedding MLP: 4·ch.
+    pub fn temb_ch(&self) -> usize {
+        4 * self.ch
+    }
+
+    /// Checks that the shapes work out: at least one level, a resolution divisible by
+    /// 2^(levels−1), and group counts that divide every width.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the offending field.
+    pub fn validate(&self) -> Result<()> {
+        if self.ch_mult.is_empty() {
+            return Err(Error::config("U-Net", "ch_mult needs at least one level"));
+        }
+        if self.in_channels == 0 || self.out_channels == 0 || self.ch == 0 || self.num_res_blocks == 0 {
+            return Err(Error::config("U-Net", "channels, ch and num_res_blocks must be positive"));
+        }
+        let down = 1usize << (self.ch_mult.len() - 1);
+        if self.resolution == 0 || self.resolution % down != 0 {
+            return Err(Error::config(
+                "U-Net",
+                format!(
+                    "resolution {} must be a positive multiple of {down} for {} levels",
+                    self.resolution,
+                    self.ch_mult.len()
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config("U-Net", format!("dropout {} is not in [0, 1)", self.dropout)));
+        }
+        let mut widths = vec![self.ch];
+        widths.extend(self.ch_mult.iter().map(|m| m * self.ch));
+        for (c_in, _) in self.up_blocks() {
+            widths.push(c_in);
+        }
+        for c in widths {
+            if c % groups_for(c, self.gn_groups) != 0 {
+                return Err(Error::config(
+                    "U-Net",
+                    format!("{} groups do not divide {c} channels", groups_for(c, self.gn_groups)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Widths of the skip connections pushed on the way down, in push order.
+    fn skip_widths(&self) -> Vec<usize> {
+        let mut hs = vec![self.ch];
+        for (i, m) in self.ch_mult.iter().enumerate() {
+            for _ in 0..self.num_res_blocks {
+                hs.push(self.ch * m);
+            }
+            if i + 1 != self.ch_mult.len() {
+                hs.push(self.ch * m);
+            }
+        }
+        hs
+    }
+
+    /// (input, output) channels of every up-path block, in the order they run.
+    fn up_blocks(&self) -> Vec<(usize, usize)> {
+        let mut hs = self.skip_widths();
+        let mut block_in = self.ch * self.ch_mult.last().copied().unwrap_or(1);
+        let mut out = vec![];
+        for m in self.ch_mult.iter().rev() {
+            for _ in 0..=self.num_res_blocks {
+                let skip = hs.pop().expect("one skip per up block");
+                out.push((block_in + skip, self.ch * m));
+                block_in = self.ch * m;
+            }
+        }
+        out
+    }
+}
+
+/// The U-Net: a configuration; its weights live in a [`ParamStore`].
+#[derive(Clone, Debug)]
+pub struct UNet {
+    /// The architecture.
+    pub config: UNetConfig,
+}
+
+impl UNet {
+    /// A U-Net for a validated configuration.
+    ///
+    /// # Errors
+    /// As [`UNetConfig::validate`].
+    pub fn new(config: UNetConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config })
+    }
+
+    /// Creates every parameter with the DDPM initialisation, in the reference model's order.
+    pub fn init_params(&self, rng: &mut Rng) -> ParamStore {
+        let c = &self.config;
+        let mut s = ParamStore::new();
+        let temb_ch = c.temb_ch();
+        linear_params(&mut s, "temb.dense.0", c.ch, temb_ch, rng);
+        linear_params(&mut s, "temb.dense.1", temb_ch, temb_ch, rng);
+        conv_params(&mut s, "conv_in", c.in_channels, c.ch, 3, Init::Default, rng);
+        let mut res = c.resolution;
+        let mut block_in = c.ch;
+        for (i, m) in c.ch_mult.iter().enumerate() {
+            let block_out = c.ch * m;
+            for j in 0..c.num_res_blocks {
+                let spec = ResBlockSpec { c_in: block_in, c_out: block_out, temb_ch };
+                spec.params(&mut s, &format!("down.{i}.block.{j}"), rng);
+                block_in = block_out;
+                if c.attn_resolutions.contains(&res) {
+                    attention_params(&mut s, &format!("down.{i}.attn.{j}"), block_in, rng);
+                }
+            }
+            if i + 1 != c.ch_mult.len() {
+                conv_params(&mut s, &format!("down.{i}.downsample.conv"), block_in, block_in, 3, Init::Default, rng);
+                res /= 2;
+            }
+        }
+        let mid = ResBlockSpec { c_in: block_in, c_out: block_in, temb_ch };
+        mid.params(&mut s, "mid.block_1", rng);
+        attention_params(&mut s, "mid.attn_1", block_in, rng);
+        mid.params(&mut s, "mid.block_2", rng);
+        let mut up = c.up_blocks().into_iter();
+        for (i, m) in c.ch_mult.iter().enumerate().rev() {
+            for j in 0..=c.num_res_blocks {
+                let (c_in, c_out) = up.next().expect("up_blocks has one entry per block");
+                ResBlockSpec { c_in, c_out, temb_ch }.params(&mut s, &format!("up.{i}.block.{j}"), rng);
+                if c.attn_resolutions.contains(&res) {
+                    attention_params(&mut s, &format!("up.{i}.attn.{j}"), c_out, rng);
+                }
+            }
+            if i != 0 {
+                conv_params(&mut s, &format!("up.{i}.upsample.conv"), c.ch * m, c.ch * m, 3, Init::Default, rng);
+                res *= 2;
+            }
+        }
+        group_norm_params(&mut s, "norm_out", c.ch * c.ch_mult[0]);
+        conv_params(&mut s, "conv_out", c.ch * c.ch_mult[0], c.out_channels, 3, Init::Zero, rng);
+        s
+    }
+
+    /// The network's output for x `[N, C_in, R, R]` at timesteps `t` (one per image, fed as-is),
+    /// `[N, C_out, R, R]`. `dropout_rng` is `Some` in training (dropout active) and `None` for
+    /// evaluation and sampling.
+    ///
+    /// # Panics
+    /// If x's shape does not match the configuration or `t.len()` differs from N.
+    pub fn forward(&self, p: &Bound, x: &Var, t: &[f32], mut dropout_rng: Option<&mut Rng>) -> Var {
+        let c = &self.config;
+        let s = x.shape();
+        assert!(
+            s.len() == 4 && s[1] == c.in_channels && s[2] == c.resolution && s[3] == c.resolution,
+            "U-Net: input {s:?} does not match [N, {}, {}, {}]",
+            c.in_channels,
+            c.resolution,
+            c.resolution
+        );
+        assert_eq!(t.len(), s[0], "U-Net: {} timesteps for a batch of {}", t.len(), s[0]);
+        let (g, eps) = (c.gn_groups, c.gn_eps);
+        let temb_ch = c.temb_ch();
+        let emb = Var::constant(timestep_embedding(t, c.ch, c.embedding_order, c.embedding_freq_shift));
+        let temb = linear(p, "temb.dense.1", &linear(p, "temb.dense.0", &emb).silu());
+
+        let mut res_block = |spec: ResBlockSpec, prefix: &str, h: &Var| -> Var {
+            let drop = match dropout_rng.as_deref_mut() {
+                Some(rng) if c.dropout > 0.0 => Some((c.dropout, rng)),
+                _ => None,
+            };
+            spec.forward(p, prefix, h, &temb, g, eps, drop)
+        };
+
+        let mut hs = vec![conv(p, "conv_in", x, 1, Padding::same(1))];
+        let mut res = c.resolution;
+        let mut block_in = c.ch;
+        for (i, m) in c.ch_mult.iter().enumerate() {
+            for j in 0..c.num_res_blocks {
+                let spec = ResBlockSpec { c_in: block_in, c_out: c.ch * m, temb_ch };
+                let last = hs.last().expect("hs starts non-empty");
+                let mut h = res_block(spec, &format!("down.{i}.block.{j}"), last);
+                block_in = c.ch * m;
+                if c.attn_resolutions.contains(&res) {
+                    h = attention(p, &format!("down.{i}.attn.{j}"), &h, g, eps);
+                }
+                hs.push(h);
+            }
+            if i + 1 != c.ch_mult.len() {
+                let last = hs.last().expect("hs starts non-empty");
+                let d = conv(p, &format!("down.{i}.downsample.conv"), last, 2, c.downsample_padding.padding());
+                hs.push(d);
+                res /= 2;
+            }
+        }
+        let mid = ResBlockSpec { c_in: block_in, c_out: block_in, temb_ch };
+        let mut h = res_block(mid, "mid.block_1", hs.last().expect("hs starts non-empty"));
+        h = attention(p, "mid.attn_1", &h, g, eps);
+        h = res_block(mid, "mid.block_2", &h);
+        let mut up = c.up_blocks().into_iter();
+        for (i, _) in c.ch_mult.iter().enumerate().rev() {
+            for j in 0..=c.num_res_blocks {
+                let (c_in, c_out) = up.next().expect("up_blocks has one entry per block");
+                let skip = hs.pop().expect("one skip per up block");
+                let cat = Var::concat(&[&h, &skip], 1);
+                h = res_block(ResBlockSpec { c_in, c_out, temb_ch }, &format!("up.{i}.block.{j}"), &cat);
+                if c.attn_resolutions.contains(&res) {
+                    h = attention(p, &format!("up.{i}.attn.{j}"), &h, g, eps);
+                }
+            }
+            if i != 0 {
+                h = conv(p, &format!("up.{i}.upsample.conv"), &h.upsample_nearest2x(), 1, Padding::same(1));
+                res *= 2;
+            }
+        }
+        let c0 = c.ch * c.ch_mult[0];
+        let h = group_norm(p, "norm_out", &h, groups_for(c0, g), eps).silu();
+        conv(p, "conv_out", &h, 1, Padding::same(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng_from_seed;
+
+    fn count(preset: Preset, channels: usize, res: usize) -> usize {
+        UNet::new(preset.config(channels, res)).unwrap().init_params(&mut rng_from_seed(0)).num_scalars()
+    }
+
+    #[test]
+    fn presets_have_the_reference_parameter_counts() {
+        // Counts of ../shared/bench/peer/README.md (PyTorch's DDPMUNet).
+        assert_eq!(count(Preset::Mnist, 1, 28), 1_112_801);
+        assert_eq!(count(Preset::Cifar10, 3, 32), 35_746_307);
+    }
+
+    #[test]
+    fn every_preset_maps_images_to_images() {
+        for (preset, ch, res) in [(Preset::Tiny, 1, 8), (Preset::Tiny, 3, 16), (Preset::Mnist, 1, 28)] {
+            let net = UNet::new(preset.config(ch, res)).unwrap();
+            let params = net.init_params(&mut rng_from_seed(1));
+            let x = Var::constant(crate::Tensor::zeros(vec![2, ch, res, res]));
+            let y = net.forward(&params.bind_constant(), &x, &[0.0, 999.0], None);
+            assert_eq!(y.shape(), &[2, ch, res, res], "{preset:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        let mut c = Preset::Mnist.config(1, 30);
+        assert!(UNet::new(c.clone()).is_err(), "30 is not divisible by 4");
+        c.resolution = 28;
+        c.ch = 24;
+        c.gn_groups = 7;
+        assert!(UNet::new(c).is_err(), "7 groups do not divide 24");
+    }
+}
