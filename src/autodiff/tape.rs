@@ -6,6 +6,16 @@ use std::rc::Rc;
 
 use super::Tensor;
 
+/// Every value and gradient is kept row-major and contiguous, so kernels can take slices
+/// (ndarray's `concatenate`, for one, returns other layouts). A no-op for standard arrays.
+fn standard_layout(t: Tensor) -> Tensor {
+    if t.is_standard_layout() {
+        t
+    } else {
+        t.as_standard_layout().into_owned()
+    }
+}
+
 /// A node's backward step: given the gradient of its output, accumulate into its inputs.
 type BackwardFn = Box<dyn FnOnce(&Tensor, &mut Grads)>;
 
@@ -48,7 +58,7 @@ impl Tape {
     /// A leaf on this tape: a value whose gradient [`Var::backward`] will report (a parameter or
     /// an input to differentiate with respect to).
     pub fn var(&self, value: Tensor) -> Var {
-        self.var_shared(Rc::new(value))
+        self.var_shared(Rc::new(standard_layout(value)))
     }
 
     /// Like [`Tape::var`], sharing an existing value instead of copying it.
@@ -91,7 +101,7 @@ impl Var {
     /// A value that is not differentiated: no tape, nothing recorded by ops that only use
     /// constants. This is the inference path.
     pub fn constant(value: Tensor) -> Var {
-        Var { value: Rc::new(value), node: None }
+        Var { value: Rc::new(standard_layout(value)), node: None }
     }
 
     /// Like [`Var::constant`], sharing an existing value instead of copying it.
@@ -170,6 +180,7 @@ impl Var {
     where
         F: FnOnce(&Tensor, &[bool]) -> Vec<Option<Tensor>> + 'static,
     {
+        let value = standard_layout(value);
         let mut tape: Option<Tape> = None;
         for v in inputs.iter() {
             if let Some((t, _)) = &v.node {
@@ -253,7 +264,7 @@ impl Grads {
     pub fn accumulate(&mut self, id: usize, grad: Tensor) {
         match &mut self.slots[id] {
             Some(g) => *g += &grad,
-            slot @ None => *slot = Some(grad),
+            slot @ None => *slot = Some(standard_layout(grad)),
         }
     }
 
