@@ -1,2 +1,35 @@
 //! The diffusion math of Ho et al. 2020 (arXiv:2006.11239) and Nichol & Dhariwal 2021
-//! (arXiv:2102.09672).
+//! (arXiv:2102.09672), exact, in f64, named as in the papers.
+//!
+//! # Timesteps
+//! **In code, t is a 0-based index i ∈ {0, …, T−1}; the paper's step is t = i + 1.** Every
+//! table has length T and entry i belongs to paper step i + 1: `alpha_bar()[0]` is ᾱ_1 and
+//! `alpha_bar()[T − 1]` is ᾱ_T. Index 0 is the first step, where the bound's term is the decoder
+//! L_0 and sampling adds no noise. This is the numbering of Ho et al.'s and improved-diffusion's
+//! code; what number the *network* is given for index i is a separate convention
+//! ([`convention::ModelTimestep`]).
+//!
+//! # Module map
+//! | file              | owns                                                                      |
+//! |-------------------|---------------------------------------------------------------------------|
+//! | [`convention`]    | where the references disagree: [`Convention`] (`ho2020`, `improved-diffusion`, `diffusers`) |
+//! | [`schedule`]      | β schedules, [`NoiseSchedule`] with every derived table, `extract` for a batch of t |
+//! | `gaussian` (next)      | q(x_t ∣ x_0), q_sample, the posterior (Eqs. 6–7), p_θ for every parameterisation, sampling |
+//! | `losses` (next)        | KL, the discretized decoder (Eq. 13), bits/dim, L_vlb breakdown, L_simple / L_hybrid |
+//! | `timesteps` (next)     | uniform and importance-sampled t (N&D Eq. 18)                             |
+//! | [`normal`]        | erf/erfc and the standard normal CDF, exact or tanh-approximated          |
+//! | `oracle` (next)        | the closed-form optimal denoiser of a finite data set                     |
+//! | `vectors` (next)       | the reference vectors written by `ddpm vectors`, compared by `ddpm compare` |
+//!
+//! Shapes: batches are `[N, …]` (`[N, D]` or `[N, C, H, W]`) of f64 with one timestep per sample.
+//! The training code's f32 tensors get their per-sample coefficients from
+//! [`NoiseSchedule::extract_f32`] / [`NoiseSchedule::extract_broadcast_f32`].
+//! docs/derivation.md links each step of the derivation to the function computing it and the
+//! test checking it.
+
+pub mod convention;
+pub mod normal;
+pub mod schedule;
+
+pub use convention::{Convention, Conventions, NormalCdf};
+pub use schedule::{BetaSchedule, NoiseSchedule, Table};
