@@ -14,12 +14,12 @@
 //! |-------------------|---------------------------------------------------------------------------|
 //! | [`convention`]    | where the references disagree: [`Convention`] (`ho2020`, `improved-diffusion`, `diffusers`) |
 //! | [`schedule`]      | β schedules, [`NoiseSchedule`] with every derived table, `extract` for a batch of t |
-//! | `gaussian` (next)      | q(x_t ∣ x_0), q_sample, the posterior (Eqs. 6–7), p_θ for every parameterisation, sampling |
-//! | `losses` (next)        | KL, the discretized decoder (Eq. 13), bits/dim, L_vlb breakdown, L_simple / L_hybrid |
-//! | `timesteps` (next)     | uniform and importance-sampled t (N&D Eq. 18)                             |
+//! | [`gaussian`]      | q(x_t ∣ x_0), q_sample, the posterior (Eqs. 6–7), p_θ for every parameterisation, sampling |
+//! | [`losses`]        | KL, the discretized decoder (Eq. 13), bits/dim, L_vlb breakdown, L_simple / L_hybrid |
+//! | [`timesteps`]     | uniform and importance-sampled t (N&D Eq. 18)                             |
 //! | [`normal`]        | erf/erfc and the standard normal CDF, exact or tanh-approximated          |
-//! | `oracle` (next)        | the closed-form optimal denoiser of a finite data set                     |
-//! | `vectors` (next)       | the reference vectors written by `ddpm vectors`, compared by `ddpm compare` |
+//! | [`oracle`]        | the closed-form optimal denoiser of a finite data set                     |
+//! | [`vectors`]       | the reference vectors written by `ddpm vectors`, compared by `ddpm compare` |
 //!
 //! Shapes: batches are `[N, …]` (`[N, D]` or `[N, C, H, W]`) of f64 with one timestep per sample.
 //! The training code's f32 tensors get their per-sample coefficients from
@@ -28,8 +28,23 @@
 //! test checking it.
 
 pub mod convention;
+pub mod gaussian;
+pub mod losses;
 pub mod normal;
+pub mod oracle;
 pub mod schedule;
+pub mod timesteps;
+pub mod vectors;
 
 pub use convention::{Convention, Conventions, NormalCdf};
+pub use gaussian::{
+    p_mean_variance, p_sample, p_sample_loop, q_mean_variance, q_posterior_mean_variance, q_sample,
+    q_sample_rng, Gaussian, MeanType, ModelOutput, PMeanVariance, Parameterization, VarianceType,
+};
+pub use losses::{
+    calc_bpd_loop, discretized_gaussian_log_likelihood, normal_kl, prior_bpd, training_losses,
+    vb_terms_bpd, BpdBreakdown, LossType, TrainingLosses, VbTerms,
+};
+pub use oracle::OracleDenoiser;
 pub use schedule::{BetaSchedule, NoiseSchedule, Table};
+pub use timesteps::{ImportanceSampler, TimestepBatch, TimestepSampling};
