@@ -1,8 +1,7 @@
 //! Elementwise ops: same-shape binary arithmetic, scalar arithmetic, and the smooth unary
 //! functions the U-Net and the losses need.
 
-use ndarray::Zip;
-
+use super::par::{map, map2, map3};
 use crate::Var;
 
 fn assert_same_shape(op: &str, a: &Var, b: &Var) {
@@ -15,31 +14,28 @@ fn assert_same_shape(op: &str, a: &Var, b: &Var) {
     );
 }
 
-/// A unary op `y = f(x)` whose derivative is computed from `(x, y)`.
+/// A unary op `y = f(x)` whose derivative is computed from `(x, y)`; only the operands the
+/// derivative needs are kept for the backward pass.
 fn unary(
     x: &Var,
-    f: impl Fn(f32) -> f32,
-    df: impl Fn(f32, f32) -> f32 + 'static,
+    f: impl Fn(f32) -> f32 + Sync + Send,
+    df: impl Fn(f32, f32) -> f32 + Sync + Send + 'static,
     keep_x: bool,
     keep_y: bool,
 ) -> Var {
-    let y = x.value().mapv(f);
+    let y = map(x.value(), f);
     if !x.requires_grad() {
         return Var::constant(y);
     }
     let xs = keep_x.then(|| x.value_rc());
     let ys = keep_y.then(|| std::rc::Rc::new(y.clone()));
     Var::record([x], y, move |g, _| {
-        let mut dx = g.clone();
-        match (&xs, &ys) {
-            (Some(x), Some(y)) => Zip::from(&mut dx)
-                .and(&**x)
-                .and(&**y)
-                .for_each(|d, &x, &y| *d *= df(x, y)),
-            (Some(x), None) => Zip::from(&mut dx).and(&**x).for_each(|d, &x| *d *= df(x, 0.0)),
-            (None, Some(y)) => Zip::from(&mut dx).and(&**y).for_each(|d, &y| *d *= df(0.0, y)),
-            (None, None) => dx.mapv_inplace(|d| d * df(0.0, 0.0)),
-        }
+        let dx = match (&xs, &ys) {
+            (Some(x), Some(y)) => map3(g, x, y, |g, x, y| g * df(x, y)),
+            (Some(x), None) => map2(g, x, |g, x| g * df(x, 0.0)),
+            (None, Some(y)) => map2(g, y, |g, y| g * df(0.0, y)),
+            (None, None) => map(g, |g| g * df(0.0, 0.0)),
+        };
         [Some(dx)]
     })
 }
@@ -51,7 +47,7 @@ impl Var {
     /// If the shapes differ.
     pub fn add(&self, other: &Var) -> Var {
         assert_same_shape("add", self, other);
-        let y = self.value() + other.value();
+        let y = map2(self.value(), other.value(), |a, b| a + b);
         Var::record([self, other], y, |g, needs| [needs[0].then(|| g.clone()), needs[1].then(|| g.clone())])
     }
 
@@ -61,8 +57,8 @@ impl Var {
     /// If the shapes differ.
     pub fn sub(&self, other: &Var) -> Var {
         assert_same_shape("sub", self, other);
-        let y = self.value() - other.value();
-        Var::record([self, other], y, |g, needs| [needs[0].then(|| g.clone()), needs[1].then(|| -g)])
+        let y = map2(self.value(), other.value(), |a, b| a - b);
+        Var::record([self, other], y, |g, needs| [needs[0].then(|| g.clone()), needs[1].then(|| map(g, |g| -g))])
     }
 
     /// `a ⊙ b`, same shapes.
@@ -71,9 +67,11 @@ impl Var {
     /// If the shapes differ.
     pub fn mul(&self, other: &Var) -> Var {
         assert_same_shape("mul", self, other);
-        let y = self.value() * other.value();
+        let y = map2(self.value(), other.value(), |a, b| a * b);
         let (a, b) = (self.value_rc(), other.value_rc());
-        Var::record([self, other], y, move |g, needs| [needs[0].then(|| g * &*b), needs[1].then(|| g * &*a)])
+        Var::record([self, other], y, move |g, needs| {
+            [needs[0].then(|| map2(g, &b, |g, b| g * b)), needs[1].then(|| map2(g, &a, |g, a| g * a))]
+        })
     }
 
     /// `a / b`, same shapes.
@@ -82,32 +80,28 @@ impl Var {
     /// If the shapes differ.
     pub fn div(&self, other: &Var) -> Var {
         assert_same_shape("div", self, other);
-        let y = self.value() / other.value();
+        let y = map2(self.value(), other.value(), |a, b| a / b);
         let (a, b) = (self.value_rc(), other.value_rc());
         Var::record([self, other], y, move |g, needs| {
-            let da = needs[0].then(|| g / &*b);
-            let db = needs[1].then(|| {
-                let mut d = g.clone();
-                Zip::from(&mut d).and(&*a).and(&*b).for_each(|d, &a, &b| *d = -*d * a / (b * b));
-                d
-            });
+            let da = needs[0].then(|| map2(g, &b, |g, b| g / b));
+            let db = needs[1].then(|| map3(g, &a, &b, |g, a, b| -g * a / (b * b)));
             [da, db]
         })
     }
 
     /// `−x`.
     pub fn neg(&self) -> Var {
-        Var::record([self], -self.value(), |g, _| [Some(-g)])
+        Var::record([self], map(self.value(), |x| -x), |g, _| [Some(map(g, |g| -g))])
     }
 
     /// `x + c` for a scalar `c`.
     pub fn add_scalar(&self, c: f32) -> Var {
-        Var::record([self], self.value() + c, |g, _| [Some(g.clone())])
+        Var::record([self], map(self.value(), |x| x + c), |g, _| [Some(g.clone())])
     }
 
     /// `c · x` for a scalar `c`.
     pub fn mul_scalar(&self, c: f32) -> Var {
-        Var::record([self], self.value() * c, move |g, _| [Some(g * c)])
+        Var::record([self], map(self.value(), |x| x * c), move |g, _| [Some(map(g, |g| g * c))])
     }
 
     /// `exp(x)`; derivative `exp(x)`.

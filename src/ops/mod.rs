@@ -27,6 +27,7 @@ mod elementwise;
 mod loss;
 mod matmul;
 mod norm;
+mod par;
 mod reduce;
 mod shape;
 mod softmax;
