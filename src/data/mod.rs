@@ -1,1 +1,841 @@
-//! Datasets: image folders, IDX, CIFAR-10 binaries, seeded batches.
+//! Datasets: image folders, IDX (MNIST), CIFAR-10 binaries, the embedded MNIST, seeded batches.
+//!
+//! This module owns everything between a file on disk and the `x0` minibatch the loss sees:
+//!
+//! | file        | owns                                                                     |
+//! |-------------|--------------------------------------------------------------------------|
+//! | `mod.rs`    | [`Dataset`] (`u8`, `[N, C, H, W]`), [`load`], [`mnist_embedded`], [`pixel_to_unit`] |
+//! | [`idx`]     | MNIST-style IDX image files, gzip or not; the folder of MNIST names      |
+//! | [`cifar`]   | CIFAR-10 binary batches (1 label byte + 3072 pixel bytes per record)     |
+//! | [`folder`]  | folders of PNG/JPEG: decode, composite, resize, centre-crop              |
+//! | [`batches`] | [`Batches`]: shuffled, seeded, resumable minibatches as `f32` tensors    |
+//!
+//! A [`Dataset`] keeps the pixels as `u8`, exactly as stored, so that a dataset costs one byte a
+//! pixel in memory and the 8-bit grid of the data is never lost. Pixels become model inputs only
+//! when a batch is drawn, through [`pixel_to_unit`]: `x = p / 127.5 − 1`, which maps 0 to −1 and
+//! 255 to +1, the scaling of Ho et al. (2020, §4, "data scaled linearly to [−1, 1]") and of
+//! improved-diffusion's `image_datasets.py`. The decoder of the discretized likelihood (Eq. 13)
+//! assumes this grid: the 256 values `x` takes are spaced `2/255` apart.
+//!
+//! Every loader refuses bad input with an [`Error`] that names the file and says what to do; no
+//! input makes it panic. Files may be gzip-compressed (detected by the magic bytes `1f 8b`, not by
+//! the file name).
+
+pub mod batches;
+pub mod cifar;
+pub mod folder;
+pub mod idx;
+
+use std::fmt;
+use std::io::Read;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use crate::Tensor;
+
+pub use batches::{BatchConfig, BatchIndices, BatchPosition, Batches};
+pub use cifar::{load_cifar, load_cifar_dir, write_cifar, CIFAR_IMAGE_BYTES, CIFAR_RECORD_BYTES};
+pub use folder::{find_images, load_image_folder};
+pub use idx::{load_idx, load_mnist_dir, write_idx, IDX_IMAGES_MAGIC};
+
+/// Which half of a dataset that ships in two halves (MNIST, CIFAR-10) to load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// The training images (`train-images-idx3-ubyte`, `data_batch_*.bin`).
+    #[default]
+    Train,
+    /// The held-out images (`t10k-images-idx3-ubyte`, `test_batch.bin`).
+    Test,
+}
+
+impl Split {
+    /// The lower-case name used on the command line and in messages: `train` or `test`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Split {
+    type Err = Error;
+
+    /// Parses `train` or `test` (case-insensitive).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for anything else.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "train" => Ok(Split::Train),
+            "test" => Ok(Split::Test),
+            _ => Err(Error::config(
+                "split",
+                format!("`{s}` is not a split; use `train` or `test`"),
+            )),
+        }
+    }
+}
+
+/// A set of 8-bit images, all of one shape, stored `[N, C, H, W]` (NCHW) in one contiguous
+/// buffer: image `i`, channel `c`, row `y`, column `x` is byte `((i·C + c)·H + y)·W + x`.
+///
+/// Pixels are `u8` as stored in the file: 0 is black (MNIST background), 255 is white. Turn them
+/// into model inputs with [`Dataset::to_tensor`] or [`Batches`], which apply [`pixel_to_unit`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Dataset {
+    images: Vec<u8>,
+    n: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    source: PathBuf,
+}
+
+impl fmt::Debug for Dataset {
+    /// Shape and source only: the pixels would flood the output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dataset")
+            .field("n", &self.n)
+            .field("channels", &self.channels)
+            .field("height", &self.height)
+            .field("width", &self.width)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dataset {
+    /// A dataset from raw NCHW pixels. `source` says where they came from (a path, or a
+    /// description such as `embedded:data/mnist/train-images-idx3-ubyte.gz`); it is kept for
+    /// messages and checkpoint metadata.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if any of `n`, `channels`, `height`, `width` is zero, or if
+    /// `images.len()` is not `n·channels·height·width`.
+    pub fn new(
+        images: Vec<u8>,
+        n: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+        source: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        let source = source.into();
+        if n == 0 || channels == 0 || height == 0 || width == 0 {
+            return Err(Error::config(
+                "dataset",
+                format!(
+                    "{}: shape [{n}, {channels}, {height}, {width}] has a zero; a dataset needs \
+                     at least one image of at least one pixel",
+                    source.display()
+                ),
+            ));
+        }
+        let expected = n
+            .checked_mul(channels)
+            .and_then(|v| v.checked_mul(height))
+            .and_then(|v| v.checked_mul(width));
+        if expected != Some(images.len()) {
+            return Err(Error::config(
+                "dataset",
+                format!(
+                    "{}: {} pixel bytes do not fill shape [{n}, {channels}, {height}, {width}]",
+                    source.display(),
+                    images.len()
+                ),
+            ));
+        }
+        Ok(Dataset {
+            images,
+            n,
+            channels,
+            height,
+            width,
+            source,
+        })
+    }
+
+    /// Number of images `N`.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Always `false`: a [`Dataset`] holds at least one image (the constructor refuses zero).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Channels per image `C`: 1 (grayscale) or 3 (RGB) for every loader of this module.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Image height `H` in pixels.
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    /// Image width `W` in pixels.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The shape `[N, C, H, W]`.
+    pub fn shape(&self) -> [usize; 4] {
+        [self.n, self.channels, self.height, self.width]
+    }
+
+    /// Bytes per image, `C·H·W`.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Where the images came from: a file, a folder, or `embedded:...` for [`mnist_embedded`].
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// All pixels, NCHW, `N·C·H·W` bytes.
+    pub fn pixels(&self) -> &[u8] {
+        &self.images
+    }
+
+    /// The pixels of image `i`, CHW, `C·H·W` bytes.
+    ///
+    /// # Panics
+    /// If `i >= len()`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        assert!(
+            i < self.n,
+            "Dataset::image: index {i} out of range for {} images",
+            self.n
+        );
+        let len = self.image_len();
+        &self.images[i * len..(i + 1) * len]
+    }
+
+    /// Mean of all pixel values on the 0..=255 scale (MNIST train: 33.32).
+    pub fn mean_pixel(&self) -> f64 {
+        let sum: u64 = self.images.iter().map(|&p| u64::from(p)).sum();
+        sum as f64 / self.images.len() as f64
+    }
+
+    /// The images in `range`, as a new dataset with the same source (e.g. the first 1000 images
+    /// for a quick run).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if the range is empty or reaches past `len()`.
+    pub fn subset(&self, range: Range<usize>) -> Result<Dataset> {
+        if range.start >= range.end || range.end > self.n {
+            return Err(Error::config(
+                "dataset subset",
+                format!(
+                    "range {}..{} is empty or past the {} images of {}",
+                    range.start,
+                    range.end,
+                    self.n,
+                    self.source.display()
+                ),
+            ));
+        }
+        let len = self.image_len();
+        Dataset::new(
+            self.images[range.start * len..range.end * len].to_vec(),
+            range.end - range.start,
+            self.channels,
+            self.height,
+            self.width,
+            self.source.clone(),
+        )
+    }
+
+    /// The images at `indices`, in that order, as a `[B, C, H, W]` tensor on [−1, 1]
+    /// (`x = p / 127.5 − 1`, see [`pixel_to_unit`]); `B = indices.len()`.
+    ///
+    /// # Panics
+    /// If an index is `>= len()`.
+    pub fn to_tensor(&self, indices: &[usize]) -> Tensor {
+        self.gather(indices, None)
+    }
+
+    /// Shared by [`Dataset::to_tensor`] and [`Batches`]: gathers images, flipping image `k`
+    /// left-right when `flips[k]` is true.
+    pub(crate) fn gather(&self, indices: &[usize], flips: Option<&[bool]>) -> Tensor {
+        let table = unit_table();
+        let (c, h, w) = (self.channels, self.height, self.width);
+        let mut out = Vec::with_capacity(indices.len() * self.image_len());
+        for (k, &i) in indices.iter().enumerate() {
+            let image = self.image(i);
+            let flip = flips.is_some_and(|f| f[k]);
+            for row in image.chunks_exact(w) {
+                if flip {
+                    out.extend(row.iter().rev().map(|&p| table[usize::from(p)]));
+                } else {
+                    out.extend(row.iter().map(|&p| table[usize::from(p)]));
+                }
+            }
+        }
+        Tensor::from_shape_vec(ndarray::IxDyn(&[indices.len(), c, h, w]), out)
+            .expect("gather: one C·H·W block was written per index")
+    }
+}
+
+/// Maps an 8-bit pixel to the model's scale: `x = p / 127.5 − 1`, so 0 → −1, 255 → +1, and the
+/// 256 levels are `2/255` apart (Ho et al. 2020, §4 and the decoder of Eq. 13; improved-diffusion
+/// `image_datasets.py`: `arr.astype(np.float32) / 127.5 - 1`). The inverse, for writing images,
+/// is [`crate::io::png::unit_to_pixel`].
+pub fn pixel_to_unit(p: u8) -> f32 {
+    f32::from(p) / 127.5 - 1.0
+}
+
+/// [`pixel_to_unit`] for all 256 values, so that batching is a table look-up.
+fn unit_table() -> [f32; 256] {
+    let mut table = [0.0f32; 256];
+    for (p, x) in table.iter_mut().enumerate() {
+        *x = pixel_to_unit(p as u8);
+    }
+    table
+}
+
+/// How [`load`] should read a dataset. The default reads the training split at the size and
+/// channel count stored in the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Which split of a folder holding MNIST or CIFAR-10 files to read. Ignored for a single
+    /// file and for a folder of images.
+    pub split: Split,
+    /// Side of the square images to produce. Required for a folder of images (each is resized
+    /// and centre-cropped to it). For IDX and CIFAR files, which are never resized, it is a check:
+    /// when set, it must equal the stored size.
+    pub image_size: Option<usize>,
+    /// Channels to produce, 1 (grayscale) or 3 (RGB). For a folder of images it defaults to 3;
+    /// for IDX (1 channel) and CIFAR (3 channels) it is a check, like `image_size`.
+    pub channels: Option<usize>,
+}
+
+/// Loads a dataset from `path`, detecting its format:
+///
+/// - a **folder** holding the MNIST names for the split (`train-images-idx3-ubyte[.gz]` or
+///   `t10k-images-idx3-ubyte[.gz]`, also with `.idx3-ubyte` spelt with a dot)
+///   → [`load_mnist_dir`];
+/// - a **folder** holding CIFAR-10 batches (`data_batch_*.bin[.gz]` for train,
+///   `test_batch.bin[.gz]` for test), directly or in a `cifar-10-batches-bin` subfolder
+///   → [`load_cifar_dir`];
+/// - any other **folder** → its PNG/JPEG images, searched recursively ([`load_image_folder`],
+///   which needs `opts.image_size`);
+/// - a **file** (gzip or not) starting with the IDX image magic `0x00000803` → [`load_idx`];
+/// - a **file** whose length is a multiple of [`CIFAR_RECORD_BYTES`] → [`load_cifar`].
+///
+/// # Errors
+/// - [`Error::Io`] if `path` cannot be read.
+/// - [`Error::BadFile`] if nothing above matches (the message lists what was looked for), or the
+///   matching loader refuses the content.
+/// - [`Error::InvalidConfig`] if `opts` asks for a size or channel count that an IDX/CIFAR file
+///   does not have, or a folder of images is loaded without `opts.image_size`.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let dataset = if meta.is_dir() {
+        load_dir(path, opts)?
+    } else {
+        load_file(path)?
+    };
+    check_stored_shape(dataset, opts)
+}
+
+/// The folder branch of [`load`].
+fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
+    if idx::find_mnist_file(dir, opts.split).is_some() {
+        return load_mnist_dir(dir, opts.split);
+    }
+    if let Some(other) = idx::find_mnist_file(dir, other_split(opts.split)) {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "this MNIST folder holds {} but no {} images (expected {}); add the file or \
+                 choose the other split",
+                other.display(),
+                opts.split,
+                idx::mnist_names(opts.split).join(" or ")
+            ),
+        ));
+    }
+    if !cifar::cifar_batch_files(dir, opts.split)?.is_empty() {
+        return load_cifar_dir(dir, opts.split);
+    }
+    if !cifar::cifar_batch_files(dir, other_split(opts.split))?.is_empty() {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "this CIFAR-10 folder holds {} batches but none for the {} split (expected {}); \
+                 add them or choose the other split",
+                other_split(opts.split),
+                opts.split,
+                cifar::cifar_pattern(opts.split)
+            ),
+        ));
+    }
+    if find_images(dir)?.is_empty() {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "no dataset found in this folder; looked for MNIST files ({}), CIFAR-10 batches \
+                 ({}, also in a cifar-10-batches-bin subfolder) and PNG/JPEG images (searched \
+                 recursively); point at a folder holding one of these",
+                idx::mnist_names(opts.split).join(", "),
+                cifar::cifar_pattern(opts.split)
+            ),
+        ));
+    }
+    let size = opts.image_size.ok_or_else(|| {
+        Error::config(
+            "image size",
+            format!(
+                "{} is a folder of images, which are resized to a square of a chosen side; set \
+                 the image size (e.g. 32)",
+                dir.display()
+            ),
+        )
+    })?;
+    load_image_folder(dir, size, opts.channels.unwrap_or(3))
+}
+
+/// The file branch of [`load`].
+fn load_file(path: &Path) -> Result<Dataset> {
+    let bytes = read_maybe_gzip(path)?;
+    let cifar_length = !bytes.is_empty() && bytes.len() % CIFAR_RECORD_BYTES == 0;
+    if idx::looks_like_idx(&bytes) {
+        // A CIFAR record starting with label 0 and pixels 0, 8, 3 also looks like IDX: only a
+        // header that fails to parse on a CIFAR-sized file sends it on to the CIFAR branch.
+        match idx::parse_idx(&bytes, path) {
+            Ok(dataset) => return Ok(dataset),
+            Err(e) if !cifar_length => return Err(e),
+            Err(_) => {}
+        }
+    }
+    if folder::has_image_extension(path) {
+        return Err(Error::bad_file(
+            path,
+            "a single image is not a dataset; point at the folder that holds the images",
+        ));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let cifar_like_name = name.contains(".bin") || name.contains("batch");
+    if cifar_length || cifar_like_name {
+        return cifar::parse_cifar(&bytes, path);
+    }
+    Err(Error::bad_file(
+        path,
+        format!(
+            "not a recognised dataset file ({} bytes after gunzip); looked for an IDX image file \
+             (starting with 0x00000803) and a CIFAR-10 binary batch (a multiple of {} bytes), \
+             gzip-compressed or not; for PNG/JPEG images point at their folder",
+            bytes.len(),
+            CIFAR_RECORD_BYTES
+        ),
+    ))
+}
+
+fn other_split(split: Split) -> Split {
+    match split {
+        Split::Train => Split::Test,
+        Split::Test => Split::Train,
+    }
+}
+
+/// For formats that are never resized (IDX, CIFAR), checks the requested size and channels
+/// against the stored ones, so that a model built for 32×32 RGB is not handed 28×28 MNIST.
+fn check_stored_shape(dataset: Dataset, opts: &LoadOptions) -> Result<Dataset> {
+    if let Some(size) = opts.image_size {
+        if dataset.height != size || dataset.width != size {
+            return Err(Error::config(
+                "image size",
+                format!(
+                    "{} holds {}x{} images but {size}x{size} was asked for; only folders of \
+                     PNG/JPEG images are resized, so set the image size to {} or leave it unset",
+                    dataset.source.display(),
+                    dataset.height,
+                    dataset.width,
+                    dataset.height
+                ),
+            ));
+        }
+    }
+    if let Some(channels) = opts.channels {
+        if dataset.channels != channels {
+            return Err(Error::config(
+                "channels",
+                format!(
+                    "{} holds {}-channel images but {channels} channels were asked for; only \
+                     folders of PNG/JPEG images are converted, so set channels to {} or leave it \
+                     unset",
+                    dataset.source.display(),
+                    dataset.channels,
+                    dataset.channels
+                ),
+            ));
+        }
+    }
+    Ok(dataset)
+}
+
+/// The embedded MNIST training images (`data/mnist/train-images-idx3-ubyte.gz`, CC BY-SA 3.0,
+/// see `data/mnist/LICENSE.md`), carried in the binary so it works from any directory.
+const MNIST_TRAIN_GZ: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/data/mnist/train-images-idx3-ubyte.gz"
+));
+
+/// The embedded MNIST test images (`data/mnist/t10k-images-idx3-ubyte.gz`).
+const MNIST_TEST_GZ: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/data/mnist/t10k-images-idx3-ubyte.gz"
+));
+
+/// MNIST, embedded in the library: 60 000 training or 10 000 test images, `[N, 1, 28, 28]`,
+/// 0 = background. Pixel means: 33.32 (train), 33.79 (test). The data is CC BY-SA 3.0 (LeCun,
+/// Cortes & Burges); see `data/mnist/README.md` and `LICENSE.md` in the repository.
+///
+/// The dataset's [`Dataset::source`] is `embedded:data/mnist/<file>.gz`.
+///
+/// # Errors
+/// [`Error::BadFile`] only if the embedded bytes were corrupted at build time.
+pub fn mnist_embedded(split: Split) -> Result<Dataset> {
+    let (bytes, name) = match split {
+        Split::Train => (
+            MNIST_TRAIN_GZ,
+            "embedded:data/mnist/train-images-idx3-ubyte.gz",
+        ),
+        Split::Test => (
+            MNIST_TEST_GZ,
+            "embedded:data/mnist/t10k-images-idx3-ubyte.gz",
+        ),
+    };
+    let source = Path::new(name);
+    let raw = gunzip_if_needed(bytes, source)?;
+    idx::parse_idx(&raw, source)
+}
+
+/// Whether `bytes` start with the gzip magic `1f 8b`.
+pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x1f, 0x8b])
+}
+
+/// Reads `path` whole and decompresses it if it is gzip (by magic bytes, not by name).
+pub(crate) fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if is_gzip(&bytes) {
+        gunzip_if_needed(&bytes, path)
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// Decompresses gzip data (all members, as `gunzip` does); other data is returned as is.
+/// `source` names the data in errors.
+pub(crate) fn gunzip_if_needed(bytes: &[u8], source: &Path) -> Result<Vec<u8>> {
+    if !is_gzip(bytes) {
+        return Ok(bytes.to_vec());
+    }
+    // The gzip trailer stores the uncompressed size mod 2^32: a capacity hint, capped so that a
+    // corrupt trailer cannot make us reserve gigabytes.
+    let hint = bytes
+        .len()
+        .checked_sub(4)
+        .map(|at| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]))
+        .map_or(0, |n| (n as usize).min(1 << 28));
+    let mut out = Vec::with_capacity(hint);
+    flate2::read::MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            Error::bad_file(
+                source,
+                format!("gzip data is corrupt or truncated ({e}); download or copy the file again"),
+            )
+        })?;
+    Ok(out)
+}
+
+/// Gzip-compresses `bytes` (for writers that are given a `.gz` path).
+pub(crate) fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder
+        .write_all(bytes)
+        .expect("writing to a Vec cannot fail");
+    encoder.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Whether `path`'s name ends in `.gz` (case-insensitive): writers compress such files.
+pub(crate) fn has_gz_extension(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(n: usize, c: usize, h: usize, w: usize) -> Dataset {
+        let pixels = (0..n * c * h * w).map(|i| (i * 37 % 256) as u8).collect();
+        Dataset::new(pixels, n, c, h, w, "tiny").expect("valid shape")
+    }
+
+    #[test]
+    fn scaling_maps_0_to_minus_1_and_255_to_plus_1() {
+        assert_eq!(pixel_to_unit(0), -1.0);
+        assert_eq!(pixel_to_unit(255), 1.0);
+        // Levels are 2/255 apart.
+        let step = pixel_to_unit(1) - pixel_to_unit(0);
+        assert!((step - 2.0 / 255.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn scaling_inverts_exactly_through_png_quantisation() {
+        for p in 0..=255u8 {
+            assert_eq!(
+                crate::io::png::unit_to_pixel(pixel_to_unit(p)),
+                p,
+                "pixel {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn dataset_new_refuses_wrong_length_and_zero_dims() {
+        assert!(matches!(
+            Dataset::new(vec![0; 10], 1, 1, 3, 3, "x"),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            Dataset::new(vec![], 0, 1, 3, 3, "x"),
+            Err(Error::InvalidConfig { .. })
+        ));
+    }
+
+    #[test]
+    fn to_tensor_is_nchw_and_scaled() {
+        let d = tiny(3, 2, 2, 3);
+        let t = d.to_tensor(&[2, 0]);
+        assert_eq!(t.shape(), &[2, 2, 2, 3]);
+        for (k, &i) in [2usize, 0].iter().enumerate() {
+            for c in 0..2 {
+                for y in 0..2 {
+                    for x in 0..3 {
+                        let p = d.image(i)[(c * 2 + y) * 3 + x];
+                        assert_eq!(t[[k, c, y, x]], pixel_to_unit(p));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn subset_keeps_the_chosen_images() {
+        let d = tiny(5, 1, 2, 2);
+        let s = d.subset(1..3).expect("valid range");
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.image(0), d.image(1));
+        assert_eq!(s.image(1), d.image(2));
+        assert!(d.subset(3..3).is_err());
+        assert!(d.subset(4..6).is_err());
+    }
+
+    #[test]
+    fn split_parses_and_prints() {
+        assert_eq!("Train".parse::<Split>().expect("valid"), Split::Train);
+        assert_eq!("test".parse::<Split>().expect("valid"), Split::Test);
+        assert!("val".parse::<Split>().is_err());
+        assert_eq!(Split::Test.to_string(), "test");
+    }
+
+    #[test]
+    fn corrupt_gzip_is_a_bad_file_naming_the_source() {
+        let mut gz = gzip(&[7u8; 1000]);
+        gz.truncate(gz.len() / 2);
+        let err = gunzip_if_needed(&gz, Path::new("/x/broken.gz")).expect_err("truncated gzip");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::BadFile { .. }));
+        assert!(
+            msg.contains("/x/broken.gz") && msg.contains("corrupt or truncated"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn gzip_round_trips() {
+        let data: Vec<u8> = (0..5000).map(|i| (i % 251) as u8).collect();
+        let gz = gzip(&data);
+        assert!(is_gzip(&gz));
+        assert_eq!(
+            gunzip_if_needed(&gz, Path::new("x")).expect("valid gzip"),
+            data
+        );
+    }
+
+    #[test]
+    fn load_detects_idx_cifar_and_image_folders() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // IDX file, gzip.
+        let gray = tiny(4, 1, 5, 5);
+        let idx_path = dir.path().join("digits.idx.gz");
+        write_idx(&idx_path, &gray).expect("write idx");
+        let got = load(&idx_path, &LoadOptions::default()).expect("load idx");
+        assert_eq!(got.pixels(), gray.pixels());
+        // CIFAR file.
+        let rgb = tiny(3, 3, 32, 32);
+        let cifar_path = dir.path().join("stuff.dat");
+        write_cifar(&cifar_path, &rgb).expect("write cifar");
+        let got = load(&cifar_path, &LoadOptions::default()).expect("load cifar");
+        assert_eq!(got.pixels(), rgb.pixels());
+        // Folder of images.
+        let images = dir.path().join("pngs");
+        std::fs::create_dir(&images).expect("mkdir");
+        image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30]))
+            .save(images.join("a.png"))
+            .expect("save png");
+        let opts = LoadOptions {
+            image_size: Some(4),
+            channels: Some(3),
+            ..Default::default()
+        };
+        let got = load(&images, &opts).expect("load folder");
+        assert_eq!(got.shape(), [1, 3, 4, 4]);
+        // Without a size, a folder of images is refused with a config error.
+        let err = load(&images, &LoadOptions::default()).expect_err("no size");
+        assert!(matches!(
+            err,
+            Error::InvalidConfig {
+                what: "image size",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn load_refuses_a_size_that_idx_does_not_have() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("x-idx3-ubyte");
+        write_idx(&path, &tiny(2, 1, 28, 28)).expect("write idx");
+        let opts = LoadOptions {
+            image_size: Some(32),
+            ..Default::default()
+        };
+        let msg = load(&path, &opts).expect_err("28 != 32").to_string();
+        assert!(msg.contains("28x28") && msg.contains("32x32"), "{msg}");
+        let opts = LoadOptions {
+            channels: Some(3),
+            ..Default::default()
+        };
+        assert!(load(&path, &opts).is_err());
+        let opts = LoadOptions {
+            image_size: Some(28),
+            channels: Some(1),
+            ..Default::default()
+        };
+        assert!(load(&path, &opts).is_ok());
+    }
+
+    #[test]
+    fn cifar_file_whose_first_bytes_look_like_idx_loads_as_cifar() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut pixels = vec![0u8; 2 * CIFAR_IMAGE_BYTES];
+        pixels[..3].copy_from_slice(&[0, 8, 3]); // with label 0: 00 00 08 03, the IDX magic
+        let rgb = Dataset::new(pixels, 2, 3, 32, 32, "rgb").expect("valid shape");
+        let path = dir.path().join("odd.dat");
+        write_cifar(&path, &rgb).expect("write cifar");
+        assert_eq!(
+            load(&path, &LoadOptions::default())
+                .expect("cifar")
+                .pixels(),
+            rgb.pixels()
+        );
+    }
+
+    #[test]
+    fn load_of_an_unrecognised_file_lists_what_was_looked_for() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, b"hello, not a dataset").expect("write");
+        let err = load(&path, &LoadOptions::default()).expect_err("text file");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::BadFile { .. }));
+        assert!(
+            msg.contains("notes.txt") && msg.contains("IDX") && msg.contains("CIFAR"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn load_of_an_empty_folder_lists_what_was_looked_for() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = load(dir.path(), &LoadOptions::default()).expect_err("empty folder");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::BadFile { .. }));
+        for wanted in ["train-images-idx3-ubyte", "data_batch_", "PNG/JPEG"] {
+            assert!(msg.contains(wanted), "{msg}");
+        }
+    }
+
+    #[test]
+    fn load_of_a_missing_path_is_an_io_error() {
+        let err = load(Path::new("/no/such/dataset"), &LoadOptions::default()).expect_err("none");
+        assert!(matches!(err, Error::Io { .. }));
+        assert!(err.to_string().contains("/no/such/dataset"));
+    }
+
+    #[test]
+    fn mnist_folder_missing_the_split_says_so() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_idx(
+            &dir.path().join("train-images-idx3-ubyte.gz"),
+            &tiny(2, 1, 28, 28),
+        )
+        .expect("write idx");
+        let opts = LoadOptions {
+            split: Split::Test,
+            ..Default::default()
+        };
+        let msg = load(dir.path(), &opts)
+            .expect_err("no test file")
+            .to_string();
+        assert!(msg.contains("t10k-images-idx3-ubyte"), "{msg}");
+        assert_eq!(
+            load(dir.path(), &LoadOptions::default())
+                .expect("train")
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn embedded_mnist_has_the_published_counts_and_means() {
+        let train = mnist_embedded(Split::Train).expect("embedded train");
+        assert_eq!(train.shape(), [60000, 1, 28, 28]);
+        // Mean from data/mnist/README.md ("mean 33.32 (train) / 33.79 (test)").
+        assert!(
+            (train.mean_pixel() - 33.32).abs() < 0.005,
+            "{}",
+            train.mean_pixel()
+        );
+        let test = mnist_embedded(Split::Test).expect("embedded test");
+        assert_eq!(test.shape(), [10000, 1, 28, 28]);
+        assert!(
+            (test.mean_pixel() - 33.79).abs() < 0.005,
+            "{}",
+            test.mean_pixel()
+        );
+        assert!(train.source().to_string_lossy().starts_with("embedded:"));
+    }
+}

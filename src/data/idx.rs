@@ -1,0 +1,373 @@
+//! MNIST-style IDX image files, gzip-compressed or not, and the folder with the standard MNIST
+//! names.
+//!
+//! The IDX layout (LeCun's MNIST page; all integers big-endian):
+//!
+//! | bytes   | content                                                             |
+//! |---------|---------------------------------------------------------------------|
+//! | 0..4    | magic `0x00000803`: two zero bytes, type `0x08` (u8), 3 dimensions  |
+//! | 4..16   | `u32` count, `u32` rows, `u32` cols                                 |
+//! | 16..    | `count·rows·cols` pixel bytes, row-major, image after image         |
+//!
+//! Only this variant (u8, three dimensions) holds images; label files (`0x00000801`) and other
+//! element types are refused with a message saying so.
+
+use std::path::{Path, PathBuf};
+
+use super::{gzip, has_gz_extension, read_maybe_gzip, Dataset, Split};
+use crate::error::{Error, Result};
+
+/// Magic number of an IDX file of `u8` values with 3 dimensions: MNIST images.
+pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
+
+/// Magic number of an IDX file of `u8` values with 1 dimension: MNIST labels.
+const IDX_LABELS_MAGIC: u32 = 0x0000_0801;
+
+/// Size of the header of an IDX image file: magic and three dimensions.
+const IDX_IMAGES_HEADER: usize = 16;
+
+/// Parses the bytes of an (uncompressed) IDX image file into a `[count, 1, rows, cols]`
+/// dataset. `source` names the file in errors and becomes [`Dataset::source`].
+///
+/// # Errors
+/// [`Error::BadFile`] if the magic is not `0x00000803` (the message tells a label file or another
+/// IDX type apart from a non-IDX file), a dimension is zero, or the byte count differs from what
+/// the header promises (truncated file, or trailing bytes).
+pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
+    let Some(magic) = be_u32(bytes, 0) else {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "{} bytes is too short for an IDX file; it is empty or truncated, get it again",
+                bytes.len()
+            ),
+        ));
+    };
+    if magic == IDX_LABELS_MAGIC {
+        return Err(Error::bad_file(
+            source,
+            "this is an IDX label file (magic 0x00000801), not images; pass the matching \
+             *-images-idx3-ubyte file",
+        ));
+    }
+    if magic != IDX_IMAGES_MAGIC {
+        let reason = if bytes[0] == 0 && bytes[1] == 0 {
+            format!(
+                "IDX file of element type 0x{:02x} with {} dimensions (magic 0x{magic:08x}); only \
+                 u8 images with 3 dimensions (magic 0x00000803) are supported",
+                bytes[2], bytes[3]
+            )
+        } else {
+            format!(
+                "not an IDX image file: it starts with 0x{magic:08x}, expected 0x00000803 (if it \
+                 is gzip-compressed, it is not a valid gzip stream)"
+            )
+        };
+        return Err(Error::bad_file(source, reason));
+    }
+    let (Some(count), Some(rows), Some(cols)) =
+        (be_u32(bytes, 4), be_u32(bytes, 8), be_u32(bytes, 12))
+    else {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "the IDX header is truncated ({} of {IDX_IMAGES_HEADER} bytes); get the file again",
+                bytes.len()
+            ),
+        ));
+    };
+    let (count, rows, cols) = (count as usize, rows as usize, cols as usize);
+    if count == 0 || rows == 0 || cols == 0 {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "the IDX header says {count} images of {rows}x{cols}; there is nothing to load"
+            ),
+        ));
+    }
+    let image_len = rows.checked_mul(cols);
+    let body = image_len.and_then(|l| l.checked_mul(count));
+    let Some(body) = body.filter(|b| b.checked_add(IDX_IMAGES_HEADER).is_some()) else {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "the IDX header's size {count} x {rows} x {cols} overflows; the file is corrupt"
+            ),
+        ));
+    };
+    let present = bytes.len() - IDX_IMAGES_HEADER;
+    if present < body {
+        let whole = present / (rows * cols);
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "truncated: the header promises {count} images of {rows}x{cols} ({body} pixel \
+                 bytes) but only {present} are present ({whole} whole images); get the file again"
+            ),
+        ));
+    }
+    if present > body {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "{} bytes follow the {count} images of {rows}x{cols} that the header promises; \
+                 the file is corrupt or not an IDX image file",
+                present - body
+            ),
+        ));
+    }
+    Dataset::new(
+        bytes[IDX_IMAGES_HEADER..].to_vec(),
+        count,
+        1,
+        rows,
+        cols,
+        source,
+    )
+}
+
+/// Loads an IDX image file, gzip-compressed or not (detected by its first bytes `1f 8b`), as a
+/// `[count, 1, rows, cols]` dataset.
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] for corrupt gzip data or any
+/// refusal of [`parse_idx`].
+pub fn load_idx(path: &Path) -> Result<Dataset> {
+    let bytes = read_maybe_gzip(path)?;
+    parse_idx(&bytes, path)
+}
+
+/// Loads one split from a folder holding the MNIST files under their standard names:
+/// `train-images-idx3-ubyte` (train) or `t10k-images-idx3-ubyte` (test), each with or without
+/// `.gz`, also spelt `train-images.idx3-ubyte`. The first name found in that order is read.
+///
+/// # Errors
+/// [`Error::BadFile`] naming the folder and the names tried if none is present, or the refusal of
+/// [`load_idx`] for the file found.
+pub fn load_mnist_dir(dir: &Path, split: Split) -> Result<Dataset> {
+    match find_mnist_file(dir, split) {
+        Some(path) => load_idx(&path),
+        None => Err(Error::bad_file(
+            dir,
+            format!(
+                "no MNIST {split} images here; expected one of {}",
+                mnist_names(split).join(", ")
+            ),
+        )),
+    }
+}
+
+/// The file names [`load_mnist_dir`] looks for, in order of preference.
+pub(crate) fn mnist_names(split: Split) -> [&'static str; 4] {
+    match split {
+        Split::Train => [
+            "train-images-idx3-ubyte",
+            "train-images-idx3-ubyte.gz",
+            "train-images.idx3-ubyte",
+            "train-images.idx3-ubyte.gz",
+        ],
+        Split::Test => [
+            "t10k-images-idx3-ubyte",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-images.idx3-ubyte",
+            "t10k-images.idx3-ubyte.gz",
+        ],
+    }
+}
+
+/// The first MNIST file of `split` present in `dir`, if any.
+pub(crate) fn find_mnist_file(dir: &Path, split: Split) -> Option<PathBuf> {
+    mnist_names(split)
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|path| path.is_file())
+}
+
+/// Whether `bytes` start like some IDX file (two zero bytes, a known element type, 1 to 4
+/// dimensions), so that [`super::load`] can give IDX files of the wrong kind a precise error.
+pub(crate) fn looks_like_idx(bytes: &[u8]) -> bool {
+    matches!(
+        bytes,
+        [0, 0, 0x08 | 0x09 | 0x0b | 0x0c | 0x0d | 0x0e, 1..=4, ..]
+    )
+}
+
+/// The IDX image file for a single-channel dataset: header `0x00000803, N, H, W`, then the pixels.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] if the dataset has more than one channel, or a dimension does not
+/// fit in a `u32`.
+pub fn encode_idx(dataset: &Dataset) -> Result<Vec<u8>> {
+    if dataset.channels() != 1 {
+        return Err(Error::config(
+            "IDX export",
+            format!(
+                "IDX image files hold one channel; {} has {}",
+                dataset.source().display(),
+                dataset.channels()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(IDX_IMAGES_HEADER + dataset.pixels().len());
+    out.extend_from_slice(&IDX_IMAGES_MAGIC.to_be_bytes());
+    for dim in [dataset.len(), dataset.height(), dataset.width()] {
+        let dim = u32::try_from(dim)
+            .map_err(|_| Error::config("IDX export", format!("dimension {dim} exceeds u32")))?;
+        out.extend_from_slice(&dim.to_be_bytes());
+    }
+    out.extend_from_slice(dataset.pixels());
+    Ok(out)
+}
+
+/// Writes a single-channel dataset as an IDX image file, gzip-compressed when `path` ends in
+/// `.gz`, atomically (see [`crate::io::write_atomic`]).
+///
+/// # Errors
+/// Those of [`encode_idx`], and [`Error::Io`] if the file cannot be written.
+pub fn write_idx(path: &Path, dataset: &Dataset) -> Result<()> {
+    let raw = encode_idx(dataset)?;
+    let bytes = if has_gz_extension(path) {
+        gzip(&raw)
+    } else {
+        raw
+    };
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// Big-endian `u32` at `at`, if the bytes are there.
+fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at + 4)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digits(n: usize, h: usize, w: usize) -> Dataset {
+        let pixels = (0..n * h * w).map(|i| (i * 31 % 256) as u8).collect();
+        Dataset::new(pixels, n, 1, h, w, "digits").expect("valid shape")
+    }
+
+    fn message(err: Error) -> String {
+        assert!(matches!(err, Error::BadFile { .. }), "{err:?}");
+        err.to_string()
+    }
+
+    #[test]
+    fn idx_round_trips_plain_and_gzip() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = digits(7, 5, 4);
+        for name in ["x-idx3-ubyte", "x-idx3-ubyte.gz"] {
+            let path = dir.path().join(name);
+            write_idx(&path, &d).expect("write");
+            let got = load_idx(&path).expect("read");
+            assert_eq!(got.shape(), [7, 1, 5, 4]);
+            assert_eq!(got.pixels(), d.pixels());
+            assert_eq!(got.source(), path);
+        }
+        let gz = std::fs::read(dir.path().join("x-idx3-ubyte.gz")).expect("read back");
+        assert_eq!(gz[..2], [0x1f, 0x8b]);
+        let raw = crate::data::gunzip_if_needed(&gz, Path::new("x")).expect("gunzip");
+        assert_eq!(
+            parse_idx(&raw, Path::new("x")).expect("parse").pixels(),
+            d.pixels()
+        );
+    }
+
+    #[test]
+    fn header_is_big_endian_with_the_image_magic() {
+        let bytes = encode_idx(&digits(2, 28, 28)).expect("encode");
+        assert_eq!(
+            bytes[..16],
+            [0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]
+        );
+        assert_eq!(bytes.len(), 16 + 2 * 28 * 28);
+    }
+
+    #[test]
+    fn truncated_idx_is_refused_naming_the_file() {
+        let mut bytes = encode_idx(&digits(3, 4, 4)).expect("encode");
+        bytes.truncate(bytes.len() - 5);
+        let msg =
+            message(parse_idx(&bytes, Path::new("/d/train-images-idx3-ubyte")).expect_err("short"));
+        assert!(
+            msg.contains("/d/train-images-idx3-ubyte") && msg.contains("truncated"),
+            "{msg}"
+        );
+        assert!(msg.contains("2 whole images"), "{msg}");
+        let msg = message(parse_idx(&bytes[..10], Path::new("h")).expect_err("short header"));
+        assert!(msg.contains("header is truncated"), "{msg}");
+        let msg = message(parse_idx(&[], Path::new("empty")).expect_err("empty"));
+        assert!(msg.contains("empty or truncated"), "{msg}");
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = encode_idx(&digits(2, 3, 3)).expect("encode");
+        bytes.push(0);
+        let msg = message(parse_idx(&bytes, Path::new("t")).expect_err("long"));
+        assert!(msg.contains("1 bytes follow"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_magic_is_refused_with_the_reason() {
+        let mut bytes = encode_idx(&digits(1, 2, 2)).expect("encode");
+        bytes[..4].copy_from_slice(&0x0000_0801u32.to_be_bytes());
+        assert!(message(parse_idx(&bytes, Path::new("l")).expect_err("labels")).contains("label"));
+        bytes[..4].copy_from_slice(&0x0000_0d03u32.to_be_bytes());
+        let msg = message(parse_idx(&bytes, Path::new("f")).expect_err("f32"));
+        assert!(msg.contains("element type 0x0d"), "{msg}");
+        bytes[..4].copy_from_slice(b"\x89PNG");
+        let msg = message(parse_idx(&bytes, Path::new("p.png")).expect_err("png"));
+        assert!(
+            msg.contains("not an IDX image file") && msg.contains("p.png"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn zero_dimensions_are_refused() {
+        let mut bytes = encode_idx(&digits(1, 2, 2)).expect("encode");
+        bytes[4..8].copy_from_slice(&0u32.to_be_bytes());
+        let msg = message(parse_idx(&bytes[..16], Path::new("z")).expect_err("zero"));
+        assert!(msg.contains("0 images"), "{msg}");
+    }
+
+    #[test]
+    fn absurd_header_sizes_do_not_overflow() {
+        let mut bytes = Vec::new();
+        for v in [IDX_IMAGES_MAGIC, u32::MAX, u32::MAX, u32::MAX] {
+            bytes.extend_from_slice(&v.to_be_bytes());
+        }
+        assert!(parse_idx(&bytes, Path::new("huge")).is_err());
+    }
+
+    #[test]
+    fn mnist_folder_reads_the_split_by_standard_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let train = digits(3, 28, 28);
+        let test = digits(2, 28, 28);
+        write_idx(&dir.path().join("train-images-idx3-ubyte.gz"), &train).expect("write");
+        write_idx(&dir.path().join("t10k-images.idx3-ubyte"), &test).expect("write");
+        assert_eq!(
+            load_mnist_dir(dir.path(), Split::Train)
+                .expect("train")
+                .len(),
+            3
+        );
+        assert_eq!(
+            load_mnist_dir(dir.path(), Split::Test).expect("test").len(),
+            2
+        );
+        let empty = tempfile::tempdir().expect("temp dir");
+        let msg = message(load_mnist_dir(empty.path(), Split::Test).expect_err("none"));
+        assert!(msg.contains("t10k-images-idx3-ubyte"), "{msg}");
+    }
+
+    #[test]
+    fn encode_refuses_rgb() {
+        let d = Dataset::new(vec![0; 12], 1, 3, 2, 2, "rgb").expect("valid shape");
+        assert!(matches!(encode_idx(&d), Err(Error::InvalidConfig { .. })));
+    }
+}
