@@ -20,7 +20,8 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 
 /// A named set of choices for the details the references disagree on; default [`Convention::Ho2020`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Convention {
     /// The authors' TensorFlow code, `diffusion_tf/diffusion_utils_2.py` (the CIFAR-10 and
     /// likelihood runs of Ho et al. 2020).

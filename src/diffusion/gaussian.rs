@@ -19,7 +19,8 @@ use super::schedule::{NoiseSchedule, Table};
 use crate::Rng;
 
 /// What the network's (first) output predicts; the mean μ_θ follows from it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MeanType {
     /// ε, the noise of Eq. (4); μ_θ = μ̃_t(x_t, x̂_0) with x̂_0 = (x_t − √(1−ᾱ_t) ε_θ)/√ᾱ_t,
     /// which equals Eq. (11) of Ho et al. 2020.
@@ -34,7 +35,8 @@ pub enum MeanType {
 }
 
 /// How the variance Σ_θ = σ_t² of p_θ(x_{t−1} ∣ x_t) is chosen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum VarianceType {
     /// σ_t² = β̃_t, the posterior variance (Ho §3.2); log-variance [`Table::LogBetaTildeClipped`].
     FixedSmall,

@@ -282,7 +282,8 @@ where
 }
 
 /// Which training objective; each variant names its improved-diffusion `LossType` equivalent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LossType {
     /// L_simple: mean‖target − prediction‖² (Ho Eq. 14; the target is ε, x_0, v or μ̃ per
     /// [`MeanType`]). Fixed variance only. improved-diffusion `MSE`.

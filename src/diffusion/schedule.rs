@@ -40,7 +40,8 @@ pub const COSINE_S: f64 = 0.008;
 pub const COSINE_MAX_BETA: f64 = 0.999;
 
 /// Which family of β_t to use.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BetaSchedule {
     /// β evenly spaced from 1e-4 to 0.02 (Ho et al. 2020, §4); endpoints scaled by 1000/T under
     /// [`LinearRescale::ThousandOverT`].

@@ -14,7 +14,8 @@ use crate::error::{Error, Result};
 use crate::Rng;
 
 /// How training timesteps are drawn.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum TimestepSampling {
     /// t uniform on 0 … T−1 (Ho Algorithm 1), every weight 1.
     Uniform,

@@ -10,6 +10,7 @@
 //! Every writer is atomic: a reader (or a crash) sees the old file or the new one, never half of
 //! one.
 
+pub mod checkpoint;
 pub mod npz;
 pub mod png;
 pub mod safetensors;
