@@ -31,6 +31,7 @@ pub mod io;
 pub mod kernels;
 pub mod nn;
 pub mod ops;
+pub mod sample;
 pub mod train;
 
 pub use autodiff::{Grads, Tape, Tensor, Var};
