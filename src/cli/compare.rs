@@ -1,0 +1,164 @@
+//! `ddpm compare`: check a candidate npz against a reference npz, array by array.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use ddpm::diffusion::vectors::{
+    compare, read_named_arrays, ComparisonReport, EntryComparison, EntryStatus, Tolerance,
+};
+
+/// Compare the arrays of CANDIDATE.npz with those of REF.npz, for use in CI.
+///
+/// For each array: both shapes, the largest absolute and relative error, and OK or MISMATCH.
+/// An element passes when |cand − ref| ≤ atol + rtol·|ref| (numpy's isclose); NaN matches only
+/// NaN. Arrays present on one side only are reported as missing. The exit status is 0 when every
+/// array passes and 1 otherwise. Integer arrays (such as t) are compared as float64.
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    /// The reference .npz (for example written by `ddpm vectors`).
+    pub reference: PathBuf,
+
+    /// The .npz to check against it.
+    pub candidate: PathBuf,
+
+    /// Relative tolerance. The default suits float64 candidates (which agree to ~1e-12); for
+    /// float32 ones use about --rtol 1e-4 --atol 1e-5.
+    #[arg(long, default_value_t = Tolerance::default().rtol)]
+    pub rtol: f64,
+
+    /// Absolute tolerance (matters for values near 0).
+    #[arg(long, default_value_t = Tolerance::default().atol)]
+    pub atol: f64,
+
+    /// Compare only these arrays (comma-separated names, e.g. --only betas,vb_bpd_fixedlarge).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+}
+
+/// Reads both files, prints the table, fails on any mismatch.
+pub fn run(args: CompareArgs) -> anyhow::Result<()> {
+    if !(args.rtol >= 0.0 && args.atol >= 0.0) {
+        bail!(
+            "--rtol and --atol must be non-negative numbers, got {} and {}",
+            args.rtol,
+            args.atol
+        );
+    }
+    let reference = read_named_arrays(&args.reference)
+        .with_context(|| format!("reading the reference {}", args.reference.display()))?;
+    let candidate = read_named_arrays(&args.candidate)
+        .with_context(|| format!("reading the candidate {}", args.candidate.display()))?;
+    let tolerance = Tolerance {
+        rtol: args.rtol,
+        atol: args.atol,
+    };
+    let report = compare(&reference, &candidate, tolerance, args.only.as_deref());
+    println!("reference: {}", args.reference.display());
+    println!("candidate: {}", args.candidate.display());
+    println!(
+        "tolerance: |cand - ref| <= {:e} + {:e} * |ref|",
+        tolerance.atol, tolerance.rtol
+    );
+    println!();
+    print!("{}", format_table(&report));
+    let failed: Vec<&str> = report
+        .entries
+        .iter()
+        .filter(|e| !e.status.passed())
+        .map(|e| e.name.as_str())
+        .collect();
+    println!();
+    if failed.is_empty() {
+        println!("all {} arrays match", report.entries.len());
+        Ok(())
+    } else {
+        bail!(
+            "{} of {} arrays do not match: {}",
+            failed.len(),
+            report.entries.len(),
+            failed.join(", ")
+        )
+    }
+}
+
+fn shape(s: &Option<Vec<usize>>) -> String {
+    match s {
+        Some(dims) => format!("{dims:?}"),
+        None => "-".to_string(),
+    }
+}
+
+fn number(v: Option<f64>) -> String {
+    match v {
+        Some(x) => format!("{x:.3e}"),
+        None => "-".to_string(),
+    }
+}
+
+fn status(e: &EntryComparison) -> String {
+    match e.status {
+        EntryStatus::Ok => "OK".to_string(),
+        EntryStatus::Mismatch => format!("MISMATCH ({} elements)", e.mismatched),
+        EntryStatus::ShapeMismatch => "MISMATCH (shape)".to_string(),
+        EntryStatus::MissingInCandidate => "MISSING in candidate".to_string(),
+        EntryStatus::MissingInReference => "MISSING in reference".to_string(),
+    }
+}
+
+/// The aligned table: name, shapes, max abs/rel error, status.
+fn format_table(report: &ComparisonReport) -> String {
+    let header = [
+        "name",
+        "shape ref",
+        "shape cand",
+        "max abs err",
+        "max rel err",
+        "status",
+    ];
+    let rows: Vec<[String; 6]> = report
+        .entries
+        .iter()
+        .map(|e| {
+            [
+                e.name.clone(),
+                shape(&e.reference_shape),
+                shape(&e.candidate_shape),
+                number(e.max_abs_err),
+                number(e.max_rel_err),
+                status(e),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            // Numbers right-aligned, text left-aligned.
+            if i == 3 || i == 4 {
+                s.push_str(&format!("{cell:>w$}"));
+            } else if i == 5 {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}"));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(header);
+    out.push_str(&line(
+        widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str),
+    ));
+    for row in &rows {
+        out.push_str(&line(row.each_ref().map(String::as_str)));
+    }
+    out
+}
