@@ -1,6 +1,11 @@
 //! Argument parsing and dispatch for the `ddpm` binary: args -> validated configs -> library calls.
 
+mod common;
 mod compare;
+mod demo;
+mod eval;
+mod sample;
+mod train;
 mod vectors;
 
 use std::process::ExitCode;
@@ -17,6 +22,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train on the embedded MNIST within a time budget, then write a grid of new digits, the
+    /// x_T → x_0 trajectory and the loss curve (the README's main command).
+    Demo(demo::DemoArgs),
+    /// Train a U-Net on a dataset (checkpoints, metrics.csv, loss.png, sample grids).
+    Train(train::TrainArgs),
+    /// Generate images from a checkpoint (grid.png, NNNNNN.png, trajectory.png).
+    Sample(sample::SampleArgs),
+    /// Bits/dim of a checkpoint on a dataset: L_T, Σ L_(t-1), L_0 and their sum.
+    Eval(eval::EvalArgs),
     /// Write float64 reference vectors (schedule tables + one seeded batch) to an .npz.
     Vectors(vectors::VectorsArgs),
     /// Compare a candidate .npz with a reference .npz array by array; exit 1 on any mismatch.
@@ -27,6 +41,10 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Sample(args) => sample::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Vectors(args) => vectors::run(args),
         Command::Compare(args) => compare::run(args),
     };

@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod npz;
+pub mod plot;
 pub mod png;
 pub mod safetensors;
 

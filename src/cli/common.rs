@@ -1,0 +1,74 @@
+//! Pieces shared by the subcommands: threads, data, checkpoints, progress bars, schedules.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ddpm::data::{self, Dataset, LoadOptions, Split};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The checkpoint file name inside a run directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// Sizes rayon's global pool (0 = one thread per core).
+pub fn set_threads(threads: usize) -> anyhow::Result<()> {
+    if threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("could not size the thread pool")?;
+    }
+    Ok(())
+}
+
+/// Loads `--data` (or the embedded MNIST when it is `None`).
+pub fn load_data(path: Option<&Path>, split: Split, image_size: Option<usize>, channels: Option<usize>) -> anyhow::Result<Dataset> {
+    let d = match path {
+        None => data::mnist_embedded(split).context("loading the embedded MNIST")?,
+        Some(p) => {
+            if !p.exists() {
+                bail!("{}: no such file or directory (give --data a folder of images, an IDX file or CIFAR-10 batches)", p.display());
+            }
+            let opts = LoadOptions { split, image_size, channels };
+            data::load(p, &opts).with_context(|| format!("loading {}", p.display()))?
+        }
+    };
+    if d.is_empty() {
+        bail!("{}: the dataset holds no images", d.source().display());
+    }
+    Ok(d)
+}
+
+/// A checkpoint file, or the checkpoint inside a run directory.
+pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    let file = if path.is_dir() { path.join(CHECKPOINT) } else { path.to_path_buf() };
+    if !file.is_file() {
+        if path.is_dir() {
+            bail!("{}: no {CHECKPOINT} in this directory; train first with `ddpm train --out {}`", path.display(), path.display());
+        }
+        bail!("{}: no such checkpoint file", path.display());
+    }
+    Ok(file)
+}
+
+/// A progress bar with position, rate and ETA, drawn on stderr (hidden when not a terminal).
+pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{elapsed_precise}}] [{{wide_bar}}] {{pos}}/{{len}} ({{per_sec}}, ETA {{eta}}) {{msg}}"
+        ))
+        .expect("static template is valid")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+/// Parses `1,2,2` into a list.
+pub fn parse_list(s: &str) -> Result<Vec<usize>, String> {
+    if s.trim().is_empty() {
+        return Ok(vec![]);
+    }
+    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect()
+}

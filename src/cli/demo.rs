@@ -1,0 +1,109 @@
+//! `ddpm demo`: the README's main job. Trains on the embedded MNIST within a time budget, then
+//! samples a grid of new digits with the trajectory strip. The recipe is the one chosen by
+//! measurement for short CPU runs (docs/demo.md says what was tried).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use ddpm::data::Split;
+use ddpm::diffusion::{BetaSchedule, Convention};
+
+use super::common::set_threads;
+use super::sample::{sample_to_dir, SampleArgs, SamplerArg};
+use super::train::{train, LossArg, MeanArg, PresetArg, TimestepArg, TrainArgs, VarianceArg};
+
+/// `ddpm demo` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Output directory (checkpoint, metrics.csv, loss.png, samples/).
+    #[arg(long, default_value = "demo-out")]
+    pub out: PathBuf,
+    /// Training time budget in minutes (sampling takes about 2 more on 2 cores).
+    #[arg(long, default_value_t = DEMO_MINUTES)]
+    pub minutes: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Continue an interrupted demo from its checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// Training minutes of the demo.
+pub const DEMO_MINUTES: f64 = 15.0;
+
+/// `ddpm demo`.
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    let start = Instant::now();
+    let train_args = TrainArgs {
+        data: None,
+        split: Split::Train,
+        image_size: None,
+        channels: None,
+        out: args.out.clone(),
+        resume: args.resume,
+        preset: PresetArg::Mnist,
+        ch: None,
+        ch_mult: None,
+        num_res_blocks: None,
+        attn_res: None,
+        dropout: Some(0.0),
+        steps: None,
+        minutes: Some(args.minutes),
+        batch: 32,
+        seed: args.seed,
+        threads: args.threads,
+        lr: 1e-3,
+        warmup: 100,
+        grad_clip: 1.0,
+        ema_decay: 0.999,
+        no_ema_warmup: false,
+        random_flip: false,
+        schedule: BetaSchedule::Linear,
+        timesteps: 1000,
+        convention: Convention::Ho2020,
+        mean_type: MeanArg::Eps,
+        variance: VarianceArg::FixedLarge,
+        loss: LossArg::Simple,
+        timestep_sampling: TimestepArg::Uniform,
+        checkpoint_every: 200,
+        sample_every: 0,
+        sample_count: 0,
+        sample_steps: 50,
+    };
+    let outcome = train(&train_args).context("demo training")?;
+    if outcome.interrupted {
+        eprintln!("interrupted at step {}; continue with `ddpm demo --resume --out {}`", outcome.steps, args.out.display());
+        std::process::exit(130);
+    }
+    let sample_args = SampleArgs {
+        checkpoint: outcome.checkpoint,
+        num: 64,
+        sampler: SamplerArg::Ddpm,
+        steps: Some(250),
+        eta: 0.0,
+        seed: args.seed,
+        out: args.out.join("samples"),
+        no_ema: false,
+        no_clip: false,
+        trajectory: true,
+        trajectory_frames: 10,
+        grid_only: false,
+        threads: args.threads,
+    };
+    let grid = sample_to_dir(&sample_args).context("demo sampling")?;
+    eprintln!(
+        "done in {:.1} min: samples {} (and one PNG per image beside it), trajectory {}, loss curve {}",
+        start.elapsed().as_secs_f64() / 60.0,
+        grid.display(),
+        args.out.join("samples/trajectory.png").display(),
+        args.out.join("loss.png").display()
+    );
+    Ok(())
+}

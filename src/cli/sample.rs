@@ -1,0 +1,135 @@
+//! `ddpm sample`: new images from a trained checkpoint.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use ddpm::io::checkpoint::Checkpoint;
+use ddpm::nn::UNet;
+use ddpm::sample::{sample, SampleConfig, Sampler, Samples};
+use ddpm::Tensor;
+use ndarray::{Axis, Ix4};
+
+use super::common::{progress_bar, resolve_checkpoint, set_threads};
+
+/// The reverse process to run.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SamplerArg {
+    /// Ancestral sampling with the model's variance (Ho et al. Algorithm 2).
+    Ddpm,
+    /// DDIM (Song et al. 2021); deterministic with --eta 0.
+    Ddim,
+}
+
+/// `ddpm sample` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// A checkpoint file, or a run directory holding checkpoint.safetensors.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 64)]
+    pub num: usize,
+    /// Sampler.
+    #[arg(long, value_enum, default_value = "ddpm")]
+    pub sampler: SamplerArg,
+    /// Sampling steps K ≤ T, evenly respaced over the T of training (default: all T).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// DDIM's η (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Seed of x_T and of the sampling noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory: grid.png, one NNNNNN.png per image, trajectory.png.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use the raw trained weights instead of their EMA.
+    #[arg(long)]
+    pub no_ema: bool,
+    /// Do not clip the predicted x_0 to [-1, 1] during sampling.
+    #[arg(long)]
+    pub no_clip: bool,
+    /// Also write trajectory.png: x_t from x_T to x_0 (rows = images, columns = time).
+    #[arg(long)]
+    pub trajectory: bool,
+    /// Snapshots per trajectory row.
+    #[arg(long, default_value_t = 10)]
+    pub trajectory_frames: usize,
+    /// Skip the individual NNNNNN.png files.
+    #[arg(long)]
+    pub grid_only: bool,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// `ddpm sample`.
+pub fn run(args: SampleArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    let written = sample_to_dir(&args)?;
+    eprintln!("wrote {}", written.display());
+    Ok(())
+}
+
+/// Samples per `args` and writes the files; returns the grid's path.
+pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
+    if args.num == 0 {
+        bail!("--num must be at least 1");
+    }
+    let path = resolve_checkpoint(&args.checkpoint)?;
+    let ck = Checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let net = UNet::new(ck.config.unet.clone())?;
+    let schedule = ck.config.diffusion.schedule()?;
+    let param = ck.config.diffusion.parameterization();
+    let params = if args.no_ema { &ck.params } else { &ck.ema_params };
+    let cfg = SampleConfig {
+        sampler: match args.sampler {
+            SamplerArg::Ddpm => Sampler::Ancestral,
+            SamplerArg::Ddim => Sampler::Ddim { eta: args.eta },
+        },
+        steps: args.steps,
+        clip_x0: !args.no_clip,
+        trajectory_frames: if args.trajectory { args.trajectory_frames.max(2) } else { 0 },
+    };
+    let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);
+    let bar = progress_bar(k as u64, "sample");
+    let mut rng = ddpm::rng_from_seed(args.seed);
+    let s = sample(&net, params, &schedule, &param, args.num, &cfg, &mut rng, |done, _| bar.set_position(done as u64))
+        .context("sampling")?;
+    bar.finish_and_clear();
+    write_samples(&s, &args.out, !args.grid_only)
+}
+
+/// Writes grid.png (and NNNNNN.png per image, trajectory.png if present) into `out`.
+pub fn write_samples(s: &Samples, out: &Path, individual: bool) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let images = s.images.view().into_dimensionality::<Ix4>().expect("samples are [N, C, H, W]");
+    let n = images.shape()[0];
+    let grid = out.join("grid.png");
+    let cols = (n as f64).sqrt().ceil() as usize;
+    ddpm::io::png::save_grid(&grid, images, cols).with_context(|| format!("writing {}", grid.display()))?;
+    if individual {
+        for (i, img) in images.axis_iter(Axis(0)).enumerate() {
+            let p = out.join(format!("{i:06}.png"));
+            ddpm::io::png::save_image(&p, img).with_context(|| format!("writing {}", p.display()))?;
+        }
+    }
+    if !s.trajectory.is_empty() {
+        let rows = n.min(8);
+        let frames = s.trajectory.len();
+        let [_, c, h, w] = [n, images.shape()[1], images.shape()[2], images.shape()[3]];
+        let mut strip = Tensor::zeros(vec![rows * frames, c, h, w]);
+        for r in 0..rows {
+            for (f, frame) in s.trajectory.iter().enumerate() {
+                strip.index_axis_mut(Axis(0), r * frames + f).assign(&frame.x.index_axis(Axis(0), r));
+            }
+        }
+        let p = out.join("trajectory.png");
+        let v = strip.view().into_dimensionality::<Ix4>().expect("built as 4-D");
+        ddpm::io::png::save_grid(&p, v, frames).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(grid)
+}
