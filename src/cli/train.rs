@@ -424,8 +424,7 @@ fn save(ckpt: &Path, trainer: &Trainer, out: &Path, history: &[(u64, f64)]) -> a
     if history.len() >= 2 {
         let (steps, losses): (Vec<u64>, Vec<f64>) = history.iter().copied().unzip();
         let plot = out.join("loss.png");
-        //PLOTddpm::io::plot::save_loss_curve(&plot, &steps, &losses).with_context(|| format!("writing {}", plot.display()))?;
-        let _ = (plot, steps, losses);
+        ddpm::io::plot::save_loss_curve(&plot, &steps, &losses).with_context(|| format!("writing {}", plot.display()))?;
     }
     Ok(())
 }

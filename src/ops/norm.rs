@@ -1,14 +1,37 @@
-//! Group normalisation (Wu & He 2018) with affine parameters, as in the DDPM U-Net.
+//! Group normalisation (Wu & He 2018) with affine parameters, as in the DDPM U-Net, and the
+//! same followed by SiLU in one pass (every residual block runs GN → SiLU twice).
 
-use ndarray::Axis;
 use rayon::prelude::*;
 
+use super::elementwise::sigmoid;
 use crate::{Tensor, Var};
 
-/// What the backward pass of a group norm needs: the normalised input and 1/σ per group.
-struct Saved {
-    x_hat: Tensor,
-    inv_std: Vec<f32>,
+/// What follows the normalisation inside the fused kernel.
+#[derive(Clone, Copy, PartialEq)]
+enum Activation {
+    Identity,
+    Silu,
+}
+
+impl Activation {
+    #[inline]
+    fn apply(self, z: f32) -> f32 {
+        match self {
+            Activation::Identity => z,
+            Activation::Silu => z * sigmoid(z),
+        }
+    }
+
+    #[inline]
+    fn derivative(self, z: f32) -> f32 {
+        match self {
+            Activation::Identity => 1.0,
+            Activation::Silu => {
+                let s = sigmoid(z);
+                s * (1.0 + z * (1.0 - s))
+            }
+        }
+    }
 }
 
 impl Var {
@@ -21,91 +44,133 @@ impl Var {
     /// # Panics
     /// If `groups` does not divide C, or `gamma`/`beta` are not `[C]`.
     pub fn group_norm(&self, gamma: &Var, beta: &Var, groups: usize, eps: f32) -> Var {
-        let shape = self.shape().to_vec();
-        assert!(shape.len() >= 2, "group_norm: input {shape:?} has no channel axis");
-        let (n, c) = (shape[0], shape[1]);
-        assert!(groups > 0 && c % groups == 0, "group_norm: {groups} groups do not divide {c} channels");
-        assert_eq!(gamma.shape(), &[c], "group_norm: gamma {:?} for {c} channels", gamma.shape());
-        assert_eq!(beta.shape(), &[c], "group_norm: beta {:?} for {c} channels", beta.shape());
-        let spatial: usize = shape[2..].iter().product();
-        let group_len = (c / groups) * spatial;
+        group_norm_act(self, gamma, beta, groups, eps, Activation::Identity)
+    }
 
-        let x = self.value().as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
-        let mut x_hat = vec![0.0f32; xs.len()];
-        let mut inv_std = vec![0.0f32; n * groups];
-        x_hat
-            .par_chunks_mut(group_len)
-            .zip(xs.par_chunks(group_len))
-            .zip(inv_std.par_iter_mut())
-            .for_each(|((out, inp), inv)| {
-                // Two passes in f64 for an accurate variance.
-                let mean = inp.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
-                let var = inp.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / group_len as f64;
-                let is = 1.0 / (var + eps as f64).sqrt();
-                *inv = is as f32;
-                for (o, &v) in out.iter_mut().zip(inp) {
-                    *o = ((v as f64 - mean) * is) as f32;
-                }
-            });
-        let x_hat = Tensor::from_shape_vec(shape.as_slice(), x_hat).expect("same size as input");
-
-        let per_channel = |t: &mut Tensor, g: &Tensor, b: &Tensor| {
-            for mut sample in t.outer_iter_mut() {
-                for (ci, mut chan) in sample.outer_iter_mut().enumerate() {
-                    let (gc, bc) = (g[ci], b[ci]);
-                    chan.mapv_inplace(|v| v * gc + bc);
-                }
-            }
-        };
-        let mut y = x_hat.clone();
-        per_channel(&mut y, gamma.value(), beta.value());
-
-        let saved = Saved { x_hat, inv_std };
-        let gam = gamma.value_rc();
-        Var::record([self, gamma, beta], y, move |g, needs| {
-            let Saved { x_hat, inv_std } = saved;
-            // dγ_c = Σ_{n,hw} g·x̂ ; dβ_c = Σ_{n,hw} g.
-            let reduce = |t: Tensor| -> Tensor {
-                let mut t = t;
-                while t.ndim() > 2 {
-                    t = t.sum_axis(Axis(2));
-                }
-                t.sum_axis(Axis(0))
-            };
-            let dgamma = needs[1].then(|| reduce(g * &x_hat));
-            let dbeta = needs[2].then(|| reduce(g.clone()));
-            let dx = needs[0].then(|| {
-                // dx̂ = g·γ; dx = (1/σ)(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) per (n, group).
-                let mut dxh = g.clone();
-                for mut sample in dxh.outer_iter_mut() {
-                    for (ci, mut chan) in sample.outer_iter_mut().enumerate() {
-                        let gc = gam[ci];
-                        chan.mapv_inplace(|v| v * gc);
-                    }
-                }
-                let dxh = dxh.as_standard_layout().into_owned();
-                let xh = x_hat.as_standard_layout();
-                let mut dx = vec![0.0f32; dxh.len()];
-                dx.par_chunks_mut(group_len)
-                    .zip(dxh.as_slice().expect("standard").par_chunks(group_len))
-                    .zip(xh.as_slice().expect("standard").par_chunks(group_len))
-                    .zip(inv_std.par_iter())
-                    .for_each(|(((out, d), xh), &is)| {
-                        let m = group_len as f64;
-                        let mean_d = d.iter().map(|&v| v as f64).sum::<f64>() / m;
-                        let mean_dx = d.iter().zip(xh).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / m;
-                        for ((o, &dv), &xv) in out.iter_mut().zip(d).zip(xh) {
-                            *o = (is as f64 * (dv as f64 - mean_d - xv as f64 * mean_dx)) as f32;
-                        }
-                    });
-                Tensor::from_shape_vec(dxh.shape(), dx).expect("same size")
-            });
-            [dx, dgamma, dbeta]
-        })
+    /// `SiLU(group_norm(x))` in one pass: the same value as `x.group_norm(..).silu()`, without
+    /// the intermediate tensor.
+    ///
+    /// # Panics
+    /// As [`Var::group_norm`].
+    pub fn group_norm_silu(&self, gamma: &Var, beta: &Var, groups: usize, eps: f32) -> Var {
+        group_norm_act(self, gamma, beta, groups, eps, Activation::Silu)
     }
 }
 
+fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act: Activation) -> Var {
+    let shape = x.shape().to_vec();
+    assert!(shape.len() >= 2, "group_norm: input {shape:?} has no channel axis");
+    let c = shape[1];
+    assert!(groups > 0 && c % groups == 0, "group_norm: {groups} groups do not divide {c} channels");
+    assert_eq!(gamma.shape(), &[c], "group_norm: gamma {:?} for {c} channels", gamma.shape());
+    assert_eq!(beta.shape(), &[c], "group_norm: beta {:?} for {c} channels", beta.shape());
+    let spatial: usize = shape[2..].iter().product();
+    let cpg = c / groups;
+    let group_len = cpg * spatial;
+    if group_len == 0 {
+        return Var::record([x, gamma, beta], x.value().clone(), |g, _| [Some(g.clone()), None, None]);
+    }
+    let keep = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
+
+    let xs = x.value().as_slice().expect("values are contiguous");
+    let (gs, bs) = (gamma.value().as_slice().expect("contiguous"), beta.value().as_slice().expect("contiguous"));
+    let mut y = vec![0.0f32; xs.len()];
+    let mut x_hat = if keep { vec![0.0f32; xs.len()] } else { vec![] };
+    let mut inv_std = vec![0.0f32; xs.len() / group_len];
+    let body = |k: usize, inp: &[f32], out: &mut [f32], xh: Option<&mut [f32]>, inv: &mut f32| {
+        // Two passes in f64 for an accurate variance.
+        let mean = inp.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
+        let var = inp.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / group_len as f64;
+        let is = (1.0 / (var + eps as f64).sqrt()) as f32;
+        let mean = mean as f32;
+        *inv = is;
+        let c0 = (k % groups) * cpg;
+        for j in 0..cpg {
+            let (gc, bc) = (gs[c0 + j], bs[c0 + j]);
+            let r = j * spatial..(j + 1) * spatial;
+            for (o, &v) in out[r.clone()].iter_mut().zip(&inp[r]) {
+                *o = act.apply(gc * ((v - mean) * is) + bc);
+            }
+        }
+        if let Some(xh) = xh {
+            for (h, &v) in xh.iter_mut().zip(inp) {
+                *h = (v - mean) * is;
+            }
+        }
+    };
+    if keep {
+        y.par_chunks_mut(group_len)
+            .zip(xs.par_chunks(group_len))
+            .zip(x_hat.par_chunks_mut(group_len))
+            .zip(inv_std.par_iter_mut())
+            .enumerate()
+            .for_each(|(k, (((out, inp), xh), inv))| body(k, inp, out, Some(xh), inv));
+    } else {
+        y.par_chunks_mut(group_len)
+            .zip(xs.par_chunks(group_len))
+            .zip(inv_std.par_iter_mut())
+            .enumerate()
+            .for_each(|(k, ((out, inp), inv))| body(k, inp, out, None, inv));
+    }
+    let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("same size as input");
+    if !keep {
+        return Var::constant(y);
+    }
+
+    let (gam, bet) = (gamma.value_rc(), beta.value_rc());
+    Var::record([x, gamma, beta], y, move |g, needs| {
+        let gs = g.as_slice().expect("gradients are contiguous");
+        let (gam, bet) = (gam.as_slice().expect("contiguous"), bet.as_slice().expect("contiguous"));
+        let mut dx = vec![0.0f32; gs.len()];
+        // Per chunk (sample, group): partial dγ, dβ for its channels, summed in chunk order below.
+        let mut partial = vec![0.0f64; 2 * gs.len() / spatial];
+        dx.par_chunks_mut(group_len)
+            .zip(gs.par_chunks(group_len))
+            .zip(x_hat.par_chunks(group_len))
+            .zip(inv_std.par_iter())
+            .zip(partial.par_chunks_mut(2 * cpg))
+            .enumerate()
+            .for_each(|(k, ((((dxo, gk), xh), &is), part))| {
+                let c0 = (k % groups) * cpg;
+                // dz = g·act'(z) with z = γ x̂ + β; dx̂ = dz·γ.
+                let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
+                for j in 0..cpg {
+                    let (gc, bc) = (gam[c0 + j], bet[c0 + j]);
+                    let (mut dg, mut db) = (0.0f64, 0.0f64);
+                    let r = j * spatial..(j + 1) * spatial;
+                    for ((d, &gv), &h) in dxo[r.clone()].iter_mut().zip(&gk[r.clone()]).zip(&xh[r]) {
+                        let dz = gv * act.derivative(gc * h + bc);
+                        dg += (dz * h) as f64;
+                        db += dz as f64;
+                        let dxh = dz * gc;
+                        *d = dxh;
+                        sum_d += dxh as f64;
+                        sum_dx += (dxh * h) as f64;
+                    }
+                    part[2 * j] = dg;
+                    part[2 * j + 1] = db;
+                }
+                // dx = (1/σ)(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
+                let m = group_len as f64;
+                let (mean_d, mean_dx) = ((sum_d / m) as f32, (sum_dx / m) as f32);
+                for (d, &h) in dxo.iter_mut().zip(xh) {
+                    *d = is * (*d - mean_d - h * mean_dx);
+                }
+            });
+        let n = gs.len() / (c * spatial);
+        let reduce = |which: usize| -> Tensor {
+            let mut out = vec![0.0f64; c];
+            for s in 0..n {
+                for ch in 0..c {
+                    out[ch] += partial[2 * (s * c + ch) + which];
+                }
+            }
+            Tensor::from_shape_vec(vec![c], out.into_iter().map(|v| v as f32).collect()).expect("[C]")
+        };
+        let dx = needs[0].then(|| Tensor::from_shape_vec(g.shape(), dx).expect("same size"));
+        [dx, needs[1].then(|| reduce(0)), needs[2].then(|| reduce(1))]
+    })
+}
 
 #[cfg(test)]
 mod tests {
@@ -126,8 +191,20 @@ mod tests {
             let x = randn(&[n, c, h, w], seed).mapv(|v| 2.0 * v + 0.5);
             let gamma = uniform(&[c], 0.5, 1.5, seed + 1);
             let beta = randn(&[c], seed + 2);
-            check(&[x, gamma, beta], seed, |v| v[0].group_norm(&v[1], &v[2], groups, 1e-5));
+            check(&[x.clone(), gamma.clone(), beta.clone()], seed, |v| v[0].group_norm(&v[1], &v[2], groups, 1e-5));
+            check(&[x, gamma, beta], seed, |v| v[0].group_norm_silu(&v[1], &v[2], groups, 1e-5));
         }
+    }
+
+    #[test]
+    fn fused_silu_equals_the_composition() {
+        let x = Var::constant(randn(&[2, 6, 3, 3], 4));
+        let g = Var::constant(uniform(&[6], 0.5, 1.5, 5));
+        let b = Var::constant(randn(&[6], 6));
+        let a = x.group_norm_silu(&g, &b, 3, 1e-6);
+        let c = x.group_norm(&g, &b, 3, 1e-6).silu();
+        let err = a.value().iter().zip(c.value().iter()).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-6, "{err}");
     }
 
     #[test]
