@@ -22,6 +22,8 @@
 //! or global random state.
 
 #![warn(missing_docs)]
+// Gradient checks read best as `check(&[x.clone()], ..)` next to the multi-input cases.
+#![cfg_attr(test, allow(clippy::cloned_ref_to_slice_refs))]
 
 pub mod autodiff;
 pub mod data;

@@ -26,7 +26,7 @@ enum Command {
     /// x_T → x_0 trajectory and the loss curve (the README's main command).
     Demo(demo::DemoArgs),
     /// Train a U-Net on a dataset (checkpoints, metrics.csv, loss.png, sample grids).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Generate images from a checkpoint (grid.png, NNNNNN.png, trajectory.png).
     Sample(sample::SampleArgs),
     /// Bits/dim of a checkpoint on a dataset: L_T, Σ L_(t-1), L_0 and their sum.
@@ -42,7 +42,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
         Command::Demo(args) => demo::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Vectors(args) => vectors::run(args),
