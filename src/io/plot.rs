@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use image::{ExtendedColorType, ImageEncoder};
+use plotters::coord::ranged1d::{KeyPointHint, NoDefaultFormatting, ValueFormatter};
 use plotters::prelude::*;
 
 use crate::error::{Error, Result};
@@ -30,6 +31,12 @@ use crate::error::{Error, Result};
 pub const WIDTH: u32 = 900;
 /// Height of every chart, in pixels.
 pub const HEIGHT: u32 = 500;
+
+/// The drawing is made this many times larger in each direction and shrunk by averaging. Lines
+/// come out antialiased (plotters draws them without), and letter spacing comes out even:
+/// plotters 0.3.7 sets each glyph at a whole pixel and without its left side bearing, an error
+/// of up to a pixel or two per letter that is halved and blurred here.
+const SUPERSAMPLE: u32 = 2;
 
 /// The EMA weight of the previous smoothed value in [`save_loss_curve`] (TensorBoard's slider).
 pub const LOSS_SMOOTHING: f64 = 0.98;
@@ -106,7 +113,8 @@ pub fn save_line_chart(
 /// # Errors
 /// - [`Error::InvalidConfig`] when `steps` and `losses` differ in length, are empty, a loss is not
 ///   finite (the message names its step), or no loss is positive.
-/// - [`Error::Io`] naming `path` when the file cannot be written (its folder must exist).
+/// - [`Error::Io`] naming `path` when the file cannot be written (its folder must exist), or,
+///   which should not happen, when drawing the chart fails.
 pub fn save_loss_curve(path: &Path, steps: &[u64], losses: &[f64]) -> Result<()> {
     if steps.len() != losses.len() {
         return Err(Error::config(
@@ -131,7 +139,7 @@ pub fn save_loss_curve(path: &Path, steps: &[u64], losses: &[f64]) -> Result<()>
     let styled = [
         StyledSeries {
             series: Series { label: "loss per step", points: &raw },
-            style: colour.mix(0.3).stroke_width(1),
+            style: colour.mix(0.4).stroke_width(1),
             legend_width: 2,
         },
         StyledSeries {
@@ -209,6 +217,39 @@ impl Axis {
     }
 }
 
+/// A linear map of plot space onto pixels, with the ticks chosen here (bold grid lines and
+/// labels) and the light grid lines.
+impl Ranged for Axis {
+    type FormatOption = NoDefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        // As plotters' own f64 axis: round towards the start of the pixel range.
+        let fraction = (value - self.range.start) / (self.range.end - self.range.start);
+        let pixels = f64::from(limit.1 - limit.0) * fraction;
+        let offset = if limit.1 >= limit.0 { (pixels + 1e-3).floor() } else { (pixels - 1e-3).ceil() };
+        limit.0 + offset as i32
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            self.minor.clone()
+        } else {
+            self.ticks.iter().map(|tick| tick.at).collect()
+        }
+    }
+
+    fn range(&self) -> Range<f64> {
+        self.range.clone()
+    }
+}
+
+impl ValueFormatter<f64> for Axis {
+    fn format_ext(&self, value: &f64) -> String {
+        self.label_at(*value)
+    }
+}
+
 /// Validates `series`, then draws and writes the chart (see [`save_line_chart`]).
 fn save_styled(path: &Path, text: ChartText, log_y: bool, series: &[StyledSeries]) -> Result<()> {
     let lines = prepare_lines(series, log_y)?;
@@ -228,7 +269,7 @@ fn save_styled(path: &Path, text: ChartText, log_y: bool, series: &[StyledSeries
     if !register_font() {
         return Err(Error::io(path, std::io::Error::other("the embedded chart font did not load")));
     }
-    let png = render_png(text, &x, &y, &lines)
+    let png = render_png(text, x, y, &lines)
         .map_err(|e| Error::io(path, std::io::Error::other(format!("drawing the chart failed: {e}"))))?;
     super::write_atomic(path, &png)
 }
@@ -256,8 +297,10 @@ fn prepare_lines<'a>(series: &[StyledSeries<'a>], log_y: bool) -> Result<Vec<Lin
             }
             kept.push((x, if log_y { y.log10() } else { y }));
         }
-        let legend_style = ShapeStyle { stroke_width: styled.legend_width, ..styled.style };
-        lines.push(Line { label, points: kept, style: styled.style, legend_style });
+        // Widths are given in chart pixels; the drawing is supersampled.
+        let style = ShapeStyle { stroke_width: px(styled.style.stroke_width), ..styled.style };
+        let legend_style = ShapeStyle { stroke_width: px(styled.legend_width), ..styled.style };
+        lines.push(Line { label, points: kept, style, legend_style });
     }
     if lines.iter().all(|line| line.points.is_empty()) {
         let reason = if dropped > 0 {
@@ -291,8 +334,20 @@ fn degenerate_pad(v: f64) -> f64 {
 }
 
 /// Ticks at the multiples of a "nice" step (1, 2 or 5 times a power of ten) inside `range`,
-/// about `target` of them; each labelled with as many decimals as the step needs.
+/// about `target` of them, labelled with as many decimals as the step needs.
 fn linear_ticks(range: &Range<f64>, target: usize) -> Vec<Tick> {
+    label_ticks(&linear_values(range, target), false)
+}
+
+/// A tick before it is labelled: its value (in data space) and the decimals it needs.
+#[derive(Debug, Clone, Copy)]
+struct TickValue {
+    value: f64,
+    decimals: usize,
+}
+
+/// The values of [`linear_ticks`].
+fn linear_values(range: &Range<f64>, target: usize) -> Vec<TickValue> {
     let step = nice_step((range.end - range.start) / target as f64);
     if !step.is_finite() || step <= 0.0 {
         return Vec::new();
@@ -305,10 +360,19 @@ fn linear_ticks(range: &Range<f64>, target: usize) -> Vec<Tick> {
         return Vec::new();
     }
     let decimals = decimals_for(step);
-    (0..=(last - first) as i64)
-        .map(|k| {
-            let v = (first + k as f64) * step;
-            Tick { at: v, label: format_tick(v, decimals) }
+    (0..=(last - first) as i64).map(|k| TickValue { value: (first + k as f64) * step, decimals }).collect()
+}
+
+/// Labels `values`, placing them at `log10(value)` on a log axis. An axis is labelled all in
+/// scientific notation (`2e5`, `2.5e-6`) or not at all, and in it when a label would otherwise
+/// be long: a value from a million up, or more than four decimals.
+fn label_ticks(values: &[TickValue], log: bool) -> Vec<Tick> {
+    let scientific = values.iter().any(|t| t.value.abs() >= 1e6 || t.decimals > 4);
+    values
+        .iter()
+        .map(|t| Tick {
+            at: if log { t.value.log10() } else { t.value },
+            label: format_tick(t.value, t.decimals, scientific),
         })
         .collect()
 }
@@ -338,39 +402,35 @@ fn decimals_for(step: f64) -> usize {
 /// the module documentation for the choice.
 fn log_ticks(range: &Range<f64>) -> (Vec<Tick>, Vec<f64>) {
     let (lo, hi) = (range.start, range.end);
-    // Decades whose power of ten lies inside the range.
-    let first = (lo - 1e-9).ceil() as i32;
-    let last = (hi + 1e-9).floor() as i32;
-    let decade_tick = |k: i32, m: f64| {
-        let v = m * 10f64.powi(k);
-        Tick { at: v.log10(), label: format_tick(v, (-k).max(0) as usize) }
-    };
-    let inside = |tick: &Tick| tick.at >= lo - 1e-9 && tick.at <= hi + 1e-9;
+    let inside = |value: f64| value.log10() >= lo - 1e-9 && value.log10() <= hi + 1e-9;
+    let decade_value =
+        |k: i32, m: f64| TickValue { value: m * 10f64.powi(k), decimals: (-k).max(0) as usize };
+    // Decades whose power of ten lies inside the range, and every decade the range touches.
+    let (first, last) = ((lo - 1e-9).ceil() as i32, (hi + 1e-9).floor() as i32);
+    let touched = (lo.floor() as i32)..=(hi.ceil() as i32);
 
     let decades = (last - first + 1).max(0);
-    let ticks = if decades >= 3 {
+    let values: Vec<TickValue> = if decades >= 3 {
         let stride = (decades + 7) / 8; // at most 8 labels
-        (first..=last).filter(|k| (k - first) % stride == 0).map(|k| decade_tick(k, 1.0)).collect()
+        (first..=last).filter(|k| (k - first) % stride == 0).map(|k| decade_value(k, 1.0)).collect()
     } else {
-        let one_two_five: Vec<Tick> = ((lo.floor() as i32)..=(hi.ceil() as i32))
-            .flat_map(|k| [1.0, 2.0, 5.0].map(|m| decade_tick(k, m)))
-            .filter(inside)
+        let one_two_five: Vec<TickValue> = touched
+            .clone()
+            .flat_map(|k| [1.0, 2.0, 5.0].map(|m| decade_value(k, m)))
+            .filter(|t| inside(t.value))
             .collect();
         if one_two_five.len() >= 3 {
             one_two_five
         } else {
             let data_range = 10f64.powf(lo)..10f64.powf(hi);
-            linear_ticks(&data_range, 5)
-                .into_iter()
-                .filter(|tick| tick.at > 0.0)
-                .map(|tick| Tick { at: tick.at.log10(), label: tick.label })
-                .collect()
+            linear_values(&data_range, 5).into_iter().filter(|t| t.value > 0.0).collect()
         }
     };
+    let ticks = label_ticks(&values, true);
 
     let minor = if hi - lo <= 8.0 {
-        ((lo.floor() as i32)..=(hi.ceil() as i32))
-            .flat_map(|k| (1..=9).map(move |m| decade_tick(k, f64::from(m)).at))
+        touched
+            .flat_map(|k| (1..=9).map(move |m| (f64::from(m) * 10f64.powi(k)).log10()))
             .filter(|&at| at >= lo && at <= hi && !ticks.iter().any(|t| (t.at - at).abs() < 1e-9))
             .collect()
     } else {
@@ -379,23 +439,21 @@ fn log_ticks(range: &Range<f64>) -> (Vec<Tick>, Vec<f64>) {
     (ticks, minor)
 }
 
-/// `v` with `decimals` decimals; in scientific notation (`2.5e-6`, `1e7`) when that would be
-/// long: from a million up, or below 1e-4 steps.
-fn format_tick(v: f64, decimals: usize) -> String {
+/// `v` with `decimals` decimals, or in scientific notation with as many significant digits
+/// (trailing zeros dropped: `2e5`, `2.5e-6`).
+fn format_tick(v: f64, decimals: usize, scientific: bool) -> String {
     let v = if v == 0.0 { 0.0 } else { v }; // no "-0"
-    let magnitude = v.abs();
-    if magnitude != 0.0 && (magnitude >= 1e6 || decimals > 4) {
-        let exponent = magnitude.log10().floor() as i64;
-        let digits = (exponent + decimals as i64).clamp(0, 6) as usize;
-        let text = format!("{v:.digits$e}");
-        match text.split_once('e') {
-            Some((mantissa, exponent)) if mantissa.contains('.') => {
-                format!("{}e{exponent}", mantissa.trim_end_matches('0').trim_end_matches('.'))
-            }
-            _ => text,
+    if !scientific || v == 0.0 {
+        return format!("{v:.decimals$}");
+    }
+    let exponent = v.abs().log10().floor() as i64;
+    let digits = (exponent + decimals as i64).clamp(0, 6) as usize;
+    let text = format!("{v:.digits$e}");
+    match text.split_once('e') {
+        Some((mantissa, exponent)) if mantissa.contains('.') => {
+            format!("{}e{exponent}", mantissa.trim_end_matches('0').trim_end_matches('.'))
         }
-    } else {
-        format!("{v:.decimals$}")
+        _ => text,
     }
 }
 
@@ -406,65 +464,64 @@ fn register_font() -> bool {
     *REGISTERED.get_or_init(|| plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, FONT).is_ok())
 }
 
-/// Draws the chart into an RGB bitmap and encodes it as PNG bytes.
+/// Draws the chart at [`SUPERSAMPLE`] times the size into an RGB bitmap, shrinks it to
+/// [`WIDTH`]×[`HEIGHT`] and encodes it as PNG bytes.
 fn render_png(
     text: ChartText,
-    x: &Axis,
-    y: &Axis,
+    x: Axis,
+    y: Axis,
     lines: &[Line],
 ) -> std::result::Result<Vec<u8>, Box<dyn std::error::Error>> {
-    let mut pixels = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
+    let (width, height) = (px(WIDTH), px(HEIGHT));
+    let mut pixels = vec![0u8; (width * height * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
         root.fill(&WHITE)?;
-        let x_coord = x.range.clone().with_key_points(x.ticks.iter().map(|t| t.at).collect());
-        let y_coord = y
-            .range
-            .clone()
-            .with_key_points(y.ticks.iter().map(|t| t.at).collect())
-            .with_light_points(y.minor.iter().copied());
         let mut chart = ChartBuilder::on(&root)
-            .caption(text.title, (FONT_FAMILY, 24))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(72)
-            .build_cartesian_2d(x_coord, y_coord)?;
-
-        let x_label = |at: &f64| x.label_at(*at);
-        let y_label = |at: &f64| y.label_at(*at);
+            .caption(text.title, (FONT_FAMILY, px(24)))
+            .margin(px(16))
+            .x_label_area_size(px(48))
+            .y_label_area_size(px(72))
+            .build_cartesian_2d(x, y)?;
         chart
             .configure_mesh()
             .x_desc(text.x_label)
             .y_desc(text.y_label)
-            .x_label_formatter(&x_label)
-            .y_label_formatter(&y_label)
-            .label_style((FONT_FAMILY, 15))
-            .axis_desc_style((FONT_FAMILY, 17))
-            .bold_line_style(BLACK.mix(0.15))
-            .light_line_style(BLACK.mix(0.06))
-            .axis_style(BLACK.mix(0.8))
+            .label_style((FONT_FAMILY, px(15)))
+            .axis_desc_style((FONT_FAMILY, px(17)))
+            .set_all_tick_mark_size(px(5))
+            // plotters centres a label's em box, not its digits, on the tick, which leaves digits
+            // about 0.2 em too high.
+            .y_label_offset(px(3))
+            .bold_line_style(BLACK.mix(0.15).stroke_width(px(1)))
+            .light_line_style(BLACK.mix(0.06).stroke_width(px(1)))
+            .axis_style(BLACK.mix(0.8).stroke_width(px(1)))
             .draw()?;
 
+        let legend_line = px(24) as i32;
         for line in lines {
             let drawn = chart.draw_series(LineSeries::new(line.points.iter().copied(), line.style))?;
             if !line.label.is_empty() {
                 let legend_style = line.legend_style;
                 drawn
                     .label(line.label)
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], legend_style));
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + legend_line, y)], legend_style));
             }
         }
         if lines.iter().any(|line| !line.label.is_empty()) {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperRight)
-                .label_font((FONT_FAMILY, 15))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
+                .margin(px(10))
+                .legend_area_size(px(32))
+                .label_font((FONT_FAMILY, px(15)))
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK.mix(0.3).stroke_width(px(1)))
                 .draw()?;
         }
         root.present()?;
     }
+    let pixels = shrink(&pixels, WIDTH, HEIGHT, SUPERSAMPLE);
     let mut png = Vec::new();
     image::codecs::png::PngEncoder::new(&mut png).write_image(
         &pixels,
@@ -473,6 +530,37 @@ fn render_png(
         ExtendedColorType::Rgb8,
     )?;
     Ok(png)
+}
+
+/// `n` chart pixels in pixels of the supersampled drawing.
+fn px(n: u32) -> u32 {
+    n * SUPERSAMPLE
+}
+
+/// Averages each `factor`×`factor` block of an RGB image `factor` times `width`×`height` into
+/// one pixel (a box filter), rounding to nearest.
+fn shrink(pixels: &[u8], width: u32, height: u32, factor: u32) -> Vec<u8> {
+    let (width, height, factor) = (width as usize, height as usize, factor as usize);
+    let big_row = width * factor * 3;
+    let block = (factor * factor) as u32;
+    let mut small = Vec::with_capacity(width * height * 3);
+    for row in 0..height {
+        for col in 0..width {
+            for channel in 0..3 {
+                let mut sum = 0u32;
+                for dy in 0..factor {
+                    for dx in 0..factor {
+                        sum += u32::from(
+                            pixels[(row * factor + dy) * big_row + (col * factor + dx) * 3 + channel],
+                        );
+                    }
+                }
+                // The mean of u8 values fits in a u8.
+                small.push(((sum + block / 2) / block) as u8);
+            }
+        }
+    }
+    small
 }
 
 #[cfg(test)]
@@ -613,6 +701,11 @@ mod tests {
         assert_eq!(labels(&linear_ticks(&(0.0..1.0), 5)), ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
         assert_eq!(labels(&linear_ticks(&(-3.0..1999.0), 8)), ["0", "500", "1000", "1500"]);
         assert_eq!(labels(&linear_ticks(&(0.0..4e6), 4)), ["0", "1e6", "2e6", "3e6", "4e6"]);
+        assert_eq!(labels(&linear_ticks(&(1e5..1e6), 5)), ["2e5", "4e5", "6e5", "8e5", "1e6"]);
+        assert_eq!(
+            labels(&linear_ticks(&(-1.5..1.5), 6)),
+            ["-1.5", "-1.0", "-0.5", "0.0", "0.5", "1.0", "1.5"]
+        );
         assert_eq!(labels(&linear_ticks(&(1e-5..5e-5), 4)), ["1e-5", "2e-5", "3e-5", "4e-5", "5e-5"]);
     }
 
