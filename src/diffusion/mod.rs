@@ -34,6 +34,7 @@ pub mod normal;
 pub mod oracle;
 pub mod schedule;
 pub mod timesteps;
+pub mod tape_losses;
 pub mod vectors;
 
 pub use convention::{Convention, Conventions, NormalCdf};

@@ -70,3 +70,8 @@ pub fn linear(p: &Bound, prefix: &str, x: &Var) -> Var {
 pub fn group_norm(p: &Bound, prefix: &str, x: &Var, groups: usize, eps: f32) -> Var {
     x.group_norm(p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")), groups, eps)
 }
+
+/// `SiLU(group_norm(x))` with the parameters `{prefix}.weight` (γ), `{prefix}.bias` (β), fused.
+pub fn group_norm_silu(p: &Bound, prefix: &str, x: &Var, groups: usize, eps: f32) -> Var {
+    x.group_norm_silu(p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")), groups, eps)
+}

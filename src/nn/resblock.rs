@@ -8,7 +8,7 @@
 //! out = (C_in ≠ C_out ? nin_shortcut(x) : x) + h  1x1 shortcut when the width changes
 //! ```
 
-use super::layers::{conv, conv_params, group_norm, group_norm_params, linear, linear_params, Init};
+use super::layers::{conv, conv_params, group_norm_params, group_norm_silu, linear, linear_params, Init};
 use super::{Bound, ParamStore};
 use crate::ops::Padding;
 use crate::{Rng, Var};
@@ -57,12 +57,12 @@ impl ResBlockSpec {
         dropout: Option<(f32, &mut Rng)>,
     ) -> Var {
         let (gi, go) = (groups_for(self.c_in, max_groups), groups_for(self.c_out, max_groups));
-        let h = group_norm(p, &format!("{prefix}.norm1"), x, gi, eps).silu();
+        let h = group_norm_silu(p, &format!("{prefix}.norm1"), x, gi, eps);
         let h = conv(p, &format!("{prefix}.conv1"), &h, 1, Padding::same(1));
         let s = h.shape().to_vec();
         let t = linear(p, &format!("{prefix}.temb_proj"), &temb.silu()).reshape(&[s[0], s[1], 1, 1]);
         let h = h.add(&t.broadcast_to(&s));
-        let mut h = group_norm(p, &format!("{prefix}.norm2"), &h, go, eps).silu();
+        let mut h = group_norm_silu(p, &format!("{prefix}.norm2"), &h, go, eps);
         if let Some((rate, rng)) = dropout {
             h = h.dropout(rate, rng);
         }

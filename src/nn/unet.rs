@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{attention, attention_params};
 use super::embedding::{timestep_embedding, EmbeddingOrder};
-use super::layers::{conv, conv_params, group_norm, group_norm_params, linear, linear_params, Init};
+use super::layers::{conv, conv_params, group_norm_params, group_norm_silu, linear, linear_params, Init};
 use super::resblock::{groups_for, ResBlockSpec};
 use super::{Bound, ParamStore};
 use crate::ops::Padding;
@@ -331,7 +331,7 @@ impl UNet {
             }
         }
         let c0 = c.ch * c.ch_mult[0];
-        let h = group_norm(p, "norm_out", &h, groups_for(c0, g), eps).silu();
+        let h = group_norm_silu(p, "norm_out", &h, groups_for(c0, g), eps);
         conv(p, "conv_out", &h, 1, Padding::same(1))
     }
 }
