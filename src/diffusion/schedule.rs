@@ -5,8 +5,8 @@
 //! | code (`NoiseSchedule::…`)   | improved-diffusion name          | paper                                           |
 //! |-----------------------------|----------------------------------|-------------------------------------------------|
 //! | `betas()[i]`                | `betas`                          | β_t, forward variance, Ho Eq. (2)               |
-//! | `alphas()[i]`               | `alphas`                         | α_t = 1 − β_t, Ho §3.2 (above Eq. 4)            |
-//! | `alpha_bar()[i]`            | `alphas_cumprod`                 | ᾱ_t = ∏_{s≤t} α_s, Ho §3.2 (above Eq. 4)        |
+//! | `alphas()[i]`               | `alphas`                         | α_t = 1 − β_t, Ho §2 (above Eq. 4)              |
+//! | `alpha_bar()[i]`            | `alphas_cumprod`                 | ᾱ_t = ∏_{s≤t} α_s, Ho §2 (above Eq. 4)          |
 //! | `alpha_bar_prev()[i]`       | `alphas_cumprod_prev`            | ᾱ_{t−1}, with ᾱ_0 = 1                           |
 //! | `sqrt_alpha_bar()[i]`       | `sqrt_alphas_cumprod`            | √ᾱ_t, mean of q(x_t ∣ x_0), Eq. (4)             |
 //! | `sqrt_one_minus_alpha_bar()`| `sqrt_one_minus_alphas_cumprod`  | √(1−ᾱ_t), std of q(x_t ∣ x_0), Eq. (4)          |
@@ -495,7 +495,7 @@ impl NoiseSchedule {
     pub fn alphas(&self) -> &Array1<f64> {
         &self.alphas
     }
-    /// ᾱ_t = ∏_{s≤t} α_s (Ho §3.2, used in Eq. 4), shape `[T]`.
+    /// ᾱ_t = ∏_{s≤t} α_s (Ho §2, used in Eq. 4), shape `[T]`.
     pub fn alpha_bar(&self) -> &Array1<f64> {
         &self.alpha_bar
     }
