@@ -715,6 +715,30 @@ mod tests {
     }
 
     #[test]
+    fn quadratic_sigmoid_and_constant_follow_their_definitions() {
+        let c = Conventions::default();
+        let q = BetaSchedule::Quadratic.betas(10, &c).expect("valid");
+        assert!((q[0] - 1e-4).abs() < 1e-18 && (q[9] - 0.02).abs() < 1e-17);
+        assert!(q.windows(2).all(|w| w[1] > w[0]));
+        let s = BetaSchedule::Sigmoid.betas(11, &c).expect("valid");
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        assert!((s[0] - (sig(-6.0) * (0.02 - 1e-4) + 1e-4)).abs() < 1e-18);
+        assert!(
+            (s[5] - (0.5 * (0.02 - 1e-4) + 1e-4)).abs() < 1e-17,
+            "the midpoint is sigmoid(0) = 1/2"
+        );
+        assert_eq!(
+            BetaSchedule::Constant.betas(3, &c).expect("valid"),
+            vec![0.02; 3]
+        );
+        for name in ["linear", "cosine", "quadratic", "sigmoid", "constant"] {
+            let parsed: BetaSchedule = name.parse().expect("known name");
+            assert_eq!(parsed.to_string(), name);
+        }
+        assert!("warmup".parse::<BetaSchedule>().is_err());
+    }
+
+    #[test]
     fn cosine_alpha_bar_follows_its_closed_form_where_beta_is_not_capped() {
         for t_len in [10, 100, 1000] {
             let s = NoiseSchedule::new(&BetaSchedule::Cosine, t_len, Conventions::default())
