@@ -16,7 +16,7 @@ use rand::Rng as _;
 use rand_distr::StandardNormal;
 
 use super::schedule::{NoiseSchedule, Table};
-use crate::Rng;
+use crate::{Rng, Tensor};
 
 /// What the network's (first) output predicts; the mean μ_θ follows from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -246,6 +246,31 @@ pub fn q_sample(
     assert_same_shape(x0, eps, "q_sample");
     &coef(schedule, Table::SqrtAlphaBar, t, x0) * x0
         + &coef(schedule, Table::SqrtOneMinusAlphaBar, t, x0) * eps
+}
+
+/// [`q_sample`] on the training code's f32 tensors `[N, …]`: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε with
+/// the coefficients gathered in f64 and rounded once to f32.
+///
+/// # Panics
+/// If `x0` and `eps` differ in shape, `t.len()` differs from N, or a `t[n] >= T`.
+pub fn q_sample_f32(schedule: &NoiseSchedule, x0: &Tensor, t: &[usize], eps: &Tensor) -> Tensor {
+    assert_eq!(
+        x0.shape(),
+        eps.shape(),
+        "q_sample_f32: x0 {:?} and eps {:?} differ",
+        x0.shape(),
+        eps.shape()
+    );
+    assert_eq!(
+        t.len(),
+        x0.shape()[0],
+        "q_sample_f32: {} timesteps for a batch of shape {:?}",
+        t.len(),
+        x0.shape()
+    );
+    let a = schedule.extract_broadcast_f32(Table::SqrtAlphaBar, t, x0.ndim());
+    let b = schedule.extract_broadcast_f32(Table::SqrtOneMinusAlphaBar, t, x0.ndim());
+    &a * x0 + &b * eps
 }
 
 /// [`q_sample`] with ε ~ N(0, I) drawn from `rng`.

@@ -5,8 +5,8 @@
 //! | code (`NoiseSchedule::…`)   | improved-diffusion name          | paper                                           |
 //! |-----------------------------|----------------------------------|-------------------------------------------------|
 //! | `betas()[i]`                | `betas`                          | β_t, forward variance, Ho Eq. (2)               |
-//! | `alphas()[i]`               | `alphas`                         | α_t = 1 − β_t, Ho §3.2 (above Eq. 4)            |
-//! | `alpha_bar()[i]`            | `alphas_cumprod`                 | ᾱ_t = ∏_{s≤t} α_s, Ho §3.2 (above Eq. 4)        |
+//! | `alphas()[i]`               | `alphas`                         | α_t = 1 − β_t, Ho §2 (above Eq. 4)              |
+//! | `alpha_bar()[i]`            | `alphas_cumprod`                 | ᾱ_t = ∏_{s≤t} α_s, Ho §2 (above Eq. 4)          |
 //! | `alpha_bar_prev()[i]`       | `alphas_cumprod_prev`            | ᾱ_{t−1}, with ᾱ_0 = 1                           |
 //! | `sqrt_alpha_bar()[i]`       | `sqrt_alphas_cumprod`            | √ᾱ_t, mean of q(x_t ∣ x_0), Eq. (4)             |
 //! | `sqrt_one_minus_alpha_bar()`| `sqrt_one_minus_alphas_cumprod`  | √(1−ᾱ_t), std of q(x_t ∣ x_0), Eq. (4)          |
@@ -496,7 +496,7 @@ impl NoiseSchedule {
     pub fn alphas(&self) -> &Array1<f64> {
         &self.alphas
     }
-    /// ᾱ_t = ∏_{s≤t} α_s (Ho §3.2, used in Eq. 4), shape `[T]`.
+    /// ᾱ_t = ∏_{s≤t} α_s (Ho §2, used in Eq. 4), shape `[T]`.
     pub fn alpha_bar(&self) -> &Array1<f64> {
         &self.alpha_bar
     }
@@ -713,6 +713,30 @@ mod tests {
         assert!((s.betas()[99] - 0.2).abs() < 1e-15);
         assert_eq!(s.model_timestep(7), 70.0);
         assert_eq!(linear(100).model_timestep(7), 7.0);
+    }
+
+    #[test]
+    fn quadratic_sigmoid_and_constant_follow_their_definitions() {
+        let c = Conventions::default();
+        let q = BetaSchedule::Quadratic.betas(10, &c).expect("valid");
+        assert!((q[0] - 1e-4).abs() < 1e-18 && (q[9] - 0.02).abs() < 1e-17);
+        assert!(q.windows(2).all(|w| w[1] > w[0]));
+        let s = BetaSchedule::Sigmoid.betas(11, &c).expect("valid");
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        assert!((s[0] - (sig(-6.0) * (0.02 - 1e-4) + 1e-4)).abs() < 1e-18);
+        assert!(
+            (s[5] - (0.5 * (0.02 - 1e-4) + 1e-4)).abs() < 1e-17,
+            "the midpoint is sigmoid(0) = 1/2"
+        );
+        assert_eq!(
+            BetaSchedule::Constant.betas(3, &c).expect("valid"),
+            vec![0.02; 3]
+        );
+        for name in ["linear", "cosine", "quadratic", "sigmoid", "constant"] {
+            let parsed: BetaSchedule = name.parse().expect("known name");
+            assert_eq!(parsed.to_string(), name);
+        }
+        assert!("warmup".parse::<BetaSchedule>().is_err());
     }
 
     #[test]

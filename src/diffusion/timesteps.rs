@@ -1,5 +1,5 @@
 //! Choosing the training timesteps: uniform, or importance-sampled by the bound's second moment
-//! (Nichol & Dhariwal 2021, §3.3, Eq. 18: L_vlb = E_{t∼p_t}[L_t/p_t], p_t ∝ √E[L_t²]).
+//! (Nichol & Dhariwal 2021, §3.3, Eq. 18: L_vlb = E_{t∼p_t}\[L_t/p_t\], p_t ∝ √E\[L_t²\]).
 //!
 //! The importance sampler follows improved-diffusion's `LossSecondMomentResampler`: it samples
 //! uniformly until every t has 10 recorded losses, then uses p_t ∝ √(mean of the last 10 L_t²),
@@ -19,7 +19,7 @@ use crate::Rng;
 pub enum TimestepSampling {
     /// t uniform on 0 … T−1 (Ho Algorithm 1), every weight 1.
     Uniform,
-    /// p_t ∝ √E[L_t²] (Nichol & Dhariwal Eq. 18), weights 1/(T p_t).
+    /// p_t ∝ √E\[L_t²\] (Nichol & Dhariwal Eq. 18), weights 1/(T p_t).
     Importance,
 }
 
@@ -79,7 +79,7 @@ impl ImportanceSampler {
     }
 
     /// The sampling probabilities p_t, shape `[T]`, summing to 1: uniform before warm-up, then
-    /// (1 − 0.001)·√E[L_t²]/Σ√E[L_s²] + 0.001/T.
+    /// (1 − 0.001)·√E\[L_t²\]/Σ√E\[L_s²\] + 0.001/T.
     pub fn probabilities(&self) -> Vec<f64> {
         let big_t = self.history.len();
         if !self.warmed_up() {
