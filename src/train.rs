@@ -13,10 +13,12 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{BatchConfig, BatchPosition, Batches, Dataset};
+use crate::diffusion::gaussian::q_sample_f32;
+use crate::diffusion::tape_losses::training_losses_tape;
 use crate::diffusion::timesteps::sample_uniform;
 use crate::diffusion::{
     BetaSchedule, Convention, ImportanceSampler, LossType, MeanType, NoiseSchedule,
-    Parameterization, Table, TimestepSampling, VarianceType,
+    Parameterization, TimestepSampling, VarianceType,
 };
 use crate::nn::{clip_grad_norm, warmup_lr, Adam, AdamConfig, Ema, ParamStore, UNet, UNetConfig};
 use crate::{rng_from_seed, Error, Result, Rng, Tape, Tensor, Var};
@@ -148,12 +150,6 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return Err(Error::config("batch size", "must be at least 1"));
         }
-        if !matches!(self.diffusion.loss, LossType::Simple) {
-            return Err(Error::config(
-                "loss",
-                "training with the variational bound (vlb/hybrid) is not implemented yet; use simple",
-            ));
-        }
         Ok(())
     }
 }
@@ -246,9 +242,10 @@ impl Trainer {
         &self.schedule
     }
 
-    /// One step of Algorithm 1 (Ho et al. 2020): x0 from the data, t ~ U{0..T−1},
-    /// ε ~ N(0, I), x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (Eq. 4), loss = mean‖target − net(x_t, t)‖²
-    /// with target ε (Eq. 14), x0 or v per the mean type; then clip, Adam with warm-up, EMA.
+    /// One step of Algorithm 1 (Ho et al. 2020): x0 from the data, t ~ U{0..T−1} (or by
+    /// importance), ε ~ N(0, I), x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (Eq. 4), the configured loss
+    /// (L_simple = mean‖ε − ε_θ(x_t, t)‖², Eq. 14, or the bound / hybrid of
+    /// [`training_losses_tape`]); then clip, Adam with warm-up, EMA.
     pub fn step(&mut self) -> StepStats {
         let x0 = self.batches.next_batch();
         let n = x0.shape()[0];
@@ -258,26 +255,16 @@ impl Trainer {
             _ => sample_uniform(big_t, n, &mut self.rng),
         };
         let eps = Tensor::from_shape_simple_fn(x0.shape(), || self.rng.sample::<f32, _>(StandardNormal));
-        let coef = |table| self.schedule.extract_broadcast_f32(table, &t.t, 4);
-        let (a, b) = (coef(Table::SqrtAlphaBar), coef(Table::SqrtOneMinusAlphaBar));
-        let x_t = &x0 * &a + &eps * &b;
-        let target = match self.config.diffusion.mean_type {
-            MeanType::Eps => eps,
-            MeanType::X0 => x0.clone(),
-            // v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022).
-            MeanType::V => &eps * &a - &x0 * &b,
-            // μ̃_t(x_t, x0), Eq. (7).
-            MeanType::PrevX => {
-                let (c1, c2) = (coef(Table::PosteriorMeanCoef1), coef(Table::PosteriorMeanCoef2));
-                &x0 * &c1 + &x_t * &c2
-            }
-        };
+        let x_t = q_sample_f32(&self.schedule, &x0, &t.t, &eps);
         let model_t = self.schedule.model_timesteps_f32(&t.t).to_vec();
 
         let tape = Tape::new();
         let p = self.params.bind(&tape);
-        let out = self.net.forward(&p, &Var::constant(x_t), &model_t, Some(&mut self.rng));
-        let per_item = out.sub(&Var::constant(target)).square().mean_axis(3, false).mean_axis(2, false).mean_axis(1, false);
+        let out = self.net.forward(&p, &Var::constant(x_t.clone()), &model_t, Some(&mut self.rng));
+        let d = &self.config.diffusion;
+        let param = d.parameterization();
+        let per_item =
+            training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t.t, &eps, &out).loss;
         let weights = Tensor::from_shape_vec(vec![n], t.weights.iter().map(|&w| w as f32).collect())
             .expect("one weight per item");
         let loss = per_item.mul(&Var::constant(weights)).mean();

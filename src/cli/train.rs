@@ -68,8 +68,16 @@ pub enum VarianceArg {
 /// The objective.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LossArg {
-    /// L_simple (Ho et al. Eq. 14).
+    /// L_simple (Ho et al. Eq. 14); fixed variances.
     Simple,
+    /// L_simple + L_t with the mean's gradient stopped (learned variances; N&D's L_hybrid at T = 1000).
+    Hybrid,
+    /// L_simple + (T/1000)·L_t: N&D's L_hybrid (λ = 0.001) for any T (improved-diffusion RESCALED_MSE).
+    RescaledHybrid,
+    /// The bound term L_t alone, in bits/dim.
+    Vlb,
+    /// T·L_t, the one-sample estimate of the whole bound.
+    RescaledVlb,
 }
 
 /// How t is drawn during training.
@@ -232,6 +240,10 @@ impl TrainArgs {
                 variance_type: variance,
                 loss: match self.loss {
                     LossArg::Simple => LossType::Simple,
+                    LossArg::Hybrid => LossType::Hybrid,
+                    LossArg::RescaledHybrid => LossType::RescaledHybrid,
+                    LossArg::Vlb => LossType::Vlb,
+                    LossArg::RescaledVlb => LossType::RescaledVlb,
                 },
                 timestep_sampling: match self.timestep_sampling {
                     TimestepArg::Uniform => TimestepSampling::Uniform,
