@@ -1,5 +1,6 @@
 //! Argument parsing and dispatch for the `ddpm` binary: args -> validated configs -> library calls.
 
+mod bench;
 mod common;
 mod compare;
 mod demo;
@@ -29,6 +30,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Generate images from a checkpoint (grid.png, NNNNNN.png, trajectory.png).
     Sample(sample::SampleArgs),
+    /// Time training and sampling steps of a preset (ms/step, images/s, GFLOP/s, peak RSS).
+    Bench(bench::BenchArgs),
     /// Bits/dim of a checkpoint on a dataset: L_T, Σ L_(t-1), L_0 and their sum.
     Eval(eval::EvalArgs),
     /// Write float64 reference vectors (schedule tables + one seeded batch) to an .npz.
@@ -45,6 +48,7 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(*args),
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Vectors(args) => vectors::run(args),
         Command::Compare(args) => compare::run(args),
     };

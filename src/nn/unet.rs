@@ -194,6 +194,66 @@ impl UNetConfig {
     }
 }
 
+impl UNetConfig {
+    /// Multiply-add FLOPs (2 per multiply-add) of one forward pass for one image, counting the
+    /// convolutions, linear layers and attention matrix products: the quantity PyTorch's
+    /// `torch.utils.flop_counter` reports (elementwise ops and norms are not counted).
+    pub fn forward_flops_per_image(&self) -> u64 {
+        let conv = |cin: usize, cout: usize, k: usize, res: usize| (2 * cin * cout * k * k * res * res) as u64;
+        let attn = |c: usize, res: usize| {
+            let hw = res * res;
+            4 * conv(c, c, 1, res) + (2 * 2 * hw * hw * c) as u64
+        };
+        let res_block = |cin: usize, cout: usize, res: usize| {
+            let mut f = conv(cin, cout, 3, res) + conv(cout, cout, 3, res) + (2 * self.temb_ch() * cout) as u64;
+            if cin != cout {
+                f += conv(cin, cout, 1, res);
+            }
+            f
+        };
+        let temb = self.temb_ch();
+        let mut f = (2 * self.ch * temb + 2 * temb * temb) as u64 + conv(self.in_channels, self.ch, 3, self.resolution);
+        let mut res = self.resolution;
+        let mut block_in = self.ch;
+        for (i, m) in self.ch_mult.iter().enumerate() {
+            for _ in 0..self.num_res_blocks {
+                f += res_block(block_in, self.ch * m, res);
+                block_in = self.ch * m;
+                if self.attn_resolutions.contains(&res) {
+                    f += attn(block_in, res);
+                }
+            }
+            if i + 1 != self.ch_mult.len() {
+                res /= 2;
+                f += conv(block_in, block_in, 3, res);
+            }
+        }
+        f += 2 * res_block(block_in, block_in, res) + attn(block_in, res);
+        let mut up = self.up_blocks().into_iter();
+        for (i, m) in self.ch_mult.iter().enumerate().rev() {
+            for _ in 0..=self.num_res_blocks {
+                let (cin, cout) = up.next().expect("one entry per up block");
+                f += res_block(cin, cout, res);
+                if self.attn_resolutions.contains(&res) {
+                    f += attn(cout, res);
+                }
+            }
+            if i != 0 {
+                res *= 2;
+                f += conv(self.ch * m, self.ch * m, 3, res);
+            }
+        }
+        f + conv(self.ch * self.ch_mult[0], self.out_channels, 3, self.resolution)
+    }
+
+    /// FLOPs of one training step's forward and backward for one image: three times the
+    /// forward (each product's backward costs two), less the input gradient of `conv_in`, which
+    /// is not needed. Matches `torch.utils.flop_counter` on the reference model.
+    pub fn train_flops_per_image(&self) -> u64 {
+        3 * self.forward_flops_per_image() - (2 * self.in_channels * self.ch * 9 * self.resolution * self.resolution) as u64
+    }
+}
+
 /// The U-Net: a configuration; its weights live in a [`ParamStore`].
 #[derive(Clone, Debug)]
 pub struct UNet {
@@ -361,6 +421,14 @@ mod tests {
             let y = net.forward(&params.bind_constant(), &x, &[0.0, 999.0], None);
             assert_eq!(y.shape(), &[2, ch, res, res], "{preset:?}");
         }
+    }
+
+    #[test]
+    fn flop_counts_match_pytorchs_flop_counter() {
+        // fwd_flops_per_image of ../shared/bench/peer/results/20261128.jsonl
+        // (torch.utils.flop_counter on DDPMUNet).
+        assert_eq!(Preset::Mnist.config(1, 28).forward_flops_per_image(), 422_189_312);
+        assert_eq!(Preset::Cifar10.config(3, 32).forward_flops_per_image(), 12_443_713_536);
     }
 
     #[test]
