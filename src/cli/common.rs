@@ -65,10 +65,14 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Parses `1,2,2` into a list.
-pub fn parse_list(s: &str) -> Result<Vec<usize>, String> {
+/// A comma-separated list of sizes on the command line, e.g. `1,2,2` (empty for none).
+#[derive(Clone, Debug)]
+pub struct SizeList(pub Vec<usize>);
+
+/// Parses `1,2,2` into a [`SizeList`].
+pub fn parse_list(s: &str) -> Result<SizeList, String> {
     if s.trim().is_empty() {
-        return Ok(vec![]);
+        return Ok(SizeList(vec![]));
     }
-    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect()
+    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect::<Result<_, _>>().map(SizeList)
 }

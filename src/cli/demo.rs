@@ -53,6 +53,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         ch_mult: None,
         num_res_blocks: None,
         attn_res: None,
+        gn_groups: None,
         dropout: Some(0.0),
         steps: None,
         minutes: Some(args.minutes),

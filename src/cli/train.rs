@@ -16,7 +16,7 @@ use ddpm::nn::{Preset, UNetConfig};
 use ddpm::sample::{sample, SampleConfig, Sampler};
 use ddpm::train::{DiffusionConfig, OptimConfig, TrainConfig, Trainer};
 
-use super::common::{load_data, parse_list, progress_bar, set_threads, CHECKPOINT};
+use super::common::{load_data, parse_list, progress_bar, set_threads, SizeList, CHECKPOINT};
 
 /// Network presets.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -120,13 +120,16 @@ pub struct TrainArgs {
     pub ch: Option<usize>,
     /// Override the preset's width multipliers, e.g. 1,2,2.
     #[arg(long, value_parser = parse_list)]
-    pub ch_mult: Option<Vec<usize>>,
+    pub ch_mult: Option<SizeList>,
     /// Override the residual blocks per level.
     #[arg(long)]
     pub num_res_blocks: Option<usize>,
     /// Override the attention resolutions, e.g. 14 (empty for none besides the middle block).
     #[arg(long, value_parser = parse_list)]
-    pub attn_res: Option<Vec<usize>>,
+    pub attn_res: Option<SizeList>,
+    /// Group norm uses min(this, channels) groups (the preset's 32 by default).
+    #[arg(long)]
+    pub gn_groups: Option<usize>,
     /// Override the dropout rate.
     #[arg(long)]
     pub dropout: Option<f32>,
@@ -214,13 +217,16 @@ impl TrainArgs {
             unet.ch = ch;
         }
         if let Some(m) = &self.ch_mult {
-            unet.ch_mult = m.clone();
+            unet.ch_mult = m.0.clone();
         }
         if let Some(n) = self.num_res_blocks {
             unet.num_res_blocks = n;
         }
         if let Some(a) = &self.attn_res {
-            unet.attn_resolutions = a.clone();
+            unet.attn_resolutions = a.0.clone();
+        }
+        if let Some(g) = self.gn_groups {
+            unet.gn_groups = g;
         }
         if let Some(d) = self.dropout {
             unet.dropout = d;
