@@ -45,7 +45,7 @@ pub fn sample_uniform(timesteps: usize, n: usize, rng: &mut Rng) -> TimestepBatc
 }
 
 /// The second-moment importance sampler of Nichol & Dhariwal §3.3.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ImportanceSampler {
     history: Vec<VecDeque<f64>>,
     history_per_term: usize,

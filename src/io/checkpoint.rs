@@ -12,7 +12,8 @@
 //!
 //! Metadata keys: `format` (`ddpm-checkpoint-v1`), `config` (JSON), `step`, `adam_step`,
 //! `ema_updates`, `rng` (JSON: seed, stream, word position), `batch_position` (JSON), `data`
-//! (the training set's source and shape, informational).
+//! (the training set's source and shape, informational), and `importance` (JSON: the loss
+//! history of importance-sampled timesteps, when used).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -76,6 +77,9 @@ pub fn save(path: &Path, t: &Trainer) -> Result<()> {
     meta.insert("ema_updates".into(), t.ema.updates.to_string());
     meta.insert("rng".into(), json(&rng_state(&t.rng)));
     meta.insert("batch_position".into(), json(&t.batches.position()));
+    if let Some(imp) = &t.importance {
+        meta.insert("importance".into(), json(imp));
+    }
     let d = t.batches.dataset();
     meta.insert("data".into(), format!("{} {:?}", d.source().display(), d.shape()));
     save_atomic(path, &tensors, &meta)
@@ -200,6 +204,15 @@ impl Checkpoint {
         let rng_s: RngState = parse_json(path, &self.meta, "rng")?;
         let rng = rng_restore(&rng_s).ok_or_else(|| Error::bad_file(path, "checkpoint RNG state is malformed"))?;
         let position: BatchPosition = parse_json(path, &self.meta, "batch_position")?;
-        Trainer::from_parts(self.config, data, self.params, adam, ema, self.step, rng, position)
+        let importance = if self.meta.contains_key("importance") {
+            Some(parse_json(path, &self.meta, "importance")?)
+        } else {
+            None
+        };
+        let mut trainer = Trainer::from_parts(self.config, data, self.params, adam, ema, self.step, rng, position)?;
+        if importance.is_some() {
+            trainer.importance = importance;
+        }
+        Ok(trainer)
     }
 }
