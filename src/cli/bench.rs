@@ -68,6 +68,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         PresetArg::Mnist => (Preset::Mnist, 1, 28, "mnist-small"),
         PresetArg::Cifar10 => (Preset::Cifar10, 3, 32, "cifar-ddpm"),
         PresetArg::Tiny => (Preset::Tiny, 1, 8, "tiny"),
+        PresetArg::Small => (Preset::Small, 1, 28, "small"),
     };
     let cfg = preset.config(c, r);
     let net = UNet::new(cfg.clone())?;

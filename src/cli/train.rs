@@ -25,8 +25,10 @@ pub enum PresetArg {
     Mnist,
     /// The paper's CIFAR-10 model (35.7M parameters at 3x32x32).
     Cifar10,
-    /// A small network for tests and quick trials.
+    /// A small network for tests and quick trials (8x8 inputs in the tests).
     Tiny,
+    /// The demo's network: `mnist` at half width, attention only in the middle (267k parameters).
+    Small,
 }
 
 impl From<PresetArg> for Preset {
@@ -35,6 +37,7 @@ impl From<PresetArg> for Preset {
             PresetArg::Mnist => Preset::Mnist,
             PresetArg::Cifar10 => Preset::Cifar10,
             PresetArg::Tiny => Preset::Tiny,
+            PresetArg::Small => Preset::Small,
         }
     }
 }
