@@ -145,12 +145,7 @@ impl Conv2dGeom {
     /// Checks the geometry describes a convolution these kernels handle.
     fn validate(&self, kernel: &str) {
         assert!(
-            self.c_in > 0
-                && self.h > 0
-                && self.w > 0
-                && self.c_out > 0
-                && self.kh > 0
-                && self.kw > 0,
+            self.c_in > 0 && self.h > 0 && self.w > 0 && self.c_out > 0 && self.kh > 0 && self.kw > 0,
             "{kernel}: every size but n must be positive, got {self:?}"
         );
         // out_h / out_w check the stride and that the kernel fits the padded input.
@@ -170,12 +165,7 @@ fn valid_cols(g: &Conv2dGeom, j: usize, out_w: usize) -> (usize, usize) {
 /// Visits the segments of one patch-matrix row for the output pixels `p0..p1`: for each output
 /// row `oh` the tile touches, calls `f(seg_start, oh, ow_start, ow_end)`, where `seg_start` is the
 /// offset of `ow_start` within the tile.
-fn for_each_row_segment(
-    out_w: usize,
-    p0: usize,
-    p1: usize,
-    mut f: impl FnMut(usize, usize, usize, usize),
-) {
+fn for_each_row_segment(out_w: usize, p0: usize, p1: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
     let mut p = p0;
     while p < p1 {
         let (oh, ow_start) = (p / out_w, p % out_w);
@@ -187,9 +177,7 @@ fn for_each_row_segment(
 
 /// Input row read by output row `oh` at kernel row `i`, if it is inside the image.
 fn input_row(g: &Conv2dGeom, oh: usize, i: usize) -> Option<usize> {
-    (oh * g.stride + i)
-        .checked_sub(g.pad_top)
-        .filter(|&ih| ih < g.h)
+    (oh * g.stride + i).checked_sub(g.pad_top).filter(|&ih| ih < g.h)
 }
 
 /// Writes the patch-matrix columns `p0..p1` of one image into `col: [K, p1 − p0]`.
@@ -197,6 +185,10 @@ fn input_row(g: &Conv2dGeom, oh: usize, i: usize) -> Option<usize> {
 /// `col[(ci·kh + i)·kw + j, p − p0] = x_padded[ci, oh·stride + i, ow·stride + j]` with
 /// `(oh, ow) = (p / out_w, p % out_w)`; padding reads as zero.
 fn im2col_tile(g: &Conv2dGeom, x_img: &[f32], p0: usize, p1: usize, col: &mut [f32]) {
+    if g.stride == 1 && g.out_w() == g.w {
+        im2col_tile_same_width(g, x_img, p0, p1, col);
+        return;
+    }
     let (out_w, t, s, plane) = (g.out_w(), p1 - p0, g.stride, g.h * g.w);
     for ci in 0..g.c_in {
         let x_plane = &x_img[ci * plane..(ci + 1) * plane];
@@ -228,6 +220,55 @@ fn im2col_tile(g: &Conv2dGeom, x_img: &[f32], p0: usize, p1: usize, col: &mut [f
                         }
                     }
                 });
+            }
+        }
+    }
+}
+
+/// [`im2col_tile`] for a stride-1 convolution whose output is as wide as its input (a "same"
+/// convolution, `pad_left + pad_right = kw − 1`, every 3x3 of the U-Net but the downsample).
+///
+/// Then output pixel `p = oh·w + ow` of patch row `(ci, i, j)` reads input element
+/// `p + (i − pad_top)·w + (j − pad_left)` of plane `ci`: one contiguous copy per patch row
+/// instead of one per output row, after which the columns that fell off the left or right edge
+/// (and wrapped to the neighbouring row) are zeroed. Writes exactly what the general path
+/// writes.
+fn im2col_tile_same_width(g: &Conv2dGeom, x_img: &[f32], p0: usize, p1: usize, col: &mut [f32]) {
+    let (w, t, plane) = (g.w, p1 - p0, g.h * g.w);
+    for ci in 0..g.c_in {
+        let x_plane = &x_img[ci * plane..(ci + 1) * plane];
+        for i in 0..g.kh {
+            // Output rows whose input row `oh + i − pad_top` is inside the image, as pixels.
+            let oh_lo = g.pad_top.saturating_sub(i);
+            let oh_hi = (g.h + g.pad_top).saturating_sub(i);
+            for j in 0..g.kw {
+                let row = (ci * g.kh + i) * g.kw + j;
+                let dst = &mut col[row * t..(row + 1) * t];
+                // Shift from output pixel to input element, kept non-negative by adding `base`.
+                let base = g.pad_top * w + g.pad_left;
+                let shift = i * w + j; // input index = p + shift − base
+                                       // Pixels with a valid input row, also clipped so the input index stays in the
+                                       // plane (the clipped pixels are exactly the edge columns zeroed below).
+                let lo = (oh_lo * w).max(base.saturating_sub(shift)).clamp(p0, p1);
+                let hi = (oh_hi * w).min((plane + base).saturating_sub(shift)).clamp(lo, p1);
+                dst[..lo - p0].fill(0.0);
+                dst[hi - p0..].fill(0.0);
+                if lo < hi {
+                    dst[lo - p0..hi - p0].copy_from_slice(&x_plane[lo + shift - base..hi + shift - base]);
+                }
+                // Columns ow with ow + j − pad_left outside 0..w read the neighbouring row.
+                let (c_lo, c_hi) = valid_cols(g, j, w);
+                let first_row = p0 / w;
+                for oh in first_row..p1.div_ceil(w) {
+                    let row_start = oh * w;
+                    let bad = (0..c_lo).chain(c_hi..w);
+                    for ow in bad {
+                        let p = row_start + ow;
+                        if (p0..p1).contains(&p) {
+                            dst[p - p0] = 0.0;
+                        }
+                    }
+                }
             }
         }
     }
@@ -277,14 +318,7 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>
     forward_tiled(g, x, w, bias, y, g.tile_px());
 }
 
-fn forward_tiled(
-    g: &Conv2dGeom,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    tile_px: usize,
-) {
+fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], tile_px: usize) {
     g.validate("conv2d_forward");
     assert_eq!(
         x.len(),
@@ -305,13 +339,7 @@ fn forward_tiled(
         y.len()
     );
     if let Some(b) = bias {
-        assert_eq!(
-            b.len(),
-            g.c_out,
-            "conv2d_forward: bias has {} elements, C_out is {}",
-            b.len(),
-            g.c_out
-        );
+        assert_eq!(b.len(), g.c_out, "conv2d_forward: bias has {} elements, C_out is {}", b.len(), g.c_out);
     }
     if g.n == 0 {
         return;
@@ -321,45 +349,37 @@ fn forward_tiled(
     let tile_px = if pointwise { px } else { tile_px };
     let w_mat = MatRef::row_major(w, g.c_out, k);
     let x_img_len = g.c_in * g.h * g.w;
-    y.par_chunks_mut(g.c_out * px)
-        .zip(x.par_chunks(x_img_len))
-        .for_each_init(
-            || {
-                if pointwise {
-                    Vec::new()
+    y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(x_img_len)).for_each_init(
+        || {
+            if pointwise {
+                Vec::new()
+            } else {
+                vec![0.0; k * tile_px]
+            }
+        },
+        |col, (y_img, x_img)| {
+            for p0 in (0..px).step_by(tile_px) {
+                let p1 = px.min(p0 + tile_px);
+                let t = p1 - p0;
+                let patches = if pointwise {
+                    MatRef::new(&x_img[p0..], g.c_in, t, px, 1)
                 } else {
-                    vec![0.0; k * tile_px]
-                }
-            },
-            |col, (y_img, x_img)| {
-                for p0 in (0..px).step_by(tile_px) {
-                    let p1 = px.min(p0 + tile_px);
-                    let t = p1 - p0;
-                    let patches = if pointwise {
-                        MatRef::new(&x_img[p0..], g.c_in, t, px, 1)
-                    } else {
-                        im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
-                        MatRef::row_major(&col[..k * t], k, t)
-                    };
-                    let beta = match bias {
-                        Some(b) => {
-                            for (co, &b_co) in b.iter().enumerate() {
-                                y_img[co * px + p0..co * px + p1].fill(b_co);
-                            }
-                            1.0
+                    im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
+                    MatRef::row_major(&col[..k * t], k, t)
+                };
+                let beta = match bias {
+                    Some(b) => {
+                        for (co, &b_co) in b.iter().enumerate() {
+                            y_img[co * px + p0..co * px + p1].fill(b_co);
                         }
-                        None => 0.0,
-                    };
-                    gemm(
-                        1.0,
-                        w_mat,
-                        patches,
-                        beta,
-                        MatMut::new(&mut y_img[p0..], g.c_out, t, px),
-                    );
-                }
-            },
-        );
+                        1.0
+                    }
+                    None => 0.0,
+                };
+                gemm(1.0, w_mat, patches, beta, MatMut::new(&mut y_img[p0..], g.c_out, t, px));
+            }
+        },
+    );
 }
 
 /// Gradient of a convolution with respect to its input: `dx = ∂(Σ dy ⊙ y)/∂x`, i.e.
@@ -402,39 +422,31 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
     let pointwise = g.is_pointwise();
     let w_t = MatRef::row_major(w, g.c_out, k).t();
     let x_img_len = g.c_in * g.h * g.w;
-    dx.par_chunks_mut(x_img_len)
-        .zip(dy.par_chunks(g.c_out * px))
-        .for_each_init(
-            || {
-                if pointwise {
-                    Vec::new()
-                } else {
-                    vec![0.0; k * tile_px]
-                }
-            },
-            |dcol, (dx_img, dy_img)| {
-                if pointwise {
-                    // The image is its own patch matrix: dx_n = Wᵀ @ dy_n, no col2im.
-                    let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
-                    gemm(1.0, w_t, dy_mat, 0.0, MatMut::row_major(dx_img, g.c_in, px));
-                    return;
-                }
-                dx_img.fill(0.0);
-                for p0 in (0..px).step_by(tile_px) {
-                    let p1 = px.min(p0 + tile_px);
-                    let t = p1 - p0;
-                    let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
-                    gemm(
-                        1.0,
-                        w_t,
-                        dy_tile,
-                        0.0,
-                        MatMut::row_major(&mut dcol[..k * t], k, t),
-                    );
-                    col2im_tile_add(g, &dcol[..k * t], p0, p1, dx_img);
-                }
-            },
-        );
+    dx.par_chunks_mut(x_img_len).zip(dy.par_chunks(g.c_out * px)).for_each_init(
+        || {
+            if pointwise {
+                Vec::new()
+            } else {
+                vec![0.0; k * tile_px]
+            }
+        },
+        |dcol, (dx_img, dy_img)| {
+            if pointwise {
+                // The image is its own patch matrix: dx_n = Wᵀ @ dy_n, no col2im.
+                let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
+                gemm(1.0, w_t, dy_mat, 0.0, MatMut::row_major(dx_img, g.c_in, px));
+                return;
+            }
+            dx_img.fill(0.0);
+            for p0 in (0..px).step_by(tile_px) {
+                let p1 = px.min(p0 + tile_px);
+                let t = p1 - p0;
+                let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
+                gemm(1.0, w_t, dy_tile, 0.0, MatMut::row_major(&mut dcol[..k * t], k, t));
+                col2im_tile_add(g, &dcol[..k * t], p0, p1, dx_img);
+            }
+        },
+    );
 }
 
 /// Gradients of a convolution with respect to its weight and bias, summed over the batch:
@@ -448,13 +460,7 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
 ///
 /// # Panics
 /// If a slice length does not match the geometry, or the geometry is degenerate.
-pub fn conv2d_backward_weight(
-    g: &Conv2dGeom,
-    x: &[f32],
-    dy: &[f32],
-    dw: &mut [f32],
-    db: Option<&mut [f32]>,
-) {
+pub fn conv2d_backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f32]>) {
     backward_weight_tiled(g, x, dy, dw, db, g.tile_px(), MAX_WEIGHT_PARTIALS);
 }
 
@@ -519,22 +525,12 @@ fn backward_weight_tiled(
         .zip(dy.par_chunks(chunk * y_img_len))
         .map(|(x_chunk, dy_chunk)| {
             let mut acc = vec![0.0f32; g.w_len()];
-            let mut col = if pointwise {
-                Vec::new()
-            } else {
-                vec![0.0; k * tile_px]
-            };
+            let mut col = if pointwise { Vec::new() } else { vec![0.0; k * tile_px] };
             for (x_img, dy_img) in x_chunk.chunks(x_img_len).zip(dy_chunk.chunks(y_img_len)) {
                 if pointwise {
                     let x_t = MatRef::row_major(x_img, g.c_in, px).t();
                     let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
-                    gemm(
-                        1.0,
-                        dy_mat,
-                        x_t,
-                        1.0,
-                        MatMut::row_major(&mut acc, g.c_out, k),
-                    );
+                    gemm(1.0, dy_mat, x_t, 1.0, MatMut::row_major(&mut acc, g.c_out, k));
                     continue;
                 }
                 for p0 in (0..px).step_by(tile_px) {
@@ -543,13 +539,7 @@ fn backward_weight_tiled(
                     im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
                     let col_t = MatRef::row_major(&col[..k * t], k, t).t();
                     let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
-                    gemm(
-                        1.0,
-                        dy_tile,
-                        col_t,
-                        1.0,
-                        MatMut::row_major(&mut acc, g.c_out, k),
-                    );
+                    gemm(1.0, dy_tile, col_t, 1.0, MatMut::row_major(&mut acc, g.c_out, k));
                 }
             }
             acc
@@ -558,18 +548,16 @@ fn backward_weight_tiled(
 
     // Sum the partials in chunk order; every element sees the same order whatever the threads.
     const SUM_BLOCK: usize = 4096;
-    dw.par_chunks_mut(SUM_BLOCK)
-        .enumerate()
-        .for_each(|(block, dw_block)| {
-            let start = block * SUM_BLOCK;
-            let range = start..start + dw_block.len();
-            dw_block.copy_from_slice(&partials[0][range.clone()]);
-            for partial in &partials[1..] {
-                for (d, &p) in dw_block.iter_mut().zip(&partial[range.clone()]) {
-                    *d += p;
-                }
+    dw.par_chunks_mut(SUM_BLOCK).enumerate().for_each(|(block, dw_block)| {
+        let start = block * SUM_BLOCK;
+        let range = start..start + dw_block.len();
+        dw_block.copy_from_slice(&partials[0][range.clone()]);
+        for partial in &partials[1..] {
+            for (d, &p) in dw_block.iter_mut().zip(&partial[range.clone()]) {
+                *d += p;
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]
@@ -598,12 +586,10 @@ mod tests {
                                 for j in 0..g.kw {
                                     let ih = (oh * g.stride + i) as isize - g.pad_top as isize;
                                     let iw = (ow * g.stride + j) as isize - g.pad_left as isize;
-                                    if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize
-                                    {
+                                    if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
                                         continue;
                                     }
-                                    let xi =
-                                        ((n * g.c_in + ci) * g.h + ih as usize) * g.w + iw as usize;
+                                    let xi = ((n * g.c_in + ci) * g.h + ih as usize) * g.w + iw as usize;
                                     f(n, co, oh, ow, ci, i, j, xi);
                                 }
                             }
@@ -622,10 +608,7 @@ mod tests {
 
     impl Reference {
         fn zeros(len: usize) -> Self {
-            Self {
-                value: vec![0.0; len],
-                scale: vec![0.0; len],
-            }
+            Self { value: vec![0.0; len], scale: vec![0.0; len] }
         }
         fn add(&mut self, idx: usize, term: f64) {
             self.value[idx] += term;
@@ -655,10 +638,7 @@ mod tests {
             }
         }
         for_each_tap(g, |n, co, oh, ow, ci, i, j, xi| {
-            r.add(
-                y_index(g, n, co, oh, ow),
-                w[w_index(g, co, ci, i, j)] as f64 * x[xi] as f64,
-            );
+            r.add(y_index(g, n, co, oh, ow), w[w_index(g, co, ci, i, j)] as f64 * x[xi] as f64);
         });
         r
     }
@@ -666,10 +646,7 @@ mod tests {
     fn backward_input_ref(g: &Conv2dGeom, dy: &[f32], w: &[f32]) -> Reference {
         let mut r = Reference::zeros(g.x_len());
         for_each_tap(g, |n, co, oh, ow, ci, i, j, xi| {
-            r.add(
-                xi,
-                w[w_index(g, co, ci, i, j)] as f64 * dy[y_index(g, n, co, oh, ow)] as f64,
-            );
+            r.add(xi, w[w_index(g, co, ci, i, j)] as f64 * dy[y_index(g, n, co, oh, ow)] as f64);
         });
         r
     }
@@ -678,10 +655,7 @@ mod tests {
         let mut dw = Reference::zeros(g.w_len());
         let mut db = Reference::zeros(g.c_out);
         for_each_tap(g, |n, co, oh, ow, ci, i, j, xi| {
-            dw.add(
-                w_index(g, co, ci, i, j),
-                x[xi] as f64 * dy[y_index(g, n, co, oh, ow)] as f64,
-            );
+            dw.add(w_index(g, co, ci, i, j), x[xi] as f64 * dy[y_index(g, n, co, oh, ow)] as f64);
         });
         for n in 0..g.n {
             for co in 0..g.c_out {
@@ -700,10 +674,7 @@ mod tests {
         for (idx, &g) in got.iter().enumerate() {
             let (w, s) = (want.value[idx], want.scale[idx]);
             let err = (g as f64 - w).abs();
-            assert!(
-                err <= 1e-5 * s + 1e-12,
-                "{what}[{idx}]: got {g}, want {w} (scale {s}, err {err})"
-            );
+            assert!(err <= 1e-5 * s + 1e-12, "{what}[{idx}]: got {g}, want {w} (scale {s}, err {err})");
         }
     }
 
@@ -712,10 +683,7 @@ mod tests {
     }
 
     fn abs_dot(a: &[f32], b: &[f32]) -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(&p, &q)| (p as f64 * q as f64).abs())
-            .sum()
+        a.iter().zip(b).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum()
     }
 
     /// Builds a geometry, growing `h`/`w` if the kernel would not fit the padded input.
@@ -731,20 +699,7 @@ mod tests {
     ) -> Conv2dGeom {
         let h = h.max(kh.saturating_sub(pad_top + pad_bottom));
         let w = w.max(kw.saturating_sub(pad_left + pad_right));
-        Conv2dGeom {
-            n,
-            c_in,
-            h,
-            w,
-            c_out,
-            kh,
-            kw,
-            stride,
-            pad_top,
-            pad_bottom,
-            pad_left,
-            pad_right,
-        }
+        Conv2dGeom { n, c_in, h, w, c_out, kh, kw, stride, pad_top, pad_bottom, pad_left, pad_right }
     }
 
     fn kernel_size() -> impl Strategy<Value = usize> {
@@ -766,9 +721,8 @@ mod tests {
             .prop_map(|(n, ci, co, hw, k, s, p)| geom(n, ci, co, hw, k, s, p));
         let pointwise = (1usize..=3, 1usize..=5, 1usize..=5, (1usize..=9, 1usize..=9))
             .prop_map(|(n, ci, co, hw)| geom(n, ci, co, hw, (1, 1), 1, (0, 0, 0, 0)));
-        let same_stride2 = (1usize..=3, 1usize..=5, 1usize..=5, (1usize..=4, 1usize..=4)).prop_map(
-            |(n, ci, co, (h, w))| geom(n, ci, co, (2 * h, 2 * w), (3, 3), 2, (0, 1, 0, 1)),
-        );
+        let same_stride2 = (1usize..=3, 1usize..=5, 1usize..=5, (1usize..=4, 1usize..=4))
+            .prop_map(|(n, ci, co, (h, w))| geom(n, ci, co, (2 * h, 2 * w), (3, 3), 2, (0, 1, 0, 1)));
         prop_oneof![6 => general, 1 => pointwise, 1 => same_stride2]
     }
 
@@ -776,11 +730,7 @@ mod tests {
     fn case() -> impl Strategy<Value = (Conv2dGeom, usize, u64)> {
         geometry().prop_flat_map(|g| {
             let px = g.out_h() * g.out_w();
-            (
-                Just(g),
-                prop_oneof![Just(g.tile_px()), 1..=px],
-                any::<u64>(),
-            )
+            (Just(g), prop_oneof![Just(g.tile_px()), 1..=px], any::<u64>())
         })
     }
 
@@ -905,10 +855,8 @@ mod tests {
         let b = random_vec(&mut rng, g.c_out);
         let dy = random_vec(&mut rng, g.y_len());
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("building a rayon pool");
+            let pool =
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("building a rayon pool");
             pool.install(|| {
                 let mut y = vec![0.0; g.y_len()];
                 forward_tiled(&g, &x, &w, Some(&b), &mut y, 17);

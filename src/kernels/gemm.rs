@@ -1,6 +1,8 @@
-//! Single-precision matrix multiply on row-major slices, on top of `matrixmultiply::sgemm`.
+//! Single-precision matrix multiply on row-major slices, on top of the `gemm` crate (its
+//! AVX-512 kernels with the `x86-v4` feature, chosen at run time; benches/README.md has the
+//! measurements against `matrixmultiply`).
 //!
-//! `matrixmultiply` takes a row stride and a column stride for every operand, so a transposed
+//! `gemm` takes a row stride and a column stride for every operand, so a transposed
 //! operand is only a swap of strides: nothing is copied. The public entry points split the work
 //! over rayon in blocks whose size depends only on the shape, never on the number of threads,
 //! and no task reduces into another's output, so results are bit-identical however many threads
@@ -49,13 +51,7 @@ impl<'a> MatRef<'a> {
             "MatRef: a {rows}x{cols} view with strides ({rs}, {cs}) needs {need} elements, slice has {}",
             data.len()
         );
-        Self {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
+        Self { data, rows, cols, rs, cs }
     }
 
     /// The row-major `rows × cols` matrix stored contiguously in `data`.
@@ -65,13 +61,7 @@ impl<'a> MatRef<'a> {
 
     /// The transpose, as a view of the same elements (strides swapped).
     pub(crate) fn t(self) -> Self {
-        Self {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        Self { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 }
 
@@ -102,12 +92,7 @@ impl<'a> MatMut<'a> {
             "MatMut: a {rows}x{cols} view with row stride {rs} needs {need} elements, slice has {}",
             data.len()
         );
-        Self {
-            data,
-            rows,
-            cols,
-            rs,
-        }
+        Self { data, rows, cols, rs }
     }
 
     /// The row-major `rows × cols` matrix stored contiguously in `data`.
@@ -137,27 +122,51 @@ pub(crate) fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMu
         a.rows,
         b.cols
     );
+    if c.rows == 0 || c.cols == 0 {
+        return;
+    }
+    if a.cols == 0 {
+        // An empty sum: C = beta · C (and exactly zero when beta is 0, as in BLAS).
+        for r in 0..c.rows {
+            let row = &mut c.data[r * c.rs..r * c.rs + c.cols];
+            if beta == 0.0 {
+                row.fill(0.0);
+            } else {
+                row.iter_mut().for_each(|v| *v *= beta);
+            }
+        }
+        return;
+    }
     // Strides fit in isize: each is at most the length of a slice (or multiplies a zero index
     // when its dimension is 1), and slice lengths never exceed isize::MAX.
     // SAFETY: `MatRef::new` and `MatMut::new` checked that every element the views address lies
     // inside their slices; C has unit column stride and row stride >= its row length, so no two
     // of its elements alias; C is borrowed mutably, so it cannot overlap A or B.
     unsafe {
-        matrixmultiply::sgemm(
+        // The `gemm` crate computes dst := α·dst + β·lhs@rhs (its α/β are the BLAS β/α), takes
+        // column strides before row strides, and reads dst only when asked. It runs on this
+        // thread (`Parallelism::None`): the callers own the parallelism, which keeps results
+        // independent of the thread count.
+        ::gemm::gemm(
             c.rows,
-            a.cols,
             c.cols,
-            alpha,
-            a.data.as_ptr(),
-            a.rs as isize,
-            a.cs as isize,
-            b.data.as_ptr(),
-            b.rs as isize,
-            b.cs as isize,
-            beta,
+            a.cols,
             c.data.as_mut_ptr(),
-            c.rs as isize,
             1,
+            c.rs as isize,
+            beta != 0.0,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::None,
         );
     }
 }
@@ -185,32 +194,13 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) {
-    assert_eq!(
-        a.len(),
-        m * k,
-        "sgemm: A has {} elements, expected m*k = {m}*{k}",
-        a.len()
-    );
-    assert_eq!(
-        b.len(),
-        k * n,
-        "sgemm: B has {} elements, expected k*n = {k}*{n}",
-        b.len()
-    );
-    assert_eq!(
-        c.len(),
-        m * n,
-        "sgemm: C has {} elements, expected m*n = {m}*{n}",
-        c.len()
-    );
+    assert_eq!(a.len(), m * k, "sgemm: A has {} elements, expected m*k = {m}*{k}", a.len());
+    assert_eq!(b.len(), k * n, "sgemm: B has {} elements, expected k*n = {k}*{n}", b.len());
+    assert_eq!(c.len(), m * n, "sgemm: C has {} elements, expected m*n = {m}*{n}", c.len());
     if m == 0 || n == 0 {
         return;
     }
-    let b_view = if trans_b {
-        MatRef::row_major(b, n, k).t()
-    } else {
-        MatRef::row_major(b, k, n)
-    };
+    let b_view = if trans_b { MatRef::row_major(b, n, k).t() } else { MatRef::row_major(b, k, n) };
     // Rows r0..r0+rows of op(A).
     let a_rows = |r0: usize, rows: usize| {
         if trans_a {
@@ -220,26 +210,12 @@ pub fn sgemm(
         }
     };
     if m > ROW_BLOCK && m * k * n >= PAR_MIN_MACS {
-        c.par_chunks_mut(ROW_BLOCK * n)
-            .enumerate()
-            .for_each(|(block, c_block)| {
-                let rows = c_block.len() / n;
-                gemm(
-                    alpha,
-                    a_rows(block * ROW_BLOCK, rows),
-                    b_view,
-                    beta,
-                    MatMut::row_major(c_block, rows, n),
-                );
-            });
+        c.par_chunks_mut(ROW_BLOCK * n).enumerate().for_each(|(block, c_block)| {
+            let rows = c_block.len() / n;
+            gemm(alpha, a_rows(block * ROW_BLOCK, rows), b_view, beta, MatMut::row_major(c_block, rows, n));
+        });
     } else {
-        gemm(
-            alpha,
-            a_rows(0, m),
-            b_view,
-            beta,
-            MatMut::row_major(c, m, n),
-        );
+        gemm(alpha, a_rows(0, m), b_view, beta, MatMut::row_major(c, m, n));
     }
 }
 
@@ -331,11 +307,7 @@ mod tests {
                     acc += av * bv;
                     abs += (av * bv).abs();
                 }
-                let cv = if beta == 0.0 {
-                    0.0
-                } else {
-                    beta as f64 * c[i * n + j] as f64
-                };
+                let cv = if beta == 0.0 { 0.0 } else { beta as f64 * c[i * n + j] as f64 };
                 out[i * n + j] = alpha as f64 * acc + cv;
                 scale[i * n + j] = (alpha as f64).abs() * abs + cv.abs();
             }
@@ -347,10 +319,7 @@ mod tests {
         assert_eq!(got.len(), want.len(), "{what}: length");
         for (idx, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
             let err = (g as f64 - w).abs();
-            assert!(
-                err <= 1e-5 * s + 1e-12,
-                "{what}[{idx}]: got {g}, want {w} (scale {s}, err {err})"
-            );
+            assert!(err <= 1e-5 * s + 1e-12, "{what}[{idx}]: got {g}, want {w} (scale {s}, err {err})");
         }
     }
 
@@ -372,12 +341,7 @@ mod tests {
         let (want, scale) = sgemm_ref(trans_a, trans_b, m, k, n, alpha, &a, &b, beta, &c0);
         let mut c = c0.clone();
         sgemm(trans_a, trans_b, m, k, n, alpha, &a, &b, beta, &mut c);
-        assert_close(
-            &c,
-            &want,
-            &scale,
-            &format!("sgemm(ta={trans_a}, tb={trans_b}, {m}x{k}x{n})"),
-        );
+        assert_close(&c, &want, &scale, &format!("sgemm(ta={trans_a}, tb={trans_b}, {m}x{k}x{n})"));
     }
 
     proptest! {
@@ -428,9 +392,8 @@ mod tests {
     fn sgemm_split_over_row_blocks_matches_reference() {
         // m·k·n is above PAR_MIN_MACS and m is not a multiple of ROW_BLOCK, so the parallel path
         // runs with a short last block.
-        for (seed, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)]
-            .into_iter()
-            .enumerate()
+        for (seed, (ta, tb)) in
+            [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate()
         {
             check_sgemm(seed as u64, ta, tb, 101, 53, 67, 1.5, 0.5);
         }
@@ -456,9 +419,7 @@ mod tests {
     #[should_panic(expected = "sgemm: B has 5 elements")]
     fn sgemm_panics_naming_the_mismatched_operand() {
         let mut c = [0.0; 4];
-        sgemm(
-            false, false, 2, 3, 2, 1.0, &[0.0; 6], &[0.0; 5], 0.0, &mut c,
-        );
+        sgemm(false, false, 2, 3, 2, 1.0, &[0.0; 6], &[0.0; 5], 0.0, &mut c);
     }
 
     #[test]
@@ -468,10 +429,8 @@ mod tests {
         let a = random_vec(&mut rng, m * k);
         let b = random_vec(&mut rng, k * n);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("building a rayon pool");
+            let pool =
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("building a rayon pool");
             pool.install(|| {
                 let mut c = vec![0.0; 3 * m * n];
                 let a3: Vec<f32> = a.iter().chain(&a).chain(&a).copied().collect();
@@ -482,9 +441,6 @@ mod tests {
         };
         let one = run(1);
         let three = run(3);
-        assert!(one
-            .iter()
-            .zip(&three)
-            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(one.iter().zip(&three).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }

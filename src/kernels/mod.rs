@@ -6,7 +6,7 @@
 //!
 //! | file          | owns                                                                    |
 //! |---------------|-------------------------------------------------------------------------|
-//! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over `matrixmultiply` |
+//! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over the `gemm` crate   |
 //! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
 //! | `upsample.rs` | [`upsample_nearest2x`] and its gradient                                  |
 //!

@@ -29,17 +29,15 @@ pub fn upsample_nearest2x(n_c: usize, h: usize, w: usize, x: &[f32], y: &mut [f3
     if plane == 0 {
         return;
     }
-    y.par_chunks_mut(4 * plane)
-        .zip(x.par_chunks(plane))
-        .for_each(|(y_plane, x_plane)| {
-            for (x_row, y_rows) in x_plane.chunks(w).zip(y_plane.chunks_mut(4 * w)) {
-                let (top, bottom) = y_rows.split_at_mut(2 * w);
-                for (pair, &v) in top.chunks_mut(2).zip(x_row) {
-                    pair.fill(v);
-                }
-                bottom.copy_from_slice(top);
+    y.par_chunks_mut(4 * plane).zip(x.par_chunks(plane)).for_each(|(y_plane, x_plane)| {
+        for (x_row, y_rows) in x_plane.chunks(w).zip(y_plane.chunks_mut(4 * w)) {
+            let (top, bottom) = y_rows.split_at_mut(2 * w);
+            for (pair, &v) in top.chunks_mut(2).zip(x_row) {
+                pair.fill(v);
             }
-        });
+            bottom.copy_from_slice(top);
+        }
+    });
 }
 
 /// Gradient of [`upsample_nearest2x`]: `dx[n, c, i, j] = Σ_{a,b ∈ {0,1}} dy[n, c, 2i + a, 2j + b]`,
@@ -68,16 +66,14 @@ pub fn upsample_nearest2x_backward(n_c: usize, h: usize, w: usize, dy: &[f32], d
     if plane == 0 {
         return;
     }
-    dx.par_chunks_mut(plane)
-        .zip(dy.par_chunks(4 * plane))
-        .for_each(|(dx_plane, dy_plane)| {
-            for (dx_row, dy_rows) in dx_plane.chunks_mut(w).zip(dy_plane.chunks(4 * w)) {
-                let (top, bottom) = dy_rows.split_at(2 * w);
-                for (j, d) in dx_row.iter_mut().enumerate() {
-                    *d = (top[2 * j] + top[2 * j + 1]) + (bottom[2 * j] + bottom[2 * j + 1]);
-                }
+    dx.par_chunks_mut(plane).zip(dy.par_chunks(4 * plane)).for_each(|(dx_plane, dy_plane)| {
+        for (dx_row, dy_rows) in dx_plane.chunks_mut(w).zip(dy_plane.chunks(4 * w)) {
+            let (top, bottom) = dy_rows.split_at(2 * w);
+            for (j, d) in dx_row.iter_mut().enumerate() {
+                *d = (top[2 * j] + top[2 * j + 1]) + (bottom[2 * j] + bottom[2 * j + 1]);
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]
