@@ -68,7 +68,10 @@ pub struct Samples {
 /// [`Error::InvalidConfig`] unless 1 ≤ K ≤ T.
 pub fn respaced_timesteps(big_t: usize, k: usize) -> Result<Vec<usize>> {
     if k == 0 || k > big_t {
-        return Err(Error::config("steps", format!("{k} sampling steps for a process of {big_t}; use 1..={big_t}")));
+        return Err(Error::config(
+            "steps",
+            format!("{k} sampling steps for a process of {big_t}; use 1..={big_t}"),
+        ));
     }
     if k == 1 {
         return Ok(vec![big_t - 1]);
@@ -120,7 +123,8 @@ pub fn sample(
     let sched = if steps.len() == big_t { schedule.clone() } else { respace(schedule, &steps)? };
     let c = &net.config;
     let shape = [n, c.in_channels, c.resolution, c.resolution];
-    let mut x: ArrayD<f64> = ArrayD::from_shape_simple_fn(shape.as_slice(), || rng.sample::<f64, _>(StandardNormal));
+    let mut x: ArrayD<f64> =
+        ArrayD::from_shape_simple_fn(shape.as_slice(), || rng.sample::<f64, _>(StandardNormal));
     let bound = params.bind_constant();
     let k = steps.len();
     let frame_at: Vec<usize> = match config.trajectory_frames {
@@ -196,7 +200,9 @@ mod tests {
         let r = respace(&s, &steps).unwrap();
         // ᾱ of the respaced process at step i is ᾱ of the original at S_i.
         for (i, &si) in steps.iter().enumerate() {
-            assert!((r.alpha_bar()[i] - s.alpha_bar()[si]).abs() < 1e-12 * s.alpha_bar()[si].max(1e-300) + 1e-15);
+            assert!(
+                (r.alpha_bar()[i] - s.alpha_bar()[si]).abs() < 1e-12 * s.alpha_bar()[si].max(1e-300) + 1e-15
+            );
         }
         assert!(respaced_timesteps(1000, 0).is_err() && respaced_timesteps(10, 11).is_err());
     }

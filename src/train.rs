@@ -17,8 +17,8 @@ use crate::diffusion::gaussian::q_sample_f32;
 use crate::diffusion::tape_losses::training_losses_tape;
 use crate::diffusion::timesteps::sample_uniform;
 use crate::diffusion::{
-    BetaSchedule, Convention, ImportanceSampler, LossType, MeanType, NoiseSchedule,
-    Parameterization, TimestepSampling, VarianceType,
+    BetaSchedule, Convention, ImportanceSampler, LossType, MeanType, NoiseSchedule, Parameterization,
+    TimestepSampling, VarianceType,
 };
 use crate::nn::{clip_grad_norm, warmup_lr, Adam, AdamConfig, Ema, ParamStore, UNet, UNetConfig};
 use crate::{rng_from_seed, Error, Result, Rng, Tape, Tensor, Var};
@@ -263,8 +263,7 @@ impl Trainer {
         let out = self.net.forward(&p, &Var::constant(x_t.clone()), &model_t, Some(&mut self.rng));
         let d = &self.config.diffusion;
         let param = d.parameterization();
-        let per_item =
-            training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t.t, &eps, &out).loss;
+        let per_item = training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t.t, &eps, &out).loss;
         let weights = Tensor::from_shape_vec(vec![n], t.weights.iter().map(|&w| w as f32).collect())
             .expect("one weight per item");
         let loss = per_item.mul(&Var::constant(weights)).mean();

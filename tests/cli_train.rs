@@ -36,9 +36,31 @@ fn write_idx(dir: &Path) -> PathBuf {
 
 fn train_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--preset", "tiny", "--data", data, "--out", out, "--steps", steps, "--batch", "8",
-        "--timesteps", "50", "--warmup", "5", "--lr", "1e-3", "--checkpoint-every", "5",
-        "--sample-count", "4", "--sample-steps", "5", "--threads", "2",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        steps,
+        "--batch",
+        "8",
+        "--timesteps",
+        "50",
+        "--warmup",
+        "5",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "5",
+        "--sample-count",
+        "4",
+        "--sample-steps",
+        "5",
+        "--threads",
+        "2",
     ]
 }
 
@@ -55,14 +77,28 @@ fn train_sample_eval_end_to_end() {
     }
     // The loss falls: mean of the last 10 steps below the mean of the first 10.
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    let losses: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    let losses: Vec<f64> =
+        csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
     assert_eq!(losses.len(), 30);
     let (first, last) = (losses[..10].iter().sum::<f64>(), losses[20..].iter().sum::<f64>());
     assert!(last < first, "loss did not fall: first {first}, last {last}");
 
     let samples = dir.path().join("samples");
     let s = samples.to_str().unwrap();
-    let r = ddpm(&["sample", "--checkpoint", o, "--num", "5", "--steps", "10", "--out", s, "--trajectory", "--threads", "2"]);
+    let r = ddpm(&[
+        "sample",
+        "--checkpoint",
+        o,
+        "--num",
+        "5",
+        "--steps",
+        "10",
+        "--out",
+        s,
+        "--trajectory",
+        "--threads",
+        "2",
+    ]);
     assert!(r.status.success(), "sample failed: {}", stderr(&r));
     for f in ["grid.png", "000000.png", "000004.png", "trajectory.png"] {
         assert!(samples.join(f).is_file(), "missing {f}");
@@ -71,14 +107,28 @@ fn train_sample_eval_end_to_end() {
     // 3 columns x 2 rows of 8x8 images with 2-pixel borders.
     assert_eq!((grid.width(), grid.height()), (3 * 10 + 2, 2 * 10 + 2));
 
-    let r = ddpm(&["sample", "--checkpoint", o, "--num", "2", "--sampler", "ddim", "--steps", "5", "--out", s, "--grid-only"]);
+    let r = ddpm(&[
+        "sample",
+        "--checkpoint",
+        o,
+        "--num",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "5",
+        "--out",
+        s,
+        "--grid-only",
+    ]);
     assert!(r.status.success(), "ddim failed: {}", stderr(&r));
 
     let r = ddpm(&["eval", "--checkpoint", o, "--data", d, "--limit", "4", "--json", "--threads", "2"]);
     assert!(r.status.success(), "eval failed: {}", stderr(&r));
     let report: serde_json::Value = serde_json::from_slice(&r.stdout).expect("eval --json prints JSON");
     let total = report["total_bpd"].as_f64().unwrap();
-    let parts = ["prior_bpd", "kl_sum_bpd", "decoder_bpd"].iter().map(|k| report[k].as_f64().unwrap()).sum::<f64>();
+    let parts =
+        ["prior_bpd", "kl_sum_bpd", "decoder_bpd"].iter().map(|k| report[k].as_f64().unwrap()).sum::<f64>();
     assert!(total.is_finite() && total > 0.0, "total bpd {total}");
     assert!((total - parts).abs() < 1e-9 * total.max(1.0), "the breakdown sums to the total");
 }
@@ -119,7 +169,8 @@ fn killed_run_resumes_from_an_intact_checkpoint() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL, mid-write or not
     child.wait().unwrap();
-    let loaded = ddpm::io::checkpoint::Checkpoint::load(&ckpt).expect("the checkpoint left behind is complete");
+    let loaded =
+        ddpm::io::checkpoint::Checkpoint::load(&ckpt).expect("the checkpoint left behind is complete");
     let mut resume = train_args(d, o, "0");
     let target = (loaded.step + 3).to_string();
     resume[8] = &target;
@@ -138,7 +189,15 @@ fn bad_inputs_get_one_clear_line() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--data".into(), missing.display().to_string()], "no such file"),
         (vec!["--data".into(), dir.path().join("empty").display().to_string()], "empty"),
-        (vec!["--data".into(), dir.path().join("bad").display().to_string(), "--image-size".into(), "8".into()], "bad.png"),
+        (
+            vec![
+                "--data".into(),
+                dir.path().join("bad").display().to_string(),
+                "--image-size".into(),
+                "8".into(),
+            ],
+            "bad.png",
+        ),
     ];
     std::fs::create_dir(dir.path().join("empty")).unwrap();
     std::fs::create_dir(dir.path().join("bad")).unwrap();
@@ -170,11 +229,14 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     for (bytes, needle) in [
         (good[..good.len() / 2].to_vec(), "bad.safetensors"),
         (b"hello".to_vec(), "bad.safetensors"),
-        ({
-            let mut g = good.clone();
-            g[10] ^= 0xff;
-            g
-        }, "bad.safetensors"),
+        (
+            {
+                let mut g = good.clone();
+                g[10] ^= 0xff;
+                g
+            },
+            "bad.safetensors",
+        ),
     ] {
         std::fs::write(&bad, &bytes).unwrap();
         let r = ddpm(&["sample", "--checkpoint", b, "--num", "1", "--out", s]);

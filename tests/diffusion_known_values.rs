@@ -37,12 +37,8 @@ fn linear_schedule_t1000_tables_match_numpy() {
 fn improved_diffusion_rescaled_linear_t100_matches_numpy() {
     // numpy: bb = np.linspace(10 * 1e-4, 10 * 0.02, 100); np.cumprod(1 - bb)[-1]
     // (improved-diffusion's get_named_beta_schedule("linear", 100)).
-    let s = NoiseSchedule::new(
-        &BetaSchedule::Linear,
-        100,
-        Convention::ImprovedDiffusion.settings(),
-    )
-    .expect("valid");
+    let s = NoiseSchedule::new(&BetaSchedule::Linear, 100, Convention::ImprovedDiffusion.settings())
+        .expect("valid");
     assert!(rel(s.alpha_bar()[99], 2.039008975564078e-05) < 1e-12);
 }
 
@@ -70,33 +66,12 @@ fn discretized_decoder_matches_the_reference_formula_in_numpy() {
     let x = arr1(&[-1.0, 0.0, 1.0, 10.0 / 127.5 - 1.0]).into_dyn();
     let means = arr1(&[-0.99, 0.003, 0.95, -0.9]).into_dyn();
     let log_scales = arr1(&[0.01f64.ln(), 0.005f64.ln(), 0.1f64.ln(), 0.02f64.ln()]).into_dyn();
-    let tanh = [
-        -1.3030478534948324,
-        -0.713728438161726,
-        -1.131638553734934,
-        -2.436124205465491,
-    ];
-    let erf = [
-        -1.303256421817628,
-        -0.7133802557830163,
-        -1.1317244601855254,
-        -2.435527087397456,
-    ];
-    let got_tanh =
-        discretized_gaussian_log_likelihood(&x, &means, &log_scales, NormalCdf::TanhApprox);
+    let tanh = [-1.3030478534948324, -0.713728438161726, -1.131638553734934, -2.436124205465491];
+    let erf = [-1.303256421817628, -0.7133802557830163, -1.1317244601855254, -2.435527087397456];
+    let got_tanh = discretized_gaussian_log_likelihood(&x, &means, &log_scales, NormalCdf::TanhApprox);
     let got_erf = discretized_gaussian_log_likelihood(&x, &means, &log_scales, NormalCdf::Erf);
     for k in 0..4 {
-        assert!(
-            rel(got_tanh[k], tanh[k]) < 1e-12,
-            "tanh {k}: {} vs {}",
-            got_tanh[k],
-            tanh[k]
-        );
-        assert!(
-            rel(got_erf[k], erf[k]) < 1e-12,
-            "erf {k}: {} vs {}",
-            got_erf[k],
-            erf[k]
-        );
+        assert!(rel(got_tanh[k], tanh[k]) < 1e-12, "tanh {k}: {} vs {}", got_tanh[k], tanh[k]);
+        assert!(rel(got_erf[k], erf[k]) < 1e-12, "erf {k}: {} vs {}", got_erf[k], erf[k]);
     }
 }

@@ -20,12 +20,7 @@ const T: usize = 200;
 /// improved-diffusion's conventions: the linear schedule rescaled by 1000/T, so T = 200 still
 /// ends in noise (ᾱ_T ≈ 4e-5), and the tanh CDF of the reference code.
 fn schedule() -> NoiseSchedule {
-    NoiseSchedule::new(
-        &BetaSchedule::Linear,
-        T,
-        Convention::ImprovedDiffusion.settings(),
-    )
-    .expect("valid")
+    NoiseSchedule::new(&BetaSchedule::Linear, T, Convention::ImprovedDiffusion.settings()).expect("valid")
 }
 
 /// K random images on the 8-bit grid in [−1, 1], `[K, 3, 4, 4]`.
@@ -40,11 +35,7 @@ fn images() -> ArrayD<f64> {
 fn nearest(images: &ArrayD<f64>, x: ndarray::ArrayViewD<'_, f64>) -> (usize, f64) {
     images
         .axis_iter(Axis(0))
-        .map(|img| {
-            img.iter()
-                .zip(x.iter())
-                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        })
+        .map(|img| img.iter().zip(x.iter()).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())))
         .enumerate()
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .expect("K > 0")
@@ -56,10 +47,7 @@ fn sampling_with_the_optimal_denoiser_returns_the_training_images() {
     let imgs = images();
     let oracle = OracleDenoiser::new(&imgs);
     for variance_type in [VarianceType::FixedSmall, VarianceType::FixedLarge] {
-        let param = Parameterization {
-            mean_type: MeanType::Eps,
-            variance_type,
-        };
+        let param = Parameterization { mean_type: MeanType::Eps, variance_type };
         let mut rng = rng_from_seed(11);
         let n = 64;
         let samples = p_sample_loop(
@@ -75,16 +63,10 @@ fn sampling_with_the_optimal_denoiser_returns_the_training_images() {
             let (k, dist) = nearest(&imgs, x);
             // "Near" = within 1e-6 of a training image in every pixel: far below the 8-bit grid
             // spacing 2/255, so each sample decodes to exactly one training image.
-            assert!(
-                dist < 1e-6,
-                "{variance_type:?}: a sample is {dist} away from the nearest image"
-            );
+            assert!(dist < 1e-6, "{variance_type:?}: a sample is {dist} away from the nearest image");
             hits[k] += 1;
         }
-        assert!(
-            hits.iter().all(|&h| h > 0),
-            "{variance_type:?}: every image is reached, got {hits:?}"
-        );
+        assert!(hits.iter().all(|&h| h > 0), "{variance_type:?}: every image is reached, got {hits:?}");
     }
 }
 
@@ -98,22 +80,12 @@ fn bits_per_dim_of_the_optimal_denoiser_match_the_information_theoretic_predicti
     let s = schedule();
     let imgs = images();
     let oracle = OracleDenoiser::new(&imgs);
-    let param = Parameterization {
-        mean_type: MeanType::Eps,
-        variance_type: VarianceType::FixedSmall,
-    };
+    let param = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedSmall };
     let repeats = 256;
     let n = K * repeats;
     let x0 = ndarray::concatenate(Axis(0), &vec![imgs.view(); repeats]).expect("same shapes");
     let mut rng = rng_from_seed(5);
-    let b = calc_bpd_loop(
-        &s,
-        &param,
-        &x0,
-        true,
-        |x, t| oracle.eps_pred(&s, x, t),
-        &mut rng,
-    );
+    let b = calc_bpd_loop(&s, &param, &x0, true, |x, t| oracle.eps_pred(&s, x, t), &mut rng);
     let ln2 = std::f64::consts::LN_2;
 
     // Everything below is rebuilt from β with formulas written here.
@@ -132,12 +104,10 @@ fn bits_per_dim_of_the_optimal_denoiser_match_the_information_theoretic_predicti
     let mut kl_nats = Vec::with_capacity(n);
     for (i, x) in x0.axis_iter(Axis(0)).enumerate() {
         // L_T: KL(N(√ᾱ_T x, 1 − ᾱ_T) ‖ N(0, 1)) per dimension, averaged, in bits.
-        let prior: f64 = x
-            .iter()
-            .map(|&v| 0.5 * (-1.0 - (1.0 - ab_t).ln() + (1.0 - ab_t) + ab_t * v * v))
-            .sum::<f64>()
-            / D as f64
-            / ln2;
+        let prior: f64 =
+            x.iter().map(|&v| 0.5 * (-1.0 - (1.0 - ab_t).ln() + (1.0 - ab_t) + ab_t * v * v)).sum::<f64>()
+                / D as f64
+                / ln2;
         assert!(
             (b.prior_bpd[i] - prior).abs() < 1e-12 * prior.max(1e-6),
             "prior {} vs {prior}",
@@ -160,16 +130,9 @@ fn bits_per_dim_of_the_optimal_denoiser_match_the_information_theoretic_predicti
             .sum::<f64>()
             / D as f64
             / ln2;
-        assert!(
-            (b.decoder_bpd[i] - decoder).abs() < 1e-9,
-            "decoder {} vs {decoder}",
-            b.decoder_bpd[i]
-        );
+        assert!((b.decoder_bpd[i] - decoder).abs() < 1e-9, "decoder {} vs {decoder}", b.decoder_bpd[i]);
         let sum = b.prior_bpd[i] + b.decoder_bpd[i] + b.kl_sum_bpd[i];
-        assert!(
-            (b.total_bpd[i] - sum).abs() < 1e-12,
-            "the breakdown adds up"
-        );
+        assert!((b.total_bpd[i] - sum).abs() < 1e-12, "the breakdown adds up");
         kl_nats.push(b.kl_sum_bpd[i] * D as f64 * ln2);
     }
 
@@ -183,18 +146,11 @@ fn bits_per_dim_of_the_optimal_denoiser_match_the_information_theoretic_predicti
     let ln_k = (K as f64).ln();
     // "Close": no more than 4 standard errors below ln K (minus I(index; x_T) < 1e-3 nats at
     // ᾱ_T ≈ 4e-5), and no more than 5% + 4 standard errors above it.
-    assert!(
-        mean > ln_k - 4.0 * se - 1e-3,
-        "Σ L_t-1 = {mean} ± {se} nats is below ln K = {ln_k}"
-    );
-    assert!(
-        mean < 1.05 * ln_k + 4.0 * se,
-        "Σ L_t-1 = {mean} ± {se} nats is far above ln K = {ln_k}"
-    );
+    assert!(mean > ln_k - 4.0 * se - 1e-3, "Σ L_t-1 = {mean} ± {se} nats is below ln K = {ln_k}");
+    assert!(mean < 1.05 * ln_k + 4.0 * se, "Σ L_t-1 = {mean} ± {se} nats is far above ln K = {ln_k}");
 
-    let predicted_total = (b.prior_bpd.mean().expect("n > 0")
-        + b.decoder_bpd.mean().expect("n > 0"))
-        + ln_k / (D as f64 * ln2);
+    let predicted_total =
+        (b.prior_bpd.mean().expect("n > 0") + b.decoder_bpd.mean().expect("n > 0")) + ln_k / (D as f64 * ln2);
     let total = b.total_bpd.mean().expect("n > 0");
     let slack = (0.05 * ln_k + 4.0 * se + 1e-3) / (D as f64 * ln2);
     assert!(

@@ -6,16 +6,14 @@
 
 use ddpm::diffusion::convention::{Convention, Conventions, NormalCdf};
 use ddpm::diffusion::gaussian::{
-    p_mean_variance, q_mean_variance, q_posterior_mean_variance, q_step_mean_variance, MeanType,
-    ModelOutput, Parameterization, VarianceType,
+    p_mean_variance, q_mean_variance, q_posterior_mean_variance, q_step_mean_variance, MeanType, ModelOutput,
+    Parameterization, VarianceType,
 };
 use ddpm::diffusion::losses::{
     decoder_bin_probabilities, normal_kl, normal_kl_scalar, prior_bpd, vb_terms_bpd, DECODER_BINS,
 };
 use ddpm::diffusion::normal::TANH_CDF_MAX_ABS_ERROR;
-use ddpm::diffusion::schedule::{
-    cosine_alpha_bar_closed_form, BetaSchedule, NoiseSchedule, COSINE_MAX_BETA,
-};
+use ddpm::diffusion::schedule::{cosine_alpha_bar_closed_form, BetaSchedule, NoiseSchedule, COSINE_MAX_BETA};
 use ddpm::rng_from_seed;
 use ndarray::ArrayD;
 use proptest::prelude::*;
@@ -208,12 +206,8 @@ proptest! {
 /// of the log-ratio over √n), so a correct KL fails with probability below 1e-6 per case.
 #[test]
 fn kl_agrees_with_a_monte_carlo_estimate_within_five_standard_errors() {
-    let cases: [(f64, f64, f64, f64); 4] = [
-        (0.0, 0.0, 1.0, 0.0),
-        (0.3, -1.0, -0.2, 0.5),
-        (1.5, 0.7, 0.0, -0.3),
-        (-2.0, -3.0, -1.0, -2.0),
-    ];
+    let cases: [(f64, f64, f64, f64); 4] =
+        [(0.0, 0.0, 1.0, 0.0), (0.3, -1.0, -0.2, 0.5), (1.5, 0.7, 0.0, -0.3), (-2.0, -3.0, -1.0, -2.0)];
     let mut rng = rng_from_seed(7);
     let n = 200_000;
     for (m1, v1, m2, v2) in cases {
@@ -242,20 +236,12 @@ fn kl_agrees_with_a_monte_carlo_estimate_within_five_standard_errors() {
 /// The first-step conventions change only index 0 of the log-variance tables.
 #[test]
 fn conventions_change_only_the_first_step_of_the_log_variances() {
-    let a = NoiseSchedule::new(&BetaSchedule::Linear, 100, Convention::Ho2020.settings())
-        .expect("valid");
-    let b = NoiseSchedule::new(&BetaSchedule::Linear, 100, Convention::Diffusers.settings())
-        .expect("valid");
+    let a = NoiseSchedule::new(&BetaSchedule::Linear, 100, Convention::Ho2020.settings()).expect("valid");
+    let b = NoiseSchedule::new(&BetaSchedule::Linear, 100, Convention::Diffusers.settings()).expect("valid");
     assert_ne!(a.log_beta_tilde_clipped()[0], b.log_beta_tilde_clipped()[0]);
-    assert_ne!(
-        a.fixed_large_log_variance()[0],
-        b.fixed_large_log_variance()[0]
-    );
+    assert_ne!(a.fixed_large_log_variance()[0], b.fixed_large_log_variance()[0]);
     for i in 1..100 {
         assert_eq!(a.log_beta_tilde_clipped()[i], b.log_beta_tilde_clipped()[i]);
-        assert_eq!(
-            a.fixed_large_log_variance()[i],
-            b.fixed_large_log_variance()[i]
-        );
+        assert_eq!(a.fixed_large_log_variance()[i], b.fixed_large_log_variance()[i]);
     }
 }

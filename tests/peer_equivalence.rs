@@ -21,7 +21,8 @@ fn check(file: &str, preset: Preset, resolution: usize) {
         assert_eq!(t.shape(), want.shape(), "{name}");
         store.insert(name, t.clone());
     }
-    let n_params = fixture.tensors.keys().filter(|k| !k.starts_with("input.") && !k.starts_with("output.")).count();
+    let n_params =
+        fixture.tensors.keys().filter(|k| !k.starts_with("input.") && !k.starts_with("output.")).count();
     assert_eq!(n_params, template.len(), "the fixture has parameters the preset does not");
     let x: &Tensor = &fixture.tensors["input.x"];
     let t: Vec<f32> = fixture.tensors["input.t"].iter().copied().collect();

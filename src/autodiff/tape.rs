@@ -297,9 +297,7 @@ mod tests {
     fn mul(a: &Var, b: &Var) -> Var {
         let (av, bv) = (a.value_rc(), b.value_rc());
         let value = &*av * &*bv;
-        Var::record([a, b], value, move |g, needs| {
-            [needs[0].then(|| g * &*bv), needs[1].then(|| g * &*av)]
-        })
+        Var::record([a, b], value, move |g, needs| [needs[0].then(|| g * &*bv), needs[1].then(|| g * &*av)])
     }
 
     #[test]

@@ -122,7 +122,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let b = args.sample_batch.unwrap_or(args.batch);
         let param = Parameterization { mean_type: d.mean_type, variance_type: d.variance_type };
         let bound = params.bind_constant();
-        let mut x = ndarray::ArrayD::<f64>::from_shape_simple_fn(vec![b, c, r, r], || rng.sample::<f64, _>(StandardNormal));
+        let mut x = ndarray::ArrayD::<f64>::from_shape_simple_fn(vec![b, c, r, r], || {
+            rng.sample::<f64, _>(StandardNormal)
+        });
         let mut times = vec![];
         let mut t = d.timesteps - 1;
         for i in 0..args.warmup + reps {

@@ -22,7 +22,12 @@ pub fn set_threads(threads: usize) -> anyhow::Result<()> {
 }
 
 /// Loads `--data` (or the embedded MNIST when it is `None`).
-pub fn load_data(path: Option<&Path>, split: Split, image_size: Option<usize>, channels: Option<usize>) -> anyhow::Result<Dataset> {
+pub fn load_data(
+    path: Option<&Path>,
+    split: Split,
+    image_size: Option<usize>,
+    channels: Option<usize>,
+) -> anyhow::Result<Dataset> {
     let d = match path {
         None => data::mnist_embedded(split).context("loading the embedded MNIST")?,
         Some(p) => {
@@ -44,7 +49,11 @@ pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     let file = if path.is_dir() { path.join(CHECKPOINT) } else { path.to_path_buf() };
     if !file.is_file() {
         if path.is_dir() {
-            bail!("{}: no {CHECKPOINT} in this directory; train first with `ddpm train --out {}`", path.display(), path.display());
+            bail!(
+                "{}: no {CHECKPOINT} in this directory; train first with `ddpm train --out {}`",
+                path.display(),
+                path.display()
+            );
         }
         bail!("{}: no such checkpoint file", path.display());
     }
@@ -74,5 +83,8 @@ pub fn parse_list(s: &str) -> Result<SizeList, String> {
     if s.trim().is_empty() {
         return Ok(SizeList(vec![]));
     }
-    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect::<Result<_, _>>().map(SizeList)
+    s.split(',')
+        .map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}")))
+        .collect::<Result<_, _>>()
+        .map(SizeList)
 }

@@ -38,46 +38,27 @@ pub struct CompareArgs {
 /// Reads both files, prints the table, fails on any mismatch.
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     if !(args.rtol >= 0.0 && args.atol >= 0.0) {
-        bail!(
-            "--rtol and --atol must be non-negative numbers, got {} and {}",
-            args.rtol,
-            args.atol
-        );
+        bail!("--rtol and --atol must be non-negative numbers, got {} and {}", args.rtol, args.atol);
     }
     let reference = read_named_arrays(&args.reference)
         .with_context(|| format!("reading the reference {}", args.reference.display()))?;
     let candidate = read_named_arrays(&args.candidate)
         .with_context(|| format!("reading the candidate {}", args.candidate.display()))?;
-    let tolerance = Tolerance {
-        rtol: args.rtol,
-        atol: args.atol,
-    };
+    let tolerance = Tolerance { rtol: args.rtol, atol: args.atol };
     let report = compare(&reference, &candidate, tolerance, args.only.as_deref());
     println!("reference: {}", args.reference.display());
     println!("candidate: {}", args.candidate.display());
-    println!(
-        "tolerance: |cand - ref| <= {:e} + {:e} * |ref|",
-        tolerance.atol, tolerance.rtol
-    );
+    println!("tolerance: |cand - ref| <= {:e} + {:e} * |ref|", tolerance.atol, tolerance.rtol);
     println!();
     print!("{}", format_table(&report));
-    let failed: Vec<&str> = report
-        .entries
-        .iter()
-        .filter(|e| !e.status.passed())
-        .map(|e| e.name.as_str())
-        .collect();
+    let failed: Vec<&str> =
+        report.entries.iter().filter(|e| !e.status.passed()).map(|e| e.name.as_str()).collect();
     println!();
     if failed.is_empty() {
         println!("all {} arrays match", report.entries.len());
         Ok(())
     } else {
-        bail!(
-            "{} of {} arrays do not match: {}",
-            failed.len(),
-            report.entries.len(),
-            failed.join(", ")
-        )
+        bail!("{} of {} arrays do not match: {}", failed.len(), report.entries.len(), failed.join(", "))
     }
 }
 
@@ -107,14 +88,7 @@ fn status(e: &EntryComparison) -> String {
 
 /// The aligned table: name, shapes, max abs/rel error, status.
 fn format_table(report: &ComparisonReport) -> String {
-    let header = [
-        "name",
-        "shape ref",
-        "shape cand",
-        "max abs err",
-        "max rel err",
-        "status",
-    ];
+    let header = ["name", "shape ref", "shape cand", "max abs err", "max rel err", "status"];
     let rows: Vec<[String; 6]> = report
         .entries
         .iter()
@@ -154,9 +128,7 @@ fn format_table(report: &ComparisonReport) -> String {
         s
     };
     let mut out = line(header);
-    out.push_str(&line(
-        widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str),
-    ));
+    out.push_str(&line(widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str)));
     for row in &rows {
         out.push_str(&line(row.each_ref().map(String::as_str)));
     }

@@ -81,7 +81,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let outcome = train(&train_args).context("demo training")?;
     if outcome.interrupted {
-        eprintln!("interrupted at step {}; continue with `ddpm demo --resume --out {}`", outcome.steps, args.out.display());
+        eprintln!(
+            "interrupted at step {}; continue with `ddpm demo --resume --out {}`",
+            outcome.steps,
+            args.out.display()
+        );
         std::process::exit(130);
     }
     let sample_args = SampleArgs {

@@ -67,11 +67,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     let path = resolve_checkpoint(&args.checkpoint)?;
     let ck = Checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let data = load_data(args.data.as_deref(), args.split, Some(ck.config.unet.resolution), Some(ck.config.unet.in_channels))?;
+    let data = load_data(
+        args.data.as_deref(),
+        args.split,
+        Some(ck.config.unet.resolution),
+        Some(ck.config.unet.in_channels),
+    )?;
     let [_, c, h, w] = data.shape();
     let u = &ck.config.unet;
     if c != u.in_channels || h != u.resolution || w != u.resolution {
-        bail!("{}: images are {c}x{h}x{w}, the model takes {}x{}x{}", data.source().display(), u.in_channels, u.resolution, u.resolution);
+        bail!(
+            "{}: images are {c}x{h}x{w}, the model takes {}x{}x{}",
+            data.source().display(),
+            u.in_channels,
+            u.resolution,
+            u.resolution
+        );
     }
     let n = args.limit.unwrap_or(data.len()).min(data.len());
     if n == 0 || args.batch == 0 {

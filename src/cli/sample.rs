@@ -97,8 +97,10 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
     let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);
     let bar = progress_bar(k as u64, "sample");
     let mut rng = ddpm::rng_from_seed(args.seed);
-    let s = sample(&net, params, &schedule, &param, args.num, &cfg, &mut rng, |done, _| bar.set_position(done as u64))
-        .context("sampling")?;
+    let s = sample(&net, params, &schedule, &param, args.num, &cfg, &mut rng, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .context("sampling")?;
     bar.finish_and_clear();
     write_samples(&s, &args.out, !args.grid_only)
 }

@@ -318,15 +318,23 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainOutcome> {
     let ckpt_path = args.out.join(CHECKPOINT);
     let data = Arc::new(load_data(args.data.as_deref(), args.split, args.image_size, args.channels)?);
     let mut trainer = if args.resume {
-        let ck = Checkpoint::load(&ckpt_path).with_context(|| format!("cannot resume from {}", ckpt_path.display()))?;
-        ck.into_trainer(&ckpt_path, Arc::clone(&data)).with_context(|| format!("cannot resume from {}", ckpt_path.display()))?
+        let ck = Checkpoint::load(&ckpt_path)
+            .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?;
+        ck.into_trainer(&ckpt_path, Arc::clone(&data))
+            .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?
     } else {
         if ckpt_path.exists() {
-            bail!("{} already exists: pass --resume to continue that run, or choose another --out", ckpt_path.display());
+            bail!(
+                "{} already exists: pass --resume to continue that run, or choose another --out",
+                ckpt_path.display()
+            );
         }
         let [_, c, h, w] = data.shape();
         if h != w {
-            bail!("{}: images are {h}x{w}; the U-Net needs square images (use --image-size)", data.source().display());
+            bail!(
+                "{}: images are {h}x{w}; the U-Net needs square images (use --image-size)",
+                data.source().display()
+            );
         }
         Trainer::new(args.config(c, h), Arc::clone(&data)).context("cannot start training")?
     };
@@ -344,7 +352,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainOutcome> {
     );
     let metrics_path = args.out.join("metrics.csv");
     let mut history = prepare_metrics(&metrics_path, trainer.step)?;
-    let mut metrics = OpenOptions::new().append(true).open(&metrics_path).with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut metrics = OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
 
     install_ctrlc();
     let start = Instant::now();
@@ -445,7 +456,8 @@ fn save(ckpt: &Path, trainer: &Trainer, out: &Path, history: &[(u64, f64)]) -> a
     if history.len() >= 2 {
         let (steps, losses): (Vec<u64>, Vec<f64>) = history.iter().copied().unzip();
         let plot = out.join("loss.png");
-        ddpm::io::plot::save_loss_curve(&plot, &steps, &losses).with_context(|| format!("writing {}", plot.display()))?;
+        ddpm::io::plot::save_loss_curve(&plot, &steps, &losses)
+            .with_context(|| format!("writing {}", plot.display()))?;
     }
     Ok(())
 }
@@ -460,7 +472,16 @@ fn sample_grid(trainer: &Trainer, n: usize, steps: usize, path: &Path) -> anyhow
     };
     let mut rng = ddpm::rng_from_seed(trainer.step);
     let param = trainer.config.diffusion.parameterization();
-    let s = sample(&trainer.net, &trainer.ema_params(), trainer.schedule(), &param, n, &cfg, &mut rng, |_, _| {})?;
+    let s = sample(
+        &trainer.net,
+        &trainer.ema_params(),
+        trainer.schedule(),
+        &param,
+        n,
+        &cfg,
+        &mut rng,
+        |_, _| {},
+    )?;
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

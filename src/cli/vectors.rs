@@ -69,9 +69,9 @@ pub fn run(args: VectorsArgs) -> anyhow::Result<()> {
     };
     let timesteps = match (&args.schedule, args.timesteps) {
         (_, Some(t)) => t,
-        (BetaSchedule::File(path), None) => read_betas_file(path)
-            .with_context(|| format!("reading the β schedule {}", path.display()))?
-            .len(),
+        (BetaSchedule::File(path), None) => {
+            read_betas_file(path).with_context(|| format!("reading the β schedule {}", path.display()))?.len()
+        }
         (_, None) => 1000,
     };
     let mut conventions = args.convention.settings();
@@ -90,14 +90,9 @@ pub fn run(args: VectorsArgs) -> anyhow::Result<()> {
         sample_shape: [c, h, w],
     };
     let vectors = ReferenceVectors::build(&config).with_context(|| {
-        format!(
-            "building reference vectors for schedule {} with T = {timesteps}",
-            args.schedule
-        )
+        format!("building reference vectors for schedule {} with T = {timesteps}", args.schedule)
     })?;
-    vectors
-        .write_npz(&args.out)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    vectors.write_npz(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
     println!(
         "wrote {}: {} schedule tables (T = {timesteps}, schedule {}, convention {}) and {} case arrays \
          (N = {}, x0 [{}, {c}, {h}, {w}], t = {:?})",

@@ -143,13 +143,7 @@ impl Batches {
             ));
         }
         let (order, flips) = epoch_plan(data.len(), config, position.epoch);
-        let mut batches = Batches {
-            data,
-            config,
-            position,
-            order,
-            flips,
-        };
+        let mut batches = Batches { data, config, position, order, flips };
         batches.roll_over_if_done();
         Ok(batches)
     }
@@ -180,11 +174,7 @@ impl Batches {
         let b = self.config.batch_size;
         let range = self.position.index..self.position.index + b;
         self.position.index += b;
-        let flips = if self.flips.is_empty() {
-            vec![false; b]
-        } else {
-            self.flips[range.clone()].to_vec()
-        };
+        let flips = if self.flips.is_empty() { vec![false; b] } else { self.flips[range.clone()].to_vec() };
         let indices = self.order[range].to_vec();
         self.roll_over_if_done();
         BatchIndices { indices, flips }
@@ -194,12 +184,8 @@ impl Batches {
     /// [`Batches::position`] always says where the next batch really starts.
     fn roll_over_if_done(&mut self) {
         if self.position.index + self.config.batch_size > self.data.len() {
-            self.position = BatchPosition {
-                epoch: self.position.epoch + 1,
-                index: 0,
-            };
-            (self.order, self.flips) =
-                epoch_plan(self.data.len(), self.config, self.position.epoch);
+            self.position = BatchPosition { epoch: self.position.epoch + 1, index: 0 };
+            (self.order, self.flips) = epoch_plan(self.data.len(), self.config, self.position.epoch);
         }
     }
 
@@ -239,11 +225,8 @@ fn epoch_plan(n: usize, config: BatchConfig, epoch: u64) -> (Vec<usize>, Vec<boo
         let j = below(&mut rng, i as u64 + 1) as usize;
         order.swap(i, j);
     }
-    let flips = if config.random_flip {
-        (0..n).map(|_| rng.next_u32() >> 31 == 1).collect()
-    } else {
-        Vec::new()
-    };
+    let flips =
+        if config.random_flip { (0..n).map(|_| rng.next_u32() >> 31 == 1).collect() } else { Vec::new() };
     (order, flips)
 }
 
@@ -266,18 +249,12 @@ mod tests {
 
     /// `n` images of 1×1×3 whose pixels encode the index: row [i, i, 255 − i] (so a flip shows).
     fn indexed(n: usize) -> Dataset {
-        let pixels = (0..n)
-            .flat_map(|i| [i as u8, i as u8, 255 - i as u8])
-            .collect();
+        let pixels = (0..n).flat_map(|i| [i as u8, i as u8, 255 - i as u8]).collect();
         Dataset::new(pixels, n, 1, 1, 3, "indexed").expect("valid shape")
     }
 
     fn config(batch_size: usize, random_flip: bool, seed: u64) -> BatchConfig {
-        BatchConfig {
-            batch_size,
-            random_flip,
-            seed,
-        }
+        BatchConfig { batch_size, random_flip, seed }
     }
 
     #[test]
@@ -328,11 +305,7 @@ mod tests {
             let saved = first.position();
             let mut resumed = Batches::resume(Arc::clone(&d), cfg, saved).expect("valid");
             let tail: Vec<Tensor> = (stop..30).map(|_| resumed.next_batch()).collect();
-            assert_eq!(
-                tail,
-                all[stop..],
-                "resumed at batch {stop}, position {saved:?}"
-            );
+            assert_eq!(tail, all[stop..], "resumed at batch {stop}, position {saved:?}");
         }
     }
 
@@ -354,23 +327,15 @@ mod tests {
 
     #[test]
     fn position_survives_a_json_round_trip() {
-        let p = BatchPosition {
-            epoch: 7,
-            index: 128,
-        };
+        let p = BatchPosition { epoch: 7, index: 128 };
         let text = serde_json::to_string(&p).expect("serialize");
-        assert_eq!(
-            serde_json::from_str::<BatchPosition>(&text).expect("deserialize"),
-            p
-        );
+        assert_eq!(serde_json::from_str::<BatchPosition>(&text).expect("deserialize"), p);
     }
 
     #[test]
     fn batches_are_scaled_nchw_and_flips_mirror_the_width() {
         let cfg = config(40, true, 5);
-        let plan = Batches::new(indexed(40), cfg)
-            .expect("valid")
-            .next_indices();
+        let plan = Batches::new(indexed(40), cfg).expect("valid").next_indices();
         let batch = Batches::new(indexed(40), cfg).expect("valid").next_batch();
         assert_eq!(batch.shape(), &[40, 1, 1, 3]);
         for (k, (&i, &flip)) in plan.indices.iter().zip(&plan.flips).enumerate() {
@@ -383,10 +348,7 @@ mod tests {
             assert_eq!(got, want, "image {i}, flip {flip}");
         }
         let flipped = plan.flips.iter().filter(|&&f| f).count();
-        assert!(
-            (8..=32).contains(&flipped),
-            "about half flipped, got {flipped}"
-        );
+        assert!((8..=32).contains(&flipped), "about half flipped, got {flipped}");
     }
 
     #[test]
@@ -394,30 +356,11 @@ mod tests {
         let d = Arc::new(indexed(10));
         for bs in [0, 11] {
             let err = Batches::new(Arc::clone(&d), config(bs, false, 0)).expect_err("bad size");
-            assert!(matches!(
-                err,
-                Error::InvalidConfig {
-                    what: "batch size",
-                    ..
-                }
-            ));
+            assert!(matches!(err, Error::InvalidConfig { what: "batch size", .. }));
         }
-        let err = Batches::resume(
-            d,
-            config(2, false, 0),
-            BatchPosition {
-                epoch: 0,
-                index: 11,
-            },
-        )
-        .expect_err("bad index");
-        assert!(matches!(
-            err,
-            Error::InvalidConfig {
-                what: "batch position",
-                ..
-            }
-        ));
+        let err = Batches::resume(d, config(2, false, 0), BatchPosition { epoch: 0, index: 11 })
+            .expect_err("bad index");
+        assert!(matches!(err, Error::InvalidConfig { what: "batch position", .. }));
     }
 
     #[test]
@@ -427,10 +370,7 @@ mod tests {
         for _ in 0..7000 {
             counts[below(&mut rng, 7) as usize] += 1;
         }
-        assert!(
-            counts.iter().all(|&c| (850..1150).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (850..1150).contains(&c)), "{counts:?}");
     }
 
     #[test]

@@ -90,9 +90,7 @@ pub fn load_cifar_dir(dir: &Path, split: Split) -> Result<Dataset> {
     for file in &files {
         pixels.extend_from_slice(load_cifar(file)?.pixels());
     }
-    let source = files[0]
-        .parent()
-        .map_or_else(|| dir.to_path_buf(), Path::to_path_buf);
+    let source = files[0].parent().map_or_else(|| dir.to_path_buf(), Path::to_path_buf);
     let n = pixels.len() / CIFAR_IMAGE_BYTES;
     Dataset::new(pixels, n, 3, 32, 32, source)
 }
@@ -181,11 +179,7 @@ pub fn encode_cifar(dataset: &Dataset) -> Result<Vec<u8>> {
 /// Those of [`encode_cifar`], and [`Error::Io`] if the file cannot be written.
 pub fn write_cifar(path: &Path, dataset: &Dataset) -> Result<()> {
     let raw = encode_cifar(dataset)?;
-    let bytes = if has_gz_extension(path) {
-        gzip(&raw)
-    } else {
-        raw
-    };
+    let bytes = if has_gz_extension(path) { gzip(&raw) } else { raw };
     crate::io::write_atomic(path, &bytes)
 }
 
@@ -194,9 +188,7 @@ mod tests {
     use super::*;
 
     fn colour(n: usize, seed: usize) -> Dataset {
-        let pixels = (0..n * CIFAR_IMAGE_BYTES)
-            .map(|i| ((i + seed) * 13 % 256) as u8)
-            .collect();
+        let pixels = (0..n * CIFAR_IMAGE_BYTES).map(|i| ((i + seed) * 13 % 256) as u8).collect();
         Dataset::new(pixels, n, 3, 32, 32, "colour").expect("valid shape")
     }
 
@@ -234,15 +226,9 @@ mod tests {
         let err = parse_cifar(&bytes, Path::new("/c/data_batch_1.bin")).expect_err("truncated");
         let msg = err.to_string();
         assert!(matches!(err, Error::BadFile { .. }));
-        assert!(
-            msg.contains("/c/data_batch_1.bin") && msg.contains("truncated"),
-            "{msg}"
-        );
+        assert!(msg.contains("/c/data_batch_1.bin") && msg.contains("truncated"), "{msg}");
         assert!(msg.contains("1 whole CIFAR-10 records"), "{msg}");
-        assert!(parse_cifar(&[], Path::new("e"))
-            .expect_err("empty")
-            .to_string()
-            .contains("empty"));
+        assert!(parse_cifar(&[], Path::new("e")).expect_err("empty").to_string().contains("empty"));
     }
 
     #[test]
@@ -270,9 +256,7 @@ mod tests {
     #[test]
     fn folder_without_batches_is_refused_with_the_expected_names() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let msg = load_cifar_dir(dir.path(), Split::Test)
-            .expect_err("none")
-            .to_string();
+        let msg = load_cifar_dir(dir.path(), Split::Test).expect_err("none").to_string();
         assert!(msg.contains("test_batch.bin"), "{msg}");
     }
 

@@ -89,10 +89,8 @@ pub fn load_image_folder(dir: &Path, image_size: usize, channels: usize) -> Resu
         ));
     }
     let size = u32::try_from(image_size).expect("image_size was checked to be at most 4096");
-    let prepared: Vec<Result<Vec<u8>>> = paths
-        .par_iter()
-        .map(|path| read_and_prepare(path, size, channels))
-        .collect();
+    let prepared: Vec<Result<Vec<u8>>> =
+        paths.par_iter().map(|path| read_and_prepare(path, size, channels)).collect();
     let mut pixels = Vec::with_capacity(paths.len() * channels * image_size * image_size);
     for image in prepared {
         pixels.extend_from_slice(&image?);
@@ -117,11 +115,9 @@ pub fn prepare_image(image: &DynamicImage, image_size: u32, channels: usize) -> 
 
 /// Whether `path` ends in `.png`, `.jpg` or `.jpeg` (any case).
 pub(crate) fn has_image_extension(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-        IMAGE_EXTENSIONS
-            .iter()
-            .any(|known| e.eq_ignore_ascii_case(known))
-    })
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|known| e.eq_ignore_ascii_case(known)))
 }
 
 fn check_target(image_size: usize, channels: usize) -> Result<()> {
@@ -132,10 +128,7 @@ fn check_target(image_size: usize, channels: usize) -> Result<()> {
         ));
     }
     if image_size == 0 || image_size > MAX_IMAGE_SIZE {
-        return Err(Error::config(
-            "image size",
-            format!("{image_size} is outside 1..={MAX_IMAGE_SIZE}"),
-        ));
+        return Err(Error::config("image size", format!("{image_size} is outside 1..={MAX_IMAGE_SIZE}")));
     }
     Ok(())
 }
@@ -153,10 +146,7 @@ fn read_and_prepare(path: &Path, size: u32, channels: usize) -> Result<Vec<u8>> 
         )
     })?;
     if image.width() == 0 || image.height() == 0 {
-        return Err(Error::bad_file(
-            path,
-            "the image has no pixels; remove it from the folder",
-        ));
+        return Err(Error::bad_file(path, "the image has no pixels; remove it from the folder"));
     }
     Ok(prepare_image(&image, size, channels))
 }
@@ -252,14 +242,9 @@ mod tests {
         std::fs::write(dir.path().join(".hidden.png"), b"not an image").expect("write");
         std::fs::write(dir.path().join("notes.txt"), b"ignored").expect("write");
         let paths = find_images(dir.path()).expect("find");
-        let names: Vec<_> = paths
-            .iter()
-            .map(|p| p.strip_prefix(dir.path()).expect("under dir").to_owned())
-            .collect();
-        assert_eq!(
-            names,
-            [Path::new("B.PNG"), Path::new("a/z.png"), Path::new("c.png")]
-        );
+        let names: Vec<_> =
+            paths.iter().map(|p| p.strip_prefix(dir.path()).expect("under dir").to_owned()).collect();
+        assert_eq!(names, [Path::new("B.PNG"), Path::new("a/z.png"), Path::new("c.png")]);
         let d = load_image_folder(dir.path(), 2, 1).expect("load");
         assert_eq!(d.pixels()[..4], [20; 4]);
         assert_eq!(d.pixels()[4..8], [10; 4]);
@@ -269,32 +254,22 @@ mod tests {
     #[test]
     fn gray_to_rgb_repeats_and_rgb_to_gray_uses_bt601() {
         let dir = tempfile::tempdir().expect("temp dir");
-        GrayImage::from_pixel(3, 3, Luma([77]))
-            .save(dir.path().join("g.png"))
-            .expect("save");
+        GrayImage::from_pixel(3, 3, Luma([77])).save(dir.path().join("g.png")).expect("save");
         let d = load_image_folder(dir.path(), 3, 3).expect("load");
         assert!(d.pixels().iter().all(|&p| p == 77));
 
         let other = tempfile::tempdir().expect("temp dir");
-        RgbImage::from_pixel(3, 3, Rgb([200, 100, 50]))
-            .save(other.path().join("c.png"))
-            .expect("save");
+        RgbImage::from_pixel(3, 3, Rgb([200, 100, 50])).save(other.path().join("c.png")).expect("save");
         let d = load_image_folder(other.path(), 3, 1).expect("load");
         // (299·200 + 587·100 + 114·50 + 500) / 1000 = 124 (integer division).
-        assert!(
-            d.pixels().iter().all(|&p| p == 124),
-            "{:?}",
-            &d.pixels()[..3]
-        );
+        assert!(d.pixels().iter().all(|&p| p == 124), "{:?}", &d.pixels()[..3]);
     }
 
     #[test]
     fn transparent_pixels_become_white_and_opaque_ones_keep_their_colour() {
         let dir = tempfile::tempdir().expect("temp dir");
         // Left column transparent, right column opaque.
-        let img = RgbaImage::from_fn(2, 2, |x, _| {
-            Rgba([10, 20, 30, if x == 0 { 0 } else { 255 }])
-        });
+        let img = RgbaImage::from_fn(2, 2, |x, _| Rgba([10, 20, 30, if x == 0 { 0 } else { 255 }]));
         img.save(dir.path().join("t.png")).expect("save");
         let d = load_image_folder(dir.path(), 2, 3).expect("load");
         let px = d.image(0);
@@ -320,10 +295,7 @@ mod tests {
         assert_eq!(px.len(), 3 * 16 * 16);
         for (c, want) in [9i32, 120, 250].into_iter().enumerate() {
             for &p in &px[c * 256..(c + 1) * 256] {
-                assert!(
-                    (i32::from(p) - want).abs() <= 1,
-                    "channel {c}: {p} vs {want}"
-                );
+                assert!((i32::from(p) - want).abs() <= 1, "channel {c}: {p} vs {want}");
             }
         }
     }
@@ -337,16 +309,11 @@ mod tests {
     #[test]
     fn jpeg_images_load_close_to_their_colour() {
         let dir = tempfile::tempdir().expect("temp dir");
-        RgbImage::from_pixel(16, 16, Rgb([40, 160, 220]))
-            .save(dir.path().join("x.jpg"))
-            .expect("save jpeg");
+        RgbImage::from_pixel(16, 16, Rgb([40, 160, 220])).save(dir.path().join("x.jpg")).expect("save jpeg");
         let d = load_image_folder(dir.path(), 8, 3).expect("load");
         for (c, want) in [40i32, 160, 220].into_iter().enumerate() {
             for &p in &d.image(0)[c * 64..(c + 1) * 64] {
-                assert!(
-                    (i32::from(p) - want).abs() <= 4,
-                    "channel {c}: {p} vs {want}"
-                );
+                assert!((i32::from(p) - want).abs() <= 4, "channel {c}: {p} vs {want}");
             }
         }
     }
@@ -358,26 +325,18 @@ mod tests {
         let err = load_image_folder(dir.path(), 8, 3).expect_err("empty");
         assert!(matches!(err, Error::BadFile { .. }));
         let msg = message(err);
-        assert!(
-            msg.contains(&*dir.path().to_string_lossy()) && msg.contains("no PNG/JPEG"),
-            "{msg}"
-        );
+        assert!(msg.contains(&*dir.path().to_string_lossy()) && msg.contains("no PNG/JPEG"), "{msg}");
     }
 
     #[test]
     fn undecodable_image_is_refused_naming_it() {
         let dir = tempfile::tempdir().expect("temp dir");
-        GrayImage::from_pixel(2, 2, Luma([1]))
-            .save(dir.path().join("a.png"))
-            .expect("save");
+        GrayImage::from_pixel(2, 2, Luma([1])).save(dir.path().join("a.png")).expect("save");
         std::fs::write(dir.path().join("b.png"), b"this is not a png").expect("write");
         let err = load_image_folder(dir.path(), 2, 1).expect_err("bad image");
         assert!(matches!(err, Error::BadFile { .. }));
         let msg = message(err);
-        assert!(
-            msg.contains("b.png") && msg.contains("cannot decode"),
-            "{msg}"
-        );
+        assert!(msg.contains("b.png") && msg.contains("cannot decode"), "{msg}");
     }
 
     #[test]
@@ -385,10 +344,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         for (size, channels) in [(8, 2), (8, 4), (0, 3), (5000, 1)] {
             let err = load_image_folder(dir.path(), size, channels).expect_err("bad target");
-            assert!(
-                matches!(err, Error::InvalidConfig { .. }),
-                "{size} {channels}"
-            );
+            assert!(matches!(err, Error::InvalidConfig { .. }), "{size} {channels}");
         }
     }
 

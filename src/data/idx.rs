@@ -65,8 +65,7 @@ pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
         };
         return Err(Error::bad_file(source, reason));
     }
-    let (Some(count), Some(rows), Some(cols)) =
-        (be_u32(bytes, 4), be_u32(bytes, 8), be_u32(bytes, 12))
+    let (Some(count), Some(rows), Some(cols)) = (be_u32(bytes, 4), be_u32(bytes, 8), be_u32(bytes, 12))
     else {
         return Err(Error::bad_file(
             source,
@@ -80,9 +79,7 @@ pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
     if count == 0 || rows == 0 || cols == 0 {
         return Err(Error::bad_file(
             source,
-            format!(
-                "the IDX header says {count} images of {rows}x{cols}; there is nothing to load"
-            ),
+            format!("the IDX header says {count} images of {rows}x{cols}; there is nothing to load"),
         ));
     }
     let image_len = rows.checked_mul(cols);
@@ -90,9 +87,7 @@ pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
     let Some(body) = body.filter(|b| b.checked_add(IDX_IMAGES_HEADER).is_some()) else {
         return Err(Error::bad_file(
             source,
-            format!(
-                "the IDX header's size {count} x {rows} x {cols} overflows; the file is corrupt"
-            ),
+            format!("the IDX header's size {count} x {rows} x {cols} overflows; the file is corrupt"),
         ));
     };
     let present = bytes.len() - IDX_IMAGES_HEADER;
@@ -116,14 +111,7 @@ pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
             ),
         ));
     }
-    Dataset::new(
-        bytes[IDX_IMAGES_HEADER..].to_vec(),
-        count,
-        1,
-        rows,
-        cols,
-        source,
-    )
+    Dataset::new(bytes[IDX_IMAGES_HEADER..].to_vec(), count, 1, rows, cols, source)
 }
 
 /// Loads an IDX image file, gzip-compressed or not (detected by its first bytes `1f 8b`), as a
@@ -149,10 +137,7 @@ pub fn load_mnist_dir(dir: &Path, split: Split) -> Result<Dataset> {
         Some(path) => load_idx(&path),
         None => Err(Error::bad_file(
             dir,
-            format!(
-                "no MNIST {split} images here; expected one of {}",
-                mnist_names(split).join(", ")
-            ),
+            format!("no MNIST {split} images here; expected one of {}", mnist_names(split).join(", ")),
         )),
     }
 }
@@ -177,19 +162,13 @@ pub(crate) fn mnist_names(split: Split) -> [&'static str; 4] {
 
 /// The first MNIST file of `split` present in `dir`, if any.
 pub(crate) fn find_mnist_file(dir: &Path, split: Split) -> Option<PathBuf> {
-    mnist_names(split)
-        .iter()
-        .map(|name| dir.join(name))
-        .find(|path| path.is_file())
+    mnist_names(split).iter().map(|name| dir.join(name)).find(|path| path.is_file())
 }
 
 /// Whether `bytes` start like some IDX file (two zero bytes, a known element type, 1 to 4
 /// dimensions), so that [`super::load`] can give IDX files of the wrong kind a precise error.
 pub(crate) fn looks_like_idx(bytes: &[u8]) -> bool {
-    matches!(
-        bytes,
-        [0, 0, 0x08 | 0x09 | 0x0b | 0x0c | 0x0d | 0x0e, 1..=4, ..]
-    )
+    matches!(bytes, [0, 0, 0x08 | 0x09 | 0x0b | 0x0c | 0x0d | 0x0e, 1..=4, ..])
 }
 
 /// The IDX image file for a single-channel dataset: header `0x00000803, N, H, W`, then the pixels.
@@ -226,11 +205,7 @@ pub fn encode_idx(dataset: &Dataset) -> Result<Vec<u8>> {
 /// Those of [`encode_idx`], and [`Error::Io`] if the file cannot be written.
 pub fn write_idx(path: &Path, dataset: &Dataset) -> Result<()> {
     let raw = encode_idx(dataset)?;
-    let bytes = if has_gz_extension(path) {
-        gzip(&raw)
-    } else {
-        raw
-    };
+    let bytes = if has_gz_extension(path) { gzip(&raw) } else { raw };
     crate::io::write_atomic(path, &bytes)
 }
 
@@ -269,19 +244,13 @@ mod tests {
         let gz = std::fs::read(dir.path().join("x-idx3-ubyte.gz")).expect("read back");
         assert_eq!(gz[..2], [0x1f, 0x8b]);
         let raw = crate::data::gunzip_if_needed(&gz, Path::new("x")).expect("gunzip");
-        assert_eq!(
-            parse_idx(&raw, Path::new("x")).expect("parse").pixels(),
-            d.pixels()
-        );
+        assert_eq!(parse_idx(&raw, Path::new("x")).expect("parse").pixels(), d.pixels());
     }
 
     #[test]
     fn header_is_big_endian_with_the_image_magic() {
         let bytes = encode_idx(&digits(2, 28, 28)).expect("encode");
-        assert_eq!(
-            bytes[..16],
-            [0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]
-        );
+        assert_eq!(bytes[..16], [0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]);
         assert_eq!(bytes.len(), 16 + 2 * 28 * 28);
     }
 
@@ -289,12 +258,8 @@ mod tests {
     fn truncated_idx_is_refused_naming_the_file() {
         let mut bytes = encode_idx(&digits(3, 4, 4)).expect("encode");
         bytes.truncate(bytes.len() - 5);
-        let msg =
-            message(parse_idx(&bytes, Path::new("/d/train-images-idx3-ubyte")).expect_err("short"));
-        assert!(
-            msg.contains("/d/train-images-idx3-ubyte") && msg.contains("truncated"),
-            "{msg}"
-        );
+        let msg = message(parse_idx(&bytes, Path::new("/d/train-images-idx3-ubyte")).expect_err("short"));
+        assert!(msg.contains("/d/train-images-idx3-ubyte") && msg.contains("truncated"), "{msg}");
         assert!(msg.contains("2 whole images"), "{msg}");
         let msg = message(parse_idx(&bytes[..10], Path::new("h")).expect_err("short header"));
         assert!(msg.contains("header is truncated"), "{msg}");
@@ -320,10 +285,7 @@ mod tests {
         assert!(msg.contains("element type 0x0d"), "{msg}");
         bytes[..4].copy_from_slice(b"\x89PNG");
         let msg = message(parse_idx(&bytes, Path::new("p.png")).expect_err("png"));
-        assert!(
-            msg.contains("not an IDX image file") && msg.contains("p.png"),
-            "{msg}"
-        );
+        assert!(msg.contains("not an IDX image file") && msg.contains("p.png"), "{msg}");
     }
 
     #[test]
@@ -350,16 +312,8 @@ mod tests {
         let test = digits(2, 28, 28);
         write_idx(&dir.path().join("train-images-idx3-ubyte.gz"), &train).expect("write");
         write_idx(&dir.path().join("t10k-images.idx3-ubyte"), &test).expect("write");
-        assert_eq!(
-            load_mnist_dir(dir.path(), Split::Train)
-                .expect("train")
-                .len(),
-            3
-        );
-        assert_eq!(
-            load_mnist_dir(dir.path(), Split::Test).expect("test").len(),
-            2
-        );
+        assert_eq!(load_mnist_dir(dir.path(), Split::Train).expect("train").len(), 3);
+        assert_eq!(load_mnist_dir(dir.path(), Split::Test).expect("test").len(), 2);
         let empty = tempfile::tempdir().expect("temp dir");
         let msg = message(load_mnist_dir(empty.path(), Split::Test).expect_err("none"));
         assert!(msg.contains("t10k-images-idx3-ubyte"), "{msg}");

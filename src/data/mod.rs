@@ -77,10 +77,7 @@ impl FromStr for Split {
         match s.to_ascii_lowercase().as_str() {
             "train" => Ok(Split::Train),
             "test" => Ok(Split::Test),
-            _ => Err(Error::config(
-                "split",
-                format!("`{s}` is not a split; use `train` or `test`"),
-            )),
+            _ => Err(Error::config("split", format!("`{s}` is not a split; use `train` or `test`"))),
         }
     }
 }
@@ -140,10 +137,8 @@ impl Dataset {
                 ),
             ));
         }
-        let expected = n
-            .checked_mul(channels)
-            .and_then(|v| v.checked_mul(height))
-            .and_then(|v| v.checked_mul(width));
+        let expected =
+            n.checked_mul(channels).and_then(|v| v.checked_mul(height)).and_then(|v| v.checked_mul(width));
         if expected != Some(images.len()) {
             return Err(Error::config(
                 "dataset",
@@ -154,14 +149,7 @@ impl Dataset {
                 ),
             ));
         }
-        Ok(Dataset {
-            images,
-            n,
-            channels,
-            height,
-            width,
-            source,
-        })
+        Ok(Dataset { images, n, channels, height, width, source })
     }
 
     /// Number of images `N`.
@@ -214,11 +202,7 @@ impl Dataset {
     /// # Panics
     /// If `i >= len()`.
     pub fn image(&self, i: usize) -> &[u8] {
-        assert!(
-            i < self.n,
-            "Dataset::image: index {i} out of range for {} images",
-            self.n
-        );
+        assert!(i < self.n, "Dataset::image: index {i} out of range for {} images", self.n);
         let len = self.image_len();
         &self.images[i * len..(i + 1) * len]
     }
@@ -343,11 +327,7 @@ pub struct LoadOptions {
 ///   does not have, or a folder of images is loaded without `opts.image_size`.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    let dataset = if meta.is_dir() {
-        load_dir(path, opts)?
-    } else {
-        load_file(path)?
-    };
+    let dataset = if meta.is_dir() { load_dir(path, opts)? } else { load_file(path)? };
     check_stored_shape(dataset, opts)
 }
 
@@ -427,10 +407,7 @@ fn load_file(path: &Path) -> Result<Dataset> {
             "a single image is not a dataset; point at the folder that holds the images",
         ));
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     let cifar_like_name = name.contains(".bin") || name.contains("batch");
     if cifar_length || cifar_like_name {
         return cifar::parse_cifar(&bytes, path);
@@ -492,16 +469,12 @@ fn check_stored_shape(dataset: Dataset, opts: &LoadOptions) -> Result<Dataset> {
 
 /// The embedded MNIST training images (`data/mnist/train-images-idx3-ubyte.gz`, CC BY-SA 3.0,
 /// see `data/mnist/LICENSE.md`), carried in the binary so it works from any directory.
-const MNIST_TRAIN_GZ: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/data/mnist/train-images-idx3-ubyte.gz"
-));
+const MNIST_TRAIN_GZ: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist/train-images-idx3-ubyte.gz"));
 
 /// The embedded MNIST test images (`data/mnist/t10k-images-idx3-ubyte.gz`).
-const MNIST_TEST_GZ: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/data/mnist/t10k-images-idx3-ubyte.gz"
-));
+const MNIST_TEST_GZ: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist/t10k-images-idx3-ubyte.gz"));
 
 /// MNIST, embedded in the library: 60 000 training or 10 000 test images, `[N, 1, 28, 28]`,
 /// 0 = background. Pixel means: 33.32 (train), 33.79 (test). The data is CC BY-SA 3.0 (LeCun,
@@ -513,14 +486,8 @@ const MNIST_TEST_GZ: &[u8] = include_bytes!(concat!(
 /// [`Error::BadFile`] only if the embedded bytes were corrupted at build time.
 pub fn mnist_embedded(split: Split) -> Result<Dataset> {
     let (bytes, name) = match split {
-        Split::Train => (
-            MNIST_TRAIN_GZ,
-            "embedded:data/mnist/train-images-idx3-ubyte.gz",
-        ),
-        Split::Test => (
-            MNIST_TEST_GZ,
-            "embedded:data/mnist/t10k-images-idx3-ubyte.gz",
-        ),
+        Split::Train => (MNIST_TRAIN_GZ, "embedded:data/mnist/train-images-idx3-ubyte.gz"),
+        Split::Test => (MNIST_TEST_GZ, "embedded:data/mnist/t10k-images-idx3-ubyte.gz"),
     };
     let source = Path::new(name);
     let raw = gunzip_if_needed(bytes, source)?;
@@ -556,14 +523,12 @@ pub(crate) fn gunzip_if_needed(bytes: &[u8], source: &Path) -> Result<Vec<u8>> {
         .map(|at| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]))
         .map_or(0, |n| (n as usize).min(1 << 28));
     let mut out = Vec::with_capacity(hint);
-    flate2::read::MultiGzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .map_err(|e| {
-            Error::bad_file(
-                source,
-                format!("gzip data is corrupt or truncated ({e}); download or copy the file again"),
-            )
-        })?;
+    flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out).map_err(|e| {
+        Error::bad_file(
+            source,
+            format!("gzip data is corrupt or truncated ({e}); download or copy the file again"),
+        )
+    })?;
     Ok(out)
 }
 
@@ -571,16 +536,13 @@ pub(crate) fn gunzip_if_needed(bytes: &[u8], source: &Path) -> Result<Vec<u8>> {
 pub(crate) fn gzip(bytes: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder
-        .write_all(bytes)
-        .expect("writing to a Vec cannot fail");
+    encoder.write_all(bytes).expect("writing to a Vec cannot fail");
     encoder.finish().expect("writing to a Vec cannot fail")
 }
 
 /// Whether `path`'s name ends in `.gz` (case-insensitive): writers compress such files.
 pub(crate) fn has_gz_extension(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gz"))
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"))
 }
 
 #[cfg(test)]
@@ -604,24 +566,14 @@ mod tests {
     #[test]
     fn scaling_inverts_exactly_through_png_quantisation() {
         for p in 0..=255u8 {
-            assert_eq!(
-                crate::io::png::unit_to_pixel(pixel_to_unit(p)),
-                p,
-                "pixel {p}"
-            );
+            assert_eq!(crate::io::png::unit_to_pixel(pixel_to_unit(p)), p, "pixel {p}");
         }
     }
 
     #[test]
     fn dataset_new_refuses_wrong_length_and_zero_dims() {
-        assert!(matches!(
-            Dataset::new(vec![0; 10], 1, 1, 3, 3, "x"),
-            Err(Error::InvalidConfig { .. })
-        ));
-        assert!(matches!(
-            Dataset::new(vec![], 0, 1, 3, 3, "x"),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(Dataset::new(vec![0; 10], 1, 1, 3, 3, "x"), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(Dataset::new(vec![], 0, 1, 3, 3, "x"), Err(Error::InvalidConfig { .. })));
     }
 
     #[test]
@@ -667,10 +619,7 @@ mod tests {
         let err = gunzip_if_needed(&gz, Path::new("/x/broken.gz")).expect_err("truncated gzip");
         let msg = err.to_string();
         assert!(matches!(err, Error::BadFile { .. }));
-        assert!(
-            msg.contains("/x/broken.gz") && msg.contains("corrupt or truncated"),
-            "{msg}"
-        );
+        assert!(msg.contains("/x/broken.gz") && msg.contains("corrupt or truncated"), "{msg}");
     }
 
     #[test]
@@ -678,10 +627,7 @@ mod tests {
         let data: Vec<u8> = (0..5000).map(|i| (i % 251) as u8).collect();
         let gz = gzip(&data);
         assert!(is_gzip(&gz));
-        assert_eq!(
-            gunzip_if_needed(&gz, Path::new("x")).expect("valid gzip"),
-            data
-        );
+        assert_eq!(gunzip_if_needed(&gz, Path::new("x")).expect("valid gzip"), data);
     }
 
     #[test]
@@ -705,22 +651,12 @@ mod tests {
         image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30]))
             .save(images.join("a.png"))
             .expect("save png");
-        let opts = LoadOptions {
-            image_size: Some(4),
-            channels: Some(3),
-            ..Default::default()
-        };
+        let opts = LoadOptions { image_size: Some(4), channels: Some(3), ..Default::default() };
         let got = load(&images, &opts).expect("load folder");
         assert_eq!(got.shape(), [1, 3, 4, 4]);
         // Without a size, a folder of images is refused with a config error.
         let err = load(&images, &LoadOptions::default()).expect_err("no size");
-        assert!(matches!(
-            err,
-            Error::InvalidConfig {
-                what: "image size",
-                ..
-            }
-        ));
+        assert!(matches!(err, Error::InvalidConfig { what: "image size", .. }));
     }
 
     #[test]
@@ -728,22 +664,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("x-idx3-ubyte");
         write_idx(&path, &tiny(2, 1, 28, 28)).expect("write idx");
-        let opts = LoadOptions {
-            image_size: Some(32),
-            ..Default::default()
-        };
+        let opts = LoadOptions { image_size: Some(32), ..Default::default() };
         let msg = load(&path, &opts).expect_err("28 != 32").to_string();
         assert!(msg.contains("28x28") && msg.contains("32x32"), "{msg}");
-        let opts = LoadOptions {
-            channels: Some(3),
-            ..Default::default()
-        };
+        let opts = LoadOptions { channels: Some(3), ..Default::default() };
         assert!(load(&path, &opts).is_err());
-        let opts = LoadOptions {
-            image_size: Some(28),
-            channels: Some(1),
-            ..Default::default()
-        };
+        let opts = LoadOptions { image_size: Some(28), channels: Some(1), ..Default::default() };
         assert!(load(&path, &opts).is_ok());
     }
 
@@ -755,12 +681,7 @@ mod tests {
         let rgb = Dataset::new(pixels, 2, 3, 32, 32, "rgb").expect("valid shape");
         let path = dir.path().join("odd.dat");
         write_cifar(&path, &rgb).expect("write cifar");
-        assert_eq!(
-            load(&path, &LoadOptions::default())
-                .expect("cifar")
-                .pixels(),
-            rgb.pixels()
-        );
+        assert_eq!(load(&path, &LoadOptions::default()).expect("cifar").pixels(), rgb.pixels());
     }
 
     #[test]
@@ -771,10 +692,7 @@ mod tests {
         let err = load(&path, &LoadOptions::default()).expect_err("text file");
         let msg = err.to_string();
         assert!(matches!(err, Error::BadFile { .. }));
-        assert!(
-            msg.contains("notes.txt") && msg.contains("IDX") && msg.contains("CIFAR"),
-            "{msg}"
-        );
+        assert!(msg.contains("notes.txt") && msg.contains("IDX") && msg.contains("CIFAR"), "{msg}");
     }
 
     #[test]
@@ -798,25 +716,11 @@ mod tests {
     #[test]
     fn mnist_folder_missing_the_split_says_so() {
         let dir = tempfile::tempdir().expect("temp dir");
-        write_idx(
-            &dir.path().join("train-images-idx3-ubyte.gz"),
-            &tiny(2, 1, 28, 28),
-        )
-        .expect("write idx");
-        let opts = LoadOptions {
-            split: Split::Test,
-            ..Default::default()
-        };
-        let msg = load(dir.path(), &opts)
-            .expect_err("no test file")
-            .to_string();
+        write_idx(&dir.path().join("train-images-idx3-ubyte.gz"), &tiny(2, 1, 28, 28)).expect("write idx");
+        let opts = LoadOptions { split: Split::Test, ..Default::default() };
+        let msg = load(dir.path(), &opts).expect_err("no test file").to_string();
         assert!(msg.contains("t10k-images-idx3-ubyte"), "{msg}");
-        assert_eq!(
-            load(dir.path(), &LoadOptions::default())
-                .expect("train")
-                .len(),
-            2
-        );
+        assert_eq!(load(dir.path(), &LoadOptions::default()).expect("train").len(), 2);
     }
 
     #[test]
@@ -824,18 +728,10 @@ mod tests {
         let train = mnist_embedded(Split::Train).expect("embedded train");
         assert_eq!(train.shape(), [60000, 1, 28, 28]);
         // Mean from data/mnist/README.md ("mean 33.32 (train) / 33.79 (test)").
-        assert!(
-            (train.mean_pixel() - 33.32).abs() < 0.005,
-            "{}",
-            train.mean_pixel()
-        );
+        assert!((train.mean_pixel() - 33.32).abs() < 0.005, "{}", train.mean_pixel());
         let test = mnist_embedded(Split::Test).expect("embedded test");
         assert_eq!(test.shape(), [10000, 1, 28, 28]);
-        assert!(
-            (test.mean_pixel() - 33.79).abs() < 0.005,
-            "{}",
-            test.mean_pixel()
-        );
+        assert!((test.mean_pixel() - 33.79).abs() < 0.005, "{}", test.mean_pixel());
         assert!(train.source().to_string_lossy().starts_with("embedded:"));
     }
 }

@@ -36,11 +36,8 @@ pub enum Convention {
 
 impl Convention {
     /// Every convention, in the order of the table in the module docs.
-    pub const ALL: [Convention; 3] = [
-        Convention::Ho2020,
-        Convention::ImprovedDiffusion,
-        Convention::Diffusers,
-    ];
+    pub const ALL: [Convention; 3] =
+        [Convention::Ho2020, Convention::ImprovedDiffusion, Convention::Diffusers];
 
     /// The name used on the command line and in docs: `ho2020`, `improved-diffusion`, `diffusers`.
     pub fn name(self) -> &'static str {
@@ -190,9 +187,7 @@ mod tests {
             "Improved_Diffusion".parse::<Convention>().expect("parses"),
             Convention::ImprovedDiffusion
         );
-        let err = "ddim"
-            .parse::<Convention>()
-            .expect_err("unknown name is refused");
+        let err = "ddim".parse::<Convention>().expect_err("unknown name is refused");
         assert!(err.to_string().contains("ho2020"), "{err}");
     }
 

@@ -70,10 +70,8 @@ pub struct Parameterization {
 
 impl Parameterization {
     /// DDPM as trained by Ho et al. 2020 for CIFAR-10: ε-prediction, σ_t² = β_t.
-    pub const HO2020: Parameterization = Parameterization {
-        mean_type: MeanType::Eps,
-        variance_type: VarianceType::FixedLarge,
-    };
+    pub const HO2020: Parameterization =
+        Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedLarge };
 
     /// The network's output channels for data with `data_channels` channels: C, or 2C when
     /// the variance is learned.
@@ -127,26 +125,13 @@ impl ModelOutput {
     /// If the variance is learned and the output has fewer than 2 axes or an odd channel count.
     pub fn split(output: ArrayD<f64>, variance_type: VarianceType) -> ModelOutput {
         if !variance_type.is_learned() {
-            return ModelOutput {
-                prediction: output,
-                variance_values: None,
-            };
+            return ModelOutput { prediction: output, variance_values: None };
         }
-        assert!(
-            output.ndim() >= 2,
-            "ModelOutput::split: output {:?} has no channel axis",
-            output.shape()
-        );
+        assert!(output.ndim() >= 2, "ModelOutput::split: output {:?} has no channel axis", output.shape());
         let channels = output.shape()[1];
-        assert!(
-            channels % 2 == 0,
-            "ModelOutput::split: {channels} channels cannot be halved"
-        );
+        assert!(channels % 2 == 0, "ModelOutput::split: {channels} channels cannot be halved");
         let (a, b) = output.view().split_at(Axis(1), channels / 2);
-        ModelOutput {
-            prediction: a.to_owned(),
-            variance_values: Some(b.to_owned()),
-        }
+        ModelOutput { prediction: a.to_owned(), variance_values: Some(b.to_owned()) }
     }
 }
 
@@ -174,31 +159,17 @@ pub struct PSample {
 
 /// Coefficient `which` at the batch's timesteps, shaped `[N, 1, …]` like `x`.
 fn coef(schedule: &NoiseSchedule, which: Table, t: &[usize], x: &ArrayD<f64>) -> ArrayD<f64> {
-    assert_eq!(
-        t.len(),
-        x.shape()[0],
-        "{} timesteps for a batch of shape {:?}",
-        t.len(),
-        x.shape()
-    );
+    assert_eq!(t.len(), x.shape()[0], "{} timesteps for a batch of shape {:?}", t.len(), x.shape());
     schedule.extract_broadcast(which, t, x.ndim())
 }
 
 /// `c` (shape `[N, 1, …]`) broadcast to the full shape of `x`.
 fn full(c: &ArrayD<f64>, x: &ArrayD<f64>) -> ArrayD<f64> {
-    c.broadcast(x.raw_dim())
-        .expect("[N, 1, …] broadcasts to [N, …]")
-        .to_owned()
+    c.broadcast(x.raw_dim()).expect("[N, 1, …] broadcasts to [N, …]").to_owned()
 }
 
 fn assert_same_shape(a: &ArrayD<f64>, b: &ArrayD<f64>, what: &str) {
-    assert_eq!(
-        a.shape(),
-        b.shape(),
-        "{what}: shapes {:?} and {:?} differ",
-        a.shape(),
-        b.shape()
-    );
+    assert_eq!(a.shape(), b.shape(), "{what}: shapes {:?} and {:?} differ", a.shape(), b.shape());
 }
 
 /// A standard normal array of `shape` drawn from `rng` in row-major order.
@@ -207,11 +178,7 @@ pub fn standard_normal(shape: &[usize], rng: &mut Rng) -> ArrayD<f64> {
 }
 
 /// The one-step kernel q(x_t ∣ x_{t−1}) = N(√(1−β_t) x_{t−1}, β_t I) (Ho Eq. 2).
-pub fn q_step_mean_variance(
-    schedule: &NoiseSchedule,
-    x_prev: &ArrayD<f64>,
-    t: &[usize],
-) -> Gaussian {
+pub fn q_step_mean_variance(schedule: &NoiseSchedule, x_prev: &ArrayD<f64>, t: &[usize]) -> Gaussian {
     let sqrt_alpha = coef(schedule, Table::Alphas, t, x_prev).mapv(f64::sqrt);
     let beta = coef(schedule, Table::Betas, t, x_prev);
     Gaussian {
@@ -224,25 +191,13 @@ pub fn q_step_mean_variance(
 /// q(x_t ∣ x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) (Ho Eq. 4).
 pub fn q_mean_variance(schedule: &NoiseSchedule, x0: &ArrayD<f64>, t: &[usize]) -> Gaussian {
     let mean = &coef(schedule, Table::SqrtAlphaBar, t, x0) * x0;
-    let variance = full(
-        &coef(schedule, Table::AlphaBar, t, x0).mapv(|a| 1.0 - a),
-        x0,
-    );
+    let variance = full(&coef(schedule, Table::AlphaBar, t, x0).mapv(|a| 1.0 - a), x0);
     let log_variance = full(&coef(schedule, Table::LogOneMinusAlphaBar, t, x0), x0);
-    Gaussian {
-        mean,
-        variance,
-        log_variance,
-    }
+    Gaussian { mean, variance, log_variance }
 }
 
 /// x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, a sample of q(x_t ∣ x_0) by reparameterisation (Ho Eq. 4, §3.2).
-pub fn q_sample(
-    schedule: &NoiseSchedule,
-    x0: &ArrayD<f64>,
-    t: &[usize],
-    eps: &ArrayD<f64>,
-) -> ArrayD<f64> {
+pub fn q_sample(schedule: &NoiseSchedule, x0: &ArrayD<f64>, t: &[usize], eps: &ArrayD<f64>) -> ArrayD<f64> {
     assert_same_shape(x0, eps, "q_sample");
     &coef(schedule, Table::SqrtAlphaBar, t, x0) * x0
         + &coef(schedule, Table::SqrtOneMinusAlphaBar, t, x0) * eps
@@ -254,13 +209,7 @@ pub fn q_sample(
 /// # Panics
 /// If `x0` and `eps` differ in shape, `t.len()` differs from N, or a `t[n] >= T`.
 pub fn q_sample_f32(schedule: &NoiseSchedule, x0: &Tensor, t: &[usize], eps: &Tensor) -> Tensor {
-    assert_eq!(
-        x0.shape(),
-        eps.shape(),
-        "q_sample_f32: x0 {:?} and eps {:?} differ",
-        x0.shape(),
-        eps.shape()
-    );
+    assert_eq!(x0.shape(), eps.shape(), "q_sample_f32: x0 {:?} and eps {:?} differ", x0.shape(), eps.shape());
     assert_eq!(
         t.len(),
         x0.shape()[0],
@@ -274,17 +223,9 @@ pub fn q_sample_f32(schedule: &NoiseSchedule, x0: &Tensor, t: &[usize], eps: &Te
 }
 
 /// [`q_sample`] with ε ~ N(0, I) drawn from `rng`.
-pub fn q_sample_rng(
-    schedule: &NoiseSchedule,
-    x0: &ArrayD<f64>,
-    t: &[usize],
-    rng: &mut Rng,
-) -> NoisedBatch {
+pub fn q_sample_rng(schedule: &NoiseSchedule, x0: &ArrayD<f64>, t: &[usize], rng: &mut Rng) -> NoisedBatch {
     let eps = standard_normal(x0.shape(), rng);
-    NoisedBatch {
-        x_t: q_sample(schedule, x0, t, &eps),
-        eps,
-    }
+    NoisedBatch { x_t: q_sample(schedule, x0, t, &eps), eps }
 }
 
 /// The posterior q(x_{t−1} ∣ x_t, x_0) = N(μ̃_t, β̃_t I) with
@@ -344,12 +285,7 @@ pub fn predict_x0_from_v(
 }
 
 /// The v target √ᾱ_t ε − √(1−ᾱ_t) x_0 (Salimans & Ho 2022, §4).
-pub fn v_target(
-    schedule: &NoiseSchedule,
-    x0: &ArrayD<f64>,
-    t: &[usize],
-    eps: &ArrayD<f64>,
-) -> ArrayD<f64> {
+pub fn v_target(schedule: &NoiseSchedule, x0: &ArrayD<f64>, t: &[usize], eps: &ArrayD<f64>) -> ArrayD<f64> {
     assert_same_shape(x0, eps, "v_target");
     &coef(schedule, Table::SqrtAlphaBar, t, x0) * eps
         - &coef(schedule, Table::SqrtOneMinusAlphaBar, t, x0) * x0
@@ -389,22 +325,14 @@ pub fn p_mean_variance(
     assert_same_shape(x_t, pred, "p_mean_variance");
     let log_variance = match param.variance_type {
         VarianceType::FixedSmall => full(&coef(schedule, Table::LogBetaTildeClipped, t, x_t), x_t),
-        VarianceType::FixedLarge => {
-            full(&coef(schedule, Table::FixedLargeLogVariance, t, x_t), x_t)
-        }
+        VarianceType::FixedLarge => full(&coef(schedule, Table::FixedLargeLogVariance, t, x_t), x_t),
         VarianceType::Learned => {
-            let v = output
-                .variance_values
-                .as_ref()
-                .expect("a learned variance needs variance_values");
+            let v = output.variance_values.as_ref().expect("a learned variance needs variance_values");
             assert_same_shape(x_t, v, "p_mean_variance (variance values)");
             v.clone()
         }
         VarianceType::LearnedRange => {
-            let v = output
-                .variance_values
-                .as_ref()
-                .expect("a learned-range variance needs variance_values");
+            let v = output.variance_values.as_ref().expect("a learned-range variance needs variance_values");
             assert_same_shape(x_t, v, "p_mean_variance (variance values)");
             let min_log = coef(schedule, Table::LogBetaTildeClipped, t, x_t);
             let max_log = coef(schedule, Table::LogBetas, t, x_t);
@@ -427,28 +355,17 @@ pub fn p_mean_variance(
         }
     };
     let (mean, x0_pred) = match param.mean_type {
-        MeanType::PrevX => (
-            pred.clone(),
-            clip(predict_x0_from_xprev(schedule, x_t, t, pred)),
-        ),
+        MeanType::PrevX => (pred.clone(), clip(predict_x0_from_xprev(schedule, x_t, t, pred))),
         MeanType::Eps | MeanType::X0 | MeanType::V => {
             let x0_pred = clip(match param.mean_type {
                 MeanType::Eps => predict_x0_from_eps(schedule, x_t, t, pred),
                 MeanType::V => predict_x0_from_v(schedule, x_t, t, pred),
                 MeanType::X0 | MeanType::PrevX => pred.clone(),
             });
-            (
-                q_posterior_mean_variance(schedule, &x0_pred, x_t, t).mean,
-                x0_pred,
-            )
+            (q_posterior_mean_variance(schedule, &x0_pred, x_t, t).mean, x0_pred)
         }
     };
-    PMeanVariance {
-        mean,
-        variance,
-        log_variance,
-        x0_pred,
-    }
+    PMeanVariance { mean, variance, log_variance, x0_pred }
 }
 
 /// One ancestral step x_{t−1} = μ_θ + σ_t z, z ~ N(0, I) (Ho Algorithm 2, line 4), with no
@@ -468,20 +385,14 @@ pub fn p_sample(
     let p = p_mean_variance(schedule, param, x_t, t, output, clip_x0);
     let z = standard_normal(x_t.shape(), rng);
     let mut x_prev = p.mean;
-    for (((mut row, zr), lv), &ti) in x_prev
-        .axis_iter_mut(Axis(0))
-        .zip(z.axis_iter(Axis(0)))
-        .zip(p.log_variance.axis_iter(Axis(0)))
-        .zip(t)
+    for (((mut row, zr), lv), &ti) in
+        x_prev.axis_iter_mut(Axis(0)).zip(z.axis_iter(Axis(0))).zip(p.log_variance.axis_iter(Axis(0))).zip(t)
     {
         if ti != 0 {
             row.zip_mut_with(&(&lv.mapv(|l| (0.5 * l).exp()) * &zr), |x, n| *x += n);
         }
     }
-    PSample {
-        x_prev,
-        x0_pred: p.x0_pred,
-    }
+    PSample { x_prev, x0_pred: p.x0_pred }
 }
 
 /// Ancestral sampling (Ho Algorithm 2): x_T ~ N(0, I), then [`p_sample`] for t = T−1 … 0
@@ -529,17 +440,13 @@ mod tests {
         let x0 = standard_normal(&[3, 2, 2, 2], &mut rng);
         let t = [0, 7, 19];
         let n = q_sample_rng(&s, &x0, &t, &mut rng);
-        let close =
-            |a: &ArrayD<f64>, b: &ArrayD<f64>| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-10);
+        let close = |a: &ArrayD<f64>, b: &ArrayD<f64>| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-10);
         assert!(close(&predict_x0_from_eps(&s, &n.x_t, &t, &n.eps), &x0));
         assert!(close(&predict_eps_from_x0(&s, &n.x_t, &t, &x0), &n.eps));
         let v = v_target(&s, &x0, &t, &n.eps);
         assert!(close(&predict_x0_from_v(&s, &n.x_t, &t, &v), &x0));
         let post = q_posterior_mean_variance(&s, &x0, &n.x_t, &t);
-        assert!(close(
-            &predict_x0_from_xprev(&s, &n.x_t, &t, &post.mean),
-            &x0
-        ));
+        assert!(close(&predict_x0_from_xprev(&s, &n.x_t, &t, &post.mean), &x0));
     }
 
     #[test]
@@ -557,14 +464,8 @@ mod tests {
             (MeanType::PrevX, truth.clone()),
         ] {
             for variance_type in [VarianceType::FixedSmall, VarianceType::FixedLarge] {
-                let param = Parameterization {
-                    mean_type,
-                    variance_type,
-                };
-                let out = ModelOutput {
-                    prediction: prediction.clone(),
-                    variance_values: None,
-                };
+                let param = Parameterization { mean_type, variance_type };
+                let out = ModelOutput { prediction: prediction.clone(), variance_values: None };
                 let p = p_mean_variance(&s, &param, &n.x_t, &t, &out, false);
                 for (a, b) in p.mean.iter().zip(&truth) {
                     assert!((a - b).abs() < 1e-9, "{mean_type:?}: {a} vs {b}");
@@ -579,14 +480,8 @@ mod tests {
         let t = [5, 5, 5];
         let x_t = ArrayD::zeros(vec![3, 1]);
         let v = ArrayD::from_shape_vec(vec![3, 1], vec![-1.0, 0.0, 1.0]).expect("3 values");
-        let out = ModelOutput {
-            prediction: x_t.clone(),
-            variance_values: Some(v),
-        };
-        let param = Parameterization {
-            mean_type: MeanType::Eps,
-            variance_type: VarianceType::LearnedRange,
-        };
+        let out = ModelOutput { prediction: x_t.clone(), variance_values: Some(v) };
+        let param = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::LearnedRange };
         let p = p_mean_variance(&s, &param, &x_t, &t, &out, false);
         let (lo, hi) = (s.beta_tilde()[5].ln(), s.betas()[5].ln());
         assert!((p.log_variance[[0, 0]] - lo).abs() < 1e-14);
@@ -601,31 +496,17 @@ mod tests {
         assert_eq!(fixed.prediction.shape(), &[2, 6, 1, 1]);
         let learned = ModelOutput::split(raw, VarianceType::Learned);
         assert_eq!(learned.prediction.shape(), &[2, 3, 1, 1]);
-        assert_eq!(
-            learned.variance_values.as_ref().expect("learned")[[0, 0, 0, 0]],
-            3.0
-        );
+        assert_eq!(learned.variance_values.as_ref().expect("learned")[[0, 0, 0, 0]], 3.0);
     }
 
     #[test]
     fn clipping_bounds_x0_pred_and_the_first_step_adds_no_noise() {
         let s = schedule();
         let x_t = ArrayD::from_elem(vec![1, 4], 3.0);
-        let out = ModelOutput {
-            prediction: ArrayD::from_elem(vec![1, 4], -5.0),
-            variance_values: None,
-        };
+        let out = ModelOutput { prediction: ArrayD::from_elem(vec![1, 4], -5.0), variance_values: None };
         let p = p_mean_variance(&s, &Parameterization::HO2020, &x_t, &[0], &out, true);
         assert!(p.x0_pred.iter().all(|&v| v == 1.0));
-        let a = p_sample(
-            &s,
-            &Parameterization::HO2020,
-            &x_t,
-            &[0],
-            &out,
-            true,
-            &mut rng_from_seed(3),
-        );
+        let a = p_sample(&s, &Parameterization::HO2020, &x_t, &[0], &out, true, &mut rng_from_seed(3));
         assert_eq!(a.x_prev, p.mean, "no noise at the first step");
     }
 }

@@ -42,9 +42,7 @@ pub const HYBRID_LAMBDA: f64 = 0.001;
 /// KL(N(μ₁, e^{v₁}) ‖ N(μ₂, e^{v₂})) = ½(−1 + v₂ − v₁ + e^{v₁−v₂} + (μ₁ − μ₂)² e^{−v₂}) in nats,
 /// for one dimension, with log-variances v₁, v₂.
 pub fn normal_kl_scalar(mean1: f64, logvar1: f64, mean2: f64, logvar2: f64) -> f64 {
-    0.5 * (-1.0 + logvar2 - logvar1
-        + (logvar1 - logvar2).exp()
-        + (mean1 - mean2).powi(2) * (-logvar2).exp())
+    0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2).powi(2) * (-logvar2).exp())
 }
 
 /// [`normal_kl_scalar`] elementwise: the KL of two diagonal Gaussians per dimension, in nats.
@@ -58,14 +56,9 @@ pub fn normal_kl(
     logvar2: &ArrayD<f64>,
 ) -> ArrayD<f64> {
     let mut out = ArrayD::zeros(mean1.raw_dim());
-    Zip::from(&mut out)
-        .and(mean1)
-        .and(logvar1)
-        .and(mean2)
-        .and(logvar2)
-        .for_each(|o, &m1, &v1, &m2, &v2| {
-            *o = normal_kl_scalar(m1, v1, m2, v2);
-        });
+    Zip::from(&mut out).and(mean1).and(logvar1).and(mean2).and(logvar2).for_each(|o, &m1, &v1, &m2, &v2| {
+        *o = normal_kl_scalar(m1, v1, m2, v2);
+    });
     out
 }
 
@@ -112,15 +105,9 @@ pub fn discretized_gaussian_log_likelihood(
     cdf: NormalCdf,
 ) -> ArrayD<f64> {
     let mut out = ArrayD::zeros(x.raw_dim());
-    Zip::from(&mut out)
-        .and(x)
-        .and(means)
-        .and(log_scales)
-        .for_each(|o, &x, &m, &s| {
-            *o = decoder_bin_probability(x, m, s, cdf)
-                .max(DECODER_PROBABILITY_FLOOR)
-                .ln();
-        });
+    Zip::from(&mut out).and(x).and(means).and(log_scales).for_each(|o, &x, &m, &s| {
+        *o = decoder_bin_probability(x, m, s, cdf).max(DECODER_PROBABILITY_FLOOR).ln();
+    });
     out
 }
 
@@ -131,10 +118,7 @@ pub fn discretized_gaussian_log_likelihood(
 pub fn mean_flat(x: &ArrayD<f64>) -> Array1<f64> {
     let n = x.shape()[0];
     let per_sample = x.len().checked_div(n).unwrap_or(0);
-    Array1::from_iter(
-        x.axis_iter(Axis(0))
-            .map(|row| row.sum() / per_sample as f64),
-    )
+    Array1::from_iter(x.axis_iter(Axis(0)).map(|row| row.sum() / per_sample as f64))
 }
 
 /// L_T in bits/dim: KL(q(x_T ∣ x_0) ‖ N(0, I)) averaged over dimensions / ln 2 (Ho Eq. 5), shape `[N]`.
@@ -177,33 +161,21 @@ pub fn vb_terms_bpd(
 ) -> VbTerms {
     let q = q_posterior_mean_variance(schedule, x0, x_t, t);
     let p = p_mean_variance(schedule, param, x_t, t, output, clip_x0);
-    let kl_bpd = mean_flat(&normal_kl(
-        &q.mean,
-        &q.log_variance,
-        &p.mean,
-        &p.log_variance,
-    )) / LN_2;
+    let kl_bpd = mean_flat(&normal_kl(&q.mean, &q.log_variance, &p.mean, &p.log_variance)) / LN_2;
     let log_scales = p.log_variance.mapv(|v| 0.5 * v);
-    let ll = discretized_gaussian_log_likelihood(
-        x0,
-        &p.mean,
-        &log_scales,
-        schedule.conventions().normal_cdf,
-    );
+    let ll = discretized_gaussian_log_likelihood(x0, &p.mean, &log_scales, schedule.conventions().normal_cdf);
     let decoder_nll_bpd = mean_flat(&ll.mapv(|v| -v)) / LN_2;
-    let bpd = Array1::from_iter(t.iter().enumerate().map(|(n, &ti)| {
-        if ti == 0 {
-            decoder_nll_bpd[n]
-        } else {
-            kl_bpd[n]
-        }
-    }));
-    VbTerms {
-        bpd,
-        kl_bpd,
-        decoder_nll_bpd,
-        x0_pred: p.x0_pred,
-    }
+    let bpd =
+        Array1::from_iter(t.iter().enumerate().map(
+            |(n, &ti)| {
+                if ti == 0 {
+                    decoder_nll_bpd[n]
+                } else {
+                    kl_bpd[n]
+                }
+            },
+        ));
+    VbTerms { bpd, kl_bpd, decoder_nll_bpd, x0_pred: p.x0_pred }
 }
 
 /// The bound L_vlb = L_T + Σ_{t>1} L_{t−1} + L_0 for a batch, in bits/dim, as improved-diffusion's
@@ -258,27 +230,15 @@ where
         let output = ModelOutput::split(model(&x_t, &t), param.variance_type);
         let vb = vb_terms_bpd(schedule, param, x0, &x_t, &t, &output, clip_x0);
         terms_bpd.column_mut(i).assign(&vb.bpd);
-        x0_mse
-            .column_mut(i)
-            .assign(&mean_flat(&(&vb.x0_pred - x0).mapv(|d| d * d)));
+        x0_mse.column_mut(i).assign(&mean_flat(&(&vb.x0_pred - x0).mapv(|d| d * d)));
         let eps_pred = predict_eps_from_x0(schedule, &x_t, &t, &vb.x0_pred);
-        eps_mse
-            .column_mut(i)
-            .assign(&mean_flat(&(&eps_pred - &eps).mapv(|d| d * d)));
+        eps_mse.column_mut(i).assign(&mean_flat(&(&eps_pred - &eps).mapv(|d| d * d)));
     }
     let prior_bpd = prior_bpd(schedule, x0);
     let decoder_bpd = terms_bpd.column(0).to_owned();
     let kl_sum_bpd = terms_bpd.sum_axis(Axis(1)) - &decoder_bpd;
     let total_bpd = terms_bpd.sum_axis(Axis(1)) + &prior_bpd;
-    BpdBreakdown {
-        prior_bpd,
-        terms_bpd,
-        decoder_bpd,
-        kl_sum_bpd,
-        total_bpd,
-        x0_mse,
-        eps_mse,
-    }
+    BpdBreakdown { prior_bpd, terms_bpd, decoder_bpd, kl_sum_bpd, total_bpd, x0_mse, eps_mse }
 }
 
 /// Which training objective; each variant names its improved-diffusion `LossType` equivalent.
@@ -445,12 +405,7 @@ mod tests {
         for k in [0usize, 1, 127, 254, 255] {
             let x = k as f64 / 127.5 - 1.0;
             let p = decoder_bin_probabilities(x, s, NormalCdf::Erf);
-            let best = p
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .expect("256 bins")
-                .0;
+            let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("256 bins").0;
             assert_eq!(best, k);
         }
     }
@@ -458,42 +413,31 @@ mod tests {
     #[test]
     fn loss_type_check_refuses_mismatched_variances() {
         let fixed = Parameterization::HO2020;
-        let learned = Parameterization {
-            mean_type: MeanType::Eps,
-            variance_type: VarianceType::LearnedRange,
-        };
+        let learned =
+            Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::LearnedRange };
         assert!(LossType::Simple.check(&fixed).is_ok());
         assert!(LossType::Simple.check(&learned).is_err());
         assert!(LossType::Hybrid.check(&fixed).is_err());
         assert!(LossType::RescaledHybrid.check(&learned).is_ok());
-        assert!(
-            LossType::Vlb.check(&fixed).is_ok() && LossType::RescaledVlb.check(&learned).is_ok()
-        );
+        assert!(LossType::Vlb.check(&fixed).is_ok() && LossType::RescaledVlb.check(&learned).is_ok());
     }
 
     #[test]
     fn hybrid_loss_is_mse_plus_weighted_bound_term() {
-        let s =
-            NoiseSchedule::new(&BetaSchedule::Linear, 100, Conventions::default()).expect("valid");
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 100, Conventions::default()).expect("valid");
         let mut rng = rng_from_seed(4);
         let x0 = standard_normal(&[3, 2, 2, 2], &mut rng)
             .mapv(|v| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5 - 1.0);
         let eps = standard_normal(&[3, 2, 2, 2], &mut rng);
         let t = [0, 40, 99];
-        let param = Parameterization {
-            mean_type: MeanType::Eps,
-            variance_type: VarianceType::LearnedRange,
-        };
+        let param = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::LearnedRange };
         let out = ModelOutput {
             prediction: &eps * 0.9,
             variance_values: Some(standard_normal(&[3, 2, 2, 2], &mut rng).mapv(|v| v.tanh())),
         };
-        let h =
-            training_losses(&s, &param, LossType::Hybrid, &x0, &t, &eps, &out).expect("learned");
-        let r = training_losses(&s, &param, LossType::RescaledHybrid, &x0, &t, &eps, &out)
-            .expect("learned");
-        let v =
-            training_losses(&s, &param, LossType::RescaledVlb, &x0, &t, &eps, &out).expect("any");
+        let h = training_losses(&s, &param, LossType::Hybrid, &x0, &t, &eps, &out).expect("learned");
+        let r = training_losses(&s, &param, LossType::RescaledHybrid, &x0, &t, &eps, &out).expect("learned");
+        let v = training_losses(&s, &param, LossType::RescaledVlb, &x0, &t, &eps, &out).expect("any");
         let (mse, vb) = (h.mse.expect("has mse"), h.vb.expect("has vb"));
         for n in 0..3 {
             assert!((mse[n] - 0.01 * mean_flat(&eps.mapv(|e| e * e))[n]).abs() < 1e-12);

@@ -33,8 +33,8 @@ pub mod losses;
 pub mod normal;
 pub mod oracle;
 pub mod schedule;
-pub mod timesteps;
 pub mod tape_losses;
+pub mod timesteps;
 pub mod vectors;
 
 pub use convention::{Convention, Conventions, NormalCdf};
@@ -43,8 +43,8 @@ pub use gaussian::{
     q_sample_rng, Gaussian, MeanType, ModelOutput, PMeanVariance, Parameterization, VarianceType,
 };
 pub use losses::{
-    calc_bpd_loop, discretized_gaussian_log_likelihood, normal_kl, prior_bpd, training_losses,
-    vb_terms_bpd, BpdBreakdown, LossType, TrainingLosses, VbTerms,
+    calc_bpd_loop, discretized_gaussian_log_likelihood, normal_kl, prior_bpd, training_losses, vb_terms_bpd,
+    BpdBreakdown, LossType, TrainingLosses, VbTerms,
 };
 pub use oracle::OracleDenoiser;
 pub use schedule::{BetaSchedule, NoiseSchedule, Table};

@@ -29,10 +29,7 @@ impl OracleDenoiser {
     /// # Panics
     /// If `images` has no axis or K = 0.
     pub fn new(images: &ArrayD<f64>) -> Self {
-        assert!(
-            images.ndim() >= 1 && images.shape()[0] > 0,
-            "OracleDenoiser: empty data set"
-        );
+        assert!(images.ndim() >= 1 && images.shape()[0] > 0, "OracleDenoiser: empty data set");
         let k = images.shape()[0];
         let d = images.len() / k;
         let points = images
@@ -52,34 +49,16 @@ impl OracleDenoiser {
     ///
     /// # Panics
     /// If the per-sample size of `x_t` differs from the points', or `t.len()` from N, or a t ≥ T.
-    pub fn posterior_weights(
-        &self,
-        schedule: &NoiseSchedule,
-        x_t: &ArrayD<f64>,
-        t: &[usize],
-    ) -> Array2<f64> {
+    pub fn posterior_weights(&self, schedule: &NoiseSchedule, x_t: &ArrayD<f64>, t: &[usize]) -> Array2<f64> {
         let n = x_t.shape()[0];
-        assert_eq!(
-            t.len(),
-            n,
-            "OracleDenoiser: {} timesteps for {n} samples",
-            t.len()
-        );
+        assert_eq!(t.len(), n, "OracleDenoiser: {} timesteps for {n} samples", t.len());
         let x = self.flatten(x_t);
         let mut w = Array2::zeros((n, self.num_points()));
-        for (i, (row, mut w_row)) in x
-            .axis_iter(Axis(0))
-            .zip(w.axis_iter_mut(Axis(0)))
-            .enumerate()
-        {
+        for (i, (row, mut w_row)) in x.axis_iter(Axis(0)).zip(w.axis_iter_mut(Axis(0))).enumerate() {
             let sqrt_ab = schedule.sqrt_alpha_bar()[t[i]];
             let var = 1.0 - schedule.alpha_bar()[t[i]];
             for (k, p) in self.points.axis_iter(Axis(0)).enumerate() {
-                let d2: f64 = row
-                    .iter()
-                    .zip(p)
-                    .map(|(x, p)| (x - sqrt_ab * p).powi(2))
-                    .sum();
+                let d2: f64 = row.iter().zip(p).map(|(x, p)| (x - sqrt_ab * p).powi(2)).sum();
                 w_row[k] = -d2 / (2.0 * var);
             }
             // Softmax with the maximum subtracted, so the largest weight is exp(0) = 1 before normalising.
@@ -97,21 +76,14 @@ impl OracleDenoiser {
     /// As [`OracleDenoiser::posterior_weights`].
     pub fn x0_mean(&self, schedule: &NoiseSchedule, x_t: &ArrayD<f64>, t: &[usize]) -> ArrayD<f64> {
         let w = self.posterior_weights(schedule, x_t, t);
-        w.dot(&self.points)
-            .into_shape_with_order(x_t.raw_dim())
-            .expect("[N, D] has the shape of x_t")
+        w.dot(&self.points).into_shape_with_order(x_t.raw_dim()).expect("[N, D] has the shape of x_t")
     }
 
     /// E[ε ∣ x_t] = (x_t − √ᾱ_t E[x_0 ∣ x_t])/√(1 − ᾱ_t), the optimal ε-prediction, shape like `x_t`.
     ///
     /// # Panics
     /// As [`OracleDenoiser::posterior_weights`].
-    pub fn eps_pred(
-        &self,
-        schedule: &NoiseSchedule,
-        x_t: &ArrayD<f64>,
-        t: &[usize],
-    ) -> ArrayD<f64> {
+    pub fn eps_pred(&self, schedule: &NoiseSchedule, x_t: &ArrayD<f64>, t: &[usize]) -> ArrayD<f64> {
         predict_eps_from_x0(schedule, x_t, t, &self.x0_mean(schedule, x_t, t))
     }
 
@@ -139,17 +111,12 @@ mod tests {
 
     #[test]
     fn weights_pick_the_point_that_generated_a_noiseless_input() {
-        let s =
-            NoiseSchedule::new(&BetaSchedule::Linear, 100, Conventions::default()).expect("valid");
-        let images =
-            ArrayD::from_shape_vec(vec![2, 2], vec![1.0, -1.0, -1.0, 1.0]).expect("2 points");
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 100, Conventions::default()).expect("valid");
+        let images = ArrayD::from_shape_vec(vec![2, 2], vec![1.0, -1.0, -1.0, 1.0]).expect("2 points");
         let o = OracleDenoiser::new(&images);
         let t = [0usize];
-        let x_t = ArrayD::from_shape_vec(
-            vec![1, 2],
-            vec![s.sqrt_alpha_bar()[0], -s.sqrt_alpha_bar()[0]],
-        )
-        .expect("1 sample");
+        let x_t = ArrayD::from_shape_vec(vec![1, 2], vec![s.sqrt_alpha_bar()[0], -s.sqrt_alpha_bar()[0]])
+            .expect("1 sample");
         let w = o.posterior_weights(&s, &x_t, &t);
         assert!((w[[0, 0]] - 1.0).abs() < 1e-12 && w[[0, 1]] < 1e-12);
         // With x_t exactly √ᾱ x⁽¹⁾, E[ε ∣ x_t] is 0.

@@ -110,10 +110,7 @@ impl BetaSchedule {
     /// if its length differs from `timesteps`.
     pub fn betas(&self, timesteps: usize, conventions: &Conventions) -> Result<Vec<f64>> {
         if timesteps == 0 {
-            return Err(Error::config(
-                "timesteps",
-                "T = 0: a diffusion needs at least 2 steps",
-            ));
+            return Err(Error::config("timesteps", "T = 0: a diffusion needs at least 2 steps"));
         }
         let t = timesteps;
         Ok(match self {
@@ -131,18 +128,13 @@ impl BetaSchedule {
                     (1.0 - cosine_f(t2) / cosine_f(t1)).min(COSINE_MAX_BETA)
                 })
                 .collect(),
-            BetaSchedule::Quadratic => {
-                linspace(LINEAR_BETA_START.sqrt(), LINEAR_BETA_END.sqrt(), t)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect()
-            }
+            BetaSchedule::Quadratic => linspace(LINEAR_BETA_START.sqrt(), LINEAR_BETA_END.sqrt(), t)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
             BetaSchedule::Sigmoid => linspace(-6.0, 6.0, t)
                 .into_iter()
-                .map(|x| {
-                    1.0 / (1.0 + (-x).exp()) * (LINEAR_BETA_END - LINEAR_BETA_START)
-                        + LINEAR_BETA_START
-                })
+                .map(|x| 1.0 / (1.0 + (-x).exp()) * (LINEAR_BETA_END - LINEAR_BETA_START) + LINEAR_BETA_START)
                 .collect(),
             BetaSchedule::Constant => vec![LINEAR_BETA_END; t],
             BetaSchedule::File(path) => {
@@ -150,11 +142,7 @@ impl BetaSchedule {
                 if betas.len() != t {
                     return Err(Error::config(
                         "timesteps",
-                        format!(
-                            "{} holds {} betas but T = {t} was asked for",
-                            path.display(),
-                            betas.len()
-                        ),
+                        format!("{} holds {} betas but T = {t} was asked for", path.display(), betas.len()),
                     ));
                 }
                 betas
@@ -165,9 +153,7 @@ impl BetaSchedule {
 
 /// f(u) = cos²((u + s)/(1 + s) · π/2) with u = t/T (Nichol & Dhariwal 2021, Eq. 17).
 fn cosine_f(u: f64) -> f64 {
-    ((u + COSINE_S) / (1.0 + COSINE_S) * std::f64::consts::PI / 2.0)
-        .cos()
-        .powi(2)
+    ((u + COSINE_S) / (1.0 + COSINE_S) * std::f64::consts::PI / 2.0).cos().powi(2)
 }
 
 /// The cosine schedule's ᾱ in closed form, f(t)/f(0), at paper step t ∈ [0, T]
@@ -198,14 +184,11 @@ pub fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
 /// [`Error::Io`] if it cannot be read; [`Error::BadFile`] if a token is not a number, the
 /// `.npy` is not 1-D float64, or there is no number at all.
 pub fn read_betas_file(path: &Path) -> Result<Vec<f64>> {
-    let is_npy = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
     if is_npy {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let arr: Array1<f64> = ndarray_npy::ReadNpyExt::read_npy(file).map_err(|e| {
-            Error::bad_file(path, format!("expected a 1-D float64 .npy of betas: {e}"))
-        })?;
+        let arr: Array1<f64> = ndarray_npy::ReadNpyExt::read_npy(file)
+            .map_err(|e| Error::bad_file(path, format!("expected a 1-D float64 .npy of betas: {e}")))?;
         if arr.is_empty() {
             return Err(Error::bad_file(path, "the .npy holds no betas"));
         }
@@ -215,27 +198,18 @@ pub fn read_betas_file(path: &Path) -> Result<Vec<f64>> {
     let mut betas = Vec::new();
     for (line_no, line) in text.lines().enumerate() {
         let content = line.split('#').next().unwrap_or("");
-        for token in content
-            .split(|c: char| c.is_whitespace() || c == ',')
-            .filter(|s| !s.is_empty())
-        {
+        for token in content.split(|c: char| c.is_whitespace() || c == ',').filter(|s| !s.is_empty()) {
             let value: f64 = token.parse().map_err(|_| {
                 Error::bad_file(
                     path,
-                    format!(
-                        "line {}: {token:?} is not a number (one beta per entry)",
-                        line_no + 1
-                    ),
+                    format!("line {}: {token:?} is not a number (one beta per entry)", line_no + 1),
                 )
             })?;
             betas.push(value);
         }
     }
     if betas.is_empty() {
-        return Err(Error::bad_file(
-            path,
-            "no betas found (write one number per line)",
-        ));
+        return Err(Error::bad_file(path, "no betas found (write one number per line)"));
     }
     Ok(betas)
 }
@@ -347,11 +321,7 @@ impl NoiseSchedule {
     /// # Errors
     /// As [`BetaSchedule::betas`] and [`NoiseSchedule::from_betas`]; for a file schedule, an
     /// invalid β is reported as [`Error::BadFile`] naming the file.
-    pub fn new(
-        schedule: &BetaSchedule,
-        timesteps: usize,
-        conventions: Conventions,
-    ) -> Result<Self> {
+    pub fn new(schedule: &BetaSchedule, timesteps: usize, conventions: Conventions) -> Result<Self> {
         let betas = schedule.betas(timesteps, &conventions)?;
         match (schedule, Self::from_betas(betas, conventions)) {
             (BetaSchedule::File(path), Err(Error::InvalidConfig { reason, .. })) => {
@@ -379,10 +349,7 @@ impl NoiseSchedule {
             if !(b.is_finite() && b > 0.0 && b < 1.0) {
                 return Err(Error::config(
                     "schedule",
-                    format!(
-                        "β at index {i} (paper t = {}) is {b}; every β must lie in (0, 1)",
-                        i + 1
-                    ),
+                    format!("β at index {i} (paper t = {}) is {b}; every β must lie in (0, 1)", i + 1),
                 ));
             }
         }
@@ -407,9 +374,7 @@ impl NoiseSchedule {
             running = next;
         }
         let mut alpha_bar_prev = Array1::<f64>::ones(t_len);
-        alpha_bar_prev
-            .slice_mut(ndarray::s![1..])
-            .assign(&alpha_bar.slice(ndarray::s![..t_len - 1]));
+        alpha_bar_prev.slice_mut(ndarray::s![1..]).assign(&alpha_bar.slice(ndarray::s![..t_len - 1]));
 
         let sqrt_alpha_bar = alpha_bar.mapv(f64::sqrt);
         let sqrt_one_minus_alpha_bar = alpha_bar.mapv(|a| (1.0 - a).sqrt());
@@ -418,34 +383,24 @@ impl NoiseSchedule {
         let sqrt_recipm1_alpha_bar = alpha_bar.mapv(|a| (1.0 / a - 1.0).sqrt());
 
         // Eq. (7); the same operation order as the reference code so tables match bit for bit.
-        let beta_tilde = Array1::from_shape_fn(t_len, |i| {
-            betas[i] * (1.0 - alpha_bar_prev[i]) / (1.0 - alpha_bar[i])
-        });
+        let beta_tilde =
+            Array1::from_shape_fn(t_len, |i| betas[i] * (1.0 - alpha_bar_prev[i]) / (1.0 - alpha_bar[i]));
         let log_beta_tilde_clipped = match conventions.t0_log_variance {
-            T0LogVariance::SecondStep => Array1::from_shape_fn(t_len, |i| {
-                if i == 0 {
-                    beta_tilde[1].ln()
-                } else {
-                    beta_tilde[i].ln()
-                }
-            }),
+            T0LogVariance::SecondStep => {
+                Array1::from_shape_fn(t_len, |i| if i == 0 { beta_tilde[1].ln() } else { beta_tilde[i].ln() })
+            }
             T0LogVariance::Floor1e20 => beta_tilde.mapv(|v| v.max(1e-20).ln()),
         };
-        let posterior_mean_coef1 = Array1::from_shape_fn(t_len, |i| {
-            betas[i] * alpha_bar_prev[i].sqrt() / (1.0 - alpha_bar[i])
-        });
+        let posterior_mean_coef1 =
+            Array1::from_shape_fn(t_len, |i| betas[i] * alpha_bar_prev[i].sqrt() / (1.0 - alpha_bar[i]));
         let posterior_mean_coef2 = Array1::from_shape_fn(t_len, |i| {
             (1.0 - alpha_bar_prev[i]) * alphas[i].sqrt() / (1.0 - alpha_bar[i])
         });
         let log_betas = betas.mapv(f64::ln);
         let fixed_large_log_variance = match conventions.fixed_large_t0 {
-            FixedLargeT0::SecondStepPosterior => Array1::from_shape_fn(t_len, |i| {
-                if i == 0 {
-                    beta_tilde[1].ln()
-                } else {
-                    log_betas[i]
-                }
-            }),
+            FixedLargeT0::SecondStepPosterior => {
+                Array1::from_shape_fn(t_len, |i| if i == 0 { beta_tilde[1].ln() } else { log_betas[i] })
+            }
             FixedLargeT0::Beta => log_betas.clone(),
         };
 
@@ -471,7 +426,10 @@ impl NoiseSchedule {
             if let Some(i) = schedule.table(which).iter().position(|v| !v.is_finite()) {
                 return Err(Error::config(
                     "schedule",
-                    format!("table {which:?} is not finite at index {i} (paper t = {}); the β are too extreme", i + 1),
+                    format!(
+                        "table {which:?} is not finite at index {i} (paper t = {}); the β are too extreme",
+                        i + 1
+                    ),
                 ));
             }
         }
@@ -578,10 +536,7 @@ impl NoiseSchedule {
         let table = self.table(which);
         let big_t = self.num_timesteps();
         Array1::from_iter(t.iter().map(|&ti| {
-            assert!(
-                ti < big_t,
-                "extract: timestep index {ti} out of range 0..{big_t}"
-            );
+            assert!(ti < big_t, "extract: timestep index {ti} out of range 0..{big_t}");
             table[ti]
         }))
     }
@@ -604,9 +559,7 @@ impl NoiseSchedule {
         assert!(ndim >= 1, "extract_broadcast: ndim must be at least 1");
         let mut shape = vec![1; ndim];
         shape[0] = t.len();
-        self.extract(which, t)
-            .into_shape_with_order(IxDyn(&shape))
-            .expect("N values fill [N, 1, …, 1]")
+        self.extract(which, t).into_shape_with_order(IxDyn(&shape)).expect("N values fill [N, 1, …, 1]")
     }
 
     /// [`NoiseSchedule::extract_broadcast`] as an f32 [`Tensor`] of shape `[N, 1, …, 1]`.
@@ -650,16 +603,8 @@ mod tests {
     fn linear_t1000_matches_numpy_known_values() {
         let s = linear(1000);
         let rel = |a: f64, b: f64| ((a - b) / b).abs();
-        assert!(
-            rel(s.alpha_bar()[999], 4.035829765375676e-05) < 1e-12,
-            "{}",
-            s.alpha_bar()[999]
-        );
-        assert!(
-            rel(s.beta_tilde()[487], 0.00979157198569004) < 1e-13,
-            "{}",
-            s.beta_tilde()[487]
-        );
+        assert!(rel(s.alpha_bar()[999], 4.035829765375676e-05) < 1e-12, "{}", s.alpha_bar()[999]);
+        assert!(rel(s.beta_tilde()[487], 0.00979157198569004) < 1e-13, "{}", s.beta_tilde()[487]);
         assert!(rel(s.log_beta_tilde_clipped()[0], -9.81672513529567) < 1e-14);
         // The rounded values quoted in the issue.
         assert!((s.alpha_bar()[999] - 4.0358e-5).abs() < 1e-9);
@@ -695,20 +640,16 @@ mod tests {
 
     #[test]
     fn diffusers_convention_floors_the_first_log_variance_and_keeps_beta() {
-        let s = NoiseSchedule::new(&BetaSchedule::Linear, 10, Convention::Diffusers.settings())
-            .expect("valid");
+        let s =
+            NoiseSchedule::new(&BetaSchedule::Linear, 10, Convention::Diffusers.settings()).expect("valid");
         assert_eq!(s.log_beta_tilde_clipped()[0], 1e-20f64.ln());
         assert_eq!(s.fixed_large_log_variance()[0], s.betas()[0].ln());
     }
 
     #[test]
     fn improved_diffusion_rescales_the_linear_schedule_and_the_model_timestep() {
-        let s = NoiseSchedule::new(
-            &BetaSchedule::Linear,
-            100,
-            Convention::ImprovedDiffusion.settings(),
-        )
-        .expect("valid");
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 100, Convention::ImprovedDiffusion.settings())
+            .expect("valid");
         assert!((s.betas()[0] - 1e-3).abs() < 1e-18);
         assert!((s.betas()[99] - 0.2).abs() < 1e-15);
         assert_eq!(s.model_timestep(7), 70.0);
@@ -724,14 +665,8 @@ mod tests {
         let s = BetaSchedule::Sigmoid.betas(11, &c).expect("valid");
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         assert!((s[0] - (sig(-6.0) * (0.02 - 1e-4) + 1e-4)).abs() < 1e-18);
-        assert!(
-            (s[5] - (0.5 * (0.02 - 1e-4) + 1e-4)).abs() < 1e-17,
-            "the midpoint is sigmoid(0) = 1/2"
-        );
-        assert_eq!(
-            BetaSchedule::Constant.betas(3, &c).expect("valid"),
-            vec![0.02; 3]
-        );
+        assert!((s[5] - (0.5 * (0.02 - 1e-4) + 1e-4)).abs() < 1e-17, "the midpoint is sigmoid(0) = 1/2");
+        assert_eq!(BetaSchedule::Constant.betas(3, &c).expect("valid"), vec![0.02; 3]);
         for name in ["linear", "cosine", "quadratic", "sigmoid", "constant"] {
             let parsed: BetaSchedule = name.parse().expect("known name");
             assert_eq!(parsed.to_string(), name);
@@ -742,23 +677,15 @@ mod tests {
     #[test]
     fn cosine_alpha_bar_follows_its_closed_form_where_beta_is_not_capped() {
         for t_len in [10, 100, 1000] {
-            let s = NoiseSchedule::new(&BetaSchedule::Cosine, t_len, Conventions::default())
-                .expect("valid");
+            let s = NoiseSchedule::new(&BetaSchedule::Cosine, t_len, Conventions::default()).expect("valid");
             for i in 0..t_len {
                 let capped = s.betas().iter().take(i + 1).any(|&b| b >= COSINE_MAX_BETA);
                 if !capped {
                     let want = cosine_alpha_bar_closed_form((i + 1) as f64, t_len);
-                    assert!(
-                        ((s.alpha_bar()[i] - want) / want).abs() < 1e-11,
-                        "T={t_len} i={i}"
-                    );
+                    assert!(((s.alpha_bar()[i] - want) / want).abs() < 1e-11, "T={t_len} i={i}");
                 }
             }
-            assert_eq!(
-                s.betas()[t_len - 1],
-                COSINE_MAX_BETA,
-                "the last β is capped"
-            );
+            assert_eq!(s.betas()[t_len - 1], COSINE_MAX_BETA, "the last β is capped");
         }
     }
 
@@ -774,11 +701,7 @@ mod tests {
         assert!(msg(NoiseSchedule::from_betas(vec![0.1, 1e-18], c)).contains("strictly decreasing"));
         assert!(msg(NoiseSchedule::from_betas(vec![0.99; 400], c)).contains("strictly decreasing"));
         // improved-diffusion's rescaling makes β_T = 0.02 · 1000/10 = 2 > 1.
-        let r = NoiseSchedule::new(
-            &BetaSchedule::Linear,
-            10,
-            Convention::ImprovedDiffusion.settings(),
-        );
+        let r = NoiseSchedule::new(&BetaSchedule::Linear, 10, Convention::ImprovedDiffusion.settings());
         assert!(msg(r).contains("(0, 1)"));
     }
 
@@ -787,22 +710,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let good = dir.path().join("betas.txt");
         std::fs::write(&good, "# my schedule\n0.001, 0.002\n0.003 # last\n").expect("write");
-        let s = NoiseSchedule::new(&BetaSchedule::File(good.clone()), 3, Conventions::default())
-            .expect("valid");
+        let s =
+            NoiseSchedule::new(&BetaSchedule::File(good.clone()), 3, Conventions::default()).expect("valid");
         assert_eq!(s.betas().to_vec(), vec![0.001, 0.002, 0.003]);
         let wrong_len = NoiseSchedule::new(&BetaSchedule::File(good), 4, Conventions::default());
-        assert!(wrong_len
-            .expect_err("length mismatch")
-            .to_string()
-            .contains("holds 3 betas"));
+        assert!(wrong_len.expect_err("length mismatch").to_string().contains("holds 3 betas"));
 
         let bad = dir.path().join("bad.txt");
         std::fs::write(&bad, "0.1\nzero\n").expect("write");
         let e = read_betas_file(&bad).expect_err("not a number");
-        assert!(
-            matches!(e, Error::BadFile { .. }) && e.to_string().contains("line 2"),
-            "{e}"
-        );
+        assert!(matches!(e, Error::BadFile { .. }) && e.to_string().contains("line 2"), "{e}");
 
         let out_of_range = dir.path().join("range.txt");
         std::fs::write(&out_of_range, "0.1 1.5").expect("write");
@@ -819,10 +736,7 @@ mod tests {
         let s = linear(10);
         let t = [0usize, 9, 3];
         let v = s.extract(Table::AlphaBar, &t);
-        assert_eq!(
-            v.to_vec(),
-            vec![s.alpha_bar()[0], s.alpha_bar()[9], s.alpha_bar()[3]]
-        );
+        assert_eq!(v.to_vec(), vec![s.alpha_bar()[0], s.alpha_bar()[9], s.alpha_bar()[3]]);
         let b = s.extract_broadcast_f32(Table::SqrtAlphaBar, &t, 4);
         assert_eq!(b.shape(), &[3, 1, 1, 1]);
         assert_eq!(b[[1, 0, 0, 0]], s.sqrt_alpha_bar()[9] as f32);

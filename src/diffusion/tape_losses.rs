@@ -31,7 +31,9 @@ pub struct TapeLosses {
 pub fn clamp_min(x: &Var, lo: f32) -> Var {
     let y = x.value().mapv(|v| v.max(lo));
     let xs = x.value_rc();
-    Var::record([x], y, move |g, _| [Some(ndarray::Zip::from(g).and(&*xs).map_collect(|&g, &x| if x > lo { g } else { 0.0 }))])
+    Var::record([x], y, move |g, _| {
+        [Some(ndarray::Zip::from(g).and(&*xs).map_collect(|&g, &x| if x > lo { g } else { 0.0 }))]
+    })
 }
 
 /// Φ(x), the standard normal CDF, computed per `cdf` (exact erf, or the tanh approximation
@@ -70,7 +72,9 @@ fn coef(s: &NoiseSchedule, which: Table, t: &[usize], shape: &[usize]) -> Var {
 
 /// A constant per-sample mask `[N] → [N]`: 1 where `f(t)` holds.
 fn mask(t: &[usize], f: impl Fn(usize) -> bool) -> Var {
-    Var::constant(Tensor::from_shape_vec(vec![t.len()], t.iter().map(|&ti| f(ti) as u8 as f32).collect()).expect("[N]"))
+    Var::constant(
+        Tensor::from_shape_vec(vec![t.len()], t.iter().map(|&ti| f(ti) as u8 as f32).collect()).expect("[N]"),
+    )
 }
 
 /// The losses of [`training_losses`](super::losses::training_losses) on the tape, for the
@@ -107,8 +111,12 @@ pub fn training_losses_tape(
         let target = match param.mean_type {
             MeanType::Eps => Var::constant(eps.clone()),
             MeanType::X0 => x0c.clone(),
-            MeanType::V => k(Table::SqrtAlphaBar).mul(&Var::constant(eps.clone())).sub(&k(Table::SqrtOneMinusAlphaBar).mul(&x0c)),
-            MeanType::PrevX => k(Table::PosteriorMeanCoef1).mul(&x0c).add(&k(Table::PosteriorMeanCoef2).mul(&xtc)),
+            MeanType::V => k(Table::SqrtAlphaBar)
+                .mul(&Var::constant(eps.clone()))
+                .sub(&k(Table::SqrtOneMinusAlphaBar).mul(&x0c)),
+            MeanType::PrevX => {
+                k(Table::PosteriorMeanCoef1).mul(&x0c).add(&k(Table::PosteriorMeanCoef2).mul(&xtc))
+            }
         };
         mean_flat(&pred.sub(&target).square())
     });
@@ -121,9 +129,13 @@ pub fn training_losses_tape(
             MeanType::PrevX => p.clone(),
             mt => {
                 let x0_pred = match mt {
-                    MeanType::Eps => k(Table::SqrtRecipAlphaBar).mul(&xtc).sub(&k(Table::SqrtRecipm1AlphaBar).mul(&p)),
+                    MeanType::Eps => {
+                        k(Table::SqrtRecipAlphaBar).mul(&xtc).sub(&k(Table::SqrtRecipm1AlphaBar).mul(&p))
+                    }
                     MeanType::X0 => p.clone(),
-                    MeanType::V => k(Table::SqrtAlphaBar).mul(&xtc).sub(&k(Table::SqrtOneMinusAlphaBar).mul(&p)),
+                    MeanType::V => {
+                        k(Table::SqrtAlphaBar).mul(&xtc).sub(&k(Table::SqrtOneMinusAlphaBar).mul(&p))
+                    }
                     MeanType::PrevX => unreachable!("handled above"),
                 };
                 k(Table::PosteriorMeanCoef1).mul(&x0_pred).add(&k(Table::PosteriorMeanCoef2).mul(&xtc))
@@ -180,7 +192,6 @@ pub fn training_losses_tape(
     TapeLosses { loss, mse, vb }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,7 +243,8 @@ mod tests {
                     let mut half = out.slice_mut(ndarray::s![.., 2.., .., ..]);
                     half += &lv;
                 }
-                let tape = training_losses_tape(&s, &param, loss, &x0, &x_t, &t, &eps, &Var::constant(out.clone()));
+                let tape =
+                    training_losses_tape(&s, &param, loss, &x0, &x_t, &t, &eps, &Var::constant(out.clone()));
                 let reference = training_losses(
                     &s,
                     &param,
@@ -245,7 +257,10 @@ mod tests {
                 .unwrap();
                 for (a, b) in tape.loss.value().iter().zip(reference.loss.iter()) {
                     let tol = 2e-3 * b.abs().max(1.0);
-                    assert!((*a as f64 - b).abs() < tol, "{mean_type:?}/{var:?}/{loss:?}: tape {a} vs f64 {b}");
+                    assert!(
+                        (*a as f64 - b).abs() < tol,
+                        "{mean_type:?}/{var:?}/{loss:?}: tape {a} vs f64 {b}"
+                    );
                 }
             }
         }
@@ -266,6 +281,9 @@ mod tests {
         let g = l.vb.unwrap().sum().backward();
         let g = g.get(&o).unwrap();
         assert!(g.slice(ndarray::s![.., ..2, .., ..]).iter().all(|&v| v == 0.0), "L_vlb reached the mean");
-        assert!(g.slice(ndarray::s![.., 2.., .., ..]).iter().any(|&v| v != 0.0), "L_vlb did not reach the variance");
+        assert!(
+            g.slice(ndarray::s![.., 2.., .., ..]).iter().any(|&v| v != 0.0),
+            "L_vlb did not reach the variance"
+        );
     }
 }

@@ -38,10 +38,7 @@ pub struct TimestepBatch {
 /// If `timesteps` is 0.
 pub fn sample_uniform(timesteps: usize, n: usize, rng: &mut Rng) -> TimestepBatch {
     assert!(timesteps > 0, "sample_uniform: T = 0");
-    TimestepBatch {
-        t: (0..n).map(|_| rng.random_range(0..timesteps)).collect(),
-        weights: vec![1.0; n],
-    }
+    TimestepBatch { t: (0..n).map(|_| rng.random_range(0..timesteps)).collect(), weights: vec![1.0; n] }
 }
 
 /// The second-moment importance sampler of Nichol & Dhariwal §3.3.
@@ -73,9 +70,7 @@ impl ImportanceSampler {
 
     /// Whether every timestep has a full history (before that, sampling is uniform).
     pub fn warmed_up(&self) -> bool {
-        self.history
-            .iter()
-            .all(|h| h.len() == self.history_per_term)
+        self.history.iter().all(|h| h.len() == self.history_per_term)
     }
 
     /// The sampling probabilities p_t, shape `[T]`, summing to 1: uniform before warm-up, then
@@ -94,9 +89,7 @@ impl ImportanceSampler {
         if !(total > 0.0 && total.is_finite()) {
             return vec![1.0 / big_t as f64; big_t];
         }
-        rms.iter()
-            .map(|r| r / total * (1.0 - self.uniform_prob) + self.uniform_prob / big_t as f64)
-            .collect()
+        rms.iter().map(|r| r / total * (1.0 - self.uniform_prob) + self.uniform_prob / big_t as f64).collect()
     }
 
     /// Draws `n` timesteps from [`ImportanceSampler::probabilities`], with weights 1/(T p_t).
@@ -135,10 +128,7 @@ impl ImportanceSampler {
         for (&ti, &loss) in t.iter().zip(losses) {
             let len = self.history.len();
             let h = self.history.get_mut(ti).ok_or_else(|| {
-                Error::config(
-                    "timestep sampler",
-                    format!("timestep {ti} out of range 0..{len}"),
-                )
+                Error::config("timestep sampler", format!("timestep {ti} out of range 0..{len}"))
             })?;
             if !loss.is_finite() {
                 return Err(Error::config(
@@ -175,8 +165,7 @@ mod tests {
         let mut s = ImportanceSampler::new(4);
         assert_eq!(s.probabilities(), vec![0.25; 4]);
         for _ in 0..ImportanceSampler::HISTORY_PER_TERM {
-            s.update(&[0, 1, 2, 3], &[1.0, 1.0, 2.0, 4.0])
-                .expect("valid");
+            s.update(&[0, 1, 2, 3], &[1.0, 1.0, 2.0, 4.0]).expect("valid");
         }
         assert!(s.warmed_up());
         let p = s.probabilities();

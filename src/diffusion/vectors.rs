@@ -11,8 +11,8 @@ use rand::Rng as _;
 
 use super::convention::Conventions;
 use super::gaussian::{
-    p_mean_variance, predict_x0_from_eps, q_posterior_mean_variance, q_sample, standard_normal,
-    MeanType, ModelOutput, Parameterization, VarianceType,
+    p_mean_variance, predict_x0_from_eps, q_posterior_mean_variance, q_sample, standard_normal, MeanType,
+    ModelOutput, Parameterization, VarianceType,
 };
 use super::losses::{prior_bpd, vb_terms_bpd};
 use super::schedule::{BetaSchedule, NoiseSchedule, Table};
@@ -134,10 +134,7 @@ impl ReferenceVectors {
         if config.batch < 4 {
             return Err(Error::config(
                 "batch",
-                format!(
-                    "{} cases; at least 4 are needed to cover t = 0, 1, T/2 and T−1",
-                    config.batch
-                ),
+                format!("{} cases; at least 4 are needed to cover t = 0, 1, T/2 and T−1", config.batch),
             ));
         }
         if config.sample_shape.contains(&0) {
@@ -167,18 +164,9 @@ impl ReferenceVectors {
         let x_t = q_sample(&schedule, &x0, t, &noise);
         let posterior_mean = q_posterior_mean_variance(&schedule, &x0, &x_t, t).mean;
         let pred_xstart = predict_x0_from_eps(&schedule, &x_t, t, &model_output);
-        let output = ModelOutput {
-            prediction: model_output.clone(),
-            variance_values: None,
-        };
-        let large = Parameterization {
-            mean_type: MeanType::Eps,
-            variance_type: VarianceType::FixedLarge,
-        };
-        let small = Parameterization {
-            mean_type: MeanType::Eps,
-            variance_type: VarianceType::FixedSmall,
-        };
+        let output = ModelOutput { prediction: model_output.clone(), variance_values: None };
+        let large = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedLarge };
+        let small = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedSmall };
         let p_large = p_mean_variance(&schedule, &large, &x_t, t, &output, false);
         let p_small = p_mean_variance(&schedule, &small, &x_t, t, &output, false);
         let vb_bpd_fixedlarge = vb_terms_bpd(&schedule, &large, &x0, &x_t, t, &output, false).bpd;
@@ -228,15 +216,9 @@ impl ReferenceVectors {
             ("posterior_mean", self.posterior_mean.view().into()),
             ("pred_xstart", self.pred_xstart.view().into()),
             ("p_mean_fixedlarge", self.p_mean_fixedlarge.view().into()),
-            (
-                "p_log_variance_fixedlarge",
-                self.p_log_variance_fixedlarge.view().into(),
-            ),
+            ("p_log_variance_fixedlarge", self.p_log_variance_fixedlarge.view().into()),
             ("p_mean_fixedsmall", self.p_mean_fixedsmall.view().into()),
-            (
-                "p_log_variance_fixedsmall",
-                self.p_log_variance_fixedsmall.view().into(),
-            ),
+            ("p_log_variance_fixedsmall", self.p_log_variance_fixedsmall.view().into()),
             ("vb_bpd_fixedlarge", self.vb_bpd_fixedlarge.view().into()),
             ("vb_bpd_fixedsmall", self.vb_bpd_fixedsmall.view().into()),
             ("prior_bpd", self.prior_bpd.view().into()),
@@ -261,10 +243,7 @@ impl Default for Tolerance {
     /// rtol 1e-5, atol 1e-8: float64 candidates pass with a wide margin (they agree to ~1e-12);
     /// float32 candidates need about `--rtol 1e-4 --atol 1e-5` (docs/vectors.md).
     fn default() -> Self {
-        Tolerance {
-            rtol: 1e-5,
-            atol: 1e-8,
-        }
+        Tolerance { rtol: 1e-5, atol: 1e-8 }
     }
 }
 
@@ -343,11 +322,7 @@ pub fn compare(
     let find = |set: &[(String, ArrayD<f64>)], name: &str| {
         set.iter().find(|(n, _)| n == name).map(|(_, a)| a.clone())
     };
-    let mut names: Vec<String> = reference
-        .iter()
-        .map(|(n, _)| n.clone())
-        .filter(|n| wanted(n))
-        .collect();
+    let mut names: Vec<String> = reference.iter().map(|(n, _)| n.clone()).filter(|n| wanted(n)).collect();
     for (n, _) in candidate {
         if wanted(n) && !names.contains(n) {
             names.push(n.clone());
@@ -408,29 +383,17 @@ fn compare_entry(
         }
         let abs = (cv - rv).abs();
         // NaN compares false: a NaN difference is recorded as NaN and counted as a mismatch.
-        max_abs = if abs.is_nan() || max_abs.is_nan() {
-            f64::NAN
-        } else {
-            max_abs.max(abs)
-        };
+        max_abs = if abs.is_nan() || max_abs.is_nan() { f64::NAN } else { max_abs.max(abs) };
         if rv != 0.0 {
             let rel = abs / rv.abs();
-            max_rel = if rel.is_nan() || max_rel.is_nan() {
-                f64::NAN
-            } else {
-                max_rel.max(rel)
-            };
+            max_rel = if rel.is_nan() || max_rel.is_nan() { f64::NAN } else { max_rel.max(rel) };
         }
         let within = abs <= tol.atol + tol.rtol * rv.abs(); // false for NaN
         if !within {
             mismatched += 1;
         }
     }
-    let status = if mismatched == 0 {
-        EntryStatus::Ok
-    } else {
-        EntryStatus::Mismatch
-    };
+    let status = if mismatched == 0 { EntryStatus::Ok } else { EntryStatus::Mismatch };
     EntryComparison {
         name,
         reference_shape,
@@ -447,10 +410,7 @@ fn compare_entry(
 /// # Errors
 /// As [`crate::io::npz::read_npz`].
 pub fn read_named_arrays(path: &Path) -> Result<Vec<(String, ArrayD<f64>)>> {
-    Ok(read_npz(path)?
-        .into_iter()
-        .map(|e| (e.name, e.values))
-        .collect())
+    Ok(read_npz(path)?.into_iter().map(|e| (e.name, e.values)).collect())
 }
 
 #[cfg(test)]
@@ -458,12 +418,7 @@ mod tests {
     use super::*;
 
     fn small() -> VectorsConfig {
-        VectorsConfig {
-            timesteps: 50,
-            batch: 6,
-            sample_shape: [2, 2, 2],
-            ..VectorsConfig::default()
-        }
+        VectorsConfig { timesteps: 50, batch: 6, sample_shape: [2, 2, 2], ..VectorsConfig::default() }
     }
 
     #[test]
@@ -473,41 +428,24 @@ mod tests {
         assert!(a
             .x0
             .iter()
-            .all(
-                |&v| ((v + 1.0) * 127.5 - ((v + 1.0) * 127.5).round()).abs() < 1e-9
-                    && v.abs() <= 1.0
-            ));
+            .all(|&v| ((v + 1.0) * 127.5 - ((v + 1.0) * 127.5).round()).abs() < 1e-9 && v.abs() <= 1.0));
         let b = ReferenceVectors::build(&small()).expect("valid");
         assert_eq!(a.model_output, b.model_output);
         assert_eq!(a.vb_bpd_fixedsmall, b.vb_bpd_fixedsmall);
-        assert!(ReferenceVectors::build(&VectorsConfig {
-            batch: 3,
-            ..small()
-        })
-        .is_err());
+        assert!(ReferenceVectors::build(&VectorsConfig { batch: 3, ..small() }).is_err());
     }
 
     #[test]
     fn compare_flags_values_shapes_and_missing_names() {
         let a = ArrayD::from_shape_vec(vec![3], vec![1.0, 0.0, f64::NAN]).expect("3");
-        let reference = vec![
-            ("a".to_string(), a.clone()),
-            ("b".to_string(), a.clone()),
-            ("c".to_string(), a.clone()),
-        ];
+        let reference =
+            vec![("a".to_string(), a.clone()), ("b".to_string(), a.clone()), ("c".to_string(), a.clone())];
         let mut bumped = a.clone();
         bumped[0] = 1.0 + 1e-3;
-        let candidate = vec![
-            ("a".to_string(), a.clone()),
-            ("b".to_string(), bumped),
-            ("d".to_string(), a.clone()),
-        ];
+        let candidate =
+            vec![("a".to_string(), a.clone()), ("b".to_string(), bumped), ("d".to_string(), a.clone())];
         let r = compare(&reference, &candidate, Tolerance::default(), None);
-        let status: Vec<_> = r
-            .entries
-            .iter()
-            .map(|e| (e.name.as_str(), e.status))
-            .collect();
+        let status: Vec<_> = r.entries.iter().map(|e| (e.name.as_str(), e.status)).collect();
         assert_eq!(
             status,
             vec![
@@ -519,12 +457,7 @@ mod tests {
         );
         assert!((r.entries[1].max_abs_err.expect("compared") - 1e-3).abs() < 1e-12);
         assert!(!r.passed());
-        let only = compare(
-            &reference,
-            &candidate,
-            Tolerance::default(),
-            Some(&["a".to_string()]),
-        );
+        let only = compare(&reference, &candidate, Tolerance::default(), Some(&["a".to_string()]));
         assert!(only.passed() && only.entries.len() == 1);
         let shape = compare(
             &reference[..1],

@@ -112,9 +112,9 @@ pub struct Checkpoint {
 }
 
 fn meta_get<'a>(path: &Path, meta: &'a BTreeMap<String, String>, key: &str) -> Result<&'a str> {
-    meta.get(key)
-        .map(String::as_str)
-        .ok_or_else(|| Error::bad_file(path, format!("checkpoint metadata lacks `{key}`; is this a ddpm checkpoint?")))
+    meta.get(key).map(String::as_str).ok_or_else(|| {
+        Error::bad_file(path, format!("checkpoint metadata lacks `{key}`; is this a ddpm checkpoint?"))
+    })
 }
 
 fn parse<T: std::str::FromStr>(path: &Path, meta: &BTreeMap<String, String>, key: &str) -> Result<T> {
@@ -123,7 +123,11 @@ fn parse<T: std::str::FromStr>(path: &Path, meta: &BTreeMap<String, String>, key
         .map_err(|_| Error::bad_file(path, format!("checkpoint metadata `{key}` is not a valid number")))
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(path: &Path, meta: &BTreeMap<String, String>, key: &str) -> Result<T> {
+fn parse_json<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    meta: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<T> {
     serde_json::from_str(meta_get(path, meta, key)?)
         .map_err(|e| Error::bad_file(path, format!("checkpoint metadata `{key}` is malformed: {e}")))
 }
@@ -159,7 +163,11 @@ impl Checkpoint {
                 if t.shape() != want.shape() {
                     return Err(Error::bad_file(
                         path,
-                        format!("tensor `{key}` has shape {:?}, the config needs {:?}", t.shape(), want.shape()),
+                        format!(
+                            "tensor `{key}` has shape {:?}, the config needs {:?}",
+                            t.shape(),
+                            want.shape()
+                        ),
                     ));
                 }
                 store.insert(name, t);
@@ -183,33 +191,40 @@ impl Checkpoint {
                 .iter()
                 .map(|n| {
                     let key = format!("{prefix}.{n}");
-                    self.tensors.remove(&key).ok_or_else(|| Error::bad_file(path, format!("tensor `{key}` is missing")))
+                    self.tensors
+                        .remove(&key)
+                        .ok_or_else(|| Error::bad_file(path, format!("tensor `{key}` is missing")))
                 })
                 .collect()
         };
         let m = moments("adam.m")?;
         let v = moments("adam.v")?;
         let o = &self.config.optim;
-        let mut adam = Adam::new(&self.params, crate::nn::AdamConfig {
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-        });
+        let mut adam = Adam::new(
+            &self.params,
+            crate::nn::AdamConfig {
+                beta1: o.beta1,
+                beta2: o.beta2,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+            },
+        );
         adam.step = parse(path, &self.meta, "adam_step")?;
         adam.m = m;
         adam.v = v;
         let mut ema = Ema::new(&self.ema_params, o.ema_decay, o.ema_warmup);
         ema.updates = parse(path, &self.meta, "ema_updates")?;
         let rng_s: RngState = parse_json(path, &self.meta, "rng")?;
-        let rng = rng_restore(&rng_s).ok_or_else(|| Error::bad_file(path, "checkpoint RNG state is malformed"))?;
+        let rng =
+            rng_restore(&rng_s).ok_or_else(|| Error::bad_file(path, "checkpoint RNG state is malformed"))?;
         let position: BatchPosition = parse_json(path, &self.meta, "batch_position")?;
         let importance = if self.meta.contains_key("importance") {
             Some(parse_json(path, &self.meta, "importance")?)
         } else {
             None
         };
-        let mut trainer = Trainer::from_parts(self.config, data, self.params, adam, ema, self.step, rng, position)?;
+        let mut trainer =
+            Trainer::from_parts(self.config, data, self.params, adam, ema, self.step, rng, position)?;
         if importance.is_some() {
             trainer.importance = importance;
         }

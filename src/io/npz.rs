@@ -90,10 +90,7 @@ pub fn write_npz(path: &Path, arrays: &[(&str, NpzArray<'_>)]) -> Result<()> {
     }
     let mut writer = NpzWriter::new(Cursor::new(Vec::new()));
     let failed = |e: ndarray_npy::WriteNpzError| {
-        Error::io(
-            path,
-            std::io::Error::other(format!("cannot build the npz archive: {e}")),
-        )
+        Error::io(path, std::io::Error::other(format!("cannot build the npz archive: {e}")))
     };
     for (name, array) in arrays {
         match array {
@@ -117,10 +114,7 @@ pub fn write_npz(path: &Path, arrays: &[(&str, NpzArray<'_>)]) -> Result<()> {
 pub fn read_npz(path: &Path) -> Result<Vec<NpzEntry>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let corrupt = |e: ReadNpzError| {
-        Error::bad_file(
-            path,
-            format!("not a valid npz archive, or corrupt/truncated ({e})"),
-        )
+        Error::bad_file(path, format!("not a valid npz archive, or corrupt/truncated ({e})"))
     };
     let mut reader = NpzReader::new(Cursor::new(bytes)).map_err(corrupt)?;
     let names = reader.names().map_err(corrupt)?;
@@ -136,11 +130,7 @@ pub fn read_npz(path: &Path) -> Result<Vec<NpzEntry>> {
             ),
             other => corrupt(other),
         })?;
-        entries.push(NpzEntry {
-            name,
-            dtype,
-            values,
-        });
+        entries.push(NpzEntry { name, dtype, values });
     }
     Ok(entries)
 }
@@ -165,37 +155,20 @@ fn read_any(
         return Ok((NpzDtype::F64, a.as_standard_layout().into_owned()));
     }
     if let Some(a) = attempt::<f32>(reader, index)? {
-        return Ok((
-            NpzDtype::F32,
-            a.mapv(f64::from).as_standard_layout().into_owned(),
-        ));
+        return Ok((NpzDtype::F32, a.mapv(f64::from).as_standard_layout().into_owned()));
     }
     if let Some(a) = attempt::<i64>(reader, index)? {
-        return Ok((
-            NpzDtype::I64,
-            a.mapv(|v| v as f64).as_standard_layout().into_owned(),
-        ));
+        return Ok((NpzDtype::I64, a.mapv(|v| v as f64).as_standard_layout().into_owned()));
     }
     if let Some(a) = attempt::<i32>(reader, index)? {
-        return Ok((
-            NpzDtype::I32,
-            a.mapv(f64::from).as_standard_layout().into_owned(),
-        ));
+        return Ok((NpzDtype::I32, a.mapv(f64::from).as_standard_layout().into_owned()));
     }
     if let Some(a) = attempt::<u8>(reader, index)? {
-        return Ok((
-            NpzDtype::U8,
-            a.mapv(f64::from).as_standard_layout().into_owned(),
-        ));
+        return Ok((NpzDtype::U8, a.mapv(f64::from).as_standard_layout().into_owned()));
     }
     // The last type reports the descriptor if it does not match either.
     let a = reader.by_index::<ndarray::OwnedRepr<bool>, ndarray::IxDyn>(index)?;
-    Ok((
-        NpzDtype::Bool,
-        a.mapv(|v| f64::from(u8::from(v)))
-            .as_standard_layout()
-            .into_owned(),
-    ))
+    Ok((NpzDtype::Bool, a.mapv(|v| f64::from(u8::from(v))).as_standard_layout().into_owned()))
 }
 
 #[cfg(test)]
@@ -210,15 +183,8 @@ mod tests {
         let betas = Array1::linspace(1e-4, 0.02, 1000);
         let x = Array3::from_shape_fn((2, 3, 4), |(a, b, c)| (a * 12 + b * 4 + c) as f32 / 7.0);
         let t = arr1(&[0i64, 999, -5, 1 << 40]);
-        write_npz(
-            &path,
-            &[
-                ("betas", betas.view().into()),
-                ("x", x.view().into()),
-                ("t", t.view().into()),
-            ],
-        )
-        .expect("write");
+        write_npz(&path, &[("betas", betas.view().into()), ("x", x.view().into()), ("t", t.view().into())])
+            .expect("write");
         let read = read_npz(&path).expect("read");
         let names: Vec<&str> = read.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["betas", "x", "t"]);
@@ -240,23 +206,14 @@ mod tests {
         writer.add_array("i", &arr1(&[-3i32, 7])).expect("i32");
         writer.add_array("u", &arr1(&[0u8, 255])).expect("u8");
         writer.add_array("b", &arr1(&[true, false])).expect("bool");
-        let fortran = ndarray::Array2::from_shape_vec((2, 2).f(), vec![1.0f64, 3.0, 2.0, 4.0])
-            .expect("shape");
+        let fortran =
+            ndarray::Array2::from_shape_vec((2, 2).f(), vec![1.0f64, 3.0, 2.0, 4.0]).expect("shape");
         writer.add_array("f", &fortran).expect("fortran");
         writer.finish().expect("finish");
         let read = read_npz(&path).expect("read");
-        assert_eq!(
-            (read[0].dtype, read[0].values.clone()),
-            (NpzDtype::I32, arr1(&[-3.0, 7.0]).into_dyn())
-        );
-        assert_eq!(
-            (read[1].dtype, read[1].values.clone()),
-            (NpzDtype::U8, arr1(&[0.0, 255.0]).into_dyn())
-        );
-        assert_eq!(
-            (read[2].dtype, read[2].values.clone()),
-            (NpzDtype::Bool, arr1(&[1.0, 0.0]).into_dyn())
-        );
+        assert_eq!((read[0].dtype, read[0].values.clone()), (NpzDtype::I32, arr1(&[-3.0, 7.0]).into_dyn()));
+        assert_eq!((read[1].dtype, read[1].values.clone()), (NpzDtype::U8, arr1(&[0.0, 255.0]).into_dyn()));
+        assert_eq!((read[2].dtype, read[2].values.clone()), (NpzDtype::Bool, arr1(&[1.0, 0.0]).into_dyn()));
         assert_eq!(read[3].values, arr2(&[[1.0, 2.0], [3.0, 4.0]]).into_dyn());
         assert!(read[3].values.is_standard_layout());
     }
@@ -286,10 +243,7 @@ mod tests {
         let text = dir.path().join("text.npz");
         std::fs::write(&text, "not a zip").expect("write");
         assert!(matches!(read_npz(&text), Err(Error::BadFile { .. })));
-        assert!(matches!(
-            read_npz(&dir.path().join("none.npz")),
-            Err(Error::Io { .. })
-        ));
+        assert!(matches!(read_npz(&dir.path().join("none.npz")), Err(Error::Io { .. })));
     }
 
     #[test]
@@ -298,14 +252,8 @@ mod tests {
         let a = arr1(&[1.0f64]);
         let path = dir.path().join("d.npz");
         let dup = [("a", a.view().into()), ("a", a.view().into())];
-        assert!(matches!(
-            write_npz(&path, &dup),
-            Err(Error::InvalidConfig { .. })
-        ));
-        assert!(matches!(
-            write_npz(&path, &[("", a.view().into())]),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(write_npz(&path, &dup), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(write_npz(&path, &[("", a.view().into())]), Err(Error::InvalidConfig { .. })));
         assert!(!path.exists());
     }
 }

@@ -51,23 +51,12 @@ pub struct Grid {
 /// [`Error::InvalidConfig`] if `cols` is 0, there are no images, an image has no pixels, or `C`
 /// is not 1 or 3.
 pub fn make_grid(images: ArrayView4<f32>, cols: usize) -> Result<Grid> {
-    let [n, c, h, w] = [
-        images.shape()[0],
-        images.shape()[1],
-        images.shape()[2],
-        images.shape()[3],
-    ];
+    let [n, c, h, w] = [images.shape()[0], images.shape()[1], images.shape()[2], images.shape()[3]];
     if cols == 0 {
-        return Err(Error::config(
-            "grid columns",
-            "0 columns requested; use at least 1",
-        ));
+        return Err(Error::config("grid columns", "0 columns requested; use at least 1"));
     }
     if n == 0 || h == 0 || w == 0 {
-        return Err(Error::config(
-            "grid",
-            format!("nothing to draw: images are [{n}, {c}, {h}, {w}]"),
-        ));
+        return Err(Error::config("grid", format!("nothing to draw: images are [{n}, {c}, {h}, {w}]")));
     }
     if c != 1 && c != 3 {
         return Err(Error::config(
@@ -87,12 +76,7 @@ pub fn make_grid(images: ArrayView4<f32>, cols: usize) -> Result<Grid> {
             pixels[((top + y) * width + left + x) * c + ch] = unit_to_pixel(v);
         }
     }
-    Ok(Grid {
-        pixels,
-        width,
-        height,
-        channels: c,
-    })
+    Ok(Grid { pixels, width, height, channels: c })
 }
 
 /// Saves `images` `[N, C, H, W]` (values on [−1, 1], `C` = 1 or 3) as one PNG grid with
@@ -121,32 +105,15 @@ pub fn save_image(path: &Path, image: ArrayView3<f32>) -> Result<()> {
         ));
     }
     // CHW → HWC.
-    let pixels: Vec<u8> = image
-        .permuted_axes([1, 2, 0])
-        .iter()
-        .map(|&v| unit_to_pixel(v))
-        .collect();
+    let pixels: Vec<u8> = image.permuted_axes([1, 2, 0]).iter().map(|&v| unit_to_pixel(v)).collect();
     write_png(path, &pixels, w, h, c)
 }
 
 /// Encodes interleaved 8-bit pixels as PNG and writes them atomically.
-fn write_png(
-    path: &Path,
-    pixels: &[u8],
-    width: usize,
-    height: usize,
-    channels: usize,
-) -> Result<()> {
+fn write_png(path: &Path, pixels: &[u8], width: usize, height: usize, channels: usize) -> Result<()> {
     let too_big = |_| Error::config("image", format!("{width}x{height} is too large for a PNG"));
-    let (w, h) = (
-        u32::try_from(width).map_err(too_big)?,
-        u32::try_from(height).map_err(too_big)?,
-    );
-    let colour = if channels == 1 {
-        ExtendedColorType::L8
-    } else {
-        ExtendedColorType::Rgb8
-    };
+    let (w, h) = (u32::try_from(width).map_err(too_big)?, u32::try_from(height).map_err(too_big)?);
+    let colour = if channels == 1 { ExtendedColorType::L8 } else { ExtendedColorType::Rgb8 };
     let mut bytes = Vec::new();
     image::codecs::png::PngEncoder::new(&mut bytes)
         .write_image(pixels, w, h, colour)
@@ -175,18 +142,11 @@ mod tests {
         // 5 gray 3x2 images with values k/4 mapped to [-1, 1]: image k is flat.
         let images = Array4::from_shape_fn((5, 1, 3, 2), |(k, _, _, _)| k as f32 / 2.0 - 1.0);
         let grid = make_grid(images.view(), 3).expect("grid");
-        assert_eq!(
-            (grid.width, grid.height, grid.channels),
-            (3 * 4 + 2, 2 * 5 + 2, 1)
-        );
+        assert_eq!((grid.width, grid.height, grid.channels), (3 * 4 + 2, 2 * 5 + 2, 1));
         let at = |x: usize, y: usize| grid.pixels[y * grid.width + x];
         for k in 0..5 {
             let (left, top) = (2 + (k % 3) * 4, 2 + (k / 3) * 5);
-            assert_eq!(
-                at(left, top),
-                unit_to_pixel(k as f32 / 2.0 - 1.0),
-                "image {k}"
-            );
+            assert_eq!(at(left, top), unit_to_pixel(k as f32 / 2.0 - 1.0), "image {k}");
             assert_eq!(at(left + 1, top + 2), at(left, top));
         }
         assert_eq!(at(0, 0), 0);
@@ -221,9 +181,8 @@ mod tests {
     #[test]
     fn single_image_round_trips_in_grayscale() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let image = Array3::from_shape_fn((1, 3, 4), |(_, y, x)| {
-            crate::data::pixel_to_unit((y * 4 + x) as u8 * 20)
-        });
+        let image =
+            Array3::from_shape_fn((1, 3, 4), |(_, y, x)| crate::data::pixel_to_unit((y * 4 + x) as u8 * 20));
         let path = dir.path().join("one.png");
         save_image(&path, image.view()).expect("save");
         let png = image::open(&path).expect("decode");
@@ -236,20 +195,11 @@ mod tests {
     #[test]
     fn bad_grids_are_config_errors() {
         let four = Array4::<f32>::zeros((1, 4, 2, 2));
-        assert!(matches!(
-            make_grid(four.view(), 1),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(make_grid(four.view(), 1), Err(Error::InvalidConfig { .. })));
         let one = Array4::<f32>::zeros((1, 1, 2, 2));
-        assert!(matches!(
-            make_grid(one.view(), 0),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(make_grid(one.view(), 0), Err(Error::InvalidConfig { .. })));
         let none = Array4::<f32>::zeros((0, 1, 2, 2));
-        assert!(matches!(
-            make_grid(none.view(), 1),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(make_grid(none.view(), 1), Err(Error::InvalidConfig { .. })));
         let two = Array3::<f32>::zeros((2, 2, 2));
         assert!(save_image(Path::new("/nonexistent/x.png"), two.view()).is_err());
     }

@@ -56,10 +56,7 @@ enum HeaderEntry<'a> {
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] if two tensors share a name or a tensor is named `__metadata__`.
-pub fn to_bytes(
-    tensors: &[(String, &Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>> {
+pub fn to_bytes(tensors: &[(String, &Tensor)], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut by_name: BTreeMap<&str, &Tensor> = BTreeMap::new();
     for (name, tensor) in tensors {
         if name == METADATA_KEY {
@@ -69,10 +66,7 @@ pub fn to_bytes(
             ));
         }
         if by_name.insert(name.as_str(), tensor).is_some() {
-            return Err(Error::config(
-                "checkpoint",
-                format!("two tensors are named `{name}`"),
-            ));
+            return Err(Error::config("checkpoint", format!("two tensors are named `{name}`")));
         }
     }
     let mut header: BTreeMap<&str, HeaderEntry> = BTreeMap::new();
@@ -82,11 +76,7 @@ pub fn to_bytes(
     let mut offset = 0;
     for (&name, tensor) in &by_name {
         let len = tensor.len() * std::mem::size_of::<f32>();
-        let entry = TensorEntry {
-            dtype: "F32",
-            shape: tensor.shape(),
-            data_offsets: [offset, offset + len],
-        };
+        let entry = TensorEntry { dtype: "F32", shape: tensor.shape(), data_offsets: [offset, offset + len] };
         header.insert(name, HeaderEntry::Tensor(entry));
         offset += len;
     }
@@ -156,22 +146,17 @@ pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<Loaded> {
     for (name, view) in file.iter() {
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            Dtype::F32 => {
+                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
             Dtype::F64 => data
                 .chunks_exact(8)
-                .map(|b| {
-                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-                })
+                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
                 .collect(),
             other => {
                 return Err(Error::bad_file(
                     source,
-                    format!(
-                        "tensor `{name}` is {other:?}; only F32 (and F64, narrowed) can be loaded"
-                    ),
+                    format!("tensor `{name}` is {other:?}; only F32 (and F64, narrowed) can be loaded"),
                 ))
             }
         };
@@ -188,9 +173,8 @@ mod tests {
     use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 
     fn sample() -> (Vec<(String, Tensor)>, BTreeMap<String, String>) {
-        let a = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |i| {
-            (i[0] * 12 + i[1] * 4 + i[2]) as f32 * 0.25 - 1.0
-        });
+        let a =
+            ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |i| (i[0] * 12 + i[1] * 4 + i[2]) as f32 * 0.25 - 1.0);
         let b = ArrayD::from_elem(IxDyn(&[5]), f32::MIN_POSITIVE);
         let scalar = ArrayD::from_elem(IxDyn(&[]), 3.5f32);
         let empty = ArrayD::<f32>::zeros(IxDyn(&[0, 4]));
@@ -240,48 +224,31 @@ mod tests {
 
     #[test]
     fn non_standard_layouts_are_stored_in_logical_order() {
-        let fortran =
-            ndarray::Array2::from_shape_vec((2, 3).f(), vec![1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0])
-                .expect("shape")
-                .into_dyn();
+        let fortran = ndarray::Array2::from_shape_vec((2, 3).f(), vec![1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0])
+            .expect("shape")
+            .into_dyn();
         let bytes = to_bytes(&[("m".to_string(), &fortran)], &BTreeMap::new()).expect("bytes");
         let loaded = from_bytes(&bytes, Path::new("m")).expect("load");
-        assert_eq!(
-            loaded.tensors["m"].as_slice().expect("standard layout"),
-            &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-        );
+        assert_eq!(loaded.tensors["m"].as_slice().expect("standard layout"), &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     }
 
     #[test]
     fn f64_tensors_written_by_the_safetensors_crate_are_narrowed() {
-        let values: Vec<u8> = [0.5f64, -2.25, 1e-3]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let view =
-            ::safetensors::tensor::TensorView::new(Dtype::F64, vec![3], &values).expect("view");
+        let values: Vec<u8> = [0.5f64, -2.25, 1e-3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = ::safetensors::tensor::TensorView::new(Dtype::F64, vec![3], &values).expect("view");
         let bytes = ::safetensors::serialize([("x", view)], None).expect("serialize");
         let loaded = from_bytes(&bytes, Path::new("x")).expect("load");
-        assert_eq!(
-            loaded.tensors["x"].as_slice().expect("contiguous"),
-            &[0.5, -2.25, 1e-3f64 as f32]
-        );
+        assert_eq!(loaded.tensors["x"].as_slice().expect("contiguous"), &[0.5, -2.25, 1e-3f64 as f32]);
         assert!(loaded.metadata.is_empty());
     }
 
     #[test]
     fn other_dtypes_are_refused_naming_the_tensor() {
         let values = [1u8, 2, 3];
-        let view =
-            ::safetensors::tensor::TensorView::new(Dtype::U8, vec![3], &values).expect("view");
+        let view = ::safetensors::tensor::TensorView::new(Dtype::U8, vec![3], &values).expect("view");
         let bytes = ::safetensors::serialize([("labels", view)], None).expect("serialize");
-        let msg = from_bytes(&bytes, Path::new("/c/x.safetensors"))
-            .expect_err("u8")
-            .to_string();
-        assert!(
-            msg.contains("/c/x.safetensors") && msg.contains("labels") && msg.contains("U8"),
-            "{msg}"
-        );
+        let msg = from_bytes(&bytes, Path::new("/c/x.safetensors")).expect_err("u8").to_string();
+        assert!(msg.contains("/c/x.safetensors") && msg.contains("labels") && msg.contains("U8"), "{msg}");
     }
 
     #[test]
@@ -295,10 +262,7 @@ mod tests {
             let err = load(&path).expect_err("truncated");
             let msg = err.to_string();
             assert!(matches!(err, Error::BadFile { .. }), "{keep}: {err:?}");
-            assert!(
-                msg.contains("cut.safetensors") && msg.contains("corrupt/truncated"),
-                "{msg}"
-            );
+            assert!(msg.contains("cut.safetensors") && msg.contains("corrupt/truncated"), "{msg}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
@@ -307,32 +271,22 @@ mod tests {
 
     #[test]
     fn a_file_of_another_format_is_a_bad_file() {
-        let err = from_bytes(b"\x89PNG\r\n\x1a\n0000000000000000", Path::new("img.png"))
-            .expect_err("png");
+        let err = from_bytes(b"\x89PNG\r\n\x1a\n0000000000000000", Path::new("img.png")).expect_err("png");
         assert!(matches!(err, Error::BadFile { .. }));
         assert!(err.to_string().contains("img.png"));
     }
 
     #[test]
     fn a_missing_file_is_an_io_error() {
-        assert!(matches!(
-            load(Path::new("/no/such.safetensors")),
-            Err(Error::Io { .. })
-        ));
+        assert!(matches!(load(Path::new("/no/such.safetensors")), Err(Error::Io { .. })));
     }
 
     #[test]
     fn duplicate_and_reserved_names_are_refused() {
         let t = ArrayD::<f32>::zeros(IxDyn(&[1]));
         let dup = [("a".to_string(), &t), ("a".to_string(), &t)];
-        assert!(matches!(
-            to_bytes(&dup, &BTreeMap::new()),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(to_bytes(&dup, &BTreeMap::new()), Err(Error::InvalidConfig { .. })));
         let reserved = [(METADATA_KEY.to_string(), &t)];
-        assert!(matches!(
-            to_bytes(&reserved, &BTreeMap::new()),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(to_bytes(&reserved, &BTreeMap::new()), Err(Error::InvalidConfig { .. })));
     }
 }

@@ -12,7 +12,13 @@ use crate::{Rng, Tensor, Var};
 /// original TF code, i.e. `U(−a, a)` with `a = √(3·scale / ((fan_in + fan_out)/2))`, where the
 /// fans count `channels × kh × kw`. `scale = 1e-10` is the original code's "zero" init of the
 /// last conv of each residual branch and of the output conv.
-pub fn variance_scaling_uniform(shape: &[usize], fan_in: usize, fan_out: usize, scale: f64, rng: &mut Rng) -> Tensor {
+pub fn variance_scaling_uniform(
+    shape: &[usize],
+    fan_in: usize,
+    fan_out: usize,
+    scale: f64,
+    rng: &mut Rng,
+) -> Tensor {
     let limit = (3.0 * scale / ((fan_in + fan_out) as f64 / 2.0)).sqrt() as f32;
     Tensor::from_shape_simple_fn(shape, || rng.random_range(-limit..=limit))
 }
@@ -36,7 +42,15 @@ impl Init {
 }
 
 /// Registers a conv's `weight [C_out, C_in, k, k]` and `bias [C_out]` (bias zero).
-pub fn conv_params(store: &mut ParamStore, prefix: &str, c_in: usize, c_out: usize, k: usize, init: Init, rng: &mut Rng) {
+pub fn conv_params(
+    store: &mut ParamStore,
+    prefix: &str,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    init: Init,
+    rng: &mut Rng,
+) {
     let rf = k * k;
     let w = variance_scaling_uniform(&[c_out, c_in, k, k], c_in * rf, c_out * rf, init.scale(), rng);
     store.insert(format!("{prefix}.weight"), w);

@@ -53,7 +53,13 @@ impl Adam {
     /// # Panics
     /// If `grads` does not match the store (count or shapes).
     pub fn update(&mut self, params: &mut ParamStore, grads: &[Tensor], lr: f64) {
-        assert_eq!(grads.len(), self.m.len(), "adam: {} gradients for {} parameters", grads.len(), self.m.len());
+        assert_eq!(
+            grads.len(),
+            self.m.len(),
+            "adam: {} gradients for {} parameters",
+            grads.len(),
+            self.m.len()
+        );
         self.step += 1;
         let c = &self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);

@@ -87,12 +87,18 @@ impl ParamStore {
 
     /// Every parameter as a leaf on `tape`, for a training step.
     pub fn bind(&self, tape: &Tape) -> Bound {
-        Bound { vars: self.values.iter().map(|v| tape.var_shared(Rc::clone(v))).collect(), index: self.index.clone() }
+        Bound {
+            vars: self.values.iter().map(|v| tape.var_shared(Rc::clone(v))).collect(),
+            index: self.index.clone(),
+        }
     }
 
     /// Every parameter as a constant, for inference with no tape.
     pub fn bind_constant(&self) -> Bound {
-        Bound { vars: self.values.iter().map(|v| Var::constant_shared(Rc::clone(v))).collect(), index: self.index.clone() }
+        Bound {
+            vars: self.values.iter().map(|v| Var::constant_shared(Rc::clone(v))).collect(),
+            index: self.index.clone(),
+        }
     }
 }
 

@@ -39,7 +39,15 @@ impl ResBlockSpec {
         group_norm_params(store, &format!("{prefix}.norm2"), self.c_out);
         conv_params(store, &format!("{prefix}.conv2"), self.c_out, self.c_out, 3, Init::Zero, rng);
         if self.c_in != self.c_out {
-            conv_params(store, &format!("{prefix}.nin_shortcut"), self.c_in, self.c_out, 1, Init::Default, rng);
+            conv_params(
+                store,
+                &format!("{prefix}.nin_shortcut"),
+                self.c_in,
+                self.c_out,
+                1,
+                Init::Default,
+                rng,
+            );
         }
     }
 

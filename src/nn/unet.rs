@@ -204,20 +204,23 @@ impl UNetConfig {
     /// convolutions, linear layers and attention matrix products: the quantity PyTorch's
     /// `torch.utils.flop_counter` reports (elementwise ops and norms are not counted).
     pub fn forward_flops_per_image(&self) -> u64 {
-        let conv = |cin: usize, cout: usize, k: usize, res: usize| (2 * cin * cout * k * k * res * res) as u64;
+        let conv =
+            |cin: usize, cout: usize, k: usize, res: usize| (2 * cin * cout * k * k * res * res) as u64;
         let attn = |c: usize, res: usize| {
             let hw = res * res;
             4 * conv(c, c, 1, res) + (2 * 2 * hw * hw * c) as u64
         };
         let res_block = |cin: usize, cout: usize, res: usize| {
-            let mut f = conv(cin, cout, 3, res) + conv(cout, cout, 3, res) + (2 * self.temb_ch() * cout) as u64;
+            let mut f =
+                conv(cin, cout, 3, res) + conv(cout, cout, 3, res) + (2 * self.temb_ch() * cout) as u64;
             if cin != cout {
                 f += conv(cin, cout, 1, res);
             }
             f
         };
         let temb = self.temb_ch();
-        let mut f = (2 * self.ch * temb + 2 * temb * temb) as u64 + conv(self.in_channels, self.ch, 3, self.resolution);
+        let mut f = (2 * self.ch * temb + 2 * temb * temb) as u64
+            + conv(self.in_channels, self.ch, 3, self.resolution);
         let mut res = self.resolution;
         let mut block_in = self.ch;
         for (i, m) in self.ch_mult.iter().enumerate() {
@@ -255,7 +258,8 @@ impl UNetConfig {
     /// forward (each product's backward costs two), less the input gradient of `conv_in`, which
     /// is not needed. Matches `torch.utils.flop_counter` on the reference model.
     pub fn train_flops_per_image(&self) -> u64 {
-        3 * self.forward_flops_per_image() - (2 * self.in_channels * self.ch * 9 * self.resolution * self.resolution) as u64
+        3 * self.forward_flops_per_image()
+            - (2 * self.in_channels * self.ch * 9 * self.resolution * self.resolution) as u64
     }
 }
 
@@ -297,7 +301,15 @@ impl UNet {
                 }
             }
             if i + 1 != c.ch_mult.len() {
-                conv_params(&mut s, &format!("down.{i}.downsample.conv"), block_in, block_in, 3, Init::Default, rng);
+                conv_params(
+                    &mut s,
+                    &format!("down.{i}.downsample.conv"),
+                    block_in,
+                    block_in,
+                    3,
+                    Init::Default,
+                    rng,
+                );
                 res /= 2;
             }
         }
@@ -315,7 +327,15 @@ impl UNet {
                 }
             }
             if i != 0 {
-                conv_params(&mut s, &format!("up.{i}.upsample.conv"), c.ch * m, c.ch * m, 3, Init::Default, rng);
+                conv_params(
+                    &mut s,
+                    &format!("up.{i}.upsample.conv"),
+                    c.ch * m,
+                    c.ch * m,
+                    3,
+                    Init::Default,
+                    rng,
+                );
                 res *= 2;
             }
         }
@@ -370,7 +390,8 @@ impl UNet {
             }
             if i + 1 != c.ch_mult.len() {
                 let last = hs.last().expect("hs starts non-empty");
-                let d = conv(p, &format!("down.{i}.downsample.conv"), last, 2, c.downsample_padding.padding());
+                let d =
+                    conv(p, &format!("down.{i}.downsample.conv"), last, 2, c.downsample_padding.padding());
                 hs.push(d);
                 res /= 2;
             }
@@ -420,9 +441,13 @@ mod tests {
 
     #[test]
     fn every_preset_maps_images_to_images() {
-        for (preset, ch, res) in
-            [(Preset::Tiny, 1, 8), (Preset::Tiny, 3, 16), (Preset::Mnist, 1, 28), (Preset::Small, 1, 28), (Preset::Small, 3, 32)]
-        {
+        for (preset, ch, res) in [
+            (Preset::Tiny, 1, 8),
+            (Preset::Tiny, 3, 16),
+            (Preset::Mnist, 1, 28),
+            (Preset::Small, 1, 28),
+            (Preset::Small, 3, 32),
+        ] {
             let net = UNet::new(preset.config(ch, res)).unwrap();
             let params = net.init_params(&mut rng_from_seed(1));
             let x = Var::constant(crate::Tensor::zeros(vec![2, ch, res, res]));

@@ -10,9 +10,10 @@ use crate::{Tensor, Var};
 /// # Panics
 /// If `shape` does not broadcast to `g.shape()`.
 pub(crate) fn sum_to_shape(g: &Tensor, shape: &[usize]) -> Tensor {
-    let lead = g.ndim().checked_sub(shape.len()).unwrap_or_else(|| {
-        panic!("sum_to: {:?} has fewer axes than {:?}", g.shape(), shape)
-    });
+    let lead = g
+        .ndim()
+        .checked_sub(shape.len())
+        .unwrap_or_else(|| panic!("sum_to: {:?} has fewer axes than {:?}", g.shape(), shape));
     let mut out = g.clone();
     for _ in 0..lead {
         out = out.sum_axis(Axis(0));

@@ -94,9 +94,18 @@ impl Var {
             let (dw, db) = if needs[1] || want_b {
                 let mut dw = vec![0.0f32; wv.len()];
                 let mut db = vec![0.0f32; g.c_out];
-                conv2d_backward_weight(&g, &contiguous(&xv), &dy, &mut dw, want_b.then_some(db.as_mut_slice()));
+                conv2d_backward_weight(
+                    &g,
+                    &contiguous(&xv),
+                    &dy,
+                    &mut dw,
+                    want_b.then_some(db.as_mut_slice()),
+                );
                 let dw = Tensor::from_shape_vec(wv.shape(), dw).expect("weight size");
-                (needs[1].then_some(dw), want_b.then(|| Tensor::from_shape_vec(vec![g.c_out], db).expect("bias size")))
+                (
+                    needs[1].then_some(dw),
+                    want_b.then(|| Tensor::from_shape_vec(vec![g.c_out], db).expect("bias size")),
+                )
             } else {
                 (None, None)
             };

@@ -17,7 +17,8 @@ impl Var {
             return self.clone();
         }
         let scale = 1.0 / (1.0 - p);
-        let mask = Tensor::from_shape_simple_fn(self.shape(), || if rng.random::<f32>() < p { 0.0 } else { scale });
+        let mask =
+            Tensor::from_shape_simple_fn(self.shape(), || if rng.random::<f32>() < p { 0.0 } else { scale });
         let y = self.value() * &mask;
         Var::record([self], y, move |g, _| [Some(g * &mask)])
     }

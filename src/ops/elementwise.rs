@@ -58,7 +58,9 @@ impl Var {
     pub fn sub(&self, other: &Var) -> Var {
         assert_same_shape("sub", self, other);
         let y = map2(self.value(), other.value(), |a, b| a - b);
-        Var::record([self, other], y, |g, needs| [needs[0].then(|| g.clone()), needs[1].then(|| map(g, |g| -g))])
+        Var::record([self, other], y, |g, needs| {
+            [needs[0].then(|| g.clone()), needs[1].then(|| map(g, |g| -g))]
+        })
     }
 
     /// `a ⊙ b`, same shapes.

@@ -5,7 +5,9 @@ use ndarray::{linalg::general_mat_mul, Array2, Array3, ArrayView2, ArrayView3, A
 use crate::{Tensor, Var};
 
 fn as2<'a>(x: &'a Tensor, op: &str) -> ArrayView2<'a, f32> {
-    x.view().into_dimensionality::<Ix2>().unwrap_or_else(|_| panic!("{op}: expected a matrix, got {:?}", x.shape()))
+    x.view()
+        .into_dimensionality::<Ix2>()
+        .unwrap_or_else(|_| panic!("{op}: expected a matrix, got {:?}", x.shape()))
 }
 
 fn as3<'a>(x: &'a Tensor, op: &str) -> ArrayView3<'a, f32> {
@@ -85,7 +87,13 @@ impl Var {
         assert_eq!(x.ncols(), w.ncols(), "linear: x {:?} with weight {:?}", self.shape(), weight.shape());
         let mut y = mm(x, w.t());
         if let Some(b) = bias {
-            assert_eq!(b.shape(), &[w.nrows()], "linear: bias {:?} for weight {:?}", b.shape(), weight.shape());
+            assert_eq!(
+                b.shape(),
+                &[w.nrows()],
+                "linear: bias {:?} for weight {:?}",
+                b.shape(),
+                weight.shape()
+            );
             y += &b.value().view().into_dimensionality::<ndarray::Ix1>().expect("checked 1-D");
         }
         let (xs, ws) = (self.value_rc(), weight.value_rc());

@@ -73,7 +73,8 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
     let keep = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
 
     let xs = x.value().as_slice().expect("values are contiguous");
-    let (gs, bs) = (gamma.value().as_slice().expect("contiguous"), beta.value().as_slice().expect("contiguous"));
+    let (gs, bs) =
+        (gamma.value().as_slice().expect("contiguous"), beta.value().as_slice().expect("contiguous"));
     let mut y = vec![0.0f32; xs.len()];
     let mut x_hat = if keep { vec![0.0f32; xs.len()] } else { vec![] };
     let mut inv_std = vec![0.0f32; xs.len() / group_len];

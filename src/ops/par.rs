@@ -29,7 +29,12 @@ pub(crate) fn map2(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync + 
 }
 
 /// `f(a, b, c)` elementwise over three same-shaped arrays.
-pub(crate) fn map3(a: &Tensor, b: &Tensor, c: &Tensor, f: impl Fn(f32, f32, f32) -> f32 + Sync + Send) -> Tensor {
+pub(crate) fn map3(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
+) -> Tensor {
     let z = Zip::from(a).and(b).and(c);
     if a.len() >= PAR_MIN {
         z.par_map_collect(|&a, &b, &c| f(a, b, c))

@@ -73,9 +73,8 @@ impl Var {
                 .iter()
                 .zip(needs)
                 .map(|(&len, &need)| {
-                    let piece = need.then(|| {
-                        g.slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned()
-                    });
+                    let piece =
+                        need.then(|| g.slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned());
                     start += len;
                     piece
                 })
@@ -128,7 +127,9 @@ mod tests {
 
     #[test]
     fn permute_moves_elements_where_expected() {
-        let x = Var::constant(ndarray::Array::from_shape_fn((2, 3, 4), |(a, b, c)| (a * 100 + b * 10 + c) as f32).into_dyn());
+        let x = Var::constant(
+            ndarray::Array::from_shape_fn((2, 3, 4), |(a, b, c)| (a * 100 + b * 10 + c) as f32).into_dyn(),
+        );
         let y = x.permute(&[2, 0, 1]);
         assert_eq!(y.shape(), &[4, 2, 3]);
         assert_eq!(y.value()[[3, 1, 2]], 123.0);
