@@ -55,6 +55,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         num_res_blocks: None,
         attn_res: None,
         gn_groups: None,
+        downsample_padding: None,
+        embedding_order: None,
         dropout: None,
         steps: None,
         minutes: Some(args.minutes),

@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use ddpm::data::Split;
 use ddpm::diffusion::{BetaSchedule, Convention, LossType, MeanType, TimestepSampling, VarianceType};
 use ddpm::io::checkpoint::{self, Checkpoint};
-use ddpm::nn::{Preset, UNetConfig};
+use ddpm::nn::{DownsamplePadding, EmbeddingOrder, Preset, UNetConfig};
 use ddpm::sample::{sample, SampleConfig, Sampler};
 use ddpm::train::{DiffusionConfig, OptimConfig, TrainConfig, Trainer};
 
@@ -40,6 +40,24 @@ impl From<PresetArg> for Preset {
             PresetArg::Small => Preset::Small,
         }
     }
+}
+
+/// Downsampling padding conventions.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DownsampleArg {
+    /// 0 before, 1 after (TensorFlow "SAME" at stride 2).
+    TfSame,
+    /// 1 on every side.
+    Symmetric,
+}
+
+/// Timestep embedding orders.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum EmbeddingArg {
+    /// [sin, cos].
+    SinCos,
+    /// [cos, sin].
+    CosSin,
 }
 
 /// What the network predicts.
@@ -130,6 +148,14 @@ pub struct TrainArgs {
     /// Override the attention resolutions, e.g. 14 (empty for none besides the middle block).
     #[arg(long, value_parser = parse_list)]
     pub attn_res: Option<SizeList>,
+    /// Downsampling padding: tf-same (Ho et al.'s code, the default) or symmetric
+    /// (improved-diffusion, diffusers with downsample_padding=1).
+    #[arg(long)]
+    pub downsample_padding: Option<DownsampleArg>,
+    /// Timestep embedding order: sin-cos (Ho et al., the default) or cos-sin (improved-diffusion,
+    /// diffusers with flip_sin_to_cos=True).
+    #[arg(long)]
+    pub embedding_order: Option<EmbeddingArg>,
     /// Group norm uses min(this, channels) groups (the preset's 32 by default).
     #[arg(long)]
     pub gn_groups: Option<usize>,
@@ -227,6 +253,18 @@ impl TrainArgs {
         }
         if let Some(a) = &self.attn_res {
             unet.attn_resolutions = a.0.clone();
+        }
+        if let Some(d) = self.downsample_padding {
+            unet.downsample_padding = match d {
+                DownsampleArg::TfSame => DownsamplePadding::TfSame,
+                DownsampleArg::Symmetric => DownsamplePadding::Symmetric,
+            };
+        }
+        if let Some(e) = self.embedding_order {
+            unet.embedding_order = match e {
+                EmbeddingArg::SinCos => EmbeddingOrder::SinCos,
+                EmbeddingArg::CosSin => EmbeddingOrder::CosSin,
+            };
         }
         if let Some(g) = self.gn_groups {
             unet.gn_groups = g;

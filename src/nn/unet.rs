@@ -447,6 +447,7 @@ mod tests {
             (Preset::Mnist, 1, 28),
             (Preset::Small, 1, 28),
             (Preset::Small, 3, 32),
+            (Preset::Cifar10, 3, 32),
         ] {
             let net = UNet::new(preset.config(ch, res)).unwrap();
             let params = net.init_params(&mut rng_from_seed(1));
