@@ -248,10 +248,17 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     let r = ddpm(&["sample", "--checkpoint", fixture.to_str().unwrap(), "--num", "1", "--out", s]);
     let e = stderr(&r);
     assert!(!r.status.success() && e.contains("peer_tiny") && !e.contains("panicked"), "stderr: {e}");
-    // A checkpoint whose data no longer match: resuming on 16x16 images.
-    let mut resume = train_args(d, o, "4");
+    // A checkpoint resumed on data it does not fit: 16x16 images for a model of 8x8.
+    let mut big = vec![0, 0, 8, 3];
+    for d in [4u32, 16, 16] {
+        big.extend_from_slice(&d.to_be_bytes());
+    }
+    big.extend(std::iter::repeat_n(128u8, 4 * 16 * 16));
+    let other = dir.path().join("big-idx3-ubyte");
+    std::fs::write(&other, big).unwrap();
+    let mut resume = train_args(other.to_str().unwrap(), o, "4");
     resume.push("--resume");
-    resume[4] = env!("CARGO_MANIFEST_DIR"); // not a dataset at all
     let r = ddpm(&resume);
-    assert!(!r.status.success() && !stderr(&r).contains("panicked"), "stderr: {}", stderr(&r));
+    let e = stderr(&r);
+    assert!(!r.status.success() && e.contains("1x16x16") && e.contains("1x8x8") && !e.contains("panicked"), "stderr: {e}");
 }
