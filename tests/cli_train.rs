@@ -260,5 +260,8 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     resume.push("--resume");
     let r = ddpm(&resume);
     let e = stderr(&r);
-    assert!(!r.status.success() && e.contains("1x16x16") && e.contains("1x8x8") && !e.contains("panicked"), "stderr: {e}");
+    assert!(
+        !r.status.success() && e.contains("1x16x16") && e.contains("1x8x8") && !e.contains("panicked"),
+        "stderr: {e}"
+    );
 }
