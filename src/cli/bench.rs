@@ -44,6 +44,10 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+fn rss_text() -> String {
+    peak_rss_mib().map_or_else(|| "n/a".to_string(), |v| format!("{v} MiB"))
+}
+
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -114,8 +118,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if args.json {
             emit(v);
         } else {
-            eprintln!("train step  {name} batch {b} threads {threads}: {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {:?} MiB",
-                med * 1e3, min * 1e3, max * 1e3, b as f64 / med, flops / med / 1e9, peak_rss_mib());
+            eprintln!("train step  {name} batch {b} threads {threads}: {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {}",
+                med * 1e3, min * 1e3, max * 1e3, b as f64 / med, flops / med / 1e9, rss_text());
         }
     }
     if args.mode != "train" {
