@@ -95,6 +95,13 @@ pub struct OptimConfig {
     pub ema_warmup: bool,
 }
 
+impl OptimConfig {
+    /// Adam's hyper-parameters from these settings.
+    pub fn adam_config(&self) -> AdamConfig {
+        AdamConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+    }
+}
+
 impl Default for OptimConfig {
     fn default() -> Self {
         Self {
@@ -202,7 +209,7 @@ impl Trainer {
         let mut init_rng = rng_from_seed(config.seed);
         let params = net.init_params(&mut init_rng);
         let o = &config.optim;
-        let adam = Adam::new(&params, adam_config(o));
+        let adam = Adam::new(&params, o.adam_config());
         let ema = Ema::new(&params, o.ema_decay, o.ema_warmup);
         let batches = Batches::new(data, batch_config(&config))?;
         // The training stream is seeded apart from the initialisation stream.
@@ -290,10 +297,6 @@ impl Trainer {
     pub fn ema_params(&self) -> ParamStore {
         self.ema.to_store(&self.params)
     }
-}
-
-fn adam_config(o: &OptimConfig) -> AdamConfig {
-    AdamConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay }
 }
 
 fn batch_config(c: &TrainConfig) -> BatchConfig {

@@ -68,7 +68,6 @@ pub fn save(path: &Path, t: &Trainer) -> Result<()> {
     for (name, value) in names.iter().zip(&t.adam.v) {
         tensors.push((format!("adam.v.{name}"), value));
     }
-    let json = |v: &dyn erased::Json| v.json();
     let mut meta = BTreeMap::new();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("config".into(), json(&t.config));
@@ -85,16 +84,9 @@ pub fn save(path: &Path, t: &Trainer) -> Result<()> {
     save_atomic(path, &tensors, &meta)
 }
 
-mod erased {
-    /// Serialises any config struct to JSON (they cannot fail: plain data, string keys).
-    pub trait Json {
-        fn json(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> String {
-            serde_json::to_string(self).expect("plain data serialises")
-        }
-    }
+/// A config struct as JSON (cannot fail: plain data with string keys).
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serialises")
 }
 
 /// A checkpoint's content, read and checked against itself.
@@ -200,15 +192,7 @@ impl Checkpoint {
         let m = moments("adam.m")?;
         let v = moments("adam.v")?;
         let o = &self.config.optim;
-        let mut adam = Adam::new(
-            &self.params,
-            crate::nn::AdamConfig {
-                beta1: o.beta1,
-                beta2: o.beta2,
-                eps: o.eps,
-                weight_decay: o.weight_decay,
-            },
-        );
+        let mut adam = Adam::new(&self.params, o.adam_config());
         adam.step = parse(path, &self.meta, "adam_step")?;
         adam.m = m;
         adam.v = v;
