@@ -36,6 +36,18 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+    /// `--device gpu` was asked for but no GPU can be used (no adapter, no Vulkan / Metal / DX12
+    /// driver, or a binary built without the `wgpu` feature). Build with `--features wgpu`,
+    /// install a driver (on Debian, `mesa-vulkan-drivers` gives a software one), or run with
+    /// `--device cpu` (or `auto`, which falls back to the CPU).
+    #[error(
+        "no GPU available: {reason}. Build with `--features wgpu`, install a Vulkan driver \
+         (Debian: apt-get install mesa-vulkan-drivers), or use `--device cpu` (or `--device auto`)"
+    )]
+    GpuUnavailable {
+        /// What was missing.
+        reason: String,
+    },
 }
 
 /// `Result` with the crate's [`Error`] as the default error type.

@@ -13,6 +13,8 @@
 //! | [`autodiff`]  | the tape (Wengert list), [`Var`] handles, [`Grads`], gradient checks   |
 //! | [`ops`]       | differentiable ops, one file per family, forward and backward together |
 //! | [`kernels`]   | hot loops with no tape: gemm, conv2d (im2col), rayon                   |
+//! | [`device`]    | CPU or GPU for the large products: `--device`, the one dispatch point  |
+//! | `gpu`         | (feature `wgpu`) the products as wgpu compute shaders, docs/gpu.md     |
 //! | [`nn`]        | parameter store, layers, the U-Net, Adam, EMA                          |
 //! | [`diffusion`] | schedules, q(x_t given x_0), posteriors, p_θ, losses, bits/dim, samplers |
 //! | [`data`]      | image folders, IDX, CIFAR-10 binaries, seeded batches                  |
@@ -27,8 +29,11 @@
 
 pub mod autodiff;
 pub mod data;
+pub mod device;
 pub mod diffusion;
 pub mod error;
+#[cfg(feature = "wgpu")]
+pub mod gpu;
 pub mod io;
 pub mod kernels;
 pub mod nn;

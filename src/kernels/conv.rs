@@ -315,6 +315,10 @@ fn col2im_tile_add(g: &Conv2dGeom, col: &[f32], p0: usize, p1: usize, dx_img: &m
 /// If a slice length does not match the geometry, or the geometry is degenerate (a zero size
 /// other than `n`, zero stride, a kernel larger than the padded input).
 pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::conv2d_forward(g, x, w, bias, y) {
+        return;
+    }
     forward_tiled(g, x, w, bias, y, g.tile_px());
 }
 
@@ -392,6 +396,10 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
 /// # Panics
 /// If a slice length does not match the geometry, or the geometry is degenerate.
 pub fn conv2d_backward_input(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::conv2d_backward_input(g, dy, w, dx) {
+        return;
+    }
     backward_input_tiled(g, dy, w, dx, g.tile_px());
 }
 
@@ -461,6 +469,14 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
 /// # Panics
 /// If a slice length does not match the geometry, or the geometry is degenerate.
 pub fn conv2d_backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f32]>) {
+    #[cfg(feature = "wgpu")]
+    let db = {
+        let mut db = db;
+        if crate::gpu::conv2d_backward_weight(g, x, dy, dw, db.as_deref_mut()) {
+            return;
+        }
+        db
+    };
     backward_weight_tiled(g, x, dy, dw, db, g.tile_px(), MAX_WEIGHT_PARTIALS);
 }
 

@@ -197,6 +197,10 @@ pub fn sgemm(
     assert_eq!(a.len(), m * k, "sgemm: A has {} elements, expected m*k = {m}*{k}", a.len());
     assert_eq!(b.len(), k * n, "sgemm: B has {} elements, expected k*n = {k}*{n}", b.len());
     assert_eq!(c.len(), m * n, "sgemm: C has {} elements, expected m*n = {m}*{n}", c.len());
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::sgemm(trans_a, trans_b, m, k, n, alpha, a, b, beta, c) {
+        return;
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -262,6 +266,10 @@ pub fn sgemm_batched(
         c.len()
     );
     if c_len == 0 {
+        return;
+    }
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::sgemm_batched(batch, trans_a, trans_b, m, k, n, alpha, a, b, beta, c) {
         return;
     }
     c.par_chunks_mut(c_len).enumerate().for_each(|(i, c_i)| {

@@ -16,15 +16,25 @@ fn as3<'a>(x: &'a Tensor, op: &str) -> ArrayView3<'a, f32> {
         .unwrap_or_else(|_| panic!("{op}: expected [B, M, K], got {:?}", x.shape()))
 }
 
-/// `a @ b` for matrices (ndarray's gemm, which runs matrixmultiply's kernels).
+/// `a @ b` for matrices (ndarray's gemm, which runs matrixmultiply's kernels, or the GPU when
+/// [`crate::device::offload`] says so).
 fn mm(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
+    #[cfg(feature = "wgpu")]
+    if let Some(c) = crate::gpu::bmm(a.insert_axis(Axis(0)), b.insert_axis(Axis(0))) {
+        return c.index_axis_move(Axis(0), 0);
+    }
     let mut c = Array2::zeros((a.nrows(), b.ncols()));
     general_mat_mul(1.0, &a, &b, 0.0, &mut c);
     c
 }
 
-/// `a[i] @ b[i]` for every `i` of the leading axis.
+/// `a[i] @ b[i]` for every `i` of the leading axis (on the GPU when [`crate::device::offload`]
+/// says so).
 fn bmm(a: ArrayView3<'_, f32>, b: ArrayView3<'_, f32>) -> Array3<f32> {
+    #[cfg(feature = "wgpu")]
+    if let Some(c) = crate::gpu::bmm(a.view(), b.view()) {
+        return c;
+    }
     let (batch, m, _) = a.dim();
     let n = b.dim().2;
     let mut c = Array3::zeros((batch, m, n));
