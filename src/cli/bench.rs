@@ -12,7 +12,7 @@ use rand::Rng as _;
 use rand_distr::StandardNormal;
 use serde_json::json;
 
-use super::common::set_threads;
+use super::common::{report_gpu_use, select_device, set_threads, DeviceArgs};
 use super::train::PresetArg;
 
 /// `ddpm bench` arguments.
@@ -30,6 +30,8 @@ pub struct BenchArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -67,6 +69,11 @@ fn ms(x: f64) -> f64 {
 /// `ddpm bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
+    select_device(args.device)?;
+    let device = match ddpm::device::current() {
+        ddpm::device::Device::Cpu => "cpu",
+        ddpm::device::Device::Gpu => "gpu",
+    };
     let threads = rayon::current_num_threads();
     let (preset, c, r, name) = match args.preset {
         PresetArg::Mnist => (Preset::Mnist, 1, 28, "mnist-small"),
@@ -78,7 +85,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let net = UNet::new(cfg.clone())?;
     let mut rng = rng_from_seed(0);
     let mut params = net.init_params(&mut rng);
-    let base = json!({"impl": "ddpm", "config": name, "params": params.num_scalars()});
+    let base = json!({"impl": "ddpm", "config": name, "params": params.num_scalars(), "device": device});
     let emit = |v: serde_json::Value| {
         let mut m = base.as_object().cloned().unwrap_or_default();
         m.extend(v.as_object().cloned().unwrap_or_default());
@@ -118,7 +125,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if args.json {
             emit(v);
         } else {
-            eprintln!("train step  {name} batch {b} threads {threads}: {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {}",
+            eprintln!("train step  {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {}",
                 med * 1e3, min * 1e3, max * 1e3, b as f64 / med, flops / med / 1e9, rss_text());
         }
     }
@@ -150,9 +157,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if args.json {
             emit(v);
         } else {
-            eprintln!("sample step {name} batch {b} threads {threads}: {:.1} ms median ({:.1}-{:.1}), {:.1} GFLOP/s, 1000 steps ≈ {:.0} s",
+            eprintln!("sample step {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} GFLOP/s, 1000 steps ≈ {:.0} s",
                 med * 1e3, min * 1e3, max * 1e3, flops / med / 1e9, med * 1000.0);
         }
     }
+    report_gpu_use();
     Ok(())
 }

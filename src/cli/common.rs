@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
 use ddpm::data::{self, Dataset, LoadOptions, Split};
+use ddpm::device::{Device, DeviceChoice};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The checkpoint file name inside a run directory.
@@ -19,6 +21,55 @@ pub fn set_threads(threads: usize) -> anyhow::Result<()> {
             .context("could not size the thread pool")?;
     }
     Ok(())
+}
+
+/// Where the large products run (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU kernels (the default).
+    Cpu,
+    /// The GPU, through wgpu (a binary built with `--features wgpu` and a Vulkan, Metal or DX12
+    /// driver); an error if there is none.
+    Gpu,
+    /// A hardware GPU if there is one, else the CPU with a one-line notice.
+    Auto,
+}
+
+/// `--device`, shared by train, sample and bench.
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceArgs {
+    /// Where the matrix products and convolutions run: cpu, gpu (needs a binary built with
+    /// `--features wgpu` and a GPU driver; docs/gpu.md) or auto (a hardware GPU if there is one,
+    /// else the CPU).
+    #[arg(long, value_enum, env = "DDPM_DEVICE", default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+/// Selects the device per `--device` (or DDPM_DEVICE) and says on stderr which one runs.
+pub fn select_device(args: DeviceArgs) -> anyhow::Result<()> {
+    let choice = match args.device {
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Gpu => DeviceChoice::Gpu,
+        DeviceArg::Auto => DeviceChoice::Auto,
+    };
+    let selected = ddpm::device::select(choice).with_context(|| format!("--device {choice}"))?;
+    if let Some(notice) = &selected.notice {
+        eprintln!("{notice}");
+    }
+    if let Some(adapter) = &selected.adapter {
+        eprintln!(
+            "device: gpu, {adapter}; products of at least {} multiply-adds run there",
+            ddpm::device::gpu_min_macs()
+        );
+    }
+    Ok(())
+}
+
+/// One line on stderr saying how much ran on the GPU (nothing when the CPU was selected).
+pub fn report_gpu_use() {
+    if ddpm::device::current() == Device::Gpu {
+        eprintln!("gpu: {} products and convolutions ran on the GPU", ddpm::device::gpu_calls());
+    }
 }
 
 /// Loads `--data` (or the embedded MNIST when it is `None`).

@@ -10,7 +10,7 @@ use clap::Args;
 use ddpm::data::Split;
 use ddpm::diffusion::{BetaSchedule, Convention};
 
-use super::common::set_threads;
+use super::common::{set_threads, DeviceArg, DeviceArgs};
 use super::sample::{sample_to_dir, SampleArgs, SamplerArg};
 use super::train::{train, LossArg, MeanArg, PresetArg, TimestepArg, TrainArgs, VarianceArg};
 
@@ -63,6 +63,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         batch: 32,
         seed: args.seed,
         threads: args.threads,
+        device: DeviceArgs { device: DeviceArg::Cpu },
         lr: 2e-3,
         warmup: 100,
         grad_clip: 1.0,
@@ -104,6 +105,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         trajectory_frames: 10,
         grid_only: false,
         threads: args.threads,
+        device: DeviceArgs { device: DeviceArg::Cpu },
     };
     let grid = sample_to_dir(&sample_args).context("demo sampling")?;
     eprintln!(

@@ -11,7 +11,9 @@ use ddpm::sample::{sample, SampleConfig, Sampler, Samples};
 use ddpm::Tensor;
 use ndarray::{Axis, Ix4};
 
-use super::common::{progress_bar, resolve_checkpoint, set_threads};
+use super::common::{
+    progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads, DeviceArgs,
+};
 
 /// The reverse process to run.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -64,12 +66,16 @@ pub struct SampleArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// `ddpm sample`.
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
+    select_device(args.device)?;
     let written = sample_to_dir(&args)?;
+    report_gpu_use();
     eprintln!("wrote {}", written.display());
     Ok(())
 }

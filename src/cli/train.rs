@@ -16,7 +16,10 @@ use ddpm::nn::{DownsamplePadding, EmbeddingOrder, Preset, UNetConfig};
 use ddpm::sample::{sample, SampleConfig, Sampler};
 use ddpm::train::{DiffusionConfig, OptimConfig, TrainConfig, Trainer};
 
-use super::common::{load_data, parse_list, progress_bar, set_threads, SizeList, CHECKPOINT};
+use super::common::{
+    load_data, parse_list, progress_bar, report_gpu_use, select_device, set_threads, DeviceArgs, SizeList,
+    CHECKPOINT,
+};
 
 /// Network presets.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -177,6 +180,8 @@ pub struct TrainArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
@@ -339,7 +344,9 @@ fn install_ctrlc() {
 /// `ddpm train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
+    select_device(args.device)?;
     let outcome = train(&args)?;
+    report_gpu_use();
     if outcome.interrupted {
         eprintln!("interrupted at step {}; resume with the same command plus --resume", outcome.steps);
         std::process::exit(130);
