@@ -52,8 +52,12 @@ fn train_args<'a>(data: &'a str, out: &'a str, device: &'a str) -> Vec<&'a str> 
 /// The number in the binary's "gpu: N products and convolutions ran on the GPU" line.
 #[cfg(feature = "wgpu")]
 fn gpu_calls(err: &str) -> u64 {
-    let line = err.lines().find(|l| l.contains("ran on the GPU")).unwrap_or_else(|| panic!("no gpu line in: {err}"));
-    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad gpu line {line:?}"))
+    let line =
+        err.lines().find(|l| l.contains("ran on the GPU")).unwrap_or_else(|| panic!("no gpu line in: {err}"));
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad gpu line {line:?}"))
 }
 
 #[cfg(feature = "wgpu")]

@@ -271,43 +271,52 @@ fn value_and_grads(inputs: &[Tensor], weight: &Tensor, f: &dyn Fn(&[Var]) -> Var
     out
 }
 
+/// One differentiable product to compare: its inputs, output shape, the most terms any of its
+/// sums (forward or backward) has, and the op.
+struct OpCase {
+    name: &'static str,
+    inputs: Vec<Tensor>,
+    out_shape: Vec<usize>,
+    terms: usize,
+    op: fn(&[Var]) -> Var,
+}
+
 #[test]
 fn matmul_bmm_and_linear_ops_and_their_gradients_match_the_cpu() {
     let mut rng = rng_from_seed(500);
     let mut randn =
         |shape: &[usize]| Tensor::from_shape_simple_fn(shape.to_vec(), || rng.sample(StandardNormal));
-    type Op = Box<dyn Fn(&[Var]) -> Var>;
-    let cases: Vec<(&str, Vec<Tensor>, Vec<usize>, usize, Op)> = vec![
-        (
-            "matmul",
-            vec![randn(&[19, 37]), randn(&[37, 70])],
-            vec![19, 70],
-            70,
-            Box::new(|v| v[0].matmul(&v[1])),
-        ),
-        (
-            "matmul of a transpose",
-            vec![randn(&[37, 19])],
-            vec![19, 19],
-            37,
-            Box::new(|v| v[0].transpose(0, 1).matmul(&v[0])),
-        ),
-        (
-            "bmm",
-            vec![randn(&[3, 17, 9]), randn(&[3, 9, 66])],
-            vec![3, 17, 66],
-            66,
-            Box::new(|v| v[0].bmm(&v[1])),
-        ),
-        (
-            "linear",
-            vec![randn(&[13, 40]), randn(&[24, 40]), randn(&[24])],
-            vec![13, 24],
-            41,
-            Box::new(|v| v[0].linear(&v[1], Some(&v[2]))),
-        ),
+    let cases = vec![
+        OpCase {
+            name: "matmul",
+            inputs: vec![randn(&[19, 37]), randn(&[37, 70])],
+            out_shape: vec![19, 70],
+            terms: 70,
+            op: |v| v[0].matmul(&v[1]),
+        },
+        OpCase {
+            name: "matmul of a transpose",
+            inputs: vec![randn(&[37, 19])],
+            out_shape: vec![19, 19],
+            terms: 37,
+            op: |v| v[0].transpose(0, 1).matmul(&v[0]),
+        },
+        OpCase {
+            name: "bmm",
+            inputs: vec![randn(&[3, 17, 9]), randn(&[3, 9, 66])],
+            out_shape: vec![3, 17, 66],
+            terms: 66,
+            op: |v| v[0].bmm(&v[1]),
+        },
+        OpCase {
+            name: "linear",
+            inputs: vec![randn(&[13, 40]), randn(&[24, 40]), randn(&[24])],
+            out_shape: vec![13, 24],
+            terms: 41,
+            op: |v| v[0].linear(&v[1], Some(&v[2])),
+        },
     ];
-    for (name, inputs, out_shape, n, f) in cases {
+    for OpCase { name, inputs, out_shape, terms: n, op: f } in cases {
         let weight = randn(&out_shape);
         let (cpu, gpu) = on_cpu_then_gpu(|| value_and_grads(&inputs, &weight, &f));
         let abs_inputs: Vec<Tensor> = inputs.iter().map(|t| t.mapv(f32::abs)).collect();

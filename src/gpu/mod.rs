@@ -704,7 +704,7 @@ pub(crate) fn conv2d_backward_weight(
     let col = if pointwise { xb } else { job.scratch(chunk * k * px) };
     let per_group = chunk.div_ceil(MAX_WEIGHT_PARTIALS);
     let partials = job.scratch(chunk.div_ceil(per_group) * w_len);
-    let ones = job.upload(&vec![1.0; MAX_WEIGHT_PARTIALS]);
+    let ones = job.upload(&[1.0; MAX_WEIGHT_PARTIALS]);
     for (c, n0) in (0..g.n).step_by(chunk).enumerate() {
         let imgs = chunk.min(g.n - n0);
         let (col_off, col_img) = if pointwise {
