@@ -151,15 +151,8 @@ impl Var {
     }
 }
 
-/// Logistic sigmoid, written to stay finite for large |x|.
-pub(crate) fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
+/// Logistic sigmoid, finite for every input (see [`crate::kernels::math::sigmoid`]).
+pub(crate) use crate::kernels::math::sigmoid;
 
 impl std::ops::Add for &Var {
     type Output = Var;
