@@ -20,8 +20,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    const P: [f32; 6] =
-        [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
     let xc = x.clamp(-86.0, 0.0);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
@@ -123,6 +122,6 @@ mod tests {
         let xs: Vec<f32> = (0..1003).map(|i| (i % 17) as f32).collect();
         let want: f64 = xs.iter().map(|&v| v as f64).sum();
         assert_eq!(sum_f64_lanes(&xs, |v| v as f64), want);
-        assert_eq!(sum_f64_lanes(&xs[..5], |v| (v as f64) * 2.0), 2.0 * (0 + 1 + 2 + 3 + 4) as f64);
+        assert_eq!(sum_f64_lanes(&xs[..5], |v| (v as f64) * 2.0), 20.0);
     }
 }

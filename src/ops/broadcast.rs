@@ -87,7 +87,7 @@ impl Var {
             }
         }
         let t_shape = t.shape().to_vec();
-        Var::record([self, t], y, move |g, needs| {
+        Var::record_owned([self, t], y, move |g, needs| {
             let dt = needs[1].then(|| {
                 let gs = g.as_standard_layout();
                 let gs = gs.as_slice().expect("standard layout");
@@ -98,7 +98,7 @@ impl Var {
                 };
                 Tensor::from_shape_vec(t_shape.as_slice(), sums).expect("[N, C]")
             });
-            [needs[0].then(|| g.clone()), dt]
+            [needs[0].then_some(g), dt]
         })
     }
 }

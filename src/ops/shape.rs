@@ -9,6 +9,15 @@ fn standard(x: ndarray::ArrayViewD<'_, f32>) -> Tensor {
     x.as_standard_layout().into_owned()
 }
 
+/// `x` itself when it is already row-major, else a row-major copy.
+fn standard_owned(x: Tensor) -> Tensor {
+    if x.is_standard_layout() {
+        x
+    } else {
+        x.as_standard_layout().into_owned()
+    }
+}
+
 impl Var {
     /// Same elements in row-major order, new shape.
     ///
@@ -19,8 +28,9 @@ impl Var {
             .into_shape_with_order(IxDyn(shape))
             .unwrap_or_else(|_| panic!("reshape: {:?} has a different size from {:?}", self.shape(), shape));
         let in_shape = self.shape().to_vec();
-        Var::record([self], y, move |g, _| {
-            let g = standard(g.view()).into_shape_with_order(IxDyn(&in_shape)).expect("same element count");
+        Var::record_owned([self], y, move |g, _| {
+            // Gradients are kept in standard layout, so this reuses g's buffer.
+            let g = standard_owned(g).into_shape_with_order(IxDyn(&in_shape)).expect("same element count");
             [Some(g)]
         })
     }
