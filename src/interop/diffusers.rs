@@ -392,8 +392,7 @@ pub fn unet_config_from_json(v: &Value, path: &Path) -> Result<UNetConfig> {
     let keys = Keys::new(v, path, "UNet2DModel config")?;
     keys.class_name("UNet2DModel")?;
     keys.refuse_unknown(&UNET_KEYS)?;
-    let f = json!(false);
-    keys.require("center_input_sample", f.clone(), &[f.clone()], "ddpm feeds x unchanged")?;
+    keys.require("center_input_sample", json!(false), &[json!(false)], "ddpm feeds x unchanged")?;
     keys.require(
         "time_embedding_type",
         json!("positional"),
