@@ -103,7 +103,7 @@ impl SchedulerSettings {
     /// # Errors
     /// [`Error::InvalidConfig`] for a schedule or parameterisation diffusers' `DDPMScheduler`
     /// cannot express (a schedule other than linear or cosine, a rescaled linear schedule, x_{t−1}
-    /// prediction).
+    /// prediction, a learned log-variance).
     pub fn from_diffusion(d: &DiffusionConfig, clip_sample: bool) -> Result<Self> {
         let refuse = |reason: String| Err(Error::config("diffusers export", reason));
         match &d.schedule {
@@ -123,6 +123,12 @@ impl SchedulerSettings {
                 d.convention, d.timesteps
             ));
         }
+        if d.variance_type == VarianceType::Learned {
+            return refuse(
+                "a learned log-variance has no DDPMScheduler variance_type (its \"learned\" reads the output as the variance)"
+                    .into(),
+            );
+        }
         if d.mean_type == MeanType::PrevX {
             return refuse("prediction of x_(t-1) (prev-x) has no DDPMScheduler prediction_type".into());
         }
@@ -140,7 +146,7 @@ impl SchedulerSettings {
     /// # Errors
     /// [`Error::BadFile`] naming `path`, the key and the reason for anything ddpm cannot
     /// reproduce (another scheduler class, trained_betas, thresholding, another clip range, a
-    /// steps_offset, zero-SNR rescaling, other β endpoints, an unknown key).
+    /// steps_offset, zero-SNR rescaling, other β endpoints, the `learned` variance, an unknown key).
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let keys = Keys::new(v, path, "scheduler config")?;
         keys.class_name("DDPMScheduler")?;
@@ -189,7 +195,12 @@ impl SchedulerSettings {
         let variance_type = match keys.str_or("variance_type", "fixed_small")? {
             "fixed_small" | "fixed_small_log" => VarianceType::FixedSmall,
             "fixed_large" | "fixed_large_log" => VarianceType::FixedLarge,
-            "learned" => VarianceType::Learned,
+            // diffusers' `learned` takes the output as σ² itself; ddpm's (improved-diffusion's)
+            // as log σ². Not the same model, so refused.
+            "learned" => return Err(keys.bad(
+                "variance_type",
+                "\"learned\" reads the network output as the variance, ddpm's learned as the log-variance",
+            )),
             "learned_range" => VarianceType::LearnedRange,
             other => return Err(keys.bad("variance_type", &format!("unknown value {other:?}"))),
         };
@@ -245,6 +256,7 @@ impl SchedulerSettings {
             "variance_type": match self.variance_type {
                 VarianceType::FixedSmall => "fixed_small",
                 VarianceType::FixedLarge => "fixed_large",
+                // Refused by from_diffusion; diffusers' "learned" is another parameterisation.
                 VarianceType::Learned => "learned",
                 VarianceType::LearnedRange => "learned_range",
             },
@@ -1060,6 +1072,7 @@ mod tests {
             ("beta_end", json!(0.012)),
             ("steps_offset", json!(1)),
             ("beta_schedule", json!("scaled_linear")),
+            ("variance_type", json!("learned")),
         ] {
             let mut bad = s.to_json();
             bad[key] = value;
