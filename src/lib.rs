@@ -19,6 +19,7 @@
 //! | [`diffusion`] | schedules, q(x_t given x_0), posteriors, p_θ, losses, bits/dim, samplers |
 //! | [`data`]      | image folders, IDX, CIFAR-10 binaries, seeded batches                  |
 //! | [`io`]        | checkpoints (safetensors), PNG grids, npz                              |
+//! | [`interop`]   | diffusers checkpoints in and out, counter-based weights for fixtures   |
 //!
 //! Randomness is always passed in explicitly as a seeded [`Rng`]; the library has no thread-local
 //! or global random state.
@@ -34,6 +35,7 @@ pub mod diffusion;
 pub mod error;
 #[cfg(feature = "wgpu")]
 pub mod gpu;
+pub mod interop;
 pub mod io;
 pub mod kernels;
 pub mod nn;

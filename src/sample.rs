@@ -155,6 +155,91 @@ pub fn sample(
     Ok(Samples { images, trajectory })
 }
 
+/// One ancestral step of a [`trace`]: everything that went into x_{t−1}, each `[N, C, H, W]`.
+#[derive(Clone, Debug)]
+pub struct TraceStep {
+    /// The code timestep t (0-based).
+    pub t: usize,
+    /// x_t, the input of the step.
+    pub x_t: ArrayD<f64>,
+    /// The network's raw output (ε_θ(x_t, t) for ε-prediction; `[N, 2C, H, W]` when the
+    /// variance is learned).
+    pub eps: ArrayD<f64>,
+    /// x̂_0 implied by the output (clipped when sampling clips).
+    pub x0_pred: ArrayD<f64>,
+    /// μ_θ(x_t, t).
+    pub mean: ArrayD<f64>,
+    /// σ_t² of p_θ(x_{t−1} ∣ x_t).
+    pub variance: ArrayD<f64>,
+    /// z ~ N(0, I) of x_{t−1} = μ_θ + σ_t z; zeros at t = 0, where no noise is added.
+    pub noise: ArrayD<f64>,
+    /// x_{t−1}, the output of the step.
+    pub x_prev: ArrayD<f64>,
+}
+
+/// A traced ancestral sampling run.
+#[derive(Clone, Debug)]
+pub struct Trace {
+    /// x_T ~ N(0, I), the start, `[N, C, H, W]`.
+    pub x_start: ArrayD<f64>,
+    /// The kept steps, from the largest t down.
+    pub steps: Vec<TraceStep>,
+    /// The final x_0, `[N, C, H, W]`.
+    pub x0: ArrayD<f64>,
+}
+
+/// Ancestral sampling (Algorithm 2) over all T steps, keeping every intermediate of the steps for
+/// which `keep(t)` holds. It draws exactly what [`sample`] with [`Sampler::Ancestral`] and all
+/// steps draws from `rng`, so its x_0 equals that of `ddpm sample` with the same seed.
+#[allow(clippy::too_many_arguments)]
+pub fn trace(
+    net: &UNet,
+    params: &ParamStore,
+    schedule: &NoiseSchedule,
+    param: &Parameterization,
+    n: usize,
+    clip_x0: bool,
+    keep: impl Fn(usize) -> bool,
+    rng: &mut Rng,
+    mut progress: impl FnMut(usize, usize),
+) -> Trace {
+    let c = &net.config;
+    let shape = [n, c.in_channels, c.resolution, c.resolution];
+    let x_start: ArrayD<f64> =
+        ArrayD::from_shape_simple_fn(shape.as_slice(), || rng.sample::<f64, _>(StandardNormal));
+    let bound = params.bind_constant();
+    let big_t = schedule.num_timesteps();
+    let mut x = x_start.clone();
+    let mut steps = vec![];
+    for (done, i) in (0..big_t).rev().enumerate() {
+        let model_t = vec![schedule.model_timestep(i) as f32; n];
+        let out = net.forward(&bound, &Var::constant(x.mapv(|v| v as f32)), &model_t, None);
+        let eps = out.value().mapv(|v| v as f64);
+        let output = ModelOutput::split(eps.clone(), param.variance_type);
+        let t = vec![i; n];
+        let p = p_mean_variance(schedule, param, &x, &t, &output, clip_x0);
+        // The same draw as p_sample's, so the run is the one `sample` makes.
+        let z = crate::diffusion::gaussian::standard_normal(x.shape(), rng);
+        let noise = if i > 0 { z } else { ArrayD::zeros(x.raw_dim()) };
+        let x_prev = &p.mean + &(&p.log_variance.mapv(|l| (0.5 * l).exp()) * &noise);
+        if keep(i) {
+            steps.push(TraceStep {
+                t: i,
+                x_t: x.clone(),
+                eps,
+                x0_pred: p.x0_pred,
+                mean: p.mean,
+                variance: p.variance,
+                noise,
+                x_prev: x_prev.clone(),
+            });
+        }
+        x = x_prev;
+        progress(done + 1, big_t);
+    }
+    Trace { x_start, steps, x0: x }
+}
+
 /// One DDIM step (Song et al. 2021, Eq. 12): with x̂_0 and ε̂ from the model,
 /// `x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z`,
 /// `σ_t = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1})` (Eq. 16); no noise at the last step.
@@ -205,6 +290,30 @@ mod tests {
             );
         }
         assert!(respaced_timesteps(1000, 0).is_err() && respaced_timesteps(10, 11).is_err());
+    }
+
+    #[test]
+    fn trace_follows_the_same_run_as_sample() {
+        use crate::diffusion::{MeanType, VarianceType};
+        let net = UNet::new(crate::nn::Preset::Tiny.config(1, 8)).unwrap();
+        let params = net.init_params(&mut crate::rng_from_seed(4));
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 6, Conventions::default()).unwrap();
+        let param = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedSmall };
+        let cfg =
+            SampleConfig { sampler: Sampler::Ancestral, steps: None, clip_x0: true, trajectory_frames: 0 };
+        let sampled =
+            sample(&net, &params, &s, &param, 2, &cfg, &mut crate::rng_from_seed(9), |_, _| {}).unwrap();
+        let tr =
+            trace(&net, &params, &s, &param, 2, true, |t| t != 3, &mut crate::rng_from_seed(9), |_, _| {});
+        assert_eq!(tr.x0.mapv(|v| v as f32), sampled.images);
+        assert_eq!(tr.steps.iter().map(|st| st.t).collect::<Vec<_>>(), vec![5, 4, 2, 1, 0]);
+        let last = tr.steps.last().unwrap();
+        assert!(last.noise.iter().all(|&z| z == 0.0) && last.variance.iter().all(|&v| v == 0.0));
+        // Each kept step: x_{t−1} = mean + σ z.
+        let st = &tr.steps[1];
+        let sigma = s.beta_tilde()[4].sqrt();
+        let want = &st.mean + &(st.noise.mapv(|z| z * sigma));
+        assert!(st.x_prev.iter().zip(want.iter()).all(|(a, b)| (a - b).abs() < 1e-12));
     }
 
     #[test]

@@ -17,7 +17,7 @@ fn standard_layout(t: Tensor) -> Tensor {
 }
 
 /// A node's backward step: given the gradient of its output, accumulate into its inputs.
-type BackwardFn = Box<dyn FnOnce(&Tensor, &mut Grads)>;
+type BackwardFn = Box<dyn FnOnce(Tensor, &mut Grads)>;
 
 struct Node {
     /// `None` for leaves: they keep their gradient instead of passing it on.
@@ -180,6 +180,27 @@ impl Var {
     where
         F: FnOnce(&Tensor, &[bool]) -> Vec<Option<Tensor>> + 'static,
     {
+        Var::record_many_owned(inputs, value, move |g, needs| backward(&g, needs))
+    }
+
+    /// [`Var::record`] whose backward step receives the output gradient by value, so an op
+    /// whose input gradient *is* the output gradient (add, reshape, …) can pass it on without
+    /// a copy.
+    pub fn record_owned<const N: usize, F>(inputs: [&Var; N], value: Tensor, backward: F) -> Var
+    where
+        F: FnOnce(Tensor, [bool; N]) -> [Option<Tensor>; N] + 'static,
+    {
+        Var::record_many_owned(&inputs, value, move |g, needs| {
+            let needs: [bool; N] = std::array::from_fn(|i| needs[i]);
+            backward(g, needs).into()
+        })
+    }
+
+    /// [`Var::record_many`] with the output gradient passed by value (see [`Var::record_owned`]).
+    pub fn record_many_owned<F>(inputs: &[&Var], value: Tensor, backward: F) -> Var
+    where
+        F: FnOnce(Tensor, &[bool]) -> Vec<Option<Tensor>> + 'static,
+    {
         let value = standard_layout(value);
         let mut tape: Option<Tape> = None;
         for v in inputs.iter() {
@@ -195,7 +216,7 @@ impl Var {
         };
         let ids: Vec<Option<usize>> = inputs.iter().map(|v| v.id()).collect();
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|v| v.shape().to_vec()).collect();
-        let closure: BackwardFn = Box::new(move |grad_out: &Tensor, grads: &mut Grads| {
+        let closure: BackwardFn = Box::new(move |grad_out: Tensor, grads: &mut Grads| {
             let needs: Vec<bool> = ids.iter().map(Option::is_some).collect();
             let input_grads = backward(grad_out, &needs);
             assert_eq!(input_grads.len(), ids.len(), "backward returned the wrong number of gradients");
@@ -240,7 +261,7 @@ impl Var {
         for id in (0..=*root).rev() {
             let Some(backward) = nodes[id].backward.take() else { continue };
             if let Some(g) = grads.slots[id].take() {
-                backward(&g, &mut grads);
+                backward(g, &mut grads);
             }
         }
         grads

@@ -139,3 +139,46 @@ pub fn parse_list(s: &str) -> Result<SizeList, String> {
         .collect::<Result<_, _>>()
         .map(SizeList)
 }
+
+/// A network ready to run, from a ddpm checkpoint or a diffusers folder.
+pub struct Model {
+    /// The U-Net.
+    pub net: ddpm::nn::UNet,
+    /// Its weights (EMA unless asked otherwise, for a ddpm checkpoint).
+    pub params: ddpm::nn::ParamStore,
+    /// The diffusion it samples (from scheduler_config.json for a diffusers folder).
+    pub diffusion: ddpm::train::DiffusionConfig,
+    /// Whether sampling clips x̂_0 unless told otherwise.
+    pub clip_x0: bool,
+}
+
+/// Loads `path`: a diffusers folder (config.json, or unet/config.json), a ddpm run directory or
+/// a ddpm checkpoint file. `no_ema` picks a ddpm checkpoint's raw weights.
+pub fn load_model(path: &Path, no_ema: bool) -> anyhow::Result<Model> {
+    use ddpm::interop::diffusers;
+    if path.is_dir() && diffusers::is_diffusers_folder(path) {
+        let m = diffusers::load_folder(path)
+            .with_context(|| format!("reading the diffusers folder {}", path.display()))?;
+        let scheduler = match m.scheduler {
+            Some(s) => s,
+            // DDPMScheduler's defaults, as diffusers would use them.
+            None => diffusers::SchedulerSettings::from_json(&serde_json::json!({}), path)?,
+        };
+        return Ok(Model {
+            net: ddpm::nn::UNet::new(m.unet)?,
+            params: m.params,
+            diffusion: scheduler.diffusion_config(),
+            clip_x0: scheduler.clip_sample,
+        });
+    }
+    let file = resolve_checkpoint(path)?;
+    let ck = ddpm::io::checkpoint::Checkpoint::load(&file)
+        .with_context(|| format!("loading {}", file.display()))?;
+    let clip_x0 = ck.clip_x0().unwrap_or(true);
+    Ok(Model {
+        net: ddpm::nn::UNet::new(ck.config.unet.clone())?,
+        params: if no_ema { ck.params } else { ck.ema_params },
+        diffusion: ck.config.diffusion,
+        clip_x0,
+    })
+}

@@ -5,7 +5,10 @@ mod common;
 mod compare;
 mod demo;
 mod eval;
+mod interop;
+mod predict;
 mod sample;
+mod trace;
 mod train;
 mod vectors;
 
@@ -38,6 +41,15 @@ enum Command {
     Vectors(vectors::VectorsArgs),
     /// Compare a candidate .npz with a reference .npz array by array; exit 1 on any mismatch.
     Compare(compare::CompareArgs),
+    /// The network's raw output (ε_θ) for a float32 .npy batch at timestep T, from a ddpm
+    /// checkpoint or a diffusers model folder.
+    Predict(predict::PredictArgs),
+    /// Every intermediate of a seeded ancestral sampling run at chosen steps, as an .npz.
+    Trace(trace::TraceArgs),
+    /// Read a diffusers UNet2DModel (+ DDPMScheduler) folder into a ddpm checkpoint.
+    Import(interop::ImportArgs),
+    /// Write a ddpm checkpoint as a diffusers folder (UNet2DModel and DDPMPipeline load it).
+    Export(interop::ExportArgs),
 }
 
 /// Parses the command line, runs the command, prints any error chain on one line.
@@ -51,6 +63,10 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Vectors(args) => vectors::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Trace(args) => trace::run(args),
+        Command::Import(args) => interop::run_import(args),
+        Command::Export(args) => interop::run_export(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

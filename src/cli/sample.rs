@@ -97,7 +97,8 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
             SamplerArg::Ddim => Sampler::Ddim { eta: args.eta },
         },
         steps: args.steps,
-        clip_x0: !args.no_clip,
+        // An imported checkpoint carries its scheduler's clip_sample.
+        clip_x0: !args.no_clip && ck.clip_x0().unwrap_or(true),
         trajectory_frames: if args.trajectory { args.trajectory_frames.max(2) } else { 0 },
     };
     let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);

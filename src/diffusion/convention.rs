@@ -13,6 +13,7 @@
 //! | [`NormalCdf`]                    | `TanhApprox`           | `TanhApprox`           | `Erf`                |
 //! | [`LinearRescale`]                | `None`                 | `ThousandOverT`        | `None`               |
 //! | [`ModelTimestep`]                | `Index`                | `ScaledTo1000`         | `Index`              |
+//! | [`TablePrecision`]               | `Float64`              | `Float64`              | `Float32`            |
 
 use std::fmt;
 use std::str::FromStr;
@@ -57,6 +58,7 @@ impl Convention {
                 normal_cdf: NormalCdf::TanhApprox,
                 linear_rescale: LinearRescale::None,
                 model_timestep: ModelTimestep::Index,
+                table_precision: TablePrecision::Float64,
             },
             Convention::ImprovedDiffusion => Conventions {
                 t0_log_variance: T0LogVariance::SecondStep,
@@ -64,6 +66,7 @@ impl Convention {
                 normal_cdf: NormalCdf::TanhApprox,
                 linear_rescale: LinearRescale::ThousandOverT,
                 model_timestep: ModelTimestep::ScaledTo1000,
+                table_precision: TablePrecision::Float64,
             },
             Convention::Diffusers => Conventions {
                 t0_log_variance: T0LogVariance::Floor1e20,
@@ -71,6 +74,7 @@ impl Convention {
                 normal_cdf: NormalCdf::Erf,
                 linear_rescale: LinearRescale::None,
                 model_timestep: ModelTimestep::Index,
+                table_precision: TablePrecision::Float32,
             },
         }
     }
@@ -113,6 +117,8 @@ pub struct Conventions {
     pub linear_rescale: LinearRescale,
     /// Which number the network is given for the 0-based timestep index.
     pub model_timestep: ModelTimestep,
+    /// Whether β, α and ᾱ are exact f64 values or diffusers' float32 ones.
+    pub table_precision: TablePrecision,
 }
 
 impl Default for Conventions {
@@ -172,6 +178,22 @@ pub enum ModelTimestep {
     /// i · 1000/T, so the embedding always sees the range 0 … 1000 (improved-diffusion's
     /// `rescale_timesteps=True`, the default of its scripts).
     ScaledTo1000,
+}
+
+/// The precision of the schedule's base tables β, α and ᾱ (every other table is derived from
+/// them in f64 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TablePrecision {
+    /// β as the schedule defines it, α = 1 − β and ᾱ = ∏ α, all in f64 (Ho et al.,
+    /// improved-diffusion).
+    Float64,
+    /// As diffusers' `DDPMScheduler` builds and uses them: β in f32 (the linear schedule as
+    /// PyTorch's f32 `linspace` computes it, others rounded from f64), α = 1 − β in f32,
+    /// ᾱ a running product (kept in f64, as PyTorch's CPU `cumprod` does) rounded to f32 at every
+    /// step; then α_t and β_t are replaced by what its `step` uses, α_t = ᾱ_t/ᾱ_{t−1} and
+    /// β_t = 1 − α_t, each computed in f32. The relative change against `Float64` is about
+    /// 1e-7 for ᾱ and up to about 1e-3 for β at the first steps (docs/conventions.md).
+    Float32,
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ use std::str::FromStr;
 
 use ndarray::{Array1, ArrayD, IxDyn};
 
-use super::convention::{Conventions, FixedLargeT0, LinearRescale, ModelTimestep, T0LogVariance};
+use super::convention::{
+    Conventions, FixedLargeT0, LinearRescale, ModelTimestep, T0LogVariance, TablePrecision,
+};
 use crate::error::{Error, Result};
 use crate::Tensor;
 
@@ -119,7 +121,14 @@ impl BetaSchedule {
                     LinearRescale::None => 1.0,
                     LinearRescale::ThousandOverT => 1000.0 / t as f64,
                 };
-                linspace(scale * LINEAR_BETA_START, scale * LINEAR_BETA_END, t)
+                match conventions.table_precision {
+                    TablePrecision::Float64 => {
+                        linspace(scale * LINEAR_BETA_START, scale * LINEAR_BETA_END, t)
+                    }
+                    TablePrecision::Float32 => {
+                        torch_linspace_f32(scale * LINEAR_BETA_START, scale * LINEAR_BETA_END, t)
+                    }
+                }
             }
             BetaSchedule::Cosine => (0..t)
                 .map(|i| {
@@ -175,6 +184,25 @@ pub fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
             v
         }
     }
+}
+
+/// PyTorch's `torch.linspace(start, end, n, dtype=torch.float32)` on the CPU, as diffusers builds
+/// its linear β: the ends and step in f32, `start + i·step` for the first half and
+/// `end − (n−1−i)·step` for the second, each a fused multiply-add (one rounding), as PyTorch's
+/// AVX2/AVX512 builds compute it. Returned as f64 (exact f32 values).
+pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f64> {
+    let (s, e) = (start as f32, end as f32);
+    if n < 2 {
+        return vec![f64::from(s); n];
+    }
+    let step = (e - s) / (n - 1) as f32;
+    (0..n)
+        .map(|i| {
+            let v =
+                if i < n / 2 { step.mul_add(i as f32, s) } else { (-step).mul_add((n - 1 - i) as f32, e) };
+            f64::from(v)
+        })
+        .collect()
 }
 
 /// Reads β from a file: a 1-D float64 `.npy`, or text (numbers separated by whitespace, commas
@@ -315,6 +343,26 @@ pub struct NoiseSchedule {
     fixed_large_log_variance: Array1<f64>,
 }
 
+/// β, α and ᾱ as diffusers' `DDPMScheduler` holds and uses them ([`TablePrecision::Float32`]):
+/// β and α = 1 − β in f32, ᾱ a running product in f64 rounded to f32 at each step (PyTorch's
+/// CPU `cumprod` accumulates in double), then α_t = ᾱ_t/ᾱ_{t−1} and β_t = 1 − α_t in f32, the
+/// values its `step` computes. Returned widened to f64.
+fn float32_tables(betas: &[f64]) -> (Array1<f64>, Array1<f64>, Array1<f64>) {
+    let mut running = 1.0f64;
+    let alpha_bar32: Vec<f32> = betas
+        .iter()
+        .map(|&b| {
+            running *= f64::from(1.0f32 - b as f32);
+            running as f32
+        })
+        .collect();
+    let alphas32: Vec<f32> =
+        (0..betas.len()).map(|i| alpha_bar32[i] / if i == 0 { 1.0 } else { alpha_bar32[i - 1] }).collect();
+    let widen = |v: &[f32]| Array1::from_iter(v.iter().map(|&x| f64::from(x)));
+    let betas32: Vec<f32> = alphas32.iter().map(|&a| 1.0 - a).collect();
+    (widen(&betas32), widen(&alphas32), widen(&alpha_bar32))
+}
+
 impl NoiseSchedule {
     /// Builds the β of `schedule` for `timesteps` steps and precomputes every table.
     ///
@@ -335,7 +383,8 @@ impl NoiseSchedule {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] if T < 2 (the first-step conventions borrow index 1), if any β
-    /// is not a finite number in (0, 1), or if ᾱ is not strictly decreasing and positive in f64
+    /// is not a finite number in (0, 1), or if ᾱ is not strictly decreasing and positive at the
+    /// precision of [`TablePrecision`]
     /// (a β so small that 1 − β rounds to 1, or ᾱ underflowing to 0).
     pub fn from_betas(betas: Vec<f64>, conventions: Conventions) -> Result<Self> {
         let t_len = betas.len();
@@ -353,24 +402,34 @@ impl NoiseSchedule {
                 ));
             }
         }
-        let betas = Array1::from(betas);
-        let alphas = betas.mapv(|b| 1.0 - b);
-        let mut alpha_bar = Array1::<f64>::zeros(t_len);
+        let (betas, alphas, alpha_bar) = match conventions.table_precision {
+            TablePrecision::Float64 => {
+                let betas = Array1::from(betas);
+                let alphas = betas.mapv(|b| 1.0 - b);
+                let mut alpha_bar = Array1::<f64>::zeros(t_len);
+                let mut running = 1.0;
+                for i in 0..t_len {
+                    running *= alphas[i];
+                    alpha_bar[i] = running;
+                }
+                (betas, alphas, alpha_bar)
+            }
+            TablePrecision::Float32 => float32_tables(&betas),
+        };
         let mut running = 1.0;
         for i in 0..t_len {
-            let next = running * alphas[i];
+            let next = alpha_bar[i];
             if !(next > 0.0 && next < running) {
                 return Err(Error::config(
                     "schedule",
                     format!(
                         "ᾱ is not strictly decreasing and positive at index {i} (paper t = {}): ᾱ goes from {running:e} to {next:e} \
-                         (β = {:e} is below f64 resolution, or ᾱ underflowed); use larger β or fewer steps",
+                         (β = {:e} is below the tables' resolution, or ᾱ underflowed); use larger β or fewer steps",
                         i + 1,
                         betas[i]
                     ),
                 ));
             }
-            alpha_bar[i] = next;
             running = next;
         }
         let mut alpha_bar_prev = Array1::<f64>::ones(t_len);

@@ -478,8 +478,9 @@ fn view_data<'a>(v: &'a ArrayView3<'_, f32>) -> (std::borrow::Cow<'a, [f32]>, [u
     (v.iter().copied().collect::<Vec<f32>>().into(), [m * k, k, 1])
 }
 
-/// `a[i] @ b[i]` for every `i` of the leading axis, for the matmul, bmm and linear ops; `None`
-/// if it declined (the caller then uses ndarray's product).
+/// `a[i] @ b[i]` for every `i` of the leading axis, on ndarray views of any layout: the matmul
+/// and linear ops call it with one item. `None` if it declined (the caller then uses ndarray's
+/// product).
 ///
 /// # Panics
 /// If the batch or inner sizes differ.

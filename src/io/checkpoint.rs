@@ -13,7 +13,9 @@
 //! Metadata keys: `format` (`ddpm-checkpoint-v1`), `config` (JSON), `step`, `adam_step`,
 //! `ema_updates`, `rng` (JSON: seed, stream, word position), `batch_position` (JSON), `data`
 //! (the training set's source and shape, informational), and `importance` (JSON: the loss
-//! history of importance-sampled timesteps, when used).
+//! history of importance-sampled timesteps, when used). Checkpoints written by [`save_weights`]
+//! (`ddpm import`) may also hold `clip_x0` (`true`/`false`): whether sampling clips x̂_0 unless
+//! told otherwise.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -81,6 +83,52 @@ pub fn save(path: &Path, t: &Trainer) -> Result<()> {
     }
     let d = t.batches.dataset();
     meta.insert("data".into(), format!("{} {:?}", d.source().display(), d.shape()));
+    save_atomic(path, &tensors, &meta)
+}
+
+/// Writes a checkpoint holding `params` as both the trained and the EMA weights, with a fresh
+/// optimiser (zero moments, step 0), the RNG of `config.seed` and the data stream at its start:
+/// weights from elsewhere (`ddpm import`) that `ddpm sample` reads and `ddpm train --resume`
+/// continues from. `source` is recorded under `data`; `clip_x0`, when given, under `clip_x0`.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] if `config` is invalid or `params` does not match its U-Net (a
+/// missing or extra name, another shape); [`Error::Io`] if the file cannot be written.
+pub fn save_weights(
+    path: &Path,
+    config: &TrainConfig,
+    params: &ParamStore,
+    source: &str,
+    clip_x0: Option<bool>,
+) -> Result<()> {
+    config.validate()?;
+    let template = UNet::new(config.unet.clone())?.init_params(&mut crate::rng_from_seed(0));
+    let same = template.len() == params.len()
+        && template.iter().all(|(n, t)| params.get(n).is_some_and(|p| p.shape() == t.shape()));
+    if !same {
+        return Err(Error::config("checkpoint", "the weights do not match the U-Net of the configuration"));
+    }
+    let zeros: Vec<Tensor> = params.iter().map(|(_, t)| Tensor::zeros(t.raw_dim())).collect();
+    let mut tensors: Vec<(String, &Tensor)> = Vec::with_capacity(4 * params.len());
+    for (prefix, values) in
+        [("model", None), ("ema", None), ("adam.m", Some(&zeros)), ("adam.v", Some(&zeros))]
+    {
+        for (i, (name, value)) in params.iter().enumerate() {
+            tensors.push((format!("{prefix}.{name}"), values.map_or(value, |z| &z[i])));
+        }
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".into(), FORMAT.into());
+    meta.insert("config".into(), json(config));
+    for key in ["step", "adam_step", "ema_updates"] {
+        meta.insert(key.into(), "0".into());
+    }
+    meta.insert("rng".into(), json(&rng_state(&crate::rng_from_seed(config.seed))));
+    meta.insert("batch_position".into(), json(&BatchPosition::default()));
+    meta.insert("data".into(), source.into());
+    if let Some(clip) = clip_x0 {
+        meta.insert("clip_x0".into(), clip.to_string());
+    }
     save_atomic(path, &tensors, &meta)
 }
 
@@ -169,6 +217,12 @@ impl Checkpoint {
         let params = take("model")?;
         let ema_params = take("ema")?;
         Ok(Self { config, step, params, ema_params, tensors, meta })
+    }
+
+    /// Whether sampling should clip x̂_0 by default, if the checkpoint says (`clip_x0`, written
+    /// by `ddpm import` from the scheduler's `clip_sample`); `None` for trained checkpoints.
+    pub fn clip_x0(&self) -> Option<bool> {
+        self.meta.get("clip_x0").and_then(|v| v.parse().ok())
     }
 
     /// Rebuilds the full training state on `data` to continue the run.

@@ -4,7 +4,7 @@
 //! |-----------------|----------------------------------------------------------------------|
 //! | [`png`]         | `[N, C, H, W]` on [−1, 1] → PNG grid or image; `round((x + 1)·127.5)` |
 //! | [`safetensors`] | named `f32` tensors + string metadata ↔ a `.safetensors` file        |
-//! | [`npz`]         | named `f64`/`f32`/`i64` arrays ↔ a NumPy `.npz` archive              |
+//! | [`npz`]         | named `f64`/`f32`/`i64` arrays ↔ a NumPy `.npz` archive; f32 `.npy`   |
 //! | `mod.rs`        | [`write_atomic`], which every writer here uses                       |
 //!
 //! Every writer is atomic: a reader (or a crash) sees the old file or the new one, never half of

@@ -136,6 +136,36 @@ pub fn read_npz(path: &Path) -> Result<Vec<NpzEntry>> {
 }
 
 /// Reads array `index` as the first element type that matches its descriptor.
+/// Reads a float32 `.npy` file (`np.save(path, x.astype(np.float32))`), any shape.
+///
+/// # Errors
+/// [`Error::Io`] if unreadable; [`Error::BadFile`] naming the file if it is not a `.npy` or its
+/// element type is not float32 (the message says how to convert it).
+pub fn read_npy_f32(path: &Path) -> Result<ArrayD<f32>> {
+    use ndarray_npy::ReadNpyExt;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    ArrayD::<f32>::read_npy(Cursor::new(bytes)).map_err(|e| match e {
+        ReadNpyError::WrongDescriptor(descr) => Error::bad_file(
+            path,
+            format!("element type {descr}, expected float32; save it with x.astype(np.float32)"),
+        ),
+        other => Error::bad_file(path, format!("not a valid .npy file ({other})")),
+    })
+}
+
+/// Writes `array` as a float32 `.npy` file at `path`, atomically ([`super::write_atomic`]).
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be written (the folder must exist).
+pub fn write_npy_f32(path: &Path, array: &ArrayD<f32>) -> Result<()> {
+    use ndarray_npy::WriteNpyExt;
+    let mut bytes = Vec::new();
+    array
+        .write_npy(&mut bytes)
+        .map_err(|e| Error::io(path, std::io::Error::other(format!("cannot encode the .npy: {e}"))))?;
+    super::write_atomic(path, &bytes)
+}
+
 fn read_any(
     reader: &mut NpzReader<Cursor<Vec<u8>>>,
     index: usize,

@@ -276,7 +276,11 @@ fn im2col_tile_same_width(g: &Conv2dGeom, x_img: &[f32], p0: usize, p1: usize, c
 
 /// Adds the patch-matrix columns `p0..p1` (`col: [K, p1 − p0]`) back onto the image they were
 /// read from: the adjoint of [`im2col_tile`]. Entries that came from padding are dropped.
-fn col2im_tile_add(g: &Conv2dGeom, col: &[f32], p0: usize, p1: usize, dx_img: &mut [f32]) {
+fn col2im_tile_add(g: &Conv2dGeom, col: &mut [f32], p0: usize, p1: usize, dx_img: &mut [f32]) {
+    if g.stride == 1 && g.out_w() == g.w {
+        col2im_tile_add_same_width(g, col, p0, p1, dx_img);
+        return;
+    }
     let (out_w, t, s, plane) = (g.out_w(), p1 - p0, g.stride, g.h * g.w);
     for ci in 0..g.c_in {
         let dx_plane = &mut dx_img[ci * plane..(ci + 1) * plane];
@@ -296,10 +300,58 @@ fn col2im_tile_add(g: &Conv2dGeom, col: &[f32], p0: usize, p1: usize, dx_img: &m
                     let seg = &src[start + (a - ow_start)..start + (b - ow_start)];
                     let dx_row = &mut dx_plane[ih * g.w..(ih + 1) * g.w];
                     let iw0 = a * s + j - g.pad_left;
-                    for (d, &v) in dx_row[iw0..].iter_mut().step_by(s).zip(seg) {
-                        *d += v;
+                    if s == 1 {
+                        for (d, &v) in dx_row[iw0..iw0 + seg.len()].iter_mut().zip(seg) {
+                            *d += v;
+                        }
+                    } else {
+                        for (d, &v) in dx_row[iw0..].iter_mut().step_by(s).zip(seg) {
+                            *d += v;
+                        }
                     }
                 });
+            }
+        }
+    }
+}
+
+/// [`col2im_tile_add`] for the geometries of [`im2col_tile_same_width`]: each patch row is added
+/// onto its input plane as one contiguous shifted range. The entries of the columns that wrap
+/// to the neighbouring row (padding reads in the forward pass) are first set to zero in `col`,
+/// so they add nothing; every other entry is added in the same order as the general path, so
+/// the result is the same up to the sign of zero sums.
+fn col2im_tile_add_same_width(g: &Conv2dGeom, col: &mut [f32], p0: usize, p1: usize, dx_img: &mut [f32]) {
+    let (w, t, plane) = (g.w, p1 - p0, g.h * g.w);
+    let base = g.pad_top * w + g.pad_left;
+    for ci in 0..g.c_in {
+        let dx_plane = &mut dx_img[ci * plane..(ci + 1) * plane];
+        for i in 0..g.kh {
+            let oh_lo = g.pad_top.saturating_sub(i);
+            let oh_hi = (g.h + g.pad_top).saturating_sub(i);
+            for j in 0..g.kw {
+                let row = (ci * g.kh + i) * g.kw + j;
+                let src = &mut col[row * t..(row + 1) * t];
+                let shift = i * w + j; // input index = p + shift − base
+                let lo = (oh_lo * w).max(base.saturating_sub(shift)).clamp(p0, p1);
+                let hi = (oh_hi * w).min((plane + base).saturating_sub(shift)).clamp(lo, p1);
+                if lo >= hi {
+                    continue;
+                }
+                let (c_lo, c_hi) = valid_cols(g, j, w);
+                if c_lo > 0 || c_hi < w {
+                    for oh in lo / w..hi.div_ceil(w) {
+                        for ow in (0..c_lo).chain(c_hi..w) {
+                            let p = oh * w + ow;
+                            if (lo..hi).contains(&p) {
+                                src[p - p0] = 0.0;
+                            }
+                        }
+                    }
+                }
+                let dst = &mut dx_plane[lo + shift - base..hi + shift - base];
+                for (d, &v) in dst.iter_mut().zip(&src[lo - p0..hi - p0]) {
+                    *d += v;
+                }
             }
         }
     }
@@ -451,7 +503,7 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
                 let t = p1 - p0;
                 let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
                 gemm(1.0, w_t, dy_tile, 0.0, MatMut::row_major(&mut dcol[..k * t], k, t));
-                col2im_tile_add(g, &dcol[..k * t], p0, p1, dx_img);
+                col2im_tile_add(g, &mut dcol[..k * t], p0, p1, dx_img);
             }
         },
     );

@@ -8,6 +8,8 @@
 //! |---------------|-------------------------------------------------------------------------|
 //! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over the `gemm` crate   |
 //! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
+//! | `norm.rs`     | [`group_norm_forward`] (optionally fused with SiLU) and [`group_norm_backward`] |
+//! | `math.rs`     | `exp`/sigmoid and f64 lane sums that vectorise (no libm call per element) |
 //! | `upsample.rs` | [`upsample_nearest2x`] and its gradient                                  |
 //!
 //! Determinism: every kernel gives bit-identical results for the same inputs whatever the number
@@ -16,8 +18,11 @@
 
 pub mod conv;
 pub mod gemm;
+pub mod math;
+pub mod norm;
 pub mod upsample;
 
 pub use conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom};
 pub use gemm::{sgemm, sgemm_batched};
+pub use norm::{group_norm_backward, group_norm_forward, GroupNormGeom};
 pub use upsample::{upsample_nearest2x, upsample_nearest2x_backward};

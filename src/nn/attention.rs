@@ -29,10 +29,9 @@ pub fn attention(p: &Bound, prefix: &str, x: &Var, max_groups: usize, eps: f32) 
     let (n, c, hw) = (s[0], s[1], s[2] * s[3]);
     let h = group_norm(p, &format!("{prefix}.norm"), x, groups_for(c, max_groups), eps);
     let proj = |name: &str| conv(p, &format!("{prefix}.{name}"), &h, 1, Padding::zero()).reshape(&[n, c, hw]);
-    let q = proj("q").transpose(1, 2); // [N, HW, C]
-    let k = proj("k"); // [N, C, HW]
-    let v = proj("v"); // [N, C, HW]
-    let w = q.bmm(&k).mul_scalar(1.0 / (c as f32).sqrt()).softmax(); // [N, HW_query, HW_key]
-    let o = v.bmm(&w.transpose(1, 2)).reshape(&s); // o[n,c,i] = Σ_j v[n,c,j] w[n,i,j]
+    let (q, k, v) = (proj("q"), proj("k"), proj("v")); // each [N, C, HW]
+                                                       // w[n,i,j] = softmax_j(Σ_c q[n,c,i] k[n,c,j] / √C): [N, HW_query, HW_key].
+    let w = q.bmm_t(&k, true, false, 1.0 / (c as f32).sqrt()).softmax();
+    let o = v.bmm_t(&w, false, true, 1.0).reshape(&s); // o[n,c,i] = Σ_j v[n,c,j] w[n,i,j]
     x.add(&conv(p, &format!("{prefix}.proj_out"), &o, 1, Padding::zero()))
 }

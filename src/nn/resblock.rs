@@ -67,9 +67,8 @@ impl ResBlockSpec {
         let (gi, go) = (groups_for(self.c_in, max_groups), groups_for(self.c_out, max_groups));
         let h = group_norm_silu(p, &format!("{prefix}.norm1"), x, gi, eps);
         let h = conv(p, &format!("{prefix}.conv1"), &h, 1, Padding::same(1));
-        let s = h.shape().to_vec();
-        let t = linear(p, &format!("{prefix}.temb_proj"), &temb.silu()).reshape(&[s[0], s[1], 1, 1]);
-        let h = h.add(&t.broadcast_to(&s));
+        let t = linear(p, &format!("{prefix}.temb_proj"), &temb.silu()); // [N, C_out]
+        let h = h.add_per_channel(&t);
         let mut h = group_norm_silu(p, &format!("{prefix}.norm2"), &h, go, eps);
         if let Some((rate, rng)) = dropout {
             h = h.dropout(rate, rng);

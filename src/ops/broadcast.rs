@@ -1,6 +1,9 @@
 //! Explicit broadcasting and its adjoint. No other op broadcasts implicitly.
 
 use ndarray::{Axis, IxDyn};
+use rayon::prelude::*;
+
+use crate::kernels::math::sum_f64_lanes;
 
 use crate::{Tensor, Var};
 
@@ -55,7 +58,53 @@ impl Var {
         let in_shape = self.shape().to_vec();
         Var::record([self], y, move |g, _| [Some(broadcast_value(g, &in_shape))])
     }
+
+    /// `x[n, c, …] + t[n, c]`: one value per (sample, channel) added to every position of its
+    /// plane (the timestep embedding added inside a residual block). The same value as
+    /// `x + t.reshape([N, C, 1, …]).broadcast_to(x.shape())` without the broadcast tensor.
+    /// Backward: `dx = g`, `dt[n, c] = Σ_positions g[n, c, …]` (summed in f64).
+    ///
+    /// # Panics
+    /// If `x` has fewer than 2 axes or `t` is not `[N, C]`.
+    pub fn add_per_channel(&self, t: &Var) -> Var {
+        let shape = self.shape().to_vec();
+        assert!(
+            shape.len() >= 2 && t.shape() == &shape[..2],
+            "add_per_channel: t {:?} for x {shape:?}; expected [N, C]",
+            t.shape()
+        );
+        let plane: usize = shape[2..].iter().product();
+        let mut y = self.value().as_standard_layout().into_owned();
+        let ts = t.value().as_standard_layout().into_owned();
+        let ts = ts.as_slice().expect("standard layout");
+        if plane > 0 {
+            let ys = y.as_slice_mut().expect("standard layout");
+            let body = |(p, &tv): (&mut [f32], &f32)| p.iter_mut().for_each(|v| *v += tv);
+            if ys.len() >= PAR_MIN {
+                ys.par_chunks_mut(plane).zip(ts.par_iter()).for_each(body);
+            } else {
+                ys.chunks_mut(plane).zip(ts.iter()).for_each(body);
+            }
+        }
+        let t_shape = t.shape().to_vec();
+        Var::record_owned([self, t], y, move |g, needs| {
+            let dt = needs[1].then(|| {
+                let gs = g.as_standard_layout();
+                let gs = gs.as_slice().expect("standard layout");
+                let sums: Vec<f32> = if plane == 0 {
+                    vec![0.0; t_shape.iter().product()]
+                } else {
+                    gs.par_chunks(plane).map(|p| sum_f64_lanes(p, |v| v as f64) as f32).collect()
+                };
+                Tensor::from_shape_vec(t_shape.as_slice(), sums).expect("[N, C]")
+            });
+            [needs[0].then_some(g), dt]
+        })
+    }
 }
+
+/// Below this many elements the per-channel add runs on the calling thread.
+const PAR_MIN: usize = 1 << 15;
 
 #[cfg(test)]
 mod tests {
@@ -74,6 +123,8 @@ mod tests {
             check(&[randn(&[h], seed)], seed, |v| v[0].broadcast_to(&[n, h]));
             check(&[randn(&[n, c, h], seed)], seed, |v| v[0].sum_to(&[c, 1]));
             check(&[randn(&[n, c, h], seed)], seed, |v| v[0].sum_to(&[n, c, h]));
+            check(&[randn(&[n, c, h, h + 1], seed), randn(&[n, c], seed + 1)], seed,
+                |v| v[0].add_per_channel(&v[1]));
         }
     }
 
@@ -87,5 +138,12 @@ mod tests {
         let lhs: f32 = (&bx * &y).sum();
         let rhs: f32 = (&x * &sy).sum();
         assert!((lhs - rhs).abs() < 1e-4, "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn add_per_channel_equals_the_broadcast_add() {
+        let (x, t) = (crate::Var::constant(randn(&[2, 3, 4, 5], 3)), crate::Var::constant(randn(&[2, 3], 4)));
+        let want = x.add(&t.reshape(&[2, 3, 1, 1]).broadcast_to(&[2, 3, 4, 5]));
+        assert_eq!(x.add_per_channel(&t).value(), want.value());
     }
 }

@@ -1,6 +1,7 @@
 //! Inverted dropout with an explicitly passed, seeded RNG.
 
 use rand::Rng as _;
+use rayon::prelude::*;
 
 use crate::{Rng, Tensor, Var};
 
@@ -17,12 +18,37 @@ impl Var {
             return self.clone();
         }
         let scale = 1.0 / (1.0 - p);
-        let mask =
-            Tensor::from_shape_simple_fn(self.shape(), || if rng.random::<f32>() < p { 0.0 } else { scale });
-        let y = self.value() * &mask;
-        Var::record([self], y, move |g, _| [Some(g * &mask)])
+        // One draw from `rng` seeds the mask; chunk i of the mask comes from stream i of that
+        // seed, so chunks fill in parallel and the mask does not depend on the thread count.
+        let seed: u64 = rng.random();
+        let x = self.value().as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        let (mut y, mut mask) = (vec![0.0f32; xs.len()], vec![0.0f32; xs.len()]);
+        y.par_chunks_mut(MASK_CHUNK)
+            .zip(mask.par_chunks_mut(MASK_CHUNK))
+            .zip(xs.par_chunks(MASK_CHUNK))
+            .enumerate()
+            .for_each(|(i, ((y, m), x))| {
+                let mut r = crate::rng_from_seed(seed);
+                r.set_stream(i as u64);
+                for ((y, m), &x) in y.iter_mut().zip(m.iter_mut()).zip(x) {
+                    *m = if r.random::<f32>() < p { 0.0 } else { scale };
+                    *y = x * *m;
+                }
+            });
+        let y = Tensor::from_shape_vec(self.shape(), y).expect("same size as input");
+        Var::record_owned([self], y, move |mut g, _| {
+            let gs = g.as_slice_mut().expect("gradients are contiguous");
+            gs.par_chunks_mut(MASK_CHUNK).zip(mask.par_chunks(MASK_CHUNK)).for_each(|(g, m)| {
+                g.iter_mut().zip(m).for_each(|(g, &m)| *g *= m);
+            });
+            [Some(g)]
+        })
     }
 }
+
+/// Elements per independently seeded piece of a dropout mask.
+const MASK_CHUNK: usize = 1 << 14;
 
 #[cfg(test)]
 mod tests {

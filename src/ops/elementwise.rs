@@ -48,7 +48,12 @@ impl Var {
     pub fn add(&self, other: &Var) -> Var {
         assert_same_shape("add", self, other);
         let y = map2(self.value(), other.value(), |a, b| a + b);
-        Var::record([self, other], y, |g, needs| [needs[0].then(|| g.clone()), needs[1].then(|| g.clone())])
+        Var::record_owned([self, other], y, |g, needs| match needs {
+            [true, true] => [Some(g.clone()), Some(g)],
+            [true, false] => [Some(g), None],
+            [false, true] => [None, Some(g)],
+            [false, false] => [None, None],
+        })
     }
 
     /// `a − b`, same shapes.
@@ -58,8 +63,9 @@ impl Var {
     pub fn sub(&self, other: &Var) -> Var {
         assert_same_shape("sub", self, other);
         let y = map2(self.value(), other.value(), |a, b| a - b);
-        Var::record([self, other], y, |g, needs| {
-            [needs[0].then(|| g.clone()), needs[1].then(|| map(g, |g| -g))]
+        Var::record_owned([self, other], y, |g, needs| {
+            let db = needs[1].then(|| map(&g, |g| -g));
+            [needs[0].then_some(g), db]
         })
     }
 
@@ -98,7 +104,7 @@ impl Var {
 
     /// `x + c` for a scalar `c`.
     pub fn add_scalar(&self, c: f32) -> Var {
-        Var::record([self], map(self.value(), |x| x + c), |g, _| [Some(g.clone())])
+        Var::record_owned([self], map(self.value(), |x| x + c), |g, _| [Some(g)])
     }
 
     /// `c · x` for a scalar `c`.
@@ -151,15 +157,8 @@ impl Var {
     }
 }
 
-/// Logistic sigmoid, written to stay finite for large |x|.
-pub(crate) fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
+/// Logistic sigmoid, finite for every input (see [`crate::kernels::math::sigmoid`]).
+pub(crate) use crate::kernels::math::sigmoid;
 
 impl std::ops::Add for &Var {
     type Output = Var;

@@ -1,8 +1,8 @@
 //! Matrix products: 2-D matmul, batched matmul over a leading axis, and the linear layer.
 
-use ndarray::{linalg::general_mat_mul, Array2, Array3, ArrayView2, ArrayView3, Axis, Ix2, Ix3};
+use ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Axis, Ix2};
 
-use crate::{Tensor, Var};
+use crate::{kernels, Tensor, Var};
 
 fn as2<'a>(x: &'a Tensor, op: &str) -> ArrayView2<'a, f32> {
     x.view()
@@ -10,14 +10,8 @@ fn as2<'a>(x: &'a Tensor, op: &str) -> ArrayView2<'a, f32> {
         .unwrap_or_else(|_| panic!("{op}: expected a matrix, got {:?}", x.shape()))
 }
 
-fn as3<'a>(x: &'a Tensor, op: &str) -> ArrayView3<'a, f32> {
-    x.view()
-        .into_dimensionality::<Ix3>()
-        .unwrap_or_else(|_| panic!("{op}: expected [B, M, K], got {:?}", x.shape()))
-}
-
-/// `a @ b` for matrices (ndarray's gemm, which runs matrixmultiply's kernels, or the GPU when
-/// [`crate::device::offload`] says so).
+/// `a @ b` for matrices: ndarray's gemm (matrixmultiply's kernels), or the GPU when
+/// [`crate::device::offload`] says so.
 fn mm(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
     #[cfg(feature = "wgpu")]
     if let Some(c) = crate::gpu::bmm(a.insert_axis(Axis(0)), b.insert_axis(Axis(0))) {
@@ -28,22 +22,7 @@ fn mm(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
     c
 }
 
-/// `a[i] @ b[i]` for every `i` of the leading axis (on the GPU when [`crate::device::offload`]
-/// says so).
-fn bmm(a: ArrayView3<'_, f32>, b: ArrayView3<'_, f32>) -> Array3<f32> {
-    #[cfg(feature = "wgpu")]
-    if let Some(c) = crate::gpu::bmm(a.view(), b.view()) {
-        return c;
-    }
-    let (batch, m, _) = a.dim();
-    let n = b.dim().2;
-    let mut c = Array3::zeros((batch, m, n));
-    for ((ai, bi), mut ci) in a.outer_iter().zip(b.outer_iter()).zip(c.outer_iter_mut()) {
-        general_mat_mul(1.0, &ai, &bi, 0.0, &mut ci);
-    }
-    c
-}
-
+/// `a[i] @ b[i]` for every `i` of the leading axis.
 impl Var {
     /// Matrix product `[M, K] @ [K, N] -> [M, N]`.
     /// Backward: `dA = dC Bᵀ`, `dB = Aᵀ dC`.
@@ -68,21 +47,72 @@ impl Var {
     /// # Panics
     /// If either input is not 3-D or the batch or inner sizes differ.
     pub fn bmm(&self, other: &Var) -> Var {
-        let (a, b) = (as3(self.value(), "bmm"), as3(other.value(), "bmm"));
+        self.bmm_t(other, false, false, 1.0)
+    }
+
+    /// `α · op(A) @ op(B)` per batch item, where `op(X)` is `X` or, when its flag is set, `Xᵀ`
+    /// (the last two axes swapped) without materialising the transpose: `A: [B, M, K]` or
+    /// `[B, K, M]`, `B: [B, K, N]` or `[B, N, K]`, result `[B, M, N]`. Runs on
+    /// [`crate::kernels::sgemm_batched`], one batch item per task.
+    ///
+    /// Backward (with `G = ∂L/∂C`): `∂L/∂op(A) = α G op(B)ᵀ`, `∂L/∂op(B) = α op(A)ᵀ G`, each
+    /// written in the stored orientation of its input by choosing the operand order and flags.
+    ///
+    /// # Panics
+    /// If either input is not 3-D or the batch or inner sizes differ.
+    pub fn bmm_t(&self, other: &Var, trans_a: bool, trans_b: bool, alpha: f32) -> Var {
+        let (sa, sb) = (self.shape().to_vec(), other.shape().to_vec());
         assert!(
-            a.dim().0 == b.dim().0 && a.dim().2 == b.dim().1,
-            "bmm: {:?} @ {:?}",
-            self.shape(),
-            other.shape()
+            sa.len() == 3 && sb.len() == 3,
+            "bmm: expected [B, M, K] and [B, K, N], got {sa:?} and {sb:?}"
         );
-        let y = bmm(a, b).into_dyn();
-        let (a, b) = (self.value_rc(), other.value_rc());
+        let (m, k) = if trans_a { (sa[2], sa[1]) } else { (sa[1], sa[2]) };
+        let (k2, n) = if trans_b { (sb[2], sb[1]) } else { (sb[1], sb[2]) };
+        assert!(
+            sa[0] == sb[0] && k == k2,
+            "bmm: {sa:?}{} @ {sb:?}{}: batch or inner sizes differ",
+            if trans_a { "ᵀ" } else { "" },
+            if trans_b { "ᵀ" } else { "" }
+        );
+        let batch = sa[0];
+        // Values on the tape are kept in standard layout, so these are the tensors themselves.
+        let (av, bv) = (self.value_rc(), other.value_rc());
+        let mut c = vec![0.0f32; batch * m * n];
+        {
+            let (a_data, b_data) = (av.as_standard_layout(), bv.as_standard_layout());
+            let (a_data, b_data) =
+                (a_data.as_slice().expect("standard"), b_data.as_slice().expect("standard"));
+            kernels::sgemm_batched(batch, trans_a, trans_b, m, k, n, alpha, a_data, b_data, 0.0, &mut c);
+        }
+        let y = Tensor::from_shape_vec(vec![batch, m, n], c).expect("[B, M, N]");
         Var::record([self, other], y, move |g, needs| {
-            let g = as3(g, "bmm backward");
-            let bt = as3(&b, "").permuted_axes([0, 2, 1]);
-            let at = as3(&a, "").permuted_axes([0, 2, 1]);
-            let da = needs[0].then(|| bmm(g, bt).into_dyn());
-            let db = needs[1].then(|| bmm(at, g).into_dyn());
+            let g = g.as_slice().expect("gradients are contiguous");
+            let (a_data, b_data) = (av.as_standard_layout(), bv.as_standard_layout());
+            let (a_data, b_data) =
+                (a_data.as_slice().expect("standard"), b_data.as_slice().expect("standard"));
+            let out = |rows: usize, inner: usize, cols: usize, x: (&[f32], bool), y: (&[f32], bool)| {
+                let mut d = vec![0.0f32; batch * rows * cols];
+                kernels::sgemm_batched(batch, x.1, y.1, rows, inner, cols, alpha, x.0, y.0, 0.0, &mut d);
+                d
+            };
+            // dA in A's stored orientation: [M, K] = G op(B)ᵀ, or [K, M] = op(B) Gᵀ.
+            let da = needs[0].then(|| {
+                let d = if trans_a {
+                    out(k, n, m, (b_data, trans_b), (g, true))
+                } else {
+                    out(m, n, k, (g, false), (b_data, !trans_b))
+                };
+                Tensor::from_shape_vec(sa.as_slice(), d).expect("A's shape")
+            });
+            // dB in B's stored orientation: [K, N] = op(A)ᵀ G, or [N, K] = Gᵀ op(A).
+            let db = needs[1].then(|| {
+                let d = if trans_b {
+                    out(n, m, k, (g, true), (a_data, trans_a))
+                } else {
+                    out(k, m, n, (a_data, !trans_a), (g, false))
+                };
+                Tensor::from_shape_vec(sb.as_slice(), d).expect("B's shape")
+            });
             [da, db]
         })
     }
@@ -136,6 +166,11 @@ mod tests {
         ) {
             check(&[randn(&[m, k], seed), randn(&[k, n], seed + 1)], seed, |v| v[0].matmul(&v[1]));
             check(&[randn(&[b, m, k], seed), randn(&[b, k, n], seed + 1)], seed, |v| v[0].bmm(&v[1]));
+            for (ta, tb) in [(true, false), (false, true), (true, true)] {
+                let sa = if ta { [b, k, m] } else { [b, m, k] };
+                let sb = if tb { [b, n, k] } else { [b, k, n] };
+                check(&[randn(&sa, seed), randn(&sb, seed + 1)], seed, |v| v[0].bmm_t(&v[1], ta, tb, 0.7));
+            }
             check(&[randn(&[m, k], seed), randn(&[n, k], seed + 1), randn(&[n], seed + 2)], seed,
                 |v| v[0].linear(&v[1], Some(&v[2])));
             check(&[randn(&[m, k], seed), randn(&[n, k], seed + 1)], seed, |v| v[0].linear(&v[1], None));

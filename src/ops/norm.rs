@@ -1,9 +1,7 @@
 //! Group normalisation (Wu & He 2018) with affine parameters, as in the DDPM U-Net, and the
 //! same followed by SiLU in one pass (every residual block runs GN → SiLU twice).
 
-use rayon::prelude::*;
-
-use super::elementwise::sigmoid;
+use crate::kernels::{self, GroupNormGeom};
 use crate::{Tensor, Var};
 
 /// What follows the normalisation inside the fused kernel.
@@ -11,27 +9,6 @@ use crate::{Tensor, Var};
 enum Activation {
     Identity,
     Silu,
-}
-
-impl Activation {
-    #[inline]
-    fn apply(self, z: f32) -> f32 {
-        match self {
-            Activation::Identity => z,
-            Activation::Silu => z * sigmoid(z),
-        }
-    }
-
-    #[inline]
-    fn derivative(self, z: f32) -> f32 {
-        match self {
-            Activation::Identity => 1.0,
-            Activation::Silu => {
-                let s = sigmoid(z);
-                s * (1.0 + z * (1.0 - s))
-            }
-        }
-    }
 }
 
 impl Var {
@@ -64,55 +41,21 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
     assert!(groups > 0 && c % groups == 0, "group_norm: {groups} groups do not divide {c} channels");
     assert_eq!(gamma.shape(), &[c], "group_norm: gamma {:?} for {c} channels", gamma.shape());
     assert_eq!(beta.shape(), &[c], "group_norm: beta {:?} for {c} channels", beta.shape());
-    let spatial: usize = shape[2..].iter().product();
-    let cpg = c / groups;
-    let group_len = cpg * spatial;
-    if group_len == 0 {
+    let geom = GroupNormGeom { n: shape[0], c, spatial: shape[2..].iter().product(), groups };
+    if geom.spatial == 0 {
         return Var::record([x, gamma, beta], x.value().clone(), |g, _| [Some(g.clone()), None, None]);
     }
     let keep = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
+    let silu = act == Activation::Silu;
 
     let xs = x.value().as_slice().expect("values are contiguous");
     let (gs, bs) =
         (gamma.value().as_slice().expect("contiguous"), beta.value().as_slice().expect("contiguous"));
     let mut y = vec![0.0f32; xs.len()];
     let mut x_hat = if keep { vec![0.0f32; xs.len()] } else { vec![] };
-    let mut inv_std = vec![0.0f32; xs.len() / group_len];
-    let body = |k: usize, inp: &[f32], out: &mut [f32], xh: Option<&mut [f32]>, inv: &mut f32| {
-        // Two passes in f64 for an accurate variance.
-        let mean = inp.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
-        let var = inp.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / group_len as f64;
-        let is = (1.0 / (var + eps as f64).sqrt()) as f32;
-        let mean = mean as f32;
-        *inv = is;
-        let c0 = (k % groups) * cpg;
-        for j in 0..cpg {
-            let (gc, bc) = (gs[c0 + j], bs[c0 + j]);
-            let r = j * spatial..(j + 1) * spatial;
-            for (o, &v) in out[r.clone()].iter_mut().zip(&inp[r]) {
-                *o = act.apply(gc * ((v - mean) * is) + bc);
-            }
-        }
-        if let Some(xh) = xh {
-            for (h, &v) in xh.iter_mut().zip(inp) {
-                *h = (v - mean) * is;
-            }
-        }
-    };
-    if keep {
-        y.par_chunks_mut(group_len)
-            .zip(xs.par_chunks(group_len))
-            .zip(x_hat.par_chunks_mut(group_len))
-            .zip(inv_std.par_iter_mut())
-            .enumerate()
-            .for_each(|(k, (((out, inp), xh), inv))| body(k, inp, out, Some(xh), inv));
-    } else {
-        y.par_chunks_mut(group_len)
-            .zip(xs.par_chunks(group_len))
-            .zip(inv_std.par_iter_mut())
-            .enumerate()
-            .for_each(|(k, ((out, inp), inv))| body(k, inp, out, None, inv));
-    }
+    let mut inv_std = vec![0.0f32; geom.n * groups];
+    let xh = if keep { Some(x_hat.as_mut_slice()) } else { None };
+    kernels::group_norm_forward(&geom, xs, gs, bs, eps, silu, &mut y, xh, &mut inv_std);
     let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("same size as input");
     if !keep {
         return Var::constant(y);
@@ -123,53 +66,22 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
         let gs = g.as_slice().expect("gradients are contiguous");
         let (gam, bet) = (gam.as_slice().expect("contiguous"), bet.as_slice().expect("contiguous"));
         let mut dx = vec![0.0f32; gs.len()];
-        // Per chunk (sample, group): partial dγ, dβ for its channels, summed in chunk order below.
-        let mut partial = vec![0.0f64; 2 * gs.len() / spatial];
-        dx.par_chunks_mut(group_len)
-            .zip(gs.par_chunks(group_len))
-            .zip(x_hat.par_chunks(group_len))
-            .zip(inv_std.par_iter())
-            .zip(partial.par_chunks_mut(2 * cpg))
-            .enumerate()
-            .for_each(|(k, ((((dxo, gk), xh), &is), part))| {
-                let c0 = (k % groups) * cpg;
-                // dz = g·act'(z) with z = γ x̂ + β; dx̂ = dz·γ.
-                let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
-                for j in 0..cpg {
-                    let (gc, bc) = (gam[c0 + j], bet[c0 + j]);
-                    let (mut dg, mut db) = (0.0f64, 0.0f64);
-                    let r = j * spatial..(j + 1) * spatial;
-                    for ((d, &gv), &h) in dxo[r.clone()].iter_mut().zip(&gk[r.clone()]).zip(&xh[r]) {
-                        let dz = gv * act.derivative(gc * h + bc);
-                        dg += (dz * h) as f64;
-                        db += dz as f64;
-                        let dxh = dz * gc;
-                        *d = dxh;
-                        sum_d += dxh as f64;
-                        sum_dx += (dxh * h) as f64;
-                    }
-                    part[2 * j] = dg;
-                    part[2 * j + 1] = db;
-                }
-                // dx = (1/σ)(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
-                let m = group_len as f64;
-                let (mean_d, mean_dx) = ((sum_d / m) as f32, (sum_dx / m) as f32);
-                for (d, &h) in dxo.iter_mut().zip(xh) {
-                    *d = is * (*d - mean_d - h * mean_dx);
-                }
-            });
-        let n = gs.len() / (c * spatial);
-        let reduce = |which: usize| -> Tensor {
-            let mut out = vec![0.0f64; c];
-            for s in 0..n {
-                for ch in 0..c {
-                    out[ch] += partial[2 * (s * c + ch) + which];
-                }
-            }
-            Tensor::from_shape_vec(vec![c], out.into_iter().map(|v| v as f32).collect()).expect("[C]")
-        };
+        let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
+        kernels::group_norm_backward(
+            &geom,
+            gs,
+            &x_hat,
+            &inv_std,
+            gam,
+            bet,
+            silu,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+        );
+        let vec_c = |v: Vec<f32>| Tensor::from_shape_vec(vec![c], v).expect("[C]");
         let dx = needs[0].then(|| Tensor::from_shape_vec(g.shape(), dx).expect("same size"));
-        [dx, needs[1].then(|| reduce(0)), needs[2].then(|| reduce(1))]
+        [dx, needs[1].then(|| vec_c(dgamma)), needs[2].then(|| vec_c(dbeta))]
     })
 }
 

@@ -9,6 +9,15 @@ fn standard(x: ndarray::ArrayViewD<'_, f32>) -> Tensor {
     x.as_standard_layout().into_owned()
 }
 
+/// `x` itself when it is already row-major, else a row-major copy.
+fn standard_owned(x: Tensor) -> Tensor {
+    if x.is_standard_layout() {
+        x
+    } else {
+        x.as_standard_layout().into_owned()
+    }
+}
+
 impl Var {
     /// Same elements in row-major order, new shape.
     ///
@@ -19,8 +28,9 @@ impl Var {
             .into_shape_with_order(IxDyn(shape))
             .unwrap_or_else(|_| panic!("reshape: {:?} has a different size from {:?}", self.shape(), shape));
         let in_shape = self.shape().to_vec();
-        Var::record([self], y, move |g, _| {
-            let g = standard(g.view()).into_shape_with_order(IxDyn(&in_shape)).expect("same element count");
+        Var::record_owned([self], y, move |g, _| {
+            // Gradients are kept in standard layout, so this reuses g's buffer.
+            let g = standard_owned(g).into_shape_with_order(IxDyn(&in_shape)).expect("same element count");
             [Some(g)]
         })
     }
@@ -61,21 +71,48 @@ impl Var {
     /// If `vars` is empty or the shapes disagree off `axis`.
     pub fn concat(vars: &[&Var], axis: usize) -> Var {
         assert!(!vars.is_empty(), "concat: nothing to join");
-        let views: Vec<_> = vars.iter().map(|v| v.value().view()).collect();
-        let y = ndarray::concatenate(Axis(axis), &views).unwrap_or_else(|_| {
-            let shapes: Vec<_> = vars.iter().map(|v| v.shape().to_vec()).collect();
-            panic!("concat: shapes {shapes:?} do not agree off axis {axis}")
+        let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.shape().to_vec()).collect();
+        let mut out_shape = shapes[0].clone();
+        assert!(axis < out_shape.len(), "concat: axis {axis} of {out_shape:?}");
+        let agree = shapes.iter().all(|s| {
+            s.len() == out_shape.len()
+                && s.iter().zip(&out_shape).enumerate().all(|(i, (a, b))| i == axis || a == b)
         });
-        let sizes: Vec<usize> = vars.iter().map(|v| v.shape()[axis]).collect();
+        assert!(agree, "concat: shapes {shapes:?} do not agree off axis {axis}");
+        out_shape[axis] = shapes.iter().map(|s| s[axis]).sum();
+        // Row-major: the result is `outer` blocks, each the inputs' blocks of `s[axis]·inner`
+        // elements one after another.
+        let outer: usize = out_shape[..axis].iter().product();
+        let inner: usize = out_shape[axis + 1..].iter().product();
+        let blocks: Vec<usize> = shapes.iter().map(|s| s[axis] * inner).collect();
+        let values: Vec<_> = vars.iter().map(|v| v.value().as_standard_layout()).collect();
+        let slices: Vec<&[f32]> = values.iter().map(|v| v.as_slice().expect("standard layout")).collect();
+        let mut y = Vec::with_capacity(out_shape.iter().product());
+        for o in 0..outer {
+            for (x, &len) in slices.iter().zip(&blocks) {
+                y.extend_from_slice(&x[o * len..(o + 1) * len]);
+            }
+        }
+        let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("sizes add up");
         Var::record_many(vars, y, move |g, needs| {
-            let mut start = 0;
-            sizes
+            let g = g.as_standard_layout();
+            let g = g.as_slice().expect("standard layout");
+            let total: usize = blocks.iter().sum();
+            let mut offset = 0;
+            shapes
                 .iter()
+                .zip(&blocks)
                 .zip(needs)
-                .map(|(&len, &need)| {
-                    let piece =
-                        need.then(|| g.slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned());
-                    start += len;
+                .map(|((shape, &len), &need)| {
+                    let piece = need.then(|| {
+                        let mut d = Vec::with_capacity(outer * len);
+                        for o in 0..outer {
+                            let start = o * total + offset;
+                            d.extend_from_slice(&g[start..start + len]);
+                        }
+                        Tensor::from_shape_vec(shape.as_slice(), d).expect("piece shape")
+                    });
+                    offset += len;
                     piece
                 })
                 .collect()

@@ -1,7 +1,8 @@
 //! Softmax over the last axis (the attention weights).
 
-use ndarray::{Axis, Zip};
+use rayon::prelude::*;
 
+use crate::kernels::math::exp_nonpositive;
 use crate::{Tensor, Var};
 
 impl Var {
@@ -11,23 +12,56 @@ impl Var {
     /// # Panics
     /// On a 0-d input.
     pub fn softmax(&self) -> Var {
-        let last = Axis(self.value().ndim().checked_sub(1).expect("softmax: 0-d input"));
+        let ndim = self.value().ndim();
+        assert!(ndim > 0, "softmax: 0-d input");
+        let n = self.shape()[ndim - 1];
         let mut y: Tensor = self.value().as_standard_layout().into_owned();
-        for mut row in y.lanes_mut(last) {
-            let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            row.mapv_inplace(|v| (v - max).exp());
-            let sum = row.sum();
-            row.mapv_inplace(|v| v / sum);
+        if n == 0 {
+            return Var::record([self], y, |g, _| [Some(g.clone())]);
         }
+        rows_mut(&mut y, n, |row| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            // Every exponent is ≤ 0.
+            for v in row.iter_mut() {
+                *v = exp_nonpositive(*v - max);
+            }
+            let inv = 1.0 / row.iter().sum::<f32>();
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        });
         let ys = std::rc::Rc::new(y.clone());
         Var::record([self], y, move |g, _| {
-            let mut dx = g.clone();
-            Zip::from(dx.lanes_mut(last)).and(ys.lanes(last)).for_each(|mut d, y| {
-                let dot: f32 = d.iter().zip(y.iter()).map(|(a, b)| a * b).sum();
-                Zip::from(&mut d).and(&y).for_each(|d, &y| *d = y * (*d - dot));
-            });
+            let mut dx = g.as_standard_layout().into_owned();
+            let ys = ys.as_slice().expect("standard layout");
+            let d_rows = dx.as_slice_mut().expect("standard layout");
+            let body = |(d, y): (&mut [f32], &[f32])| {
+                let dot: f32 = d.iter().zip(y).map(|(a, b)| a * b).sum();
+                for (d, &y) in d.iter_mut().zip(y) {
+                    *d = y * (*d - dot);
+                }
+            };
+            if d_rows.len() >= PAR_MIN {
+                d_rows.par_chunks_mut(n).zip(ys.par_chunks(n)).for_each(body);
+            } else {
+                d_rows.chunks_mut(n).zip(ys.chunks(n)).for_each(body);
+            }
             [Some(dx)]
         })
+    }
+}
+
+/// Below this many elements the rows are processed on the calling thread.
+const PAR_MIN: usize = 1 << 15;
+
+/// Calls `f` on every row (last-axis lane, `n` long) of a standard-layout tensor, in parallel
+/// when the tensor is large. Rows are independent, so the result does not depend on threads.
+fn rows_mut(y: &mut Tensor, n: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    let s = y.as_slice_mut().expect("standard layout");
+    if s.len() >= PAR_MIN {
+        s.par_chunks_mut(n).for_each(f);
+    } else {
+        s.chunks_mut(n).for_each(f);
     }
 }
 

@@ -1,0 +1,14 @@
+//! Working with other DDPM implementations: reading and writing their checkpoints, and
+//! deterministic weights both sides can build.
+//!
+//! | file            | owns                                                                              |
+//! |-----------------|-----------------------------------------------------------------------------------|
+//! | [`diffusers`]   | diffusers' `UNet2DModel` folders (config.json + safetensors) and `DDPMScheduler` configs ↔ ddpm's U-Net and [`crate::train::DiffusionConfig`] |
+//! | [`counter`]     | counter-based weights (splitmix64 of tensor and element index), as the fixtures use |
+//!
+//! The diffusion math of diffusers' `DDPMScheduler` is the `diffusers`
+//! [`Convention`](crate::diffusion::Convention); docs/conventions.md lists where it differs from
+//! Ho et al.'s.
+
+pub mod counter;
+pub mod diffusers;
