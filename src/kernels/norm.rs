@@ -5,7 +5,7 @@
 //!
 //! Statistics and parameter-gradient sums are accumulated in f64 (in 8 fixed lanes, see
 //! [`sum_f64_lanes`]); the per-element work is in f32. The chunk loops are compiled for AVX-512,
-//! AVX2 and the baseline, chosen at run time ([`multiversion`]); they use no `mul_add`, so every
+//! AVX2 and the baseline, chosen at run time ([`mod@multiversion`]); they use no `mul_add`, so every
 //! version returns the same bits.
 
 use multiversion::multiversion;
