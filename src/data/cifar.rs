@@ -35,7 +35,7 @@ pub fn parse_cifar(bytes: &[u8], source: &Path) -> Result<Dataset> {
     if bytes.is_empty() {
         return Err(Error::bad_file(source, "the file is empty; get it again"));
     }
-    if bytes.len() % CIFAR_RECORD_BYTES != 0 {
+    if !bytes.len().is_multiple_of(CIFAR_RECORD_BYTES) {
         return Err(Error::bad_file(
             source,
             format!(

@@ -129,7 +129,7 @@ impl ModelOutput {
         }
         assert!(output.ndim() >= 2, "ModelOutput::split: output {:?} has no channel axis", output.shape());
         let channels = output.shape()[1];
-        assert!(channels % 2 == 0, "ModelOutput::split: {channels} channels cannot be halved");
+        assert!(channels.is_multiple_of(2), "ModelOutput::split: {channels} channels cannot be halved");
         let (a, b) = output.view().split_at(Axis(1), channels / 2);
         ModelOutput { prediction: a.to_owned(), variance_values: Some(b.to_owned()) }
     }

@@ -22,6 +22,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
+use super::packed::{self, gemm_packed, Init, PackedA};
 
 /// Target size, in f32 elements, of one tile of the patch matrix (512 KiB: about an L2 cache).
 const TILE_ELEMS: usize = 1 << 17;
@@ -404,6 +405,9 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
     let pointwise = g.is_pointwise();
     let tile_px = if pointwise { px } else { tile_px };
     let w_mat = MatRef::row_major(w, g.c_out, k);
+    // With AVX-512 the weights are packed once here and every tile's product reads them and
+    // the patch tile in place (`packed.rs`); otherwise the general gemm.
+    let w_packed = packed::available().then(|| PackedA::new(w, g.c_out, k, k, 1));
     let x_img_len = g.c_in * g.h * g.w;
     y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(x_img_len)).for_each_init(
         || {
@@ -417,6 +421,17 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
             for p0 in (0..px).step_by(tile_px) {
                 let p1 = px.min(p0 + tile_px);
                 let t = p1 - p0;
+                if let Some(wp) = &w_packed {
+                    let (b, ldb) = if pointwise {
+                        (&x_img[p0..], px)
+                    } else {
+                        im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
+                        (&col[..k * t], t)
+                    };
+                    let init = bias.map_or(Init::Zero, Init::Bias);
+                    gemm_packed(wp, b, ldb, t, &mut y_img[p0..], px, init);
+                    continue;
+                }
                 let patches = if pointwise {
                     MatRef::new(&x_img[p0..], g.c_in, t, px, 1)
                 } else {
@@ -481,6 +496,8 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
     let (k, px) = (g.patch_len(), g.out_px());
     let pointwise = g.is_pointwise();
     let w_t = MatRef::row_major(w, g.c_out, k).t();
+    // Wᵀ packed once (see `conv2d_forward`).
+    let wt_packed = packed::available().then(|| PackedA::new(w, k, g.c_out, 1, k));
     let x_img_len = g.c_in * g.h * g.w;
     dx.par_chunks_mut(x_img_len).zip(dy.par_chunks(g.c_out * px)).for_each_init(
         || {
@@ -493,16 +510,26 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
         |dcol, (dx_img, dy_img)| {
             if pointwise {
                 // The image is its own patch matrix: dx_n = Wᵀ @ dy_n, no col2im.
-                let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
-                gemm(1.0, w_t, dy_mat, 0.0, MatMut::row_major(dx_img, g.c_in, px));
+                match &wt_packed {
+                    Some(wp) => gemm_packed(wp, dy_img, px, px, dx_img, px, Init::Zero),
+                    None => {
+                        let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
+                        gemm(1.0, w_t, dy_mat, 0.0, MatMut::row_major(dx_img, g.c_in, px));
+                    }
+                }
                 return;
             }
             dx_img.fill(0.0);
             for p0 in (0..px).step_by(tile_px) {
                 let p1 = px.min(p0 + tile_px);
                 let t = p1 - p0;
-                let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
-                gemm(1.0, w_t, dy_tile, 0.0, MatMut::row_major(&mut dcol[..k * t], k, t));
+                match &wt_packed {
+                    Some(wp) => gemm_packed(wp, &dy_img[p0..], px, t, &mut dcol[..k * t], t, Init::Zero),
+                    None => {
+                        let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
+                        gemm(1.0, w_t, dy_tile, 0.0, MatMut::row_major(&mut dcol[..k * t], k, t));
+                    }
+                }
                 col2im_tile_add(g, &mut dcol[..k * t], p0, p1, dx_img);
             }
         },

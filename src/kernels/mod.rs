@@ -9,6 +9,7 @@
 //! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over the `gemm` crate   |
 //! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
 //! | `norm.rs`     | [`group_norm_forward`] (optionally fused with SiLU) and [`group_norm_backward`] |
+//! | `packed.rs`   | [`packed::gemm_packed`]: A packed once, B read in place; the AVX-512 conv micro-kernel |
 //! | `math.rs`     | `exp`/sigmoid and f64 lane sums that vectorise (no libm call per element) |
 //! | `upsample.rs` | [`upsample_nearest2x`] and its gradient                                  |
 //!
@@ -20,6 +21,7 @@ pub mod conv;
 pub mod gemm;
 pub mod math;
 pub mod norm;
+pub mod packed;
 pub mod upsample;
 
 pub use conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom};

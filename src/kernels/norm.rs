@@ -29,7 +29,7 @@ pub struct GroupNormGeom {
 impl GroupNormGeom {
     fn validate(&self) {
         assert!(
-            self.groups > 0 && self.c % self.groups == 0,
+            self.groups > 0 && self.c.is_multiple_of(self.groups),
             "group norm: {} groups do not divide {} channels",
             self.groups,
             self.c

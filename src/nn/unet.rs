@@ -140,7 +140,7 @@ impl UNetConfig {
             return Err(Error::config("U-Net", "channels, ch and num_res_blocks must be positive"));
         }
         let down = 1usize << (self.ch_mult.len() - 1);
-        if self.resolution == 0 || self.resolution % down != 0 {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(down) {
             return Err(Error::config(
                 "U-Net",
                 format!(

@@ -38,7 +38,7 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
     let shape = x.shape().to_vec();
     assert!(shape.len() >= 2, "group_norm: input {shape:?} has no channel axis");
     let c = shape[1];
-    assert!(groups > 0 && c % groups == 0, "group_norm: {groups} groups do not divide {c} channels");
+    assert!(groups > 0 && c.is_multiple_of(groups), "group_norm: {groups} groups do not divide {c} channels");
     assert_eq!(gamma.shape(), &[c], "group_norm: gamma {:?} for {c} channels", gamma.shape());
     assert_eq!(beta.shape(), &[c], "group_norm: beta {:?} for {c} channels", beta.shape());
     let geom = GroupNormGeom { n: shape[0], c, spatial: shape[2..].iter().product(), groups };
