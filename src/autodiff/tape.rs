@@ -268,6 +268,10 @@ impl Var {
     }
 }
 
+/// Accumulations of at least this many elements run on the rayon pool (elementwise, so the
+/// result does not depend on the thread count).
+const PAR_ACCUMULATE_MIN: usize = 1 << 15;
+
 /// Gradients of a scalar with respect to the leaves of a tape, indexed by node.
 pub struct Grads {
     slots: Vec<Option<Tensor>>,
@@ -284,6 +288,9 @@ impl Grads {
     /// Adds `grad` to the gradient held for node `id` (the first contribution is moved in).
     pub fn accumulate(&mut self, id: usize, grad: Tensor) {
         match &mut self.slots[id] {
+            Some(g) if g.len() >= PAR_ACCUMULATE_MIN => {
+                ndarray::Zip::from(g).and(&grad).par_for_each(|a, &b| *a += b)
+            }
             Some(g) => *g += &grad,
             slot @ None => *slot = Some(standard_layout(grad)),
         }

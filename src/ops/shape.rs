@@ -1,6 +1,7 @@
 //! Ops that move values without changing them: reshape, permute, transpose, concat, slice.
 
 use ndarray::{Axis, IxDyn, Slice};
+use rayon::prelude::*;
 
 use crate::{Tensor, Var};
 
@@ -87,17 +88,21 @@ impl Var {
         let blocks: Vec<usize> = shapes.iter().map(|s| s[axis] * inner).collect();
         let values: Vec<_> = vars.iter().map(|v| v.value().as_standard_layout()).collect();
         let slices: Vec<&[f32]> = values.iter().map(|v| v.as_slice().expect("standard layout")).collect();
-        let mut y = Vec::with_capacity(out_shape.iter().product());
-        for o in 0..outer {
-            for (x, &len) in slices.iter().zip(&blocks) {
-                y.extend_from_slice(&x[o * len..(o + 1) * len]);
-            }
+        let total: usize = blocks.iter().sum();
+        let mut y = vec![0.0f32; outer * total];
+        if total > 0 {
+            y.par_chunks_mut(total).enumerate().for_each(|(o, out)| {
+                let mut at = 0;
+                for (x, &len) in slices.iter().zip(&blocks) {
+                    out[at..at + len].copy_from_slice(&x[o * len..(o + 1) * len]);
+                    at += len;
+                }
+            });
         }
         let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("sizes add up");
         Var::record_many(vars, y, move |g, needs| {
             let g = g.as_standard_layout();
             let g = g.as_slice().expect("standard layout");
-            let total: usize = blocks.iter().sum();
             let mut offset = 0;
             shapes
                 .iter()
@@ -105,10 +110,12 @@ impl Var {
                 .zip(needs)
                 .map(|((shape, &len), &need)| {
                     let piece = need.then(|| {
-                        let mut d = Vec::with_capacity(outer * len);
-                        for o in 0..outer {
-                            let start = o * total + offset;
-                            d.extend_from_slice(&g[start..start + len]);
+                        let mut d = vec![0.0f32; outer * len];
+                        if len > 0 {
+                            d.par_chunks_mut(len).enumerate().for_each(|(o, out)| {
+                                let start = o * total + offset;
+                                out.copy_from_slice(&g[start..start + len]);
+                            });
                         }
                         Tensor::from_shape_vec(shape.as_slice(), d).expect("piece shape")
                     });
