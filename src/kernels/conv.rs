@@ -125,6 +125,30 @@ impl Conv2dGeom {
         self.out_h() * self.out_w()
     }
 
+    /// For a stride-1 geometry whose padding is at most `k − 1` on every side: the geometry
+    /// of the forward convolution that computes its input gradient (input `dy`, `C_out` → `C_in`
+    /// channels, padding `k − 1 − pad`, output the size of `x`). `None` otherwise.
+    fn transposed(&self) -> Option<Conv2dGeom> {
+        let fits = self.pad_top < self.kh
+            && self.pad_bottom < self.kh
+            && self.pad_left < self.kw
+            && self.pad_right < self.kw;
+        (self.stride == 1 && fits).then(|| Conv2dGeom {
+            n: self.n,
+            c_in: self.c_out,
+            h: self.out_h(),
+            w: self.out_w(),
+            c_out: self.c_in,
+            kh: self.kh,
+            kw: self.kw,
+            stride: 1,
+            pad_top: self.kh - 1 - self.pad_top,
+            pad_bottom: self.kh - 1 - self.pad_bottom,
+            pad_left: self.kw - 1 - self.pad_left,
+            pad_right: self.kw - 1 - self.pad_right,
+        })
+    }
+
     /// Whether the input image already is its patch matrix (1x1, stride 1, no padding).
     fn is_pointwise(&self) -> bool {
         self.kh == 1
@@ -467,7 +491,37 @@ pub fn conv2d_backward_input(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f3
     if crate::gpu::conv2d_backward_input(g, dy, w, dx) {
         return;
     }
+    if packed::available() && g.stride == 1 && !g.is_pointwise() {
+        if let Some(flipped) = g.transposed() {
+            return backward_input_as_forward(g, &flipped, dy, w, dx);
+        }
+    }
     backward_input_tiled(g, dy, w, dx, g.tile_px());
+}
+
+/// The input gradient of a stride-1 convolution as a forward convolution: `dx` is the full
+/// correlation of `dy` with the weights flipped in both spatial axes and with `C_in`/`C_out`
+/// swapped, `w'[ci, co, i, j] = w[co, ci, kh−1−i, kw−1−j]`, padded by `k − 1 − pad` on each side
+/// (`g'` from [`Conv2dGeom::transposed`]). This runs on the forward path (patch tiles and the
+/// packed micro-kernel, each output written once) instead of a product followed by a col2im
+/// scatter-add that reads and writes `dx` once per kernel tap.
+fn backward_input_as_forward(g: &Conv2dGeom, gt: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    assert_eq!(dy.len(), g.y_len(), "conv2d_backward_input: dy has {} elements, geometry {g:?}", dy.len());
+    assert_eq!(w.len(), g.w_len(), "conv2d_backward_input: w has {} elements, geometry {g:?}", w.len());
+    assert_eq!(dx.len(), g.x_len(), "conv2d_backward_input: dx has {} elements, geometry {g:?}", dx.len());
+    let (kh, kw) = (g.kh, g.kw);
+    let mut flipped = vec![0.0f32; w.len()];
+    for co in 0..g.c_out {
+        for ci in 0..g.c_in {
+            for i in 0..kh {
+                for j in 0..kw {
+                    flipped[((ci * g.c_out + co) * kh + i) * kw + j] =
+                        w[((co * g.c_in + ci) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                }
+            }
+        }
+    }
+    forward_tiled(gt, dy, &flipped, None, dx, gt.tile_px());
 }
 
 fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], tile_px: usize) {
@@ -842,6 +896,17 @@ mod tests {
             let mut y = vec![f32::NAN; g.y_len()];
             forward_tiled(&g, &x, &w, bias, &mut y, tile);
             assert_close(&y, &forward_ref(&g, &x, &w, bias), &format!("forward {g:?} tile {tile}"));
+        }
+
+        #[test]
+        fn backward_input_entry_point_matches_f64_reference((g, _tile, seed) in case()) {
+            // The public function, which takes the forward-convolution route for stride 1.
+            let mut rng = crate::rng_from_seed(seed);
+            let dy = random_vec(&mut rng, g.y_len());
+            let w = random_vec(&mut rng, g.w_len());
+            let mut dx = vec![f32::NAN; g.x_len()];
+            conv2d_backward_input(&g, &dy, &w, &mut dx);
+            assert_close(&dx, &backward_input_ref(&g, &dy, &w), &format!("conv2d_backward_input {g:?}"));
         }
 
         #[test]
