@@ -2,8 +2,12 @@
 //! --device gpu` on tiny data (every product sent to the GPU); without it, `--device gpu` is a
 //! clear error and `--device auto` falls back to the CPU. Data are generated here (8x8 IDX).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{stderr, write_squares_idx};
 
 fn ddpm(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddpm"));
@@ -14,29 +18,8 @@ fn ddpm(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("the binary runs")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// 16 images of 8x8: a bright square in one of 4 corners.
 fn write_idx(dir: &Path) -> PathBuf {
-    let n = 16u32;
-    let mut bytes = vec![0, 0, 8, 3];
-    for d in [n, 8, 8] {
-        bytes.extend_from_slice(&d.to_be_bytes());
-    }
-    for i in 0..n as usize {
-        let (oy, ox) = ((i % 2) * 4, ((i / 2) % 2) * 4);
-        for y in 0..8 {
-            for x in 0..8 {
-                let on = (oy..oy + 4).contains(&y) && (ox..ox + 4).contains(&x);
-                bytes.push(if on { 255 } else { 0 });
-            }
-        }
-    }
-    let path = dir.join("squares-idx3-ubyte");
-    std::fs::write(&path, bytes).expect("temp dir is writable");
-    path
+    write_squares_idx(dir, 16)
 }
 
 fn train_args<'a>(data: &'a str, out: &'a str, device: &'a str) -> Vec<&'a str> {

@@ -2,36 +2,19 @@
 //! killed with SIGKILL, and the error paths a user meets. Data are generated here (8x8 IDX
 //! images), so nothing outside the repository is needed.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{stderr, write_squares_idx};
 
 fn ddpm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ddpm")).args(args).output().expect("the binary runs")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// 64 images of 8x8: a bright square at one of 4 positions, so the data have structure.
 fn write_idx(dir: &Path) -> PathBuf {
-    let n = 64u32;
-    let mut bytes = vec![0, 0, 8, 3];
-    for d in [n, 8, 8] {
-        bytes.extend_from_slice(&d.to_be_bytes());
-    }
-    for i in 0..n as usize {
-        let (oy, ox) = ((i % 2) * 4, ((i / 2) % 2) * 4);
-        for y in 0..8 {
-            for x in 0..8 {
-                let on = (oy..oy + 4).contains(&y) && (ox..ox + 4).contains(&x);
-                bytes.push(if on { 255 } else { 0 });
-            }
-        }
-    }
-    let path = dir.join("squares-idx3-ubyte");
-    std::fs::write(&path, bytes).expect("temp dir is writable");
-    path
+    write_squares_idx(dir, 64)
 }
 
 fn train_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
