@@ -1,5 +1,5 @@
 //! Convolution kernels at the `mnist` preset's shapes (batch 64): forward, and forward plus both
-//! gradients (input and weight + bias), as one training step runs them.
+//! gradients (input and weight + bias), as one training step runs them; and each gradient alone.
 //!
 //! Throughput is the multiply-add count times two (`2·N·P·C_out·K` per pass, `P` output pixels,
 //! `K = C_in·kh·kw`), so criterion's `elem/s` reads as FLOP/s; forward+backward counts three
@@ -93,6 +93,12 @@ fn bench_conv(c: &mut Criterion) {
         group.throughput(Throughput::Elements(pass_flops(&g)));
         group.bench_function(BenchmarkId::new("forward", case.name), |bench| {
             bench.iter(|| conv2d_forward(&g, &x, &w, Some(&b), &mut y))
+        });
+        group.bench_function(BenchmarkId::new("backward_input", case.name), |bench| {
+            bench.iter(|| conv2d_backward_input(&g, &dy, &w, &mut dx))
+        });
+        group.bench_function(BenchmarkId::new("backward_weight", case.name), |bench| {
+            bench.iter(|| conv2d_backward_weight(&g, &x, &dy, &mut dw, Some(&mut db)))
         });
         group.throughput(Throughput::Elements(3 * pass_flops(&g)));
         group.bench_function(BenchmarkId::new("forward_backward", case.name), |bench| {

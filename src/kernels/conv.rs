@@ -24,6 +24,8 @@ use rayon::prelude::*;
 use super::gemm::{gemm, MatMut, MatRef};
 use super::packed::{self, gemm_packed, Init, PackedA};
 
+mod implicit;
+
 /// Target size, in f32 elements, of one tile of the patch matrix (512 KiB: about an L2 cache).
 const TILE_ELEMS: usize = 1 << 17;
 
@@ -396,10 +398,25 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>
     if crate::gpu::conv2d_forward(g, x, w, bias, y) {
         return;
     }
+    forward_any(g, x, w, bias, y);
+}
+
+/// The forward convolution on the fastest CPU path for the geometry: the implicit kernel of
+/// `implicit.rs` for a stride-1 same convolution with AVX-512, else patch tiles.
+fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    if implicit::applies(g) {
+        check_forward(g, x, w, bias, y);
+        if g.n > 0 {
+            let k = g.patch_len();
+            implicit::forward(g, x, &PackedA::new(w, g.c_out, k, k, 1), bias, y);
+        }
+        return;
+    }
     forward_tiled(g, x, w, bias, y, g.tile_px());
 }
 
-fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], tile_px: usize) {
+/// Panics unless the slices have the lengths the geometry gives them.
+fn check_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32]) {
     g.validate("conv2d_forward");
     assert_eq!(
         x.len(),
@@ -422,6 +439,10 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
     if let Some(b) = bias {
         assert_eq!(b.len(), g.c_out, "conv2d_forward: bias has {} elements, C_out is {}", b.len(), g.c_out);
     }
+}
+
+fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], tile_px: usize) {
+    check_forward(g, x, w, bias, y);
     if g.n == 0 {
         return;
     }
@@ -521,7 +542,7 @@ fn backward_input_as_forward(g: &Conv2dGeom, gt: &Conv2dGeom, dy: &[f32], w: &[f
             }
         }
     }
-    forward_tiled(gt, dy, &flipped, None, dx, gt.tile_px());
+    forward_any(gt, dy, &flipped, None, dx);
 }
 
 fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], tile_px: usize) {
@@ -610,18 +631,23 @@ pub fn conv2d_backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f
         }
         db
     };
+    if implicit::applies(g) {
+        check_backward_weight(g, x, dy, dw, db.as_deref());
+        if let Some(db) = db {
+            bias_gradient(g, dy, db);
+        }
+        if g.n == 0 {
+            dw.fill(0.0);
+        } else {
+            implicit::backward_weight(g, x, dy, dw);
+        }
+        return;
+    }
     backward_weight_tiled(g, x, dy, dw, db, g.tile_px(), MAX_WEIGHT_PARTIALS);
 }
 
-fn backward_weight_tiled(
-    g: &Conv2dGeom,
-    x: &[f32],
-    dy: &[f32],
-    dw: &mut [f32],
-    db: Option<&mut [f32]>,
-    tile_px: usize,
-    max_partials: usize,
-) {
+/// Panics unless the slices have the lengths the geometry gives them.
+fn check_backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &[f32], db: Option<&[f32]>) {
     g.validate("conv2d_backward_weight");
     assert_eq!(
         x.len(),
@@ -641,9 +667,6 @@ fn backward_weight_tiled(
         "conv2d_backward_weight: dw has {} elements, geometry {g:?} needs [C_out, C_in, kh, kw]",
         dw.len()
     );
-    let (k, px) = (g.patch_len(), g.out_px());
-    let (x_img_len, y_img_len) = (g.c_in * g.h * g.w, g.c_out * px);
-
     if let Some(db) = db {
         assert_eq!(
             db.len(),
@@ -652,14 +675,37 @@ fn backward_weight_tiled(
             db.len(),
             g.c_out
         );
-        db.par_iter_mut().enumerate().for_each(|(co, db_co)| {
-            let mut acc = 0.0f64;
-            for n in 0..g.n {
-                let start = n * y_img_len + co * px;
-                acc += dy[start..start + px].iter().map(|&v| v as f64).sum::<f64>();
-            }
-            *db_co = acc as f32;
-        });
+    }
+}
+
+/// `db[co] = Σ_{n,p} dy[n, co, p]`, summed in f64 image after image.
+fn bias_gradient(g: &Conv2dGeom, dy: &[f32], db: &mut [f32]) {
+    let px = g.out_px();
+    let y_img_len = g.c_out * px;
+    db.par_iter_mut().enumerate().for_each(|(co, db_co)| {
+        let mut acc = 0.0f64;
+        for n in 0..g.n {
+            let start = n * y_img_len + co * px;
+            acc += dy[start..start + px].iter().map(|&v| v as f64).sum::<f64>();
+        }
+        *db_co = acc as f32;
+    });
+}
+
+fn backward_weight_tiled(
+    g: &Conv2dGeom,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    tile_px: usize,
+    max_partials: usize,
+) {
+    check_backward_weight(g, x, dy, dw, db.as_deref());
+    let (k, px) = (g.patch_len(), g.out_px());
+    let (x_img_len, y_img_len) = (g.c_in * g.h * g.w, g.c_out * px);
+    if let Some(db) = db {
+        bias_gradient(g, dy, db);
     }
 
     if g.n == 0 {
@@ -872,7 +918,24 @@ mod tests {
             .prop_map(|(n, ci, co, hw)| geom(n, ci, co, hw, (1, 1), 1, (0, 0, 0, 0)));
         let same_stride2 = (1usize..=3, 1usize..=5, 1usize..=5, (1usize..=4, 1usize..=4))
             .prop_map(|(n, ci, co, (h, w))| geom(n, ci, co, (2 * h, 2 * w), (3, 3), 2, (0, 1, 0, 1)));
-        prop_oneof![6 => general, 1 => pointwise, 1 => same_stride2]
+        prop_oneof![6 => general, 1 => pointwise, 1 => same_stride2, 2 => same()]
+    }
+
+    /// Stride-1 geometries whose output is as large as the input (the implicit path): any
+    /// kernel in {1, 2, 3, 5}², any split of its `k − 1` padding; images up to 40 wide so strips
+    /// of 32 pixels cross rows; up to 20 channels so the inner dimension crosses a k-block.
+    fn same() -> impl Strategy<Value = Conv2dGeom> {
+        (kernel_size(), kernel_size())
+            .prop_flat_map(|(kh, kw)| {
+                (
+                    (1usize..=3, 1usize..=20, 1usize..=20),
+                    (1usize..=40, 1usize..=40),
+                    (Just((kh, kw)), 0..kh, 0..kw),
+                )
+            })
+            .prop_map(|((n, ci, co), hw, ((kh, kw), top, left))| {
+                geom(n, ci, co, hw, (kh, kw), 1, (top, kh - 1 - top, left, kw - 1 - left))
+            })
     }
 
     /// A geometry, a tile width (from 1 pixel to the whole image), and a data seed.
@@ -933,6 +996,37 @@ mod tests {
             let (dw_ref, db_ref) = backward_weight_ref(&g, &x, &dy);
             assert_close(&dw, &dw_ref, &format!("backward_weight dw {g:?} tile {tile}"));
             assert_close(&db, &db_ref, &format!("backward_weight db {g:?}"));
+        }
+
+        /// The implicit kernel computes the patch-tile product term for term: same bits.
+        #[test]
+        fn implicit_forward_is_bit_identical_to_patch_tiles(g in same(), with_bias in any::<bool>(), seed in any::<u64>()) {
+            prop_assume!(implicit::applies(&g), "no AVX-512F here, or a 1x1 kernel");
+            let mut rng = crate::rng_from_seed(seed);
+            let x = random_vec(&mut rng, g.x_len());
+            let w = random_vec(&mut rng, g.w_len());
+            let b = random_vec(&mut rng, g.c_out);
+            let bias = with_bias.then_some(&b[..]);
+            let mut implicit_y = vec![f32::NAN; g.y_len()];
+            conv2d_forward(&g, &x, &w, bias, &mut implicit_y);
+            let mut tiled_y = vec![f32::NAN; g.y_len()];
+            forward_tiled(&g, &x, &w, bias, &mut tiled_y, g.tile_px());
+            for (i, (a, b)) in implicit_y.iter().zip(&tiled_y).enumerate() {
+                prop_assert_eq!(a.to_bits(), b.to_bits(), "{:?}: y[{}] = {} vs {}", g, i, a, b);
+            }
+        }
+
+        #[test]
+        fn weight_gradient_of_same_convolutions_matches_f64_reference(g in same(), seed in any::<u64>()) {
+            let mut rng = crate::rng_from_seed(seed);
+            let x = random_vec(&mut rng, g.x_len());
+            let dy = random_vec(&mut rng, g.y_len());
+            let mut dw = vec![f32::NAN; g.w_len()];
+            let mut db = vec![f32::NAN; g.c_out];
+            conv2d_backward_weight(&g, &x, &dy, &mut dw, Some(&mut db));
+            let (dw_ref, db_ref) = backward_weight_ref(&g, &x, &dy);
+            assert_close(&dw, &dw_ref, &format!("conv2d_backward_weight dw {g:?}"));
+            assert_close(&db, &db_ref, &format!("conv2d_backward_weight db {g:?}"));
         }
 
         /// ⟨conv(x; w), dy⟩ = ⟨x, ∂/∂x⟩ = ⟨w, ∂/∂w⟩ and ⟨bias, Σ dy⟩ = ⟨bias, db⟩: the backward

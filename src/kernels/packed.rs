@@ -13,15 +13,15 @@
 //! fused multiply-add per term), so both paths give the same bits.
 
 /// Rows per panel of a packed `A`.
-const MR: usize = 8;
+pub(super) const MR: usize = 8;
 
 /// `A` packed for [`gemm_packed`]: panel `q` holds rows `8q..8q+8`, stored `[inner][8]` (zero
 /// rows pad the last panel).
 #[derive(Clone, Debug)]
 pub struct PackedA {
-    data: Vec<f32>,
-    rows: usize,
-    inner: usize,
+    pub(super) data: Vec<f32>,
+    pub(super) rows: usize,
+    pub(super) inner: usize,
 }
 
 impl PackedA {

@@ -1,0 +1,413 @@
+//! Stride-1 "same" convolutions (the output as large as the input: every 3x3 of the U-Net but
+//! the downsample, and the input gradients of those) computed without a patch matrix.
+//!
+//! Flatten an image's pixels, `p = oh·w + ow`. Kernel tap `(i, j)` of output pixel `p` reads
+//! input element `p + (i − pad_top)·w + (j − pad_left)` of each channel plane, or zero where
+//! that falls outside the image. So row `(ci, i, j)` of the im2col matrix, over a strip of 32
+//! consecutive output pixels, is a shifted window of plane `ci` with some lanes zeroed; the
+//! lanes to zero depend on the tap and the strip only. The AVX-512 kernels read those windows
+//! straight from the input with masked loads (a masked-off lane is neither read nor allowed to
+//! fault, and loads as 0.0), which removes im2col's writes and reads of `K·P` floats per image.
+//!
+//! - [`forward`]: the product `W @ col` of [`super::conv2d_forward`], term for term in the same
+//!   order as the patch-tile path (each output `init + Σ_k W[r, k]·col[k, p]`, increasing `k`,
+//!   one fused multiply-add per term, a zero for every padded tap), so the bits are the same.
+//! - [`backward_weight`]: `dW[co, ci, i, j] = Σ_n Σ_p dy[n, co, p]·x_shifted[n, ci, i, j, p]`,
+//!   accumulated in 16 lanes per weight (lane `l` sums the pixels `p ≡ l mod 16`, images in
+//!   order) and the lanes added in a fixed tree at the end. Each weight is owned by one task, so
+//!   the result does not depend on the number of threads. The order differs from the patch-tile
+//!   path's, so the two agree to rounding, not to the bit.
+//!
+//! Both need AVX-512F; [`applies`] says when the caller may use them.
+
+use rayon::prelude::*;
+
+use super::Conv2dGeom;
+use crate::kernels::packed::{self, Init, PackedA};
+
+/// Taps handled (a 7x7 kernel at most): the per-strip masks live in a fixed array.
+const MAX_TAPS: usize = 49;
+
+/// Output channels per weight-gradient item.
+const ROWS: usize = 8;
+
+/// Taps per pass of the weight-gradient kernel: 8 rows x 3 taps = 24 accumulators.
+const GROUP: usize = 3;
+
+/// Whether this geometry can take the implicit path on this machine.
+pub(super) fn applies(g: &Conv2dGeom) -> bool {
+    packed::available()
+        && g.stride == 1
+        && g.kh * g.kw > 1
+        && g.kh * g.kw <= MAX_TAPS
+        && g.out_h() == g.h
+        && g.out_w() == g.w
+}
+
+/// The taps of a stride-1 same convolution: for tap `t = i·kw + j`, the row and column shift
+/// `(i − pad_top, j − pad_left)` and the flat offset `shift_row·w + shift_col`.
+struct Taps {
+    rows: Vec<isize>,
+    cols: Vec<isize>,
+    offsets: Vec<isize>,
+    h: isize,
+    w: isize,
+}
+
+impl Taps {
+    fn new(g: &Conv2dGeom) -> Self {
+        let (mut rows, mut cols, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let (di, dj) = (i as isize - g.pad_top as isize, j as isize - g.pad_left as isize);
+                rows.push(di);
+                cols.push(dj);
+                offsets.push(di * g.w as isize + dj);
+            }
+        }
+        Self { rows, cols, offsets, h: g.h as isize, w: g.w as isize }
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// Bit `l` of `masks[t]` is set when pixel `p0 + l` (for `l < lanes`) reads an input element
+    /// inside the image through tap `t`.
+    fn masks(&self, p0: usize, lanes: usize, masks: &mut [u32]) {
+        masks[..self.len()].fill(0);
+        let (mut oh, mut ow) = ((p0 as isize) / self.w, (p0 as isize) % self.w);
+        for l in 0..lanes {
+            for (t, m) in masks[..self.len()].iter_mut().enumerate() {
+                let (ih, iw) = (oh + self.rows[t], ow + self.cols[t]);
+                if (0..self.h).contains(&ih) && (0..self.w).contains(&iw) {
+                    *m |= 1 << l;
+                }
+            }
+            ow += 1;
+            if ow == self.w {
+                ow = 0;
+                oh += 1;
+            }
+        }
+    }
+}
+
+/// `y = W @ col (+ bias)` for every image, `W` packed as `[C_out, C_in·kh·kw]`.
+/// The caller has checked the lengths and that [`applies`] holds.
+pub(super) fn forward(g: &Conv2dGeom, x: &[f32], w: &PackedA, bias: Option<&[f32]>, y: &mut [f32]) {
+    let taps = Taps::new(g);
+    let (plane, px) = (g.h * g.w, g.out_h() * g.out_w());
+    let init = bias.map_or(Init::Zero, Init::Bias);
+    y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(g.c_in * plane)).for_each(|(y_img, x_img)| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `applies` checked AVX-512F; the image slices have the geometry's lengths.
+        unsafe {
+            avx512::forward_image(w, &taps, x_img, g.c_in, plane, y_img, init)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("the implicit convolution needs AVX-512F ({:?}, {}, {})", init, y_img.len(), x_img.len())
+    });
+}
+
+/// `dW` (overwritten) of every weight; the bias gradient is the caller's.
+/// The caller has checked the lengths and that [`applies`] holds.
+pub(super) fn backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let taps = Taps::new(g);
+    let t_n = taps.len();
+    let px = g.h * g.w;
+    // Per 16-pixel chunk and tap (padded to whole groups of taps with empty masks): the lanes
+    // whose pixel is in the image and reads an input element inside it.
+    let chunks = px.div_ceil(16);
+    let padded_taps = t_n.div_ceil(GROUP) * GROUP;
+    let mut tap_masks = vec![0u16; chunks * padded_taps];
+    let mut scratch = [0u32; MAX_TAPS];
+    for c in 0..chunks {
+        taps.masks(c * 16, 16.min(px - c * 16), &mut scratch);
+        for t in 0..t_n {
+            tap_masks[c * padded_taps + t] = scratch[t] as u16;
+        }
+    }
+    // Work items: a panel of 8 output channels times a range of input channels; enough of them
+    // to keep every core busy, a count that depends on the shapes only.
+    let panels = g.c_out.div_ceil(ROWS);
+    let splits = 16usize.div_ceil(panels).clamp(1, g.c_in);
+    let per_item = g.c_in.div_ceil(splits);
+    let items: Vec<(usize, usize, usize)> = (0..panels)
+        .flat_map(|q| (0..g.c_in).step_by(per_item).map(move |c0| (q, c0, (c0 + per_item).min(g.c_in))))
+        .collect();
+    // Images per pass over the accumulators: enough pixels (about 1024) that loading and storing
+    // the accumulators is small next to the sums, few enough that a panel of dy stays in L1.
+    let image_block = (1024 / px).max(1);
+    let geometry = WeightGeom { n: g.n, c_in: g.c_in, c_out: g.c_out, px, t_n, image_block };
+    let results: Vec<Vec<f32>> = items
+        .par_iter()
+        .map(|&(q, c0, c1)| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `applies` checked AVX-512F; `x` and `dy` have the geometry's lengths.
+            unsafe {
+                avx512::weight_item(&geometry, x, dy, &taps.offsets, &tap_masks, q, c0, c1)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("the implicit convolution needs AVX-512F ({q}, {c0}, {c1}, {})", geometry.px)
+        })
+        .collect();
+    for (&(q, c0, c1), sums) in items.iter().zip(&results) {
+        let span = (c1 - c0) * t_n;
+        for r in 0..ROWS.min(g.c_out - q * ROWS) {
+            let co = q * ROWS + r;
+            let start = (co * g.c_in + c0) * t_n;
+            dw[start..start + span].copy_from_slice(&sums[r * span..(r + 1) * span]);
+        }
+    }
+}
+
+/// Sizes the weight-gradient items share.
+struct WeightGeom {
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    px: usize,
+    t_n: usize,
+    image_block: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Taps, WeightGeom, GROUP, MAX_TAPS, ROWS};
+    use crate::kernels::packed::{Init, PackedA, MR};
+
+    /// Output pixels per strip of the forward kernel: two vectors of 16.
+    const STRIP: usize = 32;
+
+    /// Inner-dimension block of the forward kernel, as in `packed.rs`, rounded down to whole
+    /// input channels.
+    const KC: usize = 128;
+
+    /// # Safety
+    /// AVX-512F must be available; `x_img` is one image `[C_in, plane]`, `y_img` one output
+    /// `[C_out, plane]`, `w` packed `[C_out, C_in·taps]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward_image(
+        w: &PackedA,
+        taps: &Taps,
+        x_img: &[f32],
+        c_in: usize,
+        plane: usize,
+        y_img: &mut [f32],
+        init: Init<'_>,
+    ) {
+        let t_n = taps.len();
+        let (rows, inner) = (w.rows, w.inner);
+        debug_assert_eq!(inner, c_in * t_n);
+        debug_assert!(x_img.len() == c_in * plane && y_img.len() == rows * plane);
+        let channels_per_block = (KC / t_n).max(1);
+        let mut masks = [0u32; MAX_TAPS];
+        let (xp, yp) = (x_img.as_ptr(), y_img.as_mut_ptr());
+        for p0 in (0..plane).step_by(STRIP) {
+            let lanes = STRIP.min(plane - p0);
+            taps.masks(p0, lanes, &mut masks);
+            let tail = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
+            for c0 in (0..c_in).step_by(channels_per_block) {
+                let cc = channels_per_block.min(c_in - c0);
+                let block_init = if c0 == 0 { init } else { Init::Accumulate };
+                for q in 0..rows.div_ceil(MR) {
+                    let r0 = q * MR;
+                    let panel = w.data.as_ptr().add((q * inner + c0 * t_n) * MR);
+                    strip_kernel(
+                        panel,
+                        cc,
+                        t_n,
+                        xp.add(c0 * plane + p0),
+                        plane,
+                        taps.offsets.as_ptr(),
+                        masks.as_ptr(),
+                        yp.add(r0 * plane + p0),
+                        plane,
+                        MR.min(rows - r0),
+                        tail,
+                        block_init,
+                        r0,
+                    );
+                }
+            }
+        }
+    }
+
+    /// One 8 x 32 output block over `channels` input channels of `t_n` taps each: the
+    /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read at `x + c·plane + offsets[t]`
+    /// under `masks[t]`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn strip_kernel(
+        panel: *const f32,
+        channels: usize,
+        t_n: usize,
+        x: *const f32,
+        plane: usize,
+        offsets: *const isize,
+        masks: *const u32,
+        out: *mut f32,
+        ldout: usize,
+        live: usize,
+        tail: u32,
+        init: Init<'_>,
+        r0: usize,
+    ) {
+        let (s0, s1) = (tail as u16, (tail >> 16) as u16);
+        let mut acc = [_mm512_setzero_ps(); 2 * MR];
+        for r in 0..MR {
+            if r >= live {
+                continue;
+            }
+            let o = out.add(r * ldout);
+            let (lo, hi) = match init {
+                Init::Zero => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+                Init::Bias(bias) => {
+                    let v = _mm512_set1_ps(*bias.get_unchecked(r0 + r));
+                    (v, v)
+                }
+                Init::Accumulate => (_mm512_maskz_loadu_ps(s0, o), _mm512_maskz_loadu_ps(s1, o.add(16))),
+            };
+            acc[2 * r] = lo;
+            acc[2 * r + 1] = hi;
+        }
+        let mut wp = panel;
+        for c in 0..channels {
+            let xc = x.wrapping_add(c * plane);
+            for t in 0..t_n {
+                let m = *masks.add(t);
+                // Lanes whose element is outside the image (or past the plane) are masked off:
+                // not read, and loaded as 0.0, exactly the zero im2col would have written.
+                let src = xc.wrapping_offset(*offsets.add(t));
+                let b0 = _mm512_maskz_loadu_ps(m as u16, src);
+                let b1 = _mm512_maskz_loadu_ps((m >> 16) as u16, src.wrapping_add(16));
+                for r in 0..MR {
+                    let wr = _mm512_set1_ps(*wp.add(r));
+                    acc[2 * r] = _mm512_fmadd_ps(wr, b0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm512_fmadd_ps(wr, b1, acc[2 * r + 1]);
+                }
+                wp = wp.add(MR);
+            }
+        }
+        for r in 0..MR {
+            if r >= live {
+                continue;
+            }
+            let o = out.add(r * ldout);
+            _mm512_mask_storeu_ps(o, s0, acc[2 * r]);
+            _mm512_mask_storeu_ps(o.add(16), s1, acc[2 * r + 1]);
+        }
+    }
+
+    /// The weight gradient of output channels `8q..8q+8` (those that exist) and input channels
+    /// `c0..c1`, as `[row][c − c0][tap]`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `x: [N, C_in, px]`, `dy: [N, C_out, px]`; `tap_masks` as
+    /// built by `backward_weight` (`[chunk][tap]`, taps padded to whole groups).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_item(
+        g: &WeightGeom,
+        x: &[f32],
+        dy: &[f32],
+        offsets: &[isize],
+        tap_masks: &[u16],
+        q: usize,
+        c0: usize,
+        c1: usize,
+    ) -> Vec<f32> {
+        let (px, t_n) = (g.px, g.t_n);
+        debug_assert!(x.len() == g.n * g.c_in * px && dy.len() == g.n * g.c_out * px);
+        let chunks = px.div_ceil(16);
+        let groups = t_n.div_ceil(GROUP);
+        let padded_taps = groups * GROUP;
+        debug_assert_eq!(tap_masks.len(), chunks * padded_taps);
+        let live = ROWS.min(g.c_out - q * ROWS);
+        let cc = c1 - c0;
+        // The 24 accumulators of each (channel, tap group), kept between passes.
+        let mut acc_buf = vec![_mm512_setzero_ps(); cc * groups * ROWS * GROUP];
+        // dy of this panel for a block of images, `[image][chunk][row][16]`, zero past the
+        // image's last pixel and in rows past the last channel: one pointer reads all 8 rows.
+        let panel_len = chunks * ROWS * 16;
+        let mut dy_panel = vec![0.0f32; g.image_block * panel_len];
+        for n0 in (0..g.n).step_by(g.image_block) {
+            let n1 = g.n.min(n0 + g.image_block);
+            for n in n0..n1 {
+                let packed = &mut dy_panel[(n - n0) * panel_len..][..panel_len];
+                for r in 0..live {
+                    let row = &dy[(n * g.c_out + q * ROWS + r) * px..][..px];
+                    for (ch, part) in row.chunks(16).enumerate() {
+                        packed[(ch * ROWS + r) * 16..][..part.len()].copy_from_slice(part);
+                    }
+                }
+            }
+            for c in 0..cc {
+                for gi in 0..groups {
+                    let slot = &mut acc_buf[(c * groups + gi) * ROWS * GROUP..][..ROWS * GROUP];
+                    let mut acc = [_mm512_setzero_ps(); ROWS * GROUP];
+                    acc.copy_from_slice(slot);
+                    // Offsets of this group's taps; a missing tap has an empty mask.
+                    let mut offs = [0isize; GROUP];
+                    for (k, off) in offs.iter_mut().enumerate() {
+                        if let Some(&o) = offsets.get(gi * GROUP + k) {
+                            *off = o;
+                        }
+                    }
+                    let masks = tap_masks.as_ptr().add(gi * GROUP);
+                    for n in n0..n1 {
+                        let xp = x.as_ptr().add((n * g.c_in + c0 + c) * px);
+                        let xs_ptr = [
+                            xp.wrapping_offset(offs[0]),
+                            xp.wrapping_offset(offs[1]),
+                            xp.wrapping_offset(offs[2]),
+                        ];
+                        let mut d = dy_panel.as_ptr().add((n - n0) * panel_len);
+                        let mut m = masks;
+                        for ch in 0..chunks {
+                            let p = ch * 16;
+                            let mut xs = [_mm512_setzero_ps(); GROUP];
+                            for k in 0..GROUP {
+                                xs[k] = _mm512_maskz_loadu_ps(*m.add(k), xs_ptr[k].wrapping_add(p));
+                            }
+                            for r in 0..ROWS {
+                                let dv = _mm512_loadu_ps(d.add(r * 16));
+                                for k in 0..GROUP {
+                                    acc[r * GROUP + k] = _mm512_fmadd_ps(dv, xs[k], acc[r * GROUP + k]);
+                                }
+                            }
+                            d = d.add(ROWS * 16);
+                            m = m.add(padded_taps);
+                        }
+                    }
+                    slot.copy_from_slice(&acc);
+                }
+            }
+        }
+        // Each weight's 16 lanes, added in a fixed tree.
+        let mut out = vec![0.0f32; ROWS * cc * t_n];
+        for r in 0..ROWS {
+            for c in 0..cc {
+                for t in 0..t_n {
+                    let (gi, k) = (t / GROUP, t % GROUP);
+                    let v = acc_buf[(c * groups + gi) * ROWS * GROUP + r * GROUP + k];
+                    let mut lanes = [0.0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                    let mut width = 16;
+                    while width > 1 {
+                        width /= 2;
+                        for l in 0..width {
+                            lanes[l] += lanes[l + width];
+                        }
+                    }
+                    out[(r * cc + c) * t_n + t] = lanes[0];
+                }
+            }
+        }
+        out
+    }
+}
