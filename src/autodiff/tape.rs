@@ -196,12 +196,33 @@ impl Var {
         })
     }
 
+    /// [`Var::record`] whose backward step also sees the op's output (softmax, …), shared with
+    /// the returned `Var` rather than copied.
+    pub fn record_with_output<const N: usize, F>(inputs: [&Var; N], value: Tensor, backward: F) -> Var
+    where
+        F: FnOnce(&Tensor, &Tensor, [bool; N]) -> [Option<Tensor>; N] + 'static,
+    {
+        let value = Rc::new(standard_layout(value));
+        let y = Rc::clone(&value);
+        Var::record_shared(&inputs, value, move |g, needs| {
+            let needs: [bool; N] = std::array::from_fn(|i| needs[i]);
+            backward(&g, &y, needs).into()
+        })
+    }
+
     /// [`Var::record_many`] with the output gradient passed by value (see [`Var::record_owned`]).
     pub fn record_many_owned<F>(inputs: &[&Var], value: Tensor, backward: F) -> Var
     where
         F: FnOnce(Tensor, &[bool]) -> Vec<Option<Tensor>> + 'static,
     {
-        let value = standard_layout(value);
+        Var::record_shared(inputs, Rc::new(standard_layout(value)), backward)
+    }
+
+    /// Records an op whose output value (standard layout) is already shared.
+    fn record_shared<F>(inputs: &[&Var], value: Rc<Tensor>, backward: F) -> Var
+    where
+        F: FnOnce(Tensor, &[bool]) -> Vec<Option<Tensor>> + 'static,
+    {
         let mut tape: Option<Tape> = None;
         for v in inputs.iter() {
             if let Some((t, _)) = &v.node {
@@ -212,7 +233,7 @@ impl Var {
             }
         }
         let Some(tape) = tape else {
-            return Var::constant(value);
+            return Var::constant_shared(value);
         };
         let ids: Vec<Option<usize>> = inputs.iter().map(|v| v.id()).collect();
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|v| v.shape().to_vec()).collect();
@@ -232,7 +253,7 @@ impl Var {
             }
         });
         let id = tape.push(Some(closure));
-        Var { value: Rc::new(value), node: Some((tape, id)) }
+        Var { value, node: Some((tape, id)) }
     }
 
     /// Reverse sweep from this scalar: d(self)/d(leaf) for every leaf on the tape.

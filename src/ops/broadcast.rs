@@ -3,6 +3,7 @@
 use ndarray::{Axis, IxDyn};
 use rayon::prelude::*;
 
+use super::par::{filled, FILL_CHUNK};
 use crate::kernels::math::sum_f64_lanes;
 
 use crate::{Tensor, Var};
@@ -74,18 +75,22 @@ impl Var {
             t.shape()
         );
         let plane: usize = shape[2..].iter().product();
-        let mut y = self.value().as_standard_layout().into_owned();
-        let ts = t.value().as_standard_layout().into_owned();
+        let x = self.value().as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        let ts = t.value().as_standard_layout();
         let ts = ts.as_slice().expect("standard layout");
-        if plane > 0 {
-            let ys = y.as_slice_mut().expect("standard layout");
-            let body = |(p, &tv): (&mut [f32], &f32)| p.iter_mut().for_each(|v| *v += tv);
-            if ys.len() >= PAR_MIN {
-                ys.par_chunks_mut(plane).zip(ts.par_iter()).for_each(body);
-            } else {
-                ys.chunks_mut(plane).zip(ts.iter()).for_each(body);
+        // Whole planes per task, about FILL_CHUNK elements; y = x + t[plane] written once.
+        let planes = (FILL_CHUNK / plane.max(1)).max(1);
+        let y = filled(xs.len(), planes * plane.max(1), |i, out| {
+            let src = &xs[i * planes * plane..];
+            for (j, (o, s)) in out.chunks_mut(plane.max(1)).zip(src.chunks(plane.max(1))).enumerate() {
+                let tv = ts[i * planes + j];
+                for (o, &s) in o.iter_mut().zip(s) {
+                    *o = s + tv;
+                }
             }
-        }
+        });
+        let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("same size as x");
         let t_shape = t.shape().to_vec();
         Var::record_owned([self, t], y, move |g, needs| {
             let dt = needs[1].then(|| {
@@ -102,9 +107,6 @@ impl Var {
         })
     }
 }
-
-/// Below this many elements the per-channel add runs on the calling thread.
-const PAR_MIN: usize = 1 << 15;
 
 #[cfg(test)]
 mod tests {

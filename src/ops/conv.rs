@@ -1,6 +1,7 @@
 //! 2-D convolution and nearest-neighbour upsampling on `[N, C, H, W]` values. The loops live
 //! in [`crate::kernels`]; this file checks shapes and wires forward to backward.
 
+use super::par::zeroed;
 use crate::kernels::{
     conv2d_backward_input, conv2d_backward_weight, conv2d_forward, upsample_nearest2x,
     upsample_nearest2x_backward, Conv2dGeom,
@@ -73,7 +74,7 @@ impl Var {
             pad_right: pad.right,
         };
         let out_shape = [g.n, g.c_out, g.out_h(), g.out_w()];
-        let mut y = vec![0.0f32; out_shape.iter().product()];
+        let mut y = zeroed(out_shape.iter().product());
         {
             let x = contiguous(self.value());
             let w = contiguous(weight.value());
@@ -86,7 +87,7 @@ impl Var {
         Var::record_many(&inputs, y, move |gy, needs| {
             let dy = contiguous(gy);
             let dx = needs[0].then(|| {
-                let mut dx = vec![0.0f32; xv.len()];
+                let mut dx = zeroed(xv.len());
                 conv2d_backward_input(&g, &dy, &contiguous(&wv), &mut dx);
                 Tensor::from_shape_vec(xv.shape(), dx).expect("input size")
             });
@@ -126,11 +127,11 @@ impl Var {
         let s = self.shape().to_vec();
         assert_eq!(s.len(), 4, "upsample_nearest2x: input {s:?} is not [N, C, H, W]");
         let (nc, h, w) = (s[0] * s[1], s[2], s[3]);
-        let mut y = vec![0.0f32; nc * 4 * h * w];
+        let mut y = zeroed(nc * 4 * h * w);
         upsample_nearest2x(nc, h, w, &contiguous(self.value()), &mut y);
         let y = Tensor::from_shape_vec(vec![s[0], s[1], 2 * h, 2 * w], y).expect("4x the input");
         Var::record([self], y, move |g, _| {
-            let mut dx = vec![0.0f32; nc * h * w];
+            let mut dx = zeroed(nc * h * w);
             upsample_nearest2x_backward(nc, h, w, &contiguous(g), &mut dx);
             [Some(Tensor::from_shape_vec(s.as_slice(), dx).expect("input size"))]
         })

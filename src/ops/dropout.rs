@@ -3,6 +3,7 @@
 use rand::Rng as _;
 use rayon::prelude::*;
 
+use super::par::zeroed;
 use crate::{Rng, Tensor, Var};
 
 impl Var {
@@ -23,7 +24,7 @@ impl Var {
         let seed: u64 = rng.random();
         let x = self.value().as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
-        let (mut y, mut mask) = (vec![0.0f32; xs.len()], vec![0.0f32; xs.len()]);
+        let (mut y, mut mask) = (zeroed(xs.len()), zeroed(xs.len()));
         y.par_chunks_mut(MASK_CHUNK)
             .zip(mask.par_chunks_mut(MASK_CHUNK))
             .zip(xs.par_chunks(MASK_CHUNK))

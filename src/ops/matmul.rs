@@ -2,6 +2,7 @@
 
 use ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Axis, Ix2};
 
+use super::par::zeroed;
 use crate::{kernels, Tensor, Var};
 
 fn as2<'a>(x: &'a Tensor, op: &str) -> ArrayView2<'a, f32> {
@@ -77,7 +78,7 @@ impl Var {
         let batch = sa[0];
         // Values on the tape are kept in standard layout, so these are the tensors themselves.
         let (av, bv) = (self.value_rc(), other.value_rc());
-        let mut c = vec![0.0f32; batch * m * n];
+        let mut c = zeroed(batch * m * n);
         {
             let (a_data, b_data) = (av.as_standard_layout(), bv.as_standard_layout());
             let (a_data, b_data) =
@@ -91,7 +92,7 @@ impl Var {
             let (a_data, b_data) =
                 (a_data.as_slice().expect("standard"), b_data.as_slice().expect("standard"));
             let out = |rows: usize, inner: usize, cols: usize, x: (&[f32], bool), y: (&[f32], bool)| {
-                let mut d = vec![0.0f32; batch * rows * cols];
+                let mut d = zeroed(batch * rows * cols);
                 kernels::sgemm_batched(batch, x.1, y.1, rows, inner, cols, alpha, x.0, y.0, 0.0, &mut d);
                 d
             };

@@ -1,6 +1,7 @@
 //! Group normalisation (Wu & He 2018) with affine parameters, as in the DDPM U-Net, and the
 //! same followed by SiLU in one pass (every residual block runs GN → SiLU twice).
 
+use super::par::zeroed;
 use crate::kernels::{self, GroupNormGeom};
 use crate::{Tensor, Var};
 
@@ -51,8 +52,8 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
     let xs = x.value().as_slice().expect("values are contiguous");
     let (gs, bs) =
         (gamma.value().as_slice().expect("contiguous"), beta.value().as_slice().expect("contiguous"));
-    let mut y = vec![0.0f32; xs.len()];
-    let mut x_hat = if keep { vec![0.0f32; xs.len()] } else { vec![] };
+    let mut y = zeroed(xs.len());
+    let mut x_hat = if keep { zeroed(xs.len()) } else { vec![] };
     let mut inv_std = vec![0.0f32; geom.n * groups];
     let xh = if keep { Some(x_hat.as_mut_slice()) } else { None };
     kernels::group_norm_forward(&geom, xs, gs, bs, eps, silu, &mut y, xh, &mut inv_std);
@@ -65,7 +66,7 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
     Var::record([x, gamma, beta], y, move |g, needs| {
         let gs = g.as_slice().expect("gradients are contiguous");
         let (gam, bet) = (gam.as_slice().expect("contiguous"), bet.as_slice().expect("contiguous"));
-        let mut dx = vec![0.0f32; gs.len()];
+        let mut dx = zeroed(gs.len());
         let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
         kernels::group_norm_backward(
             &geom,

@@ -42,3 +42,48 @@ pub(crate) fn map3(
         z.map_collect(|&a, &b, &c| f(a, b, c))
     }
 }
+
+/// Elements per task of [`zeroed`] and [`copied`].
+pub(crate) const FILL_CHUNK: usize = 1 << 14;
+
+/// `len` zeros, written in parallel when `len` is large.
+///
+/// A large output buffer that a parallel kernel then overwrites would otherwise be zeroed by one
+/// `memset` on the calling thread while the pool's workers wait.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    filled(len, FILL_CHUNK, |_, out| out.fill(0.0))
+}
+
+/// A copy of `src`, made in parallel when it is large.
+pub(crate) fn copied(src: &[f32]) -> Vec<f32> {
+    filled(src.len(), FILL_CHUNK, |i, out| out.copy_from_slice(&src[i * FILL_CHUNK..][..out.len()]))
+}
+
+/// A vector of `len` values whose chunk `i` (`chunk` long, the last one shorter) is written by
+/// `f(i, chunk)`, the chunks in parallel when `len ≥ PAR_MIN`. Each chunk is zeroed first, by
+/// the task that then hands it to `f`, so `f` may read it as zeros and the memory is touched
+/// once, on the core that writes it.
+pub(crate) fn filled(len: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let chunk = chunk.max(1);
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    let body = |(i, part): (usize, &mut [MaybeUninit<f32>])| {
+        for slot in part.iter_mut() {
+            slot.write(0.0);
+        }
+        // SAFETY: every element of `part` was initialised just above; `MaybeUninit<f32>` and
+        // `f32` have the same layout.
+        let part = unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        f(i, part);
+    };
+    let spare = &mut v.spare_capacity_mut()[..len];
+    if len >= PAR_MIN {
+        spare.par_chunks_mut(chunk).enumerate().for_each(body);
+    } else {
+        spare.chunks_mut(chunk).enumerate().for_each(body);
+    }
+    // SAFETY: the loops above initialised all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}

@@ -1,13 +1,16 @@
 //! Ops that move values without changing them: reshape, permute, transpose, concat, slice.
 
 use ndarray::{Axis, IxDyn, Slice};
-use rayon::prelude::*;
 
+use super::par::{copied, filled};
 use crate::{Tensor, Var};
 
 /// A row-major copy in the given logical order.
 fn standard(x: ndarray::ArrayViewD<'_, f32>) -> Tensor {
-    x.as_standard_layout().into_owned()
+    match x.as_slice() {
+        Some(s) => Tensor::from_shape_vec(x.raw_dim(), copied(s)).expect("same shape"),
+        None => x.as_standard_layout().into_owned(),
+    }
 }
 
 /// `x` itself when it is already row-major, else a row-major copy.
@@ -89,16 +92,13 @@ impl Var {
         let values: Vec<_> = vars.iter().map(|v| v.value().as_standard_layout()).collect();
         let slices: Vec<&[f32]> = values.iter().map(|v| v.as_slice().expect("standard layout")).collect();
         let total: usize = blocks.iter().sum();
-        let mut y = vec![0.0f32; outer * total];
-        if total > 0 {
-            y.par_chunks_mut(total).enumerate().for_each(|(o, out)| {
-                let mut at = 0;
-                for (x, &len) in slices.iter().zip(&blocks) {
-                    out[at..at + len].copy_from_slice(&x[o * len..(o + 1) * len]);
-                    at += len;
-                }
-            });
-        }
+        let y = filled(outer * total, total, |o, out| {
+            let mut at = 0;
+            for (x, &len) in slices.iter().zip(&blocks) {
+                out[at..at + len].copy_from_slice(&x[o * len..(o + 1) * len]);
+                at += len;
+            }
+        });
         let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("sizes add up");
         Var::record_many(vars, y, move |g, needs| {
             let g = g.as_standard_layout();
@@ -110,13 +110,10 @@ impl Var {
                 .zip(needs)
                 .map(|((shape, &len), &need)| {
                     let piece = need.then(|| {
-                        let mut d = vec![0.0f32; outer * len];
-                        if len > 0 {
-                            d.par_chunks_mut(len).enumerate().for_each(|(o, out)| {
-                                let start = o * total + offset;
-                                out.copy_from_slice(&g[start..start + len]);
-                            });
-                        }
+                        let d = filled(outer * len, len, |o, out| {
+                            let start = o * total + offset;
+                            out.copy_from_slice(&g[start..start + len]);
+                        });
                         Tensor::from_shape_vec(shape.as_slice(), d).expect("piece shape")
                     });
                     offset += len;

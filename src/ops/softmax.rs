@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::par::{filled, FILL_CHUNK};
 use crate::kernels::math::exp_nonpositive;
 use crate::{Tensor, Var};
 
@@ -15,23 +16,29 @@ impl Var {
         let ndim = self.value().ndim();
         assert!(ndim > 0, "softmax: 0-d input");
         let n = self.shape()[ndim - 1];
-        let mut y: Tensor = self.value().as_standard_layout().into_owned();
         if n == 0 {
+            let y = self.value().as_standard_layout().into_owned();
             return Var::record([self], y, |g, _| [Some(g.clone())]);
         }
-        rows_mut(&mut y, n, |row| {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            // Every exponent is ≤ 0.
-            for v in row.iter_mut() {
-                *v = exp_nonpositive(*v - max);
-            }
-            let inv = 1.0 / row.iter().sum::<f32>();
-            for v in row.iter_mut() {
-                *v *= inv;
+        let x = self.value().as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        // Whole rows per task, about FILL_CHUNK elements.
+        let chunk = n * (FILL_CHUNK / n).max(1);
+        let y = filled(xs.len(), chunk, |i, out| {
+            for (row, src) in out.chunks_mut(n).zip(xs[i * chunk..].chunks(n)) {
+                let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                // Every exponent is ≤ 0.
+                for (v, &s) in row.iter_mut().zip(src) {
+                    *v = exp_nonpositive(s - max);
+                }
+                let inv = 1.0 / row.iter().sum::<f32>();
+                for v in row.iter_mut() {
+                    *v *= inv;
+                }
             }
         });
-        let ys = std::rc::Rc::new(y.clone());
-        Var::record([self], y, move |g, _| {
+        let y = Tensor::from_shape_vec(self.shape(), y).expect("same size as input");
+        Var::record_with_output([self], y, move |g, ys, _| {
             let mut dx = g.as_standard_layout().into_owned();
             let ys = ys.as_slice().expect("standard layout");
             let d_rows = dx.as_slice_mut().expect("standard layout");
@@ -53,17 +60,6 @@ impl Var {
 
 /// Below this many elements the rows are processed on the calling thread.
 const PAR_MIN: usize = 1 << 15;
-
-/// Calls `f` on every row (last-axis lane, `n` long) of a standard-layout tensor, in parallel
-/// when the tensor is large. Rows are independent, so the result does not depend on threads.
-fn rows_mut(y: &mut Tensor, n: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
-    let s = y.as_slice_mut().expect("standard layout");
-    if s.len() >= PAR_MIN {
-        s.par_chunks_mut(n).for_each(f);
-    } else {
-        s.chunks_mut(n).for_each(f);
-    }
-}
 
 #[cfg(test)]
 mod tests {

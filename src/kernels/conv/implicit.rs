@@ -28,6 +28,9 @@ use crate::kernels::packed::{self, Init, PackedA};
 /// Taps handled (a 7x7 kernel at most): the per-strip masks live in a fixed array.
 const MAX_TAPS: usize = 49;
 
+/// Output pixels per strip of the forward kernel: two vectors of 16.
+const STRIP: usize = 32;
+
 /// Output channels per weight-gradient item.
 const ROWS: usize = 8;
 
@@ -95,15 +98,42 @@ impl Taps {
 
 /// `y = W @ col (+ bias)` for every image, `W` packed as `[C_out, C_in·kh·kw]`.
 /// The caller has checked the lengths and that [`applies`] holds.
-pub(super) fn forward(g: &Conv2dGeom, x: &[f32], w: &PackedA, bias: Option<&[f32]>, y: &mut [f32]) {
+pub(super) fn forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let taps = Taps::new(g);
     let (plane, px) = (g.h * g.w, g.out_h() * g.out_w());
+    let t_n = taps.len();
+    let k = g.c_in * t_n;
+    // The weights in the kernel's order of terms: channel blocks, within a block tap by tap,
+    // within a tap channel by channel.
+    let cb = channels_per_block(t_n);
+    let mut order = Vec::with_capacity(k);
+    for c0 in (0..g.c_in).step_by(cb) {
+        let c1 = g.c_in.min(c0 + cb);
+        for t in 0..t_n {
+            for c in c0..c1 {
+                order.push(c * t_n + t);
+            }
+        }
+    }
+    let mut reordered = vec![0.0f32; w.len()];
+    for r in 0..g.c_out {
+        for (kk, &src) in order.iter().enumerate() {
+            reordered[r * k + kk] = w[r * k + src];
+        }
+    }
+    let w = &PackedA::new(&reordered, g.c_out, k, k, 1);
+    // The masks of every strip of 32 pixels, the same for every image.
+    let strips = px.div_ceil(STRIP);
+    let mut masks = vec![0u32; strips * t_n];
+    for (s, m) in masks.chunks_mut(t_n).enumerate() {
+        taps.masks(s * STRIP, STRIP.min(px - s * STRIP), m);
+    }
     let init = bias.map_or(Init::Zero, Init::Bias);
     y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(g.c_in * plane)).for_each(|(y_img, x_img)| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `applies` checked AVX-512F; the image slices have the geometry's lengths.
         unsafe {
-            avx512::forward_image(w, &taps, x_img, g.c_in, plane, y_img, init)
+            avx512::forward_image(w, &taps, &masks, x_img, g.c_in, plane, y_img, init)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("the implicit convolution needs AVX-512F ({:?}, {}, {})", init, y_img.len(), x_img.len())
@@ -162,6 +192,12 @@ pub(super) fn backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f
     }
 }
 
+/// Input channels per inner-dimension block of the forward kernel: about 128 terms, as in
+/// `packed.rs`, in whole channels.
+fn channels_per_block(t_n: usize) -> usize {
+    (128 / t_n).max(1)
+}
+
 /// Sizes the weight-gradient items share.
 struct WeightGeom {
     n: usize,
@@ -176,23 +212,18 @@ struct WeightGeom {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Taps, WeightGeom, GROUP, MAX_TAPS, ROWS};
+    use super::{Taps, WeightGeom, GROUP, ROWS, STRIP};
     use crate::kernels::packed::{Init, PackedA, MR};
-
-    /// Output pixels per strip of the forward kernel: two vectors of 16.
-    const STRIP: usize = 32;
-
-    /// Inner-dimension block of the forward kernel, as in `packed.rs`, rounded down to whole
-    /// input channels.
-    const KC: usize = 128;
 
     /// # Safety
     /// AVX-512F must be available; `x_img` is one image `[C_in, plane]`, `y_img` one output
     /// `[C_out, plane]`, `w` packed `[C_out, C_in·taps]`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward_image(
         w: &PackedA,
         taps: &Taps,
+        strip_masks: &[u32],
         x_img: &[f32],
         c_in: usize,
         plane: usize,
@@ -203,12 +234,11 @@ mod avx512 {
         let (rows, inner) = (w.rows, w.inner);
         debug_assert_eq!(inner, c_in * t_n);
         debug_assert!(x_img.len() == c_in * plane && y_img.len() == rows * plane);
-        let channels_per_block = (KC / t_n).max(1);
-        let mut masks = [0u32; MAX_TAPS];
+        let channels_per_block = super::channels_per_block(t_n);
         let (xp, yp) = (x_img.as_ptr(), y_img.as_mut_ptr());
         for p0 in (0..plane).step_by(STRIP) {
             let lanes = STRIP.min(plane - p0);
-            taps.masks(p0, lanes, &mut masks);
+            let masks = &strip_masks[p0 / STRIP * t_n..][..t_n];
             let tail = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
             for c0 in (0..c_in).step_by(channels_per_block) {
                 let cc = channels_per_block.min(c_in - c0);
@@ -276,21 +306,22 @@ mod avx512 {
             acc[2 * r + 1] = hi;
         }
         let mut wp = panel;
-        for c in 0..channels {
-            let xc = x.wrapping_add(c * plane);
-            for t in 0..t_n {
-                let m = *masks.add(t);
-                // Lanes whose element is outside the image (or past the plane) are masked off:
-                // not read, and loaded as 0.0, exactly the zero im2col would have written.
-                let src = xc.wrapping_offset(*offsets.add(t));
-                let b0 = _mm512_maskz_loadu_ps(m as u16, src);
-                let b1 = _mm512_maskz_loadu_ps((m >> 16) as u16, src.wrapping_add(16));
+        for t in 0..t_n {
+            let m = *masks.add(t);
+            let (m0, m1) = (m as u16, (m >> 16) as u16);
+            // Lanes whose element is outside the image (or past the plane) are masked off:
+            // not read, and loaded as 0.0, the zero im2col would have written.
+            let mut src = x.wrapping_offset(*offsets.add(t));
+            for _ in 0..channels {
+                let b0 = _mm512_maskz_loadu_ps(m0, src);
+                let b1 = _mm512_maskz_loadu_ps(m1, src.wrapping_add(16));
                 for r in 0..MR {
                     let wr = _mm512_set1_ps(*wp.add(r));
                     acc[2 * r] = _mm512_fmadd_ps(wr, b0, acc[2 * r]);
                     acc[2 * r + 1] = _mm512_fmadd_ps(wr, b1, acc[2 * r + 1]);
                 }
                 wp = wp.add(MR);
+                src = src.wrapping_add(plane);
             }
         }
         for r in 0..MR {
