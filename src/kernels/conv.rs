@@ -19,6 +19,8 @@
 //! serially, and adds the partials in chunk order, so the result is bit-identical whatever the
 //! number of rayon threads.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
@@ -398,24 +400,65 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>
     if crate::gpu::conv2d_forward(g, x, w, bias, y) {
         return;
     }
+    forward_any(g, x, w, bias, as_uninit(y));
+}
+
+/// [`conv2d_forward`] into memory that need not be initialised (a fresh `Vec`'s spare
+/// capacity): on return every element of `y` is written. The implicit path writes each output
+/// once and never reads `y` first, so the buffer is not zeroed beforehand.
+///
+/// # Panics
+/// As [`conv2d_forward`].
+pub fn conv2d_forward_uninit(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    #[cfg(feature = "wgpu")]
+    {
+        let y = zero_init(y);
+        if crate::gpu::conv2d_forward(g, x, w, bias, y) {
+            return;
+        }
+    }
     forward_any(g, x, w, bias, y);
 }
 
 /// The forward convolution on the fastest CPU path for the geometry: the implicit kernel of
 /// `implicit.rs` for a stride-1 same convolution with AVX-512, else patch tiles.
-fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
     if implicit::applies(g) {
-        check_forward(g, x, w, bias, y);
+        check_forward(g, x, w, bias, y.len());
         if g.n > 0 {
             implicit::forward(g, x, w, bias, y);
         }
         return;
     }
-    forward_tiled(g, x, w, bias, y, g.tile_px());
+    forward_tiled(g, x, w, bias, zero_init(y), g.tile_px());
+}
+
+/// Views initialised values as possibly uninitialised, for the kernels that write their output
+/// without reading it. Only `f32` values are ever stored through the view.
+fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; every value stored through the result is an initialised f32.
+    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// Zeroes `y` (in parallel chunks) and returns it as initialised.
+fn zero_init(y: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    y.par_chunks_mut(1 << 14).for_each(|part| {
+        for slot in part {
+            slot.write(0.0);
+        }
+    });
+    // SAFETY: every element was written just above.
+    unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Panics unless the slices have the lengths the geometry gives them.
-fn check_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32]) {
+fn check_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y_len: usize) {
     g.validate("conv2d_forward");
     assert_eq!(
         x.len(),
@@ -430,10 +473,9 @@ fn check_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
         w.len()
     );
     assert_eq!(
-        y.len(),
+        y_len,
         g.y_len(),
-        "conv2d_forward: y has {} elements, geometry {g:?} needs [N, C_out, out_h, out_w]",
-        y.len()
+        "conv2d_forward: y has {y_len} elements, geometry {g:?} needs [N, C_out, out_h, out_w]"
     );
     if let Some(b) = bias {
         assert_eq!(b.len(), g.c_out, "conv2d_forward: bias has {} elements, C_out is {}", b.len(), g.c_out);
@@ -441,7 +483,7 @@ fn check_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
 }
 
 fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], tile_px: usize) {
-    check_forward(g, x, w, bias, y);
+    check_forward(g, x, w, bias, y.len());
     if g.n == 0 {
         return;
     }
@@ -511,12 +553,31 @@ pub fn conv2d_backward_input(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f3
     if crate::gpu::conv2d_backward_input(g, dy, w, dx) {
         return;
     }
-    if packed::available() && g.stride == 1 && !g.is_pointwise() {
-        if let Some(flipped) = g.transposed() {
-            return backward_input_as_forward(g, &flipped, dy, w, dx);
-        }
+    if let Some(flipped) = as_forward(g) {
+        return backward_input_as_forward(g, &flipped, dy, w, as_uninit(dx));
     }
     backward_input_tiled(g, dy, w, dx, g.tile_px());
+}
+
+/// [`conv2d_backward_input`] into memory that need not be initialised; on return every element
+/// of `dx` is written.
+///
+/// # Panics
+/// As [`conv2d_backward_input`].
+pub fn conv2d_backward_input_uninit(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    #[cfg(feature = "wgpu")]
+    conv2d_backward_input(g, dy, w, zero_init(dx));
+    #[cfg(not(feature = "wgpu"))]
+    match as_forward(g) {
+        Some(flipped) => backward_input_as_forward(g, &flipped, dy, w, dx),
+        None => backward_input_tiled(g, dy, w, zero_init(dx), g.tile_px()),
+    }
+}
+
+/// The geometry of the forward convolution that computes this one's input gradient, when that
+/// route is the faster one here (stride 1, a packed micro-kernel).
+fn as_forward(g: &Conv2dGeom) -> Option<Conv2dGeom> {
+    (packed::available() && g.stride == 1 && !g.is_pointwise()).then(|| g.transposed()).flatten()
 }
 
 /// The input gradient of a stride-1 convolution as a forward convolution: `dx` is the full
@@ -525,7 +586,13 @@ pub fn conv2d_backward_input(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f3
 /// (`g'` from [`Conv2dGeom::transposed`]). This runs on the forward path (patch tiles and the
 /// packed micro-kernel, each output written once) instead of a product followed by a col2im
 /// scatter-add that reads and writes `dx` once per kernel tap.
-fn backward_input_as_forward(g: &Conv2dGeom, gt: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+fn backward_input_as_forward(
+    g: &Conv2dGeom,
+    gt: &Conv2dGeom,
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+) {
     assert_eq!(dy.len(), g.y_len(), "conv2d_backward_input: dy has {} elements, geometry {g:?}", dy.len());
     assert_eq!(w.len(), g.w_len(), "conv2d_backward_input: w has {} elements, geometry {g:?}", w.len());
     assert_eq!(dx.len(), g.x_len(), "conv2d_backward_input: dx has {} elements, geometry {g:?}", dx.len());
@@ -1021,6 +1088,31 @@ mod tests {
             let (dw_ref, db_ref) = backward_weight_ref(&g, &x, &dy);
             assert_close(&dw, &dw_ref, &format!("conv2d_backward_weight dw {g:?}"));
             assert_close(&db, &db_ref, &format!("conv2d_backward_weight db {g:?}"));
+        }
+
+        /// The `_uninit` entry points write every element (a NaN left behind would show) and
+        /// give the same bits as the initialised ones, on every path.
+        #[test]
+        fn uninit_entry_points_write_every_element(g in prop_oneof![geometry(), same()], seed in any::<u64>()) {
+            let mut rng = crate::rng_from_seed(seed);
+            let x = random_vec(&mut rng, g.x_len());
+            let w = random_vec(&mut rng, g.w_len());
+            let b = random_vec(&mut rng, g.c_out);
+            let dy = random_vec(&mut rng, g.y_len());
+            let bits = |v: &[MaybeUninit<f32>]| -> Vec<u32> {
+                // SAFETY: filled with NaN before the call, so initialised whatever the kernel did.
+                v.iter().map(|s| unsafe { s.assume_init() }.to_bits()).collect()
+            };
+            let mut y = vec![0.0; g.y_len()];
+            conv2d_forward(&g, &x, &w, Some(&b), &mut y);
+            let mut y_u = vec![MaybeUninit::new(f32::NAN); g.y_len()];
+            conv2d_forward_uninit(&g, &x, &w, Some(&b), &mut y_u);
+            prop_assert_eq!(bits(&y_u), y.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            let mut dx = vec![0.0; g.x_len()];
+            conv2d_backward_input(&g, &dy, &w, &mut dx);
+            let mut dx_u = vec![MaybeUninit::new(f32::NAN); g.x_len()];
+            conv2d_backward_input_uninit(&g, &dy, &w, &mut dx_u);
+            prop_assert_eq!(bits(&dx_u), dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         }
 
         /// ⟨conv(x; w), dy⟩ = ⟨x, ∂/∂x⟩ = ⟨w, ∂/∂w⟩ and ⟨bias, Σ dy⟩ = ⟨bias, db⟩: the backward

@@ -24,7 +24,10 @@ pub mod norm;
 pub mod packed;
 pub mod upsample;
 
-pub use conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom};
+pub use conv::{
+    conv2d_backward_input, conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward,
+    conv2d_forward_uninit, Conv2dGeom,
+};
 pub use gemm::{sgemm, sgemm_batched};
 pub use norm::{group_norm_backward, group_norm_forward, GroupNormGeom};
 pub use upsample::{upsample_nearest2x, upsample_nearest2x_backward};

@@ -1,9 +1,9 @@
 //! 2-D convolution and nearest-neighbour upsampling on `[N, C, H, W]` values. The loops live
 //! in [`crate::kernels`]; this file checks shapes and wires forward to backward.
 
-use super::par::zeroed;
+use super::par::{written_by, zeroed};
 use crate::kernels::{
-    conv2d_backward_input, conv2d_backward_weight, conv2d_forward, upsample_nearest2x,
+    conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_uninit, upsample_nearest2x,
     upsample_nearest2x_backward, Conv2dGeom,
 };
 use crate::{Tensor, Var};
@@ -74,21 +74,24 @@ impl Var {
             pad_right: pad.right,
         };
         let out_shape = [g.n, g.c_out, g.out_h(), g.out_w()];
-        let mut y = zeroed(out_shape.iter().product());
-        {
+        let y = {
             let x = contiguous(self.value());
             let w = contiguous(weight.value());
             let b = bias.map(|b| contiguous(b.value()));
-            conv2d_forward(&g, &x, &w, b.as_deref(), &mut y);
-        }
+            // SAFETY: conv2d_forward_uninit writes every output element.
+            unsafe {
+                written_by(out_shape.iter().product(), |y| conv2d_forward_uninit(&g, &x, &w, b.as_deref(), y))
+            }
+        };
         let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("output size from geometry");
         let (xv, wv) = (self.value_rc(), weight.value_rc());
         let inputs: Vec<&Var> = [self, weight].into_iter().chain(bias).collect();
         Var::record_many(&inputs, y, move |gy, needs| {
             let dy = contiguous(gy);
             let dx = needs[0].then(|| {
-                let mut dx = zeroed(xv.len());
-                conv2d_backward_input(&g, &dy, &contiguous(&wv), &mut dx);
+                let w = contiguous(&wv);
+                // SAFETY: conv2d_backward_input_uninit writes every element of dx.
+                let dx = unsafe { written_by(xv.len(), |dx| conv2d_backward_input_uninit(&g, &dy, &w, dx)) };
                 Tensor::from_shape_vec(xv.shape(), dx).expect("input size")
             });
             let want_b = needs.len() == 3 && needs[2];

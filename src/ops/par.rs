@@ -87,3 +87,19 @@ pub(crate) fn filled(len: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + S
     unsafe { v.set_len(len) };
     v
 }
+
+/// A vector of `len` values written by `init` into fresh, unzeroed memory.
+///
+/// # Safety
+/// `init` must write every element of the slice it is given (the kernels' `*_uninit` entry
+/// points promise this).
+pub(crate) unsafe fn written_by(
+    len: usize,
+    init: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    init(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller promises `init` wrote all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}

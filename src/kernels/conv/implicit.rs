@@ -20,6 +20,8 @@
 //!
 //! Both need AVX-512F; [`applies`] says when the caller may use them.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::Conv2dGeom;
@@ -98,7 +100,13 @@ impl Taps {
 
 /// `y = W @ col (+ bias)` for every image, `W` packed as `[C_out, C_in·kh·kw]`.
 /// The caller has checked the lengths and that [`applies`] holds.
-pub(super) fn forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+pub(super) fn forward(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+) {
     let taps = Taps::new(g);
     let (plane, px) = (g.h * g.w, g.out_h() * g.out_w());
     let t_n = taps.len();
@@ -212,12 +220,15 @@ struct WeightGeom {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use std::mem::MaybeUninit;
+
     use super::{Taps, WeightGeom, GROUP, ROWS, STRIP};
     use crate::kernels::packed::{Init, PackedA, MR};
 
     /// # Safety
     /// AVX-512F must be available; `x_img` is one image `[C_in, plane]`, `y_img` one output
-    /// `[C_out, plane]`, `w` packed `[C_out, C_in·taps]`.
+    /// `[C_out, plane]` (written, every element, before it is read: the first block of
+    /// channels stores the sums, later blocks add to them), `w` packed `[C_out, C_in·taps]`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward_image(
@@ -227,7 +238,7 @@ mod avx512 {
         x_img: &[f32],
         c_in: usize,
         plane: usize,
-        y_img: &mut [f32],
+        y_img: &mut [MaybeUninit<f32>],
         init: Init<'_>,
     ) {
         let t_n = taps.len();
@@ -235,7 +246,7 @@ mod avx512 {
         debug_assert_eq!(inner, c_in * t_n);
         debug_assert!(x_img.len() == c_in * plane && y_img.len() == rows * plane);
         let channels_per_block = super::channels_per_block(t_n);
-        let (xp, yp) = (x_img.as_ptr(), y_img.as_mut_ptr());
+        let (xp, yp) = (x_img.as_ptr(), y_img.as_mut_ptr().cast::<f32>());
         for p0 in (0..plane).step_by(STRIP) {
             let lanes = STRIP.min(plane - p0);
             let masks = &strip_masks[p0 / STRIP * t_n..][..t_n];
