@@ -432,7 +432,8 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &m
     if implicit::applies(g) {
         check_forward(g, x, w, bias, y.len());
         if g.n > 0 {
-            implicit::forward(g, x, w, bias, y);
+            let (c_in, taps) = (g.c_in, g.kh * g.kw);
+            implicit::forward(g, x, |r, c, t| w[(r * c_in + c) * taps + t], bias, y);
         }
         return;
     }
@@ -596,6 +597,14 @@ fn backward_input_as_forward(
     assert_eq!(dy.len(), g.y_len(), "conv2d_backward_input: dy has {} elements, geometry {g:?}", dy.len());
     assert_eq!(w.len(), g.w_len(), "conv2d_backward_input: w has {} elements, geometry {g:?}", w.len());
     assert_eq!(dx.len(), g.x_len(), "conv2d_backward_input: dx has {} elements, geometry {g:?}", dx.len());
+    if implicit::applies(gt) {
+        if g.n > 0 {
+            // w'[ci, co, t] = w[co, ci, taps − 1 − t]: flipping both axes reverses the tap index.
+            let (c_in, taps) = (g.c_in, g.kh * g.kw);
+            implicit::forward(gt, dy, |r, c, t| w[(c * c_in + r) * taps + (taps - 1 - t)], None, dx);
+        }
+        return;
+    }
     let (kh, kw) = (g.kh, g.kw);
     let mut flipped = vec![0.0f32; w.len()];
     for co in 0..g.c_out {

@@ -52,6 +52,24 @@ impl PackedA {
         Self { data, rows, inner }
     }
 
+    /// Packs `A[r, k] = f(r, k)` for `r < rows`, `k < inner`, the panels in parallel (for an `A`
+    /// that is a reordering of stored weights, without materialising it first).
+    pub fn from_fn(rows: usize, inner: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        use rayon::prelude::*;
+        let panels = rows.div_ceil(MR);
+        let mut data = vec![0.0f32; panels * inner * MR];
+        if inner > 0 {
+            data.par_chunks_mut(inner * MR).enumerate().for_each(|(q, panel)| {
+                for r in 0..MR.min(rows - q * MR) {
+                    for k in 0..inner {
+                        panel[k * MR + r] = f(q * MR + r, k);
+                    }
+                }
+            });
+        }
+        Self { data, rows, inner }
+    }
+
     /// Rows of `A`.
     pub fn rows(&self) -> usize {
         self.rows

@@ -98,38 +98,33 @@ impl Taps {
     }
 }
 
-/// `y = W @ col (+ bias)` for every image, `W` packed as `[C_out, C_in·kh·kw]`.
+/// `y[n, r, p] = bias[r] + Σ_{c,t} w_at(r, c, t)·x[n, c, p + offset(t)]` for every image: the
+/// product `W @ col` with `W[r, c·taps + t] = w_at(r, c, t)` (the stored weights, or for an
+/// input gradient the flipped, transposed ones, read in place). Every element of `y` is written.
 /// The caller has checked the lengths and that [`applies`] holds.
 pub(super) fn forward(
     g: &Conv2dGeom,
     x: &[f32],
-    w: &[f32],
+    w_at: impl Fn(usize, usize, usize) -> f32 + Sync,
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
 ) {
     let taps = Taps::new(g);
     let (plane, px) = (g.h * g.w, g.out_h() * g.out_w());
     let t_n = taps.len();
-    let k = g.c_in * t_n;
-    // The weights in the kernel's order of terms: channel blocks, within a block tap by tap,
-    // within a tap channel by channel.
+    // The weights packed in the kernel's order of terms: channel blocks, within a block tap by
+    // tap, within a tap channel by channel.
     let cb = channels_per_block(t_n);
-    let mut order = Vec::with_capacity(k);
+    let mut order = Vec::with_capacity(g.c_in * t_n);
     for c0 in (0..g.c_in).step_by(cb) {
-        let c1 = g.c_in.min(c0 + cb);
         for t in 0..t_n {
-            for c in c0..c1 {
-                order.push(c * t_n + t);
-            }
+            order.extend((c0..g.c_in.min(c0 + cb)).map(|c| (c, t)));
         }
     }
-    let mut reordered = vec![0.0f32; w.len()];
-    for r in 0..g.c_out {
-        for (kk, &src) in order.iter().enumerate() {
-            reordered[r * k + kk] = w[r * k + src];
-        }
-    }
-    let w = &PackedA::new(&reordered, g.c_out, k, k, 1);
+    let w = &PackedA::from_fn(g.c_out, order.len(), |r, kk| {
+        let (c, t) = order[kk];
+        w_at(r, c, t)
+    });
     // The masks of every strip of 32 pixels, the same for every image.
     let strips = px.div_ceil(STRIP);
     let mut masks = vec![0u32; strips * t_n];
