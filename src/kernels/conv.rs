@@ -10,14 +10,26 @@
 //! | [`conv2d_backward_input`]      | `dx_n = col2im(Wᵀ @ dy_n)`                           |
 //! | [`conv2d_backward_weight`]     | `dW = Σ_n dy_n @ col_nᵀ`, `db = Σ_{n,p} dy_n[:, p]`    |
 //!
-//! The patch matrix is built a tile of output pixels at a time (a fixed number of columns chosen
-//! from the geometry alone), so the buffer stays cache-sized and is allocated once per rayon task.
-//! A 1x1, stride-1, unpadded convolution skips im2col: the image `[C_in, H·W]` already is `col_n`.
+//! Which path runs:
+//! - a stride-1 convolution whose output is as large as its input (every 3x3 of the U-Net but
+//!   the downsample), on x86-64 with AVX-512F: no patch matrix at all. `implicit.rs` reads each
+//!   row of `col_n` as a shifted window of the input under a lane mask, for the forward pass,
+//!   the input gradient (a forward convolution of `dy` with the flipped, transposed weights) and
+//!   the weight gradient;
+//! - otherwise the patch matrix is built a tile of output pixels at a time (a fixed number of
+//!   columns chosen from the geometry alone), so the buffer stays cache-sized and is allocated
+//!   once per rayon task, and multiplied by the packed micro-kernel of `packed.rs` (or the
+//!   general gemm without AVX-512F). A 1x1, stride-1, unpadded convolution skips im2col: the
+//!   image `[C_in, H·W]` already is `col_n`.
+//!
+//! The `*_uninit` entry points write into memory that need not be initialised (a fresh `Vec`'s
+//! spare capacity), so the ops do not zero activations only to overwrite them.
 //!
 //! Determinism: forward and input gradient write each image from one task. The weight gradient
+//! either gives each weight to one task that sums every image in order (implicit path), or
 //! splits the batch into chunks whose size depends only on `N`, computes each chunk's partial sum
-//! serially, and adds the partials in chunk order, so the result is bit-identical whatever the
-//! number of rayon threads.
+//! serially, and adds the partials in chunk order; either way the result is bit-identical
+//! whatever the number of rayon threads.
 
 use std::mem::MaybeUninit;
 

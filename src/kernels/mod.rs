@@ -1,5 +1,5 @@
-//! Hot loops with no tape: gemm, conv2d via im2col, nearest-neighbour upsampling. Pure functions
-//! over row-major `f32` slices, parallel with rayon, benchmarked on their own.
+//! Hot loops with no tape: gemm, conv2d (implicit or via im2col), nearest-neighbour upsampling.
+//! Pure functions over row-major `f32` slices, parallel with rayon, benchmarked on their own.
 //!
 //! The differentiable ops in [`crate::ops`] check shapes, call these kernels, and record their
 //! backward closures; nothing here knows about the tape.
@@ -8,6 +8,7 @@
 //! |---------------|-------------------------------------------------------------------------|
 //! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over the `gemm` crate   |
 //! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
+//! | `conv/implicit.rs` | stride-1 same convolutions read in place under lane masks (AVX-512) |
 //! | `norm.rs`     | [`group_norm_forward`] (optionally fused with SiLU) and [`group_norm_backward`] |
 //! | `packed.rs`   | [`packed::gemm_packed`]: A packed once, B read in place; the AVX-512 conv micro-kernel |
 //! | `math.rs`     | `exp`/sigmoid and f64 lane sums that vectorise (no libm call per element) |

@@ -9,9 +9,14 @@
 //! straight from the input with masked loads (a masked-off lane is neither read nor allowed to
 //! fault, and loads as 0.0), which removes im2col's writes and reads of `K·P` floats per image.
 //!
-//! - [`forward`]: the product `W @ col` of [`super::conv2d_forward`], term for term in the same
-//!   order as the patch-tile path (each output `init + Σ_k W[r, k]·col[k, p]`, increasing `k`,
-//!   one fused multiply-add per term, a zero for every padded tap), so the bits are the same.
+//! - [`forward`]: the product `W @ col` of [`super::conv2d_forward`] (and, with the weights
+//!   flipped and transposed as they are read, of the input gradient), 8 output channels x 32
+//!   pixels per micro-kernel call. The inner dimension runs in blocks of whole input channels
+//!   (about 128 terms); inside a block tap by tap and, per tap, channel by channel, so a tap's
+//!   mask and offset are loaded once per block rather than once per term. Each output is written
+//!   once per block and never read before its first write, so the output buffer need not be
+//!   initialised. The order of the terms is fixed by the geometry (not by threads), but it is
+//!   not the patch-tile path's, so the two agree to rounding.
 //! - [`backward_weight`]: `dW[co, ci, i, j] = Σ_n Σ_p dy[n, co, p]·x_shifted[n, ci, i, j, p]`,
 //!   accumulated in 16 lanes per weight (lane `l` sums the pixels `p ≡ l mod 16`, images in
 //!   order) and the lanes added in a fixed tree at the end. Each weight is owned by one task, so
