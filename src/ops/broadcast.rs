@@ -3,7 +3,7 @@
 use ndarray::{Axis, IxDyn};
 use rayon::prelude::*;
 
-use super::par::{filled, FILL_CHUNK};
+use super::par::{filled_uninit, write_with, FILL_CHUNK};
 use crate::kernels::math::sum_f64_lanes;
 
 use crate::{Tensor, Var};
@@ -81,15 +81,16 @@ impl Var {
         let ts = ts.as_slice().expect("standard layout");
         // Whole planes per task, about FILL_CHUNK elements; y = x + t[plane] written once.
         let planes = (FILL_CHUNK / plane.max(1)).max(1);
-        let y = filled(xs.len(), planes * plane.max(1), |i, out| {
-            let src = &xs[i * planes * plane..];
-            for (j, (o, s)) in out.chunks_mut(plane.max(1)).zip(src.chunks(plane.max(1))).enumerate() {
-                let tv = ts[i * planes + j];
-                for (o, &s) in o.iter_mut().zip(s) {
-                    *o = s + tv;
+        // SAFETY: write_with covers each whole plane, and the planes cover the chunk.
+        let y = unsafe {
+            filled_uninit(xs.len(), planes * plane.max(1), |i, out| {
+                let src = &xs[i * planes * plane..];
+                for (j, (o, s)) in out.chunks_mut(plane.max(1)).zip(src.chunks(plane.max(1))).enumerate() {
+                    let tv = ts[i * planes + j];
+                    write_with(o, |k| s[k] + tv);
                 }
-            }
-        });
+            })
+        };
         let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("same size as x");
         let t_shape = t.shape().to_vec();
         Var::record_owned([self, t], y, move |g, needs| {

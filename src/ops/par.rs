@@ -56,7 +56,13 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
 
 /// A copy of `src`, made in parallel when it is large.
 pub(crate) fn copied(src: &[f32]) -> Vec<f32> {
-    filled(src.len(), FILL_CHUNK, |i, out| out.copy_from_slice(&src[i * FILL_CHUNK..][..out.len()]))
+    // SAFETY: write_from covers each whole chunk.
+    unsafe {
+        filled_uninit(src.len(), FILL_CHUNK, |i, out| {
+            let n = out.len();
+            write_from(out, &src[i * FILL_CHUNK..][..n]);
+        })
+    }
 }
 
 /// A vector of `len` values whose chunk `i` (`chunk` long, the last one shorter) is written by
@@ -102,4 +108,50 @@ pub(crate) unsafe fn written_by(
     // SAFETY: the caller promises `init` wrote all `len` elements.
     unsafe { v.set_len(len) };
     v
+}
+
+/// Like [`filled`], without zeroing the chunks first: `f(i, chunk)` must write every element of
+/// its chunk (with [`write_from`] / [`write_with`], which cover a whole slice).
+///
+/// # Safety
+/// `f` must initialise every element of every chunk it is given.
+pub(crate) unsafe fn filled_uninit(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    let spare = &mut v.spare_capacity_mut()[..len];
+    if len >= PAR_MIN {
+        spare.par_chunks_mut(chunk).enumerate().for_each(|(i, part)| f(i, part));
+    } else {
+        spare.chunks_mut(chunk).enumerate().for_each(|(i, part)| f(i, part));
+    }
+    // SAFETY: the caller promises `f` initialised all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Copies `src` into `dst` (the same length) and returns `dst` as initialised values.
+pub(crate) fn write_from<'a>(dst: &'a mut [std::mem::MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
+    assert_eq!(dst.len(), src.len(), "write_from: lengths differ");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+    // SAFETY: every element was written just above; same layout.
+    unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// Writes `value(j)` into element `j` of `dst` and returns `dst` as initialised values.
+pub(crate) fn write_with(
+    dst: &mut [std::mem::MaybeUninit<f32>],
+    mut value: impl FnMut(usize) -> f32,
+) -> &mut [f32] {
+    for (j, d) in dst.iter_mut().enumerate() {
+        d.write(value(j));
+    }
+    // SAFETY: every element was written just above; same layout.
+    unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }

@@ -2,7 +2,7 @@
 
 use ndarray::{Axis, IxDyn, Slice};
 
-use super::par::{copied, filled};
+use super::par::{copied, filled_uninit, write_from};
 use crate::{Tensor, Var};
 
 /// A row-major copy in the given logical order.
@@ -92,13 +92,16 @@ impl Var {
         let values: Vec<_> = vars.iter().map(|v| v.value().as_standard_layout()).collect();
         let slices: Vec<&[f32]> = values.iter().map(|v| v.as_slice().expect("standard layout")).collect();
         let total: usize = blocks.iter().sum();
-        let y = filled(outer * total, total, |o, out| {
-            let mut at = 0;
-            for (x, &len) in slices.iter().zip(&blocks) {
-                out[at..at + len].copy_from_slice(&x[o * len..(o + 1) * len]);
-                at += len;
-            }
-        });
+        // SAFETY: the blocks, one after another, cover each chunk of `total` elements.
+        let y = unsafe {
+            filled_uninit(outer * total, total, |o, out| {
+                let mut at = 0;
+                for (x, &len) in slices.iter().zip(&blocks) {
+                    write_from(&mut out[at..at + len], &x[o * len..(o + 1) * len]);
+                    at += len;
+                }
+            })
+        };
         let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("sizes add up");
         Var::record_many(vars, y, move |g, needs| {
             let g = g.as_standard_layout();
@@ -110,10 +113,13 @@ impl Var {
                 .zip(needs)
                 .map(|((shape, &len), &need)| {
                     let piece = need.then(|| {
-                        let d = filled(outer * len, len, |o, out| {
-                            let start = o * total + offset;
-                            out.copy_from_slice(&g[start..start + len]);
-                        });
+                        // SAFETY: write_from covers each whole chunk.
+                        let d = unsafe {
+                            filled_uninit(outer * len, len, |o, out| {
+                                let start = o * total + offset;
+                                write_from(out, &g[start..start + len]);
+                            })
+                        };
                         Tensor::from_shape_vec(shape.as_slice(), d).expect("piece shape")
                     });
                     offset += len;

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::par::{filled, FILL_CHUNK};
+use super::par::{filled_uninit, write_with, FILL_CHUNK};
 use crate::kernels::math::exp_nonpositive;
 use crate::{Tensor, Var};
 
@@ -24,19 +24,20 @@ impl Var {
         let xs = x.as_slice().expect("standard layout");
         // Whole rows per task, about FILL_CHUNK elements.
         let chunk = n * (FILL_CHUNK / n).max(1);
-        let y = filled(xs.len(), chunk, |i, out| {
-            for (row, src) in out.chunks_mut(n).zip(xs[i * chunk..].chunks(n)) {
-                let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                // Every exponent is ≤ 0.
-                for (v, &s) in row.iter_mut().zip(src) {
-                    *v = exp_nonpositive(s - max);
+        // SAFETY: write_with covers each whole row, and the rows cover the chunk.
+        let y = unsafe {
+            filled_uninit(xs.len(), chunk, |i, out| {
+                for (row, src) in out.chunks_mut(n).zip(xs[i * chunk..].chunks(n)) {
+                    let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    // Every exponent is ≤ 0.
+                    let row = write_with(row, |j| exp_nonpositive(src[j] - max));
+                    let inv = 1.0 / row.iter().sum::<f32>();
+                    for v in row.iter_mut() {
+                        *v *= inv;
+                    }
                 }
-                let inv = 1.0 / row.iter().sum::<f32>();
-                for v in row.iter_mut() {
-                    *v *= inv;
-                }
-            }
-        });
+            })
+        };
         let y = Tensor::from_shape_vec(self.shape(), y).expect("same size as input");
         Var::record_with_output([self], y, move |g, ys, _| {
             let mut dx = g.as_standard_layout().into_owned();
