@@ -36,6 +36,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
+use super::math::sum_f64_lanes;
 use super::packed::{self, gemm_packed, Init, PackedA};
 
 mod implicit;
@@ -765,7 +766,7 @@ fn check_backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &[f32], db: 
     }
 }
 
-/// `db[co] = Σ_{n,p} dy[n, co, p]`, summed in f64 image after image.
+/// `db[co] = Σ_{n,p} dy[n, co, p]`, summed in f64 image after image (8 lanes within an image).
 fn bias_gradient(g: &Conv2dGeom, dy: &[f32], db: &mut [f32]) {
     let px = g.out_px();
     let y_img_len = g.c_out * px;
@@ -773,7 +774,7 @@ fn bias_gradient(g: &Conv2dGeom, dy: &[f32], db: &mut [f32]) {
         let mut acc = 0.0f64;
         for n in 0..g.n {
             let start = n * y_img_len + co * px;
-            acc += dy[start..start + px].iter().map(|&v| v as f64).sum::<f64>();
+            acc += sum_f64_lanes(&dy[start..start + px], |v| v as f64);
         }
         *db_co = acc as f32;
     });
