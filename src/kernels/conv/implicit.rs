@@ -82,6 +82,12 @@ impl Taps {
         self.offsets.len()
     }
 
+    /// Whether pixel `p` reads an input element inside the image through tap `t`.
+    fn reads_inside(&self, p: usize, t: usize) -> bool {
+        let (oh, ow) = ((p as isize) / self.w, (p as isize) % self.w);
+        (0..self.h).contains(&(oh + self.rows[t])) && (0..self.w).contains(&(ow + self.cols[t]))
+    }
+
     /// Bit `l` of `masks[t]` is set when pixel `p0 + l` (for `l < lanes`) reads an input element
     /// inside the image through tap `t`.
     fn masks(&self, p0: usize, lanes: usize, masks: &mut [u32]) {
@@ -154,18 +160,34 @@ pub(super) fn backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f
     let taps = Taps::new(g);
     let t_n = taps.len();
     let px = g.h * g.w;
-    // Per 16-pixel chunk and tap (padded to whole groups of taps with empty masks): the lanes
-    // whose pixel is in the image and reads an input element inside it.
-    let chunks = px.div_ceil(16);
     let padded_taps = t_n.div_ceil(GROUP) * GROUP;
-    let mut tap_masks = vec![0u16; chunks * padded_taps];
-    let mut scratch = [0u32; MAX_TAPS];
-    for c in 0..chunks {
-        taps.masks(c * 16, 16.min(px - c * 16), &mut scratch);
-        for t in 0..t_n {
-            tap_masks[c * padded_taps + t] = scratch[t] as u16;
+    // Images per pass over the accumulators, laid end to end (pixel `f` of the block is pixel
+    // `f mod px` of image `f / px`): enough pixels (about 1024) that loading and storing the
+    // accumulators is small next to the sums and that small images fill whole 16-lane chunks,
+    // few enough that a panel of dy stays in L1.
+    let image_block = (1024 / px).clamp(1, g.n.max(1));
+    // Per 16-lane chunk of a block and tap (padded to whole groups of taps with empty masks):
+    // the lanes whose pixel is in the block and reads an input element of its own image.
+    let mask_table = |images: usize| {
+        let len = images * px;
+        let mut table = vec![0u16; len.div_ceil(16) * padded_taps];
+        for f in 0..len {
+            for t in 0..t_n {
+                if taps.reads_inside(f % px, t) {
+                    table[f / 16 * padded_taps + t] |= 1 << (f % 16);
+                }
+            }
         }
-    }
+        table
+    };
+    // Images end to end only where the last chunk of an image would leave many lanes idle (a
+    // 7x7 image fills 49 of 64); otherwise each image keeps its own chunks, read in place.
+    let flatten = image_block > 1 && !px.is_multiple_of(16) && px * 10 < px.div_ceil(16) * 16 * 9;
+    let (full_masks, last_masks) = if flatten {
+        (mask_table(image_block), mask_table(g.n % image_block))
+    } else {
+        (mask_table(1), Vec::new())
+    };
     // Work items: a panel of 8 output channels times a range of input channels; enough of them
     // to keep every core busy, a count that depends on the shapes only.
     let panels = g.c_out.div_ceil(ROWS);
@@ -174,17 +196,14 @@ pub(super) fn backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f
     let items: Vec<(usize, usize, usize)> = (0..panels)
         .flat_map(|q| (0..g.c_in).step_by(per_item).map(move |c0| (q, c0, (c0 + per_item).min(g.c_in))))
         .collect();
-    // Images per pass over the accumulators: enough pixels (about 1024) that loading and storing
-    // the accumulators is small next to the sums, few enough that a panel of dy stays in L1.
-    let image_block = (1024 / px).max(1);
-    let geometry = WeightGeom { n: g.n, c_in: g.c_in, c_out: g.c_out, px, t_n, image_block };
+    let geometry = WeightGeom { n: g.n, c_in: g.c_in, c_out: g.c_out, px, t_n, image_block, flatten };
     let results: Vec<Vec<f32>> = items
         .par_iter()
         .map(|&(q, c0, c1)| {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `applies` checked AVX-512F; `x` and `dy` have the geometry's lengths.
             unsafe {
-                avx512::weight_item(&geometry, x, dy, &taps.offsets, &tap_masks, q, c0, c1)
+                avx512::weight_item(&geometry, x, dy, &taps.offsets, [&full_masks, &last_masks], q, c0, c1)
             }
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!("the implicit convolution needs AVX-512F ({q}, {c0}, {c1}, {})", geometry.px)
@@ -214,6 +233,8 @@ struct WeightGeom {
     px: usize,
     t_n: usize,
     image_block: usize,
+    /// Whether a block's images are laid end to end in one run of chunks.
+    flatten: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -349,8 +370,9 @@ mod avx512 {
     /// `c0..c1`, as `[row][c − c0][tap]`.
     ///
     /// # Safety
-    /// AVX-512F must be available; `x: [N, C_in, px]`, `dy: [N, C_out, px]`; `tap_masks` as
-    /// built by `backward_weight` (`[chunk][tap]`, taps padded to whole groups).
+    /// AVX-512F must be available; `x: [N, C_in, px]`, `dy: [N, C_out, px]`; `masks` as built
+    /// by `backward_weight` (`[chunk][tap]`, taps padded to whole groups): with `g.flatten`, for
+    /// a full block of images end to end and for the last, shorter one; without, for one image.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn weight_item(
@@ -358,33 +380,53 @@ mod avx512 {
         x: &[f32],
         dy: &[f32],
         offsets: &[isize],
-        tap_masks: &[u16],
+        masks: [&[u16]; 2],
         q: usize,
         c0: usize,
         c1: usize,
     ) -> Vec<f32> {
         let (px, t_n) = (g.px, g.t_n);
         debug_assert!(x.len() == g.n * g.c_in * px && dy.len() == g.n * g.c_out * px);
-        let chunks = px.div_ceil(16);
         let groups = t_n.div_ceil(GROUP);
         let padded_taps = groups * GROUP;
-        debug_assert_eq!(tap_masks.len(), chunks * padded_taps);
         let live = ROWS.min(g.c_out - q * ROWS);
         let cc = c1 - c0;
-        // The 24 accumulators of each (channel, tap group), kept between passes.
+        // The 24 accumulators of each (channel, tap group), kept between blocks.
         let mut acc_buf = vec![_mm512_setzero_ps(); cc * groups * ROWS * GROUP];
-        // dy of this panel for a block of images, `[image][chunk][row][16]`, zero past the
-        // image's last pixel and in rows past the last channel: one pointer reads all 8 rows.
-        let panel_len = chunks * ROWS * 16;
-        let mut dy_panel = vec![0.0f32; g.image_block * panel_len];
+        let block_len = g.image_block * px;
+        // dy of this panel for a block, `[segment][chunk][row][16]` (a segment is the whole
+        // block when flattened, else one image), zero past each segment's last pixel and in rows
+        // past the last channel: one pointer reads all 8 rows.
+        let panel_len = if g.flatten { block_len.div_ceil(16) } else { g.image_block * px.div_ceil(16) };
+        let mut dy_panel = vec![0.0f32; panel_len * ROWS * 16];
+        // Flattened: this item's input channels for the block, images end to end.
+        let mut x_block = if g.flatten { vec![0.0f32; cc * block_len] } else { Vec::new() };
         for n0 in (0..g.n).step_by(g.image_block) {
             let n1 = g.n.min(n0 + g.image_block);
-            for n in n0..n1 {
-                let packed = &mut dy_panel[(n - n0) * panel_len..][..panel_len];
-                for r in 0..live {
+            let (segments, seg_len) = if g.flatten { (1, (n1 - n0) * px) } else { (n1 - n0, px) };
+            let seg_chunks = seg_len.div_ceil(16);
+            let table = if !g.flatten || n1 - n0 == g.image_block { masks[0] } else { masks[1] };
+            debug_assert_eq!(table.len(), seg_chunks * padded_taps);
+            dy_panel[..segments * seg_chunks * ROWS * 16].fill(0.0);
+            for r in 0..live {
+                for n in n0..n1 {
                     let row = &dy[(n * g.c_out + q * ROWS + r) * px..][..px];
-                    for (ch, part) in row.chunks(16).enumerate() {
-                        packed[(ch * ROWS + r) * 16..][..part.len()].copy_from_slice(part);
+                    let (seg, base) = if g.flatten { (0, (n - n0) * px) } else { (n - n0, 0) };
+                    let mut p = 0;
+                    while p < px {
+                        let f = base + p;
+                        let take = (16 - f % 16).min(px - p);
+                        let at = ((seg * seg_chunks + f / 16) * ROWS + r) * 16 + f % 16;
+                        dy_panel[at..at + take].copy_from_slice(&row[p..p + take]);
+                        p += take;
+                    }
+                }
+            }
+            if g.flatten {
+                for c in 0..cc {
+                    for n in n0..n1 {
+                        x_block[c * seg_len + (n - n0) * px..][..px]
+                            .copy_from_slice(&x[(n * g.c_in + c0 + c) * px..][..px]);
                     }
                 }
             }
@@ -393,27 +435,26 @@ mod avx512 {
                     let slot = &mut acc_buf[(c * groups + gi) * ROWS * GROUP..][..ROWS * GROUP];
                     let mut acc = [_mm512_setzero_ps(); ROWS * GROUP];
                     acc.copy_from_slice(slot);
-                    // Offsets of this group's taps; a missing tap has an empty mask.
-                    let mut offs = [0isize; GROUP];
-                    for (k, off) in offs.iter_mut().enumerate() {
-                        if let Some(&o) = offsets.get(gi * GROUP + k) {
-                            *off = o;
+                    let mut d = dy_panel.as_ptr();
+                    for seg in 0..segments {
+                        let xp = if g.flatten {
+                            x_block.as_ptr().add(c * seg_len)
+                        } else {
+                            x.as_ptr().add(((n0 + seg) * g.c_in + c0 + c) * px)
+                        };
+                        // This group's taps; a missing one has an empty mask and offset 0.
+                        let mut xs_ptr = [xp; GROUP];
+                        for (k, ptr) in xs_ptr.iter_mut().enumerate() {
+                            if let Some(&o) = offsets.get(gi * GROUP + k) {
+                                *ptr = xp.wrapping_offset(o);
+                            }
                         }
-                    }
-                    let masks = tap_masks.as_ptr().add(gi * GROUP);
-                    for n in n0..n1 {
-                        let xp = x.as_ptr().add((n * g.c_in + c0 + c) * px);
-                        let xs_ptr = [
-                            xp.wrapping_offset(offs[0]),
-                            xp.wrapping_offset(offs[1]),
-                            xp.wrapping_offset(offs[2]),
-                        ];
-                        let mut d = dy_panel.as_ptr().add((n - n0) * panel_len);
-                        let mut m = masks;
-                        for ch in 0..chunks {
+                        let mut m = table.as_ptr().add(gi * GROUP);
+                        for ch in 0..seg_chunks {
                             let p = ch * 16;
                             let mut xs = [_mm512_setzero_ps(); GROUP];
                             for k in 0..GROUP {
+                                // Lanes past the segment or reading outside their image are off.
                                 xs[k] = _mm512_maskz_loadu_ps(*m.add(k), xs_ptr[k].wrapping_add(p));
                             }
                             for r in 0..ROWS {
