@@ -413,7 +413,11 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>
     if crate::gpu::conv2d_forward(g, x, w, bias, y) {
         return;
     }
-    forward_any(g, x, w, bias, as_uninit(y));
+    if implicit::applies(g) {
+        forward_any(g, x, w, bias, as_uninit(y));
+    } else {
+        forward_tiled(g, x, w, bias, y, g.tile_px());
+    }
 }
 
 /// [`conv2d_forward`] into memory that need not be initialised (a fresh `Vec`'s spare
@@ -611,6 +615,7 @@ fn backward_input_as_forward(
     assert_eq!(w.len(), g.w_len(), "conv2d_backward_input: w has {} elements, geometry {g:?}", w.len());
     assert_eq!(dx.len(), g.x_len(), "conv2d_backward_input: dx has {} elements, geometry {g:?}", dx.len());
     if implicit::applies(gt) {
+        g.validate("conv2d_backward_input");
         if g.n > 0 {
             // w'[ci, co, t] = w[co, ci, taps − 1 − t]: flipping both axes reverses the tap index.
             let (c_in, taps) = (g.c_in, g.kh * g.kw);
@@ -704,9 +709,11 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
 /// ow·stride + j]` and `db[co] = Σ_{n,oh,ow} dy[n, co, oh, ow]`.
 ///
 /// Shapes: `x: [N, C_in, H, W]`, `dy: [N, C_out, out_h, out_w]`, `dw: [C_out, C_in, kh, kw]`
-/// (overwritten), `db: [C_out]` (overwritten). The batch is cut into chunks whose size depends
-/// only on `N`; chunk partials are computed in parallel and added in chunk order, and `db` is
-/// accumulated in f64 in a fixed order, so both are bit-identical for any number of threads.
+/// (overwritten), `db: [C_out]` (overwritten). On the implicit path (stride-1 same
+/// convolutions with AVX-512F) each weight is summed by one task over every image in order;
+/// otherwise the batch is cut into chunks whose size depends only on `N`, chunk partials are
+/// computed in parallel and added in chunk order. `db` is accumulated in f64 in a fixed order.
+/// Both are bit-identical for any number of threads.
 ///
 /// # Panics
 /// If a slice length does not match the geometry, or the geometry is degenerate.

@@ -263,7 +263,9 @@ mod avx512 {
                     let v = _mm512_set1_ps(*bias.get_unchecked(r0 + r));
                     (v, v)
                 }
-                Init::Accumulate => (_mm512_maskz_loadu_ps(m0, o), _mm512_maskz_loadu_ps(m1, o.add(16))),
+                Init::Accumulate => {
+                    (_mm512_maskz_loadu_ps(m0, o), _mm512_maskz_loadu_ps(m1, o.wrapping_add(16)))
+                }
             };
             acc[2 * r] = lo;
             acc[2 * r + 1] = hi;
@@ -271,7 +273,9 @@ mod avx512 {
         for k in 0..inner {
             let brow = b.add(k * ldb);
             let b0 = _mm512_maskz_loadu_ps(m0, brow);
-            let b1 = _mm512_maskz_loadu_ps(m1, brow.add(16));
+            // `m1` is empty when the block has 16 columns or fewer, and the pointer may then
+            // lie past `b`: wrapping arithmetic, and a masked load that touches nothing.
+            let b1 = _mm512_maskz_loadu_ps(m1, brow.wrapping_add(16));
             let w = panel.add(k * MR);
             for r in 0..MR {
                 let wr = _mm512_set1_ps(*w.add(r));
@@ -285,7 +289,7 @@ mod avx512 {
             }
             let o = out.add(r * ldout);
             _mm512_mask_storeu_ps(o, m0, acc[2 * r]);
-            _mm512_mask_storeu_ps(o.add(16), m1, acc[2 * r + 1]);
+            _mm512_mask_storeu_ps(o.wrapping_add(16), m1, acc[2 * r + 1]);
         }
     }
 }

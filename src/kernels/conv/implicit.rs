@@ -18,8 +18,8 @@
 //!   initialised. The order of the terms is fixed by the geometry (not by threads), but it is
 //!   not the patch-tile path's, so the two agree to rounding.
 //! - [`backward_weight`]: `dW[co, ci, i, j] = Σ_n Σ_p dy[n, co, p]·x_shifted[n, ci, i, j, p]`,
-//!   accumulated in 16 lanes per weight (lane `l` sums the pixels `p ≡ l mod 16`, images in
-//!   order) and the lanes added in a fixed tree at the end. Each weight is owned by one task, so
+//!   accumulated in 16 lanes per weight (lane `l` sums the positions `≡ l mod 16` of a block,
+//!   images in order; small images are laid end to end in a block) and the lanes added in a fixed tree at the end. Each weight is owned by one task, so
 //!   the result does not depend on the number of threads. The order differs from the patch-tile
 //!   path's, so the two agree to rounding, not to the bit.
 //!
@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use super::Conv2dGeom;
 use crate::kernels::packed::{self, Init, PackedA};
 
-/// Taps handled (a 7x7 kernel at most): the per-strip masks live in a fixed array.
+/// Taps handled (a 7x7 kernel at most).
 const MAX_TAPS: usize = 49;
 
 /// Output pixels per strip of the forward kernel: two vectors of 16.
@@ -332,7 +332,9 @@ mod avx512 {
                     let v = _mm512_set1_ps(*bias.get_unchecked(r0 + r));
                     (v, v)
                 }
-                Init::Accumulate => (_mm512_maskz_loadu_ps(s0, o), _mm512_maskz_loadu_ps(s1, o.add(16))),
+                Init::Accumulate => {
+                    (_mm512_maskz_loadu_ps(s0, o), _mm512_maskz_loadu_ps(s1, o.wrapping_add(16)))
+                }
             };
             acc[2 * r] = lo;
             acc[2 * r + 1] = hi;
@@ -362,7 +364,8 @@ mod avx512 {
             }
             let o = out.add(r * ldout);
             _mm512_mask_storeu_ps(o, s0, acc[2 * r]);
-            _mm512_mask_storeu_ps(o.add(16), s1, acc[2 * r + 1]);
+            // Past the plane's end only when `s1` is empty (then nothing is stored).
+            _mm512_mask_storeu_ps(o.wrapping_add(16), s1, acc[2 * r + 1]);
         }
     }
 
@@ -464,7 +467,8 @@ mod avx512 {
                                 }
                             }
                             d = d.add(ROWS * 16);
-                            m = m.add(padded_taps);
+                            // One past the table after the last chunk: never read.
+                            m = m.wrapping_add(padded_taps);
                         }
                     }
                     slot.copy_from_slice(&acc);
