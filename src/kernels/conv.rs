@@ -255,6 +255,12 @@ fn im2col_tile(g: &Conv2dGeom, x_img: &[f32], p0: usize, p1: usize, col: &mut [f
                         let iw0 = a * s + j - g.pad_left;
                         if s == 1 {
                             inside.copy_from_slice(&x_row[iw0..iw0 + (b - a)]);
+                        } else if s == 2 {
+                            // Pairs: a constant stride the compiler vectorises (shuffles).
+                            let src = &x_row[iw0..];
+                            for (d, pair) in inside.iter_mut().zip(src.chunks(2)) {
+                                *d = pair[0];
+                            }
                         } else {
                             for (d, &v) in inside.iter_mut().zip(x_row[iw0..].iter().step_by(s)) {
                                 *d = v;
