@@ -51,7 +51,12 @@ pub(crate) const FILL_CHUNK: usize = 1 << 14;
 /// A large output buffer that a parallel kernel then overwrites would otherwise be zeroed by one
 /// `memset` on the calling thread while the pool's workers wait.
 pub(crate) fn zeroed(len: usize) -> Vec<f32> {
-    filled(len, FILL_CHUNK, |_, _| {})
+    // SAFETY: write_with covers each whole chunk.
+    unsafe {
+        filled_uninit(len, FILL_CHUNK, |_, part| {
+            write_with(part, |_| 0.0);
+        })
+    }
 }
 
 /// A copy of `src`, made in parallel when it is large.
@@ -63,35 +68,6 @@ pub(crate) fn copied(src: &[f32]) -> Vec<f32> {
             write_from(out, &src[i * FILL_CHUNK..][..n]);
         })
     }
-}
-
-/// A vector of `len` values whose chunk `i` (`chunk` long, the last one shorter) is written by
-/// `f(i, chunk)`, the chunks in parallel when `len ≥ PAR_MIN`. Each chunk is zeroed first, by
-/// the task that then hands it to `f`, so `f` may read it as zeros and the memory is touched
-/// once, on the core that writes it.
-pub(crate) fn filled(len: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
-    use rayon::prelude::*;
-    use std::mem::MaybeUninit;
-    let chunk = chunk.max(1);
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    let body = |(i, part): (usize, &mut [MaybeUninit<f32>])| {
-        for slot in part.iter_mut() {
-            slot.write(0.0);
-        }
-        // SAFETY: every element of `part` was initialised just above; `MaybeUninit<f32>` and
-        // `f32` have the same layout.
-        let part = unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) };
-        f(i, part);
-    };
-    let spare = &mut v.spare_capacity_mut()[..len];
-    if len >= PAR_MIN {
-        spare.par_chunks_mut(chunk).enumerate().for_each(body);
-    } else {
-        spare.chunks_mut(chunk).enumerate().for_each(body);
-    }
-    // SAFETY: the loops above initialised all `len` elements.
-    unsafe { v.set_len(len) };
-    v
 }
 
 /// A vector of `len` values written by `init` into fresh, unzeroed memory.
@@ -110,8 +86,11 @@ pub(crate) unsafe fn written_by(
     v
 }
 
-/// Like [`filled`], without zeroing the chunks first: `f(i, chunk)` must write every element of
-/// its chunk (with [`write_from`] / [`write_with`], which cover a whole slice).
+/// A vector of `len` values whose chunk `i` (`chunk` long, the last one shorter) is written by
+/// `f(i, chunk)`, the chunks in parallel when `len ≥ PAR_MIN`, each by the task that owns it, so
+/// the memory is touched once, on the core that writes it, and never zeroed first. `f` must
+/// write every element of its chunk (with [`write_from`] / [`write_with`], which cover a whole
+/// slice).
 ///
 /// # Safety
 /// `f` must initialise every element of every chunk it is given.
