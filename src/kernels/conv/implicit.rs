@@ -11,8 +11,12 @@
 //!
 //! - [`forward`]: the product `W @ col` of [`super::conv2d_forward`] (and, with the weights
 //!   flipped and transposed as they are read, of the input gradient), 8 output channels x 32
-//!   pixels per micro-kernel call. The inner dimension runs in blocks of whole input channels
-//!   (about 128 terms); inside a block tap by tap and, per tap, channel by channel, so a tap's
+//!   pixels per micro-kernel call. Where an image's pixels do not fill whole strips of 32 (14x14,
+//!   7x7), the strips run over the batch's pixels end to end, and a strip that crosses from one
+//!   image into the next reads and writes each image's lanes under its own mask. The inner
+//!   dimension runs in blocks of whole input channels (about 288 terms, 32 channels of a 3x3:
+//!   a tap's window of a channel overlaps the others', so a block's input stays in L1); inside
+//!   a block tap by tap and, per tap, channel by channel, so a tap's
 //!   mask and offset are loaded once per block rather than once per term. Each output is written
 //!   once per block and never read before its first write, so the output buffer need not be
 //!   initialised. The order of the terms is fixed by the geometry (not by threads), but it is
@@ -52,6 +56,8 @@ pub(super) fn applies(g: &Conv2dGeom) -> bool {
         && g.kh * g.kw <= MAX_TAPS
         && g.out_h() == g.h
         && g.out_w() == g.w
+        // A 16-lane half strip spans at most two images.
+        && g.h * g.w >= 16
 }
 
 /// The taps of a stride-1 same convolution: for tap `t = i·kw + j`, the row and column shift
@@ -84,28 +90,12 @@ impl Taps {
 
     /// Whether pixel `p` reads an input element inside the image through tap `t`.
     fn reads_inside(&self, p: usize, t: usize) -> bool {
-        let (oh, ow) = ((p as isize) / self.w, (p as isize) % self.w);
-        (0..self.h).contains(&(oh + self.rows[t])) && (0..self.w).contains(&(ow + self.cols[t]))
+        self.inside((p as isize) / self.w, (p as isize) % self.w, t)
     }
 
-    /// Bit `l` of `masks[t]` is set when pixel `p0 + l` (for `l < lanes`) reads an input element
-    /// inside the image through tap `t`.
-    fn masks(&self, p0: usize, lanes: usize, masks: &mut [u32]) {
-        masks[..self.len()].fill(0);
-        let (mut oh, mut ow) = ((p0 as isize) / self.w, (p0 as isize) % self.w);
-        for l in 0..lanes {
-            for (t, m) in masks[..self.len()].iter_mut().enumerate() {
-                let (ih, iw) = (oh + self.rows[t], ow + self.cols[t]);
-                if (0..self.h).contains(&ih) && (0..self.w).contains(&iw) {
-                    *m |= 1 << l;
-                }
-            }
-            ow += 1;
-            if ow == self.w {
-                ow = 0;
-                oh += 1;
-            }
-        }
+    /// Whether output pixel `(oh, ow)` reads an input element inside the image through tap `t`.
+    fn inside(&self, oh: isize, ow: isize, t: usize) -> bool {
+        (0..self.h).contains(&(oh + self.rows[t])) && (0..self.w).contains(&(ow + self.cols[t]))
     }
 }
 
@@ -121,7 +111,7 @@ pub(super) fn forward(
     y: &mut [MaybeUninit<f32>],
 ) {
     let taps = Taps::new(g);
-    let (plane, px) = (g.h * g.w, g.out_h() * g.out_w());
+    let px = g.h * g.w;
     let t_n = taps.len();
     // The weights packed in the kernel's order of terms: channel blocks, within a block tap by
     // tap, within a tap channel by channel.
@@ -136,22 +126,152 @@ pub(super) fn forward(
         let (c, t) = order[kk];
         w_at(r, c, t)
     });
-    // The masks of every strip of 32 pixels, the same for every image.
-    let strips = px.div_ceil(STRIP);
-    let mut masks = vec![0u32; strips * t_n];
-    for (s, m) in masks.chunks_mut(t_n).enumerate() {
-        taps.masks(s * STRIP, STRIP.min(px - s * STRIP), m);
-    }
+    // Strips of 32 output pixels. Where an image's last strip would leave many lanes idle (a
+    // 14x14 image fills 196 of 224, a 7x7 49 of 64), the batch's pixels run end to end and a
+    // strip (or one of its 16-lane halves) may start in one image and end in the next; else
+    // each image starts a strip. Tasks take runs of whole strips; each output is written by one
+    // task, in an order fixed by the geometry.
+    let padded = px.div_ceil(STRIP) * STRIP;
+    let span = if px * 100 < padded * 95 { px } else { padded };
+    let total = g.n * px;
+    let flat = Flat { px, span, c_in: g.c_in, c_out: g.c_out, total };
+    let strips = (g.n * span).div_ceil(STRIP);
+    let per_task = strips.div_ceil(64).max(1);
     let init = bias.map_or(Init::Zero, Init::Bias);
-    y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(g.c_in * plane)).for_each(|(y_img, x_img)| {
+    let table = MaskTable::new(&taps, &flat);
+    let (xp, yp) = (SharedPtr(x.as_ptr().cast_mut()), SharedPtr(y.as_mut_ptr().cast::<f32>()));
+    (0..strips.div_ceil(per_task)).into_par_iter().for_each(|k| {
+        let strips = k * per_task..strips.min((k + 1) * per_task);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `applies` checked AVX-512F; the image slices have the geometry's lengths.
+        // SAFETY: `applies` checked AVX-512F; `x` and `y` have the geometry's lengths (checked
+        // by the caller), and the tasks' runs of strips, so the outputs they write, are disjoint.
         unsafe {
-            avx512::forward_image(w, &taps, &masks, x_img, g.c_in, plane, y_img, init)
+            avx512::forward_strips(w, &taps, &table, &flat, xp.get(), yp.get(), strips, init)
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("the implicit convolution needs AVX-512F ({:?}, {}, {})", init, y_img.len(), x_img.len())
+        unreachable!(
+            "the implicit convolution needs AVX-512F ({:?}, {:?}, {})",
+            init,
+            strips,
+            (xp.get(), yp.get(), flat.px).2
+        )
     });
+}
+
+/// A pointer the forward tasks share; each writes its own elements only.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+
+// SAFETY: the tasks that share it read (input) or write disjoint elements (output).
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// How [`forward`] lays the batch out in strips. Pixel `p` of image `n` is pixel
+/// `n·span + p` of the strips, with `span` either `px` (images end to end) or `px` rounded up
+/// to whole strips (each image starts a strip; the lanes past its end are off). Its flat index
+/// `f = n·px + p` gives its element in channel `c` of an `[N, C, px]` tensor:
+/// `n·C·px + c·px + p = f + n·(C − 1)·px + c·px`.
+struct Flat {
+    px: usize,
+    span: usize,
+    c_in: usize,
+    c_out: usize,
+    total: usize,
+}
+
+/// The lanes of one 16-pixel half strip: those of the image that holds its first pixel ("a")
+/// and those of the next image ("b"), each for every tap (the lanes that read inside their
+/// image) and for the store (the lanes that exist).
+#[derive(Clone, Copy)]
+struct HalfMasks {
+    /// The image holding the first pixel.
+    image: usize,
+    /// The first pixel's flat index `f` (see [`Flat`]).
+    start: usize,
+    a: [u16; MAX_TAPS],
+    b: [u16; MAX_TAPS],
+    store_a: u16,
+    store_b: u16,
+}
+
+impl HalfMasks {
+    /// The masks of a half strip whose first pixel is pixel `q0` of its image, as if the batch
+    /// did not end; the lanes past the image belong to the next one if `spill`, else are off.
+    /// The caller ensures `px ≥ 16`, so 16 lanes span at most two images.
+    fn at_phase(taps: &Taps, px: usize, q0: usize, spill: bool) -> Self {
+        let mut m =
+            HalfMasks { image: 0, start: 0, a: [0; MAX_TAPS], b: [0; MAX_TAPS], store_a: 0, store_b: 0 };
+        for l in 0..16 {
+            if !spill && q0 + l >= px {
+                break;
+            }
+            let (q, second) = if q0 + l < px { (q0 + l, false) } else { (q0 + l - px, true) };
+            let (taps_mask, store) =
+                if second { (&mut m.b, &mut m.store_b) } else { (&mut m.a, &mut m.store_a) };
+            *store |= 1 << l;
+            let (oh, ow) = ((q as isize) / taps.w, (q as isize) % taps.w);
+            for (t, bits) in taps_mask[..taps.len()].iter_mut().enumerate() {
+                if taps.inside(oh, ow, t) {
+                    *bits |= 1 << l;
+                }
+            }
+        }
+        m
+    }
+
+    /// Switches off the lanes from `lanes` on (past the batch's last pixel).
+    fn keep_first(&mut self, lanes: usize) {
+        let keep = if lanes >= 16 { u16::MAX } else { (1u16 << lanes) - 1 };
+        for bits in self.a.iter_mut().chain(self.b.iter_mut()) {
+            *bits &= keep;
+        }
+        self.store_a &= keep;
+        self.store_b &= keep;
+    }
+}
+
+/// The [`HalfMasks`] of every half strip: a half strip starts at a multiple of 16 of the
+/// strips, so its first pixel's place in its image is a multiple of `gcd(span, 16)`; one entry
+/// per such place.
+struct MaskTable {
+    step: usize,
+    phases: Vec<HalfMasks>,
+}
+
+impl MaskTable {
+    fn new(taps: &Taps, flat: &Flat) -> Self {
+        let step = gcd(flat.span, 16);
+        let spill = flat.span == flat.px;
+        let phases =
+            (0..flat.span).step_by(step).map(|q0| HalfMasks::at_phase(taps, flat.px, q0, spill)).collect();
+        Self { step, phases }
+    }
+
+    /// The masks of the half strip at pixel `s0` of the strips.
+    fn half(&self, flat: &Flat, s0: usize) -> HalfMasks {
+        let (image, q0) = (s0 / flat.span, s0 % flat.span);
+        let mut m = self.phases[q0 / self.step];
+        m.image = image;
+        m.start = image * flat.px + q0;
+        if m.start + 16 > flat.total {
+            m.keep_first(flat.total.saturating_sub(m.start));
+        }
+        m
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// `dW` (overwritten) of every weight; the bias gradient is the caller's.
@@ -219,10 +339,12 @@ pub(super) fn backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f
     }
 }
 
-/// Input channels per inner-dimension block of the forward kernel: about 128 terms, as in
-/// `packed.rs`, in whole channels.
+/// Input channels per inner-dimension block of the forward kernel: about 288 terms in whole
+/// channels. (128, as in `packed.rs`, measured 3-10% slower at the 14x14 and 7x7 shapes: the 9
+/// taps of a channel read overlapping windows, so a block's input is far smaller than its
+/// term count suggests.)
 fn channels_per_block(t_n: usize) -> usize {
-    (128 / t_n).max(1)
+    (288 / t_n).max(1)
 }
 
 /// Sizes the weight-gradient items share.
@@ -241,131 +363,163 @@ struct WeightGeom {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use std::mem::MaybeUninit;
+    use std::ops::Range;
 
-    use super::{Taps, WeightGeom, GROUP, ROWS, STRIP};
+    use super::{Flat, HalfMasks, MaskTable, Taps, WeightGeom, GROUP, ROWS, STRIP};
     use crate::kernels::packed::{Init, PackedA, MR};
 
+    /// Strips `strips` of the batch laid end to end (see [`Flat`]), every output channel.
+    ///
     /// # Safety
-    /// AVX-512F must be available; `x_img` is one image `[C_in, plane]`, `y_img` one output
-    /// `[C_out, plane]` (written, every element, before it is read: the first block of
-    /// channels stores the sums, later blocks add to them), `w` packed `[C_out, C_in·taps]`.
+    /// AVX-512F must be available; `x` is `[N, C_in, px]`, `y` `[N, C_out, px]` (written, every
+    /// element of these strips, before it is read: the first block of channels stores the sums,
+    /// later blocks add to them), `w` packed `[C_out, C_in·taps]`; no other thread touches the
+    /// outputs of these strips.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn forward_image(
+    pub(super) unsafe fn forward_strips(
         w: &PackedA,
         taps: &Taps,
-        strip_masks: &[u32],
-        x_img: &[f32],
-        c_in: usize,
-        plane: usize,
-        y_img: &mut [MaybeUninit<f32>],
+        table: &MaskTable,
+        flat: &Flat,
+        x: *const f32,
+        y: *mut f32,
+        strips: Range<usize>,
         init: Init<'_>,
     ) {
         let t_n = taps.len();
-        let (rows, inner) = (w.rows, w.inner);
-        debug_assert_eq!(inner, c_in * t_n);
-        debug_assert!(x_img.len() == c_in * plane && y_img.len() == rows * plane);
+        let (rows, inner, px) = (w.rows, w.inner, flat.px);
+        debug_assert_eq!(inner, flat.c_in * t_n);
         let channels_per_block = super::channels_per_block(t_n);
-        let (xp, yp) = (x_img.as_ptr(), y_img.as_mut_ptr().cast::<f32>());
-        for p0 in (0..plane).step_by(STRIP) {
-            let lanes = STRIP.min(plane - p0);
-            let masks = &strip_masks[p0 / STRIP * t_n..][..t_n];
-            let tail = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
-            for c0 in (0..c_in).step_by(channels_per_block) {
-                let cc = channels_per_block.min(c_in - c0);
-                let block_init = if c0 == 0 { init } else { Init::Accumulate };
+        // From an image's element to the next image's at the same place (see `Flat`).
+        let (next_in, next_out) = ((flat.c_in - 1) * px, (flat.c_out - 1) * px);
+        for s in strips {
+            let f0 = s * STRIP;
+            let halves = [table.half(flat, f0), table.half(flat, f0 + 16)];
+            // Element (image of the half's first pixel, channel 0, that pixel) of `x` and `y`;
+            // past the end for a half wholly past the batch, whose masks are empty.
+            let at = |h: usize, next: usize| halves[h].start + halves[h].image * next;
+            let ys = [y.wrapping_add(at(0, next_out)), y.wrapping_add(at(1, next_out))];
+            let split = halves.iter().any(|h| h.store_b != 0);
+            let xs = [x.wrapping_add(at(0, next_in)), x.wrapping_add(at(1, next_in))];
+            for c0 in (0..flat.c_in).step_by(channels_per_block) {
+                let block = Block {
+                    channels: channels_per_block.min(flat.c_in - c0),
+                    t_n,
+                    x: [xs[0].wrapping_add(c0 * px), xs[1].wrapping_add(c0 * px)],
+                    next_in,
+                    x_plane: px,
+                    offsets: taps.offsets.as_ptr(),
+                    loads: &halves,
+                    stores: [[halves[0].store_a, halves[0].store_b], [halves[1].store_a, halves[1].store_b]],
+                    next_out,
+                    y_plane: px,
+                    init: if c0 == 0 { init } else { Init::Accumulate },
+                };
                 for q in 0..rows.div_ceil(MR) {
                     let r0 = q * MR;
                     let panel = w.data.as_ptr().add((q * inner + c0 * t_n) * MR);
-                    strip_kernel(
-                        panel,
-                        cc,
-                        t_n,
-                        xp.add(c0 * plane + p0),
-                        plane,
-                        taps.offsets.as_ptr(),
-                        masks.as_ptr(),
-                        yp.add(r0 * plane + p0),
-                        plane,
-                        MR.min(rows - r0),
-                        tail,
-                        block_init,
-                        r0,
-                    );
+                    let out = [ys[0].wrapping_add(r0 * px), ys[1].wrapping_add(r0 * px)];
+                    let live = MR.min(rows - r0);
+                    if split {
+                        strip_kernel::<true>(&block, panel, out, live, r0);
+                    } else {
+                        strip_kernel::<false>(&block, panel, out, live, r0);
+                    }
                 }
             }
         }
     }
 
-    /// One 8 x 32 output block over `channels` input channels of `t_n` taps each: the
-    /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read at `x + c·plane + offsets[t]`
-    /// under `masks[t]`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn strip_kernel(
-        panel: *const f32,
+    /// What the 8 x 32 blocks of one strip and one block of input channels share.
+    struct Block<'a> {
         channels: usize,
         t_n: usize,
-        x: *const f32,
-        plane: usize,
+        /// Per half strip: `x` at the first channel of the block.
+        x: [*const f32; 2],
+        next_in: usize,
+        x_plane: usize,
         offsets: *const isize,
-        masks: *const u32,
-        out: *mut f32,
-        ldout: usize,
+        /// Per half strip, the lanes each tap reads.
+        loads: &'a [HalfMasks; 2],
+        /// Per half strip, the lanes of its first and second image.
+        stores: [[u16; 2]; 2],
+        next_out: usize,
+        y_plane: usize,
+        init: Init<'a>,
+    }
+
+    /// One 8 x 32 output block over a block of input channels of `t_n` taps each: the
+    /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read, per half strip, at
+    /// `x + c·x_plane + offsets[t]` under the first image's mask and, if `SPLIT`, `next_in`
+    /// further on under the second image's; the outputs likewise. `SPLIT` is whether any half
+    /// strip has lanes in a second image.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn strip_kernel<const SPLIT: bool>(
+        b: &Block<'_>,
+        panel: *const f32,
+        out: [*mut f32; 2],
         live: usize,
-        tail: u32,
-        init: Init<'_>,
         r0: usize,
     ) {
-        let (s0, s1) = (tail as u16, (tail >> 16) as u16);
+        let [h0, h1] = b.loads;
         let mut acc = [_mm512_setzero_ps(); 2 * MR];
         for r in 0..MR {
             if r >= live {
                 continue;
             }
-            let o = out.add(r * ldout);
-            let (lo, hi) = match init {
-                Init::Zero => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-                Init::Bias(bias) => {
-                    let v = _mm512_set1_ps(*bias.get_unchecked(r0 + r));
-                    (v, v)
-                }
-                Init::Accumulate => {
-                    (_mm512_maskz_loadu_ps(s0, o), _mm512_maskz_loadu_ps(s1, o.wrapping_add(16)))
-                }
-            };
-            acc[2 * r] = lo;
-            acc[2 * r + 1] = hi;
+            for (h, [first, second]) in b.stores.into_iter().enumerate() {
+                let o = out[h].wrapping_add(r * b.y_plane);
+                acc[2 * r + h] = match b.init {
+                    Init::Zero => _mm512_setzero_ps(),
+                    Init::Bias(bias) => _mm512_set1_ps(*bias.get_unchecked(r0 + r)),
+                    Init::Accumulate => {
+                        let v = _mm512_maskz_loadu_ps(first, o);
+                        if SPLIT {
+                            _mm512_mask_loadu_ps(v, second, o.wrapping_add(b.next_out))
+                        } else {
+                            v
+                        }
+                    }
+                };
+            }
         }
         let mut wp = panel;
-        for t in 0..t_n {
-            let m = *masks.add(t);
-            let (m0, m1) = (m as u16, (m >> 16) as u16);
-            // Lanes whose element is outside the image (or past the plane) are masked off:
+        for t in 0..b.t_n {
+            // Lanes whose element is outside their image (or past the batch) are masked off:
             // not read, and loaded as 0.0, the zero im2col would have written.
-            let mut src = x.wrapping_offset(*offsets.add(t));
-            for _ in 0..channels {
-                let b0 = _mm512_maskz_loadu_ps(m0, src);
-                let b1 = _mm512_maskz_loadu_ps(m1, src.wrapping_add(16));
+            let (a0, a1) = (*h0.a.get_unchecked(t), *h1.a.get_unchecked(t));
+            let (b0, b1) = (*h0.b.get_unchecked(t), *h1.b.get_unchecked(t));
+            let offset = *b.offsets.add(t);
+            let mut src = [b.x[0].wrapping_offset(offset), b.x[1].wrapping_offset(offset)];
+            for _ in 0..b.channels {
+                let mut v0 = _mm512_maskz_loadu_ps(a0, src[0]);
+                let mut v1 = _mm512_maskz_loadu_ps(a1, src[1]);
+                if SPLIT {
+                    v0 = _mm512_mask_loadu_ps(v0, b0, src[0].wrapping_add(b.next_in));
+                    v1 = _mm512_mask_loadu_ps(v1, b1, src[1].wrapping_add(b.next_in));
+                }
                 for r in 0..MR {
                     let wr = _mm512_set1_ps(*wp.add(r));
-                    acc[2 * r] = _mm512_fmadd_ps(wr, b0, acc[2 * r]);
-                    acc[2 * r + 1] = _mm512_fmadd_ps(wr, b1, acc[2 * r + 1]);
+                    acc[2 * r] = _mm512_fmadd_ps(wr, v0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm512_fmadd_ps(wr, v1, acc[2 * r + 1]);
                 }
                 wp = wp.add(MR);
-                src = src.wrapping_add(plane);
+                src = [src[0].wrapping_add(b.x_plane), src[1].wrapping_add(b.x_plane)];
             }
         }
         for r in 0..MR {
             if r >= live {
                 continue;
             }
-            let o = out.add(r * ldout);
-            _mm512_mask_storeu_ps(o, s0, acc[2 * r]);
-            // Past the plane's end only when `s1` is empty (then nothing is stored).
-            _mm512_mask_storeu_ps(o.wrapping_add(16), s1, acc[2 * r + 1]);
+            for (h, [first, second]) in b.stores.into_iter().enumerate() {
+                let o = out[h].wrapping_add(r * b.y_plane);
+                _mm512_mask_storeu_ps(o, first, acc[2 * r + h]);
+                if SPLIT {
+                    _mm512_mask_storeu_ps(o.wrapping_add(b.next_out), second, acc[2 * r + h]);
+                }
+            }
         }
     }
 
