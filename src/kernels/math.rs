@@ -71,9 +71,79 @@ pub fn sum_f64_lanes(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     acc.iter().sum()
 }
 
+/// `x_i ← exp(x_i − max x) / Σ_j exp(x_j − max x)` (a softmax row, in place). The maximum and
+/// the sum run in 16 lanes (element `i` in lane `i mod 16`) added in a fixed tree, so the result
+/// is fixed and the loops vectorise; with one serial accumulator each row would wait on a
+/// chain of dependent adds. Compiled for AVX-512 and AVX2 too, chosen at run time.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn softmax_in_place(row: &mut [f32]) {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    for (m, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *m = if v > *m { v } else { *m };
+    }
+    let max = tree(lanes, |a, b| if b > a { b } else { a });
+    // Every exponent is ≤ 0.
+    for v in row.iter_mut() {
+        *v = exp_nonpositive(*v - max);
+    }
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (s, &v) in lanes.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    for (s, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *s += v;
+    }
+    let inv = 1.0 / tree(lanes, |a, b| a + b);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Lanes combined pairwise: `lanes[l] ∘ lanes[l + width]` for halving widths.
+#[inline(always)]
+fn tree(mut lanes: [f32; 16], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] = op(lanes[l], lanes[l + width]);
+        }
+    }
+    lanes[0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_rows_match_the_definition_in_f64() {
+        // Lengths around the 16 lanes, values over a wide range (exponents down to −86).
+        for len in [1usize, 2, 15, 16, 17, 33, 196, 257] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 7919) % 97) as f32 * 0.9 - 40.0).collect();
+            let mut got = row.clone();
+            softmax_in_place(&mut got);
+            // The differences from the maximum as f32 computes them (rounded once), the rest in
+            // f64: what is left is the error of exp, the sum and the scaling.
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f64> = row.iter().map(|&v| ((v - max) as f64).exp()).collect();
+            let total: f64 = exps.iter().sum();
+            for (j, (&g, &e)) in got.iter().zip(&exps).enumerate() {
+                let want = e / total;
+                assert!((g as f64 - want).abs() <= 1e-6 * want + 1e-38, "len {len}, [{j}]: {g} vs {want}");
+            }
+        }
+    }
 
     /// Distance in units in the last place between two positive finite f32.
     fn ulps(a: f32, b: f32) -> u32 {

@@ -6,6 +6,7 @@
 //!
 //! | file          | owns                                                                    |
 //! |---------------|-------------------------------------------------------------------------|
+//! | `attention.rs` | [`attention_forward`]: softmax attention fused per image, for inference   |
 //! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over the `gemm` crate   |
 //! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
 //! | `conv/implicit.rs` | stride-1 same convolutions read in place under lane masks (AVX-512) |
@@ -18,6 +19,7 @@
 //! of rayon threads. Work is split in pieces whose size depends on the shapes only, and where
 //! pieces are summed (the convolution weight gradient) they are summed in a fixed order.
 
+pub mod attention;
 pub mod conv;
 pub mod gemm;
 pub mod math;
@@ -25,6 +27,7 @@ pub mod norm;
 pub mod packed;
 pub mod upsample;
 
+pub use attention::attention_forward;
 pub use conv::{
     conv2d_backward_input, conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward,
     conv2d_forward_uninit, Conv2dGeom,

@@ -150,6 +150,42 @@ impl Var {
             out
         })
     }
+
+    /// Softmax attention for inference: `o[n] = v[n] · softmax(scale · q[n]ᵀ k[n])ᵀ` with `q`, `k`,
+    /// `v` each `[N, C, HW]` and the softmax over the keys; the value of
+    /// `v.bmm_t(&q.bmm_t(k, true, false, scale).softmax(), false, true, 1.0)`, computed per image
+    /// without the `[N, HW, HW]` weights ([`kernels::attention_forward`]).
+    ///
+    /// # Panics
+    /// If an input is not `[N, C, HW]` of one shape, or if one of them requires a gradient
+    /// (nothing is kept for a backward pass; use the unfused ops).
+    pub fn attention_inference(q: &Var, k: &Var, v: &Var, scale: f32) -> Var {
+        let s = q.shape().to_vec();
+        assert!(
+            s.len() == 3 && k.shape() == s.as_slice() && v.shape() == s.as_slice(),
+            "attention_inference: q, k, v must be one [N, C, HW] shape, got {s:?}, {:?}, {:?}",
+            k.shape(),
+            v.shape()
+        );
+        assert!(
+            !(q.requires_grad() || k.requires_grad() || v.requires_grad()),
+            "attention_inference: an input requires a gradient; use bmm_t and softmax"
+        );
+        let (qv, kv, vv) =
+            (q.value().as_standard_layout(), k.value().as_standard_layout(), v.value().as_standard_layout());
+        let mut o = zeroed(qv.len());
+        kernels::attention_forward(
+            s[0],
+            s[1],
+            s[2],
+            qv.as_slice().expect("standard layout"),
+            kv.as_slice().expect("standard layout"),
+            vv.as_slice().expect("standard layout"),
+            scale,
+            &mut o,
+        );
+        Var::constant(Tensor::from_shape_vec(s, o).expect("[N, C, HW]"))
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::par::{filled_uninit, write_with, FILL_CHUNK};
-use crate::kernels::math::exp_nonpositive;
+use super::par::{filled_uninit, write_from, FILL_CHUNK};
+use crate::kernels::math::softmax_in_place;
 use crate::{Tensor, Var};
 
 impl Var {
@@ -24,17 +24,11 @@ impl Var {
         let xs = x.as_slice().expect("standard layout");
         // Whole rows per task, about FILL_CHUNK elements.
         let chunk = n * (FILL_CHUNK / n).max(1);
-        // SAFETY: write_with covers each whole row, and the rows cover the chunk.
+        // SAFETY: write_from covers each whole row, and the rows cover the chunk.
         let y = unsafe {
             filled_uninit(xs.len(), chunk, |i, out| {
                 for (row, src) in out.chunks_mut(n).zip(xs[i * chunk..].chunks(n)) {
-                    let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    // Every exponent is ≤ 0.
-                    let row = write_with(row, |j| exp_nonpositive(src[j] - max));
-                    let inv = 1.0 / row.iter().sum::<f32>();
-                    for v in row.iter_mut() {
-                        *v *= inv;
-                    }
+                    softmax_in_place(write_from(row, src));
                 }
             })
         };
