@@ -1,25 +1,33 @@
-//! The core of the U-Net's self-attention for inference, fused per image:
+//! The core of the U-Net's self-attention, fused per image, and its gradient:
 //!
 //! ```text
 //! w[i, j] = softmax_j( scale · Σ_c q[c, i] k[c, j] )
 //! o[c, i] = Σ_j w[i, j] v[c, j]
 //! ```
 //!
-//! The unfused ops (`bmm_t`, `softmax`, `bmm_t`) write the whole `[N, HW, HW]` weight tensor,
-//! then read it back twice: 9.8 MB per block at the `mnist` preset's 14x14 (batch 64), which
-//! leaves the caches every time. Here one task per image computes 32 query rows of `w` at a
-//! time into a buffer that stays in L1/L2, normalises them, and multiplies them into the output
-//! at once. Without a tape there is nothing to keep for a backward pass; training uses the
-//! unfused ops, whose gradients are checked.
+//! Unfused (`bmm_t`, `softmax`, `bmm_t`), the ops write the whole `[N, HW, HW]` weight tensor,
+//! then read it back: 9.8 MB per block at the `mnist` preset's 14x14 (batch 64), which leaves
+//! the caches every time, and the backward pass writes and reads three more such tensors. Here
+//! one task per image computes 32 query rows of `w` at a time into a buffer that stays in
+//! L1/L2, normalises them and multiplies them into the output at once. The backward pass
+//! recomputes those rows of `w` rather than keeping them (as flash attention does), so nothing
+//! of size `HW²` outlives a task.
 //!
-//! The terms of each element are summed in the same order as the unfused path (the same `gemm`
-//! calls per block of 32 rows, the same softmax arithmetic), so the two agree to rounding; the
-//! tests compare them.
+//! Gradients, per image, with `dO` the output gradient and `dS` the score gradient:
+//!
+//! ```text
+//! dv = dO · w                   dw = dOᵀ · v
+//! dS[i, j] = w[i, j]·(dw[i, j] − Σ_l dw[i, l] w[i, l])      (softmax backward)
+//! dq = scale · k · dSᵀ          dk = scale · q · dS
+//! ```
+//!
+//! Each image's sums run in a fixed order (query blocks in turn), so results do not depend on
+//! the number of threads.
 
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
-use super::math::softmax_in_place;
+use super::math::{softmax_backward_in_place, softmax_in_place};
 
 /// Query rows per block of attention weights.
 const QUERY_BLOCK: usize = 32;
@@ -76,10 +84,101 @@ pub fn attention_forward(
     );
 }
 
+/// Gradients of [`attention_forward`] from the output gradient `d_o`: `(dq, dk, dv)`, each
+/// `[N, C, HW]` like the inputs (overwritten).
+///
+/// # Panics
+/// If a slice does not have `n·c·hw` elements.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    n: usize,
+    c: usize,
+    hw: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    d_o: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let len = n * c * hw;
+    for (name, x) in [("q", q), ("k", k), ("v", v), ("d_o", d_o)] {
+        assert_eq!(
+            x.len(),
+            len,
+            "attention_backward: {name} has {} elements, expected n*c*hw = {n}*{c}*{hw}",
+            x.len()
+        );
+    }
+    for (name, x) in [("dq", &*dq), ("dk", &*dk), ("dv", &*dv)] {
+        assert_eq!(
+            x.len(),
+            len,
+            "attention_backward: {name} has {} elements, expected n*c*hw = {n}*{c}*{hw}",
+            x.len()
+        );
+    }
+    if len == 0 {
+        return;
+    }
+    let image = c * hw;
+    dq.par_chunks_mut(image)
+        .zip(dk.par_chunks_mut(image))
+        .zip(dv.par_chunks_mut(image))
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0f32; QUERY_BLOCK * hw], vec![0.0f32; QUERY_BLOCK * hw]),
+            |(w, dw), (i, ((dq_i, dk_i), dv_i))| {
+                let [q_i, k_i, v_i, do_i] = [q, k, v, d_o].map(|x| &x[i * image..][..image]);
+                for i0 in (0..hw).step_by(QUERY_BLOCK) {
+                    let rows = QUERY_BLOCK.min(hw - i0);
+                    let (w, dw) = (&mut w[..rows * hw], &mut dw[..rows * hw]);
+                    // This block's rows of w, as the forward pass computed them.
+                    let q_t = MatRef::new(&q_i[i0..], rows, c, 1, hw);
+                    gemm(scale, q_t, MatRef::row_major(k_i, c, hw), 0.0, MatMut::row_major(w, rows, hw));
+                    for row in w.chunks_mut(hw) {
+                        softmax_in_place(row);
+                    }
+                    // The first block writes dv and dk, later ones add to them.
+                    let beta = if i0 == 0 { 0.0 } else { 1.0 };
+                    // dv[c, j] += Σ_i dO[c, i0 + i] w[i, j].
+                    let do_blk = MatRef::new(&do_i[i0..], c, rows, hw, 1);
+                    gemm(1.0, do_blk, MatRef::row_major(w, rows, hw), beta, MatMut::row_major(dv_i, c, hw));
+                    // dw[i, j] = Σ_c dO[c, i0 + i] v[c, j], then the softmax backward in place.
+                    gemm(
+                        1.0,
+                        do_blk.t(),
+                        MatRef::row_major(v_i, c, hw),
+                        0.0,
+                        MatMut::row_major(dw, rows, hw),
+                    );
+                    for (d_row, w_row) in dw.chunks_mut(hw).zip(w.chunks(hw)) {
+                        softmax_backward_in_place(d_row, w_row);
+                    }
+                    // dq[c, i0 + i] = scale Σ_j k[c, j] dS[i, j].
+                    let ds_t = MatRef::row_major(dw, rows, hw).t();
+                    gemm(
+                        scale,
+                        MatRef::row_major(k_i, c, hw),
+                        ds_t,
+                        0.0,
+                        MatMut::new(&mut dq_i[i0..], c, rows, hw),
+                    );
+                    // dk[c, j] += scale Σ_i q[c, i0 + i] dS[i, j].
+                    let q_blk = MatRef::new(&q_i[i0..], c, rows, hw, 1);
+                    gemm(scale, q_blk, MatRef::row_major(dw, rows, hw), beta, MatMut::row_major(dk_i, c, hw));
+                }
+            },
+        );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Tensor, Var};
+    use crate::ops::testutil::{check, randn};
+    use crate::{Tape, Tensor, Var};
     use proptest::prelude::*;
     use rand::Rng as _;
 
@@ -108,6 +207,47 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// Gradients of all three inputs against central finite differences; up to 40 positions
+        /// (two blocks of query rows).
+        #[test]
+        fn gradients_match_finite_differences(n in 1usize..=2, c in 1usize..=4, hw in 1usize..=40, seed in 0u64..1000) {
+            let shape = [n, c, hw];
+            let inputs = [randn(&shape, seed), randn(&shape, seed + 1), randn(&shape, seed + 2)];
+            check(&inputs, seed, |v| Var::attention(&v[0], &v[1], &v[2], 0.7));
+        }
+
+        /// Gradients equal the unfused ops' (whose gradients are checked on their own) to a few
+        /// float roundings, at sizes where finite differences would be slow.
+        #[test]
+        fn gradients_agree_with_the_unfused_ops(n in 1usize..=2, c in 1usize..=9, hw in 33usize..=70, seed in any::<u64>()) {
+            let shape = [n, c, hw];
+            let grads = |fused: bool| {
+                let tape = Tape::new();
+                let [q, k, v] = [0, 1, 2].map(|i| tape.var(randn(&shape, seed.wrapping_add(i))));
+                let o = if fused {
+                    Var::attention(&q, &k, &v, 0.5)
+                } else {
+                    v.bmm_t(&q.bmm_t(&k, true, false, 0.5).softmax(), false, true, 1.0)
+                };
+                // A loss that weighs every output differently.
+                let weights = randn(&shape, seed.wrapping_add(3));
+                let loss = o.mul(&Var::constant(weights)).sum();
+                let g = loss.backward();
+                [q, k, v].map(|x| g.get(&x).expect("gradient").clone())
+            };
+            let (fused, unfused) = (grads(true), grads(false));
+            for (name, (a, b)) in ["q", "k", "v"].iter().zip(fused.iter().zip(&unfused)) {
+                let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
+                for (idx, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                    prop_assert!((x - y).abs() <= 1e-5 * scale, "d{name}[{idx}]: fused {x}, unfused {y}");
+                }
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
         /// Up to 70 positions: several blocks of 32 query rows, the last one partial.
@@ -126,8 +266,8 @@ mod tests {
             }
         }
 
-        /// The op agrees with the unfused ops it replaces at inference (`bmm_t`, `softmax`,
-        /// `bmm_t`) to a few float roundings.
+        /// The op agrees with the unfused ops it replaces (`bmm_t`, `softmax`, `bmm_t`) to a few
+        /// float roundings.
         #[test]
         fn agrees_with_the_unfused_ops(n in 1usize..=3, c in 1usize..=9, hw in 1usize..=70, seed in any::<u64>()) {
             let mut rng = crate::rng_from_seed(seed);
@@ -137,7 +277,7 @@ mod tests {
             };
             let (q, k, v) = (var(&mut rng), var(&mut rng), var(&mut rng));
             let scale = 1.0 / (c as f32).sqrt();
-            let fused = Var::attention_inference(&q, &k, &v, scale);
+            let fused = Var::attention(&q, &k, &v, scale);
             let unfused = v.bmm_t(&q.bmm_t(&k, true, false, scale).softmax(), false, true, 1.0);
             for (idx, (&a, &b)) in fused.value().iter().zip(unfused.value().iter()).enumerate() {
                 prop_assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "o[{idx}]: fused {a}, unfused {b}");

@@ -109,6 +109,28 @@ pub fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
+/// The softmax gradient in place: `d_i ← y_i·(d_i − Σ_j d_j y_j)` for a row `y` of softmax
+/// outputs and the upstream gradient `d`; the dot product in 16 lanes, as in
+/// [`softmax_in_place`].
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn softmax_backward_in_place(d: &mut [f32], y: &[f32]) {
+    assert_eq!(d.len(), y.len(), "softmax_backward_in_place: lengths differ");
+    let mut lanes = [0.0f32; 16];
+    let (mut dc, mut yc) = (d.chunks_exact(16), y.chunks_exact(16));
+    for (a, b) in (&mut dc).zip(&mut yc) {
+        for ((s, &a), &b) in lanes.iter_mut().zip(a).zip(b) {
+            *s += a * b;
+        }
+    }
+    for ((s, &a), &b) in lanes.iter_mut().zip(dc.remainder()).zip(yc.remainder()) {
+        *s += a * b;
+    }
+    let dot = tree(lanes, |a, b| a + b);
+    for (d, &y) in d.iter_mut().zip(y) {
+        *d = y * (*d - dot);
+    }
+}
+
 /// Lanes combined pairwise: `lanes[l] ∘ lanes[l + width]` for halving widths.
 #[inline(always)]
 fn tree(mut lanes: [f32; 16], op: impl Fn(f32, f32) -> f32) -> f32 {

@@ -6,7 +6,7 @@
 //!
 //! | file          | owns                                                                    |
 //! |---------------|-------------------------------------------------------------------------|
-//! | `attention.rs` | [`attention_forward`]: softmax attention fused per image, for inference   |
+//! | `attention.rs` | [`attention_forward`], [`attention_backward`]: softmax attention fused per image |
 //! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over the `gemm` crate   |
 //! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
 //! | `conv/implicit.rs` | stride-1 same convolutions read in place under lane masks (AVX-512) |
@@ -27,7 +27,7 @@ pub mod norm;
 pub mod packed;
 pub mod upsample;
 
-pub use attention::attention_forward;
+pub use attention::{attention_backward, attention_forward};
 pub use conv::{
     conv2d_backward_input, conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward,
     conv2d_forward_uninit, Conv2dGeom,

@@ -30,15 +30,7 @@ pub fn attention(p: &Bound, prefix: &str, x: &Var, max_groups: usize, eps: f32) 
     let h = group_norm(p, &format!("{prefix}.norm"), x, groups_for(c, max_groups), eps);
     let proj = |name: &str| conv(p, &format!("{prefix}.{name}"), &h, 1, Padding::zero()).reshape(&[n, c, hw]);
     let (q, k, v) = (proj("q"), proj("k"), proj("v")); // each [N, C, HW]
-    let scale = 1.0 / (c as f32).sqrt();
-    let o = if q.requires_grad() || k.requires_grad() || v.requires_grad() {
-        // w[n,i,j] = softmax_j(Σ_c q[n,c,i] k[n,c,j] / √C): [N, HW_query, HW_key].
-        let w = q.bmm_t(&k, true, false, scale).softmax();
-        v.bmm_t(&w, false, true, 1.0) // o[n,c,i] = Σ_j v[n,c,j] w[n,i,j]
-    } else {
-        // The same, fused per image: no gradient to keep the weights for.
-        Var::attention_inference(&q, &k, &v, scale)
-    }
-    .reshape(&s);
+                                                       // w[n,i,j] = softmax_j(Σ_c q[n,c,i] k[n,c,j] / √C); o[n,c,i] = Σ_j v[n,c,j] w[n,i,j].
+    let o = Var::attention(&q, &k, &v, 1.0 / (c as f32).sqrt()).reshape(&s);
     x.add(&conv(p, &format!("{prefix}.proj_out"), &o, 1, Padding::zero()))
 }

@@ -151,75 +151,67 @@ impl Var {
         })
     }
 
-    /// Softmax attention for inference: `o[n] = v[n] · softmax(scale · q[n]ᵀ k[n])ᵀ` with `q`, `k`,
-    /// `v` each `[N, C, HW]` and the softmax over the keys; the value of
+    /// Softmax attention: `o[n] = v[n] · softmax(scale · q[n]ᵀ k[n])ᵀ` with `q`, `k`, `v` each
+    /// `[N, C, HW]` and the softmax over the keys; the value of
     /// `v.bmm_t(&q.bmm_t(k, true, false, scale).softmax(), false, true, 1.0)`, computed per image
-    /// without the `[N, HW, HW]` weights ([`kernels::attention_forward`]).
+    /// without the `[N, HW, HW]` weights ([`kernels::attention_forward`]). Backward recomputes
+    /// the weights per image ([`kernels::attention_backward`]).
     ///
     /// # Panics
-    /// If an input is not `[N, C, HW]` of one shape, or if one of them requires a gradient
-    /// (nothing is kept for a backward pass; use the unfused ops).
-    pub fn attention_inference(q: &Var, k: &Var, v: &Var, scale: f32) -> Var {
+    /// If the inputs are not all `[N, C, HW]` of one shape.
+    pub fn attention(q: &Var, k: &Var, v: &Var, scale: f32) -> Var {
         let s = q.shape().to_vec();
         assert!(
             s.len() == 3 && k.shape() == s.as_slice() && v.shape() == s.as_slice(),
-            "attention_inference: q, k, v must be one [N, C, HW] shape, got {s:?}, {:?}, {:?}",
+            "attention: q, k, v must be one [N, C, HW] shape, got {s:?}, {:?}, {:?}",
             k.shape(),
             v.shape()
         );
-        assert!(
-            !(q.requires_grad() || k.requires_grad() || v.requires_grad()),
-            "attention_inference: an input requires a gradient; use bmm_t and softmax"
-        );
-        let (qv, kv, vv) =
-            (q.value().as_standard_layout(), k.value().as_standard_layout(), v.value().as_standard_layout());
+        let (n, c, hw) = (s[0], s[1], s[2]);
+        let standard = |x: &Var| {
+            if x.value().is_standard_layout() {
+                x.value_rc()
+            } else {
+                std::rc::Rc::new(x.value().as_standard_layout().into_owned())
+            }
+        };
+        let (qv, kv, vv) = (standard(q), standard(k), standard(v));
         let mut o = zeroed(qv.len());
         kernels::attention_forward(
-            s[0],
-            s[1],
-            s[2],
-            qv.as_slice().expect("standard layout"),
-            kv.as_slice().expect("standard layout"),
-            vv.as_slice().expect("standard layout"),
+            n,
+            c,
+            hw,
+            contiguous(&qv),
+            contiguous(&kv),
+            contiguous(&vv),
             scale,
             &mut o,
         );
-        Var::constant(Tensor::from_shape_vec(s, o).expect("[N, C, HW]"))
+        let y = Tensor::from_shape_vec(s.as_slice(), o).expect("[N, C, HW]");
+        Var::record([q, k, v], y, move |g, _| {
+            let g = g.as_standard_layout();
+            let (mut dq, mut dk, mut dv) = (zeroed(qv.len()), zeroed(qv.len()), zeroed(qv.len()));
+            let g = g.as_slice().expect("standard layout");
+            kernels::attention_backward(
+                n,
+                c,
+                hw,
+                contiguous(&qv),
+                contiguous(&kv),
+                contiguous(&vv),
+                scale,
+                g,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            );
+            let t = |d: Vec<f32>| Some(Tensor::from_shape_vec(s.as_slice(), d).expect("[N, C, HW]"));
+            [t(dq), t(dk), t(dv)]
+        })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use crate::ops::testutil::{check, randn};
-    use crate::Var;
-    use proptest::prelude::*;
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
-
-        #[test]
-        fn matmul_family_backward_matches_finite_differences(
-            b in 1usize..3, m in 1usize..5, k in 1usize..5, n in 1usize..5, seed in 0u64..1000
-        ) {
-            check(&[randn(&[m, k], seed), randn(&[k, n], seed + 1)], seed, |v| v[0].matmul(&v[1]));
-            check(&[randn(&[b, m, k], seed), randn(&[b, k, n], seed + 1)], seed, |v| v[0].bmm(&v[1]));
-            for (ta, tb) in [(true, false), (false, true), (true, true)] {
-                let sa = if ta { [b, k, m] } else { [b, m, k] };
-                let sb = if tb { [b, n, k] } else { [b, k, n] };
-                check(&[randn(&sa, seed), randn(&sb, seed + 1)], seed, |v| v[0].bmm_t(&v[1], ta, tb, 0.7));
-            }
-            check(&[randn(&[m, k], seed), randn(&[n, k], seed + 1), randn(&[n], seed + 2)], seed,
-                |v| v[0].linear(&v[1], Some(&v[2])));
-            check(&[randn(&[m, k], seed), randn(&[n, k], seed + 1)], seed, |v| v[0].linear(&v[1], None));
-            // x used on both sides of a product: x @ xᵀ.
-            check(&[randn(&[m, k], seed)], seed, |v| v[0].matmul(&v[0].transpose(0, 1)));
-        }
-    }
-
-    #[test]
-    fn matmul_of_known_matrices() {
-        let a = Var::constant(ndarray::arr2(&[[1.0f32, 2.0], [3.0, 4.0]]).into_dyn());
-        let b = Var::constant(ndarray::arr2(&[[5.0f32, 6.0], [7.0, 8.0]]).into_dyn());
-        assert_eq!(a.matmul(&b).value().as_slice().unwrap(), &[19.0, 22.0, 43.0, 50.0]);
-    }
+/// The elements of a standard-layout value.
+fn contiguous(t: &Tensor) -> &[f32] {
+    t.as_slice().expect("standard layout")
 }

@@ -13,7 +13,7 @@
 //! | `broadcast`     | broadcast_to, sum_to                                                 |
 //! | `reduce`        | sum/mean over everything or one axis                                 |
 //! | `shape`         | reshape, permute, transpose, concat, slice                           |
-//! | `matmul`        | matmul (2-D), batched matmul (3-D), linear; fused attention for inference |
+//! | `matmul`        | matmul (2-D), batched matmul (3-D), linear; fused attention      |
 //! | `conv`          | conv2d (stride, asymmetric zero padding), nearest 2x upsampling       |
 //! | `norm`          | group norm with affine parameters                                    |
 //! | `softmax`       | softmax over the last axis                                           |

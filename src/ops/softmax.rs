@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::par::{filled_uninit, write_from, FILL_CHUNK};
-use crate::kernels::math::softmax_in_place;
+use crate::kernels::math::{softmax_backward_in_place, softmax_in_place};
 use crate::{Tensor, Var};
 
 impl Var {
@@ -37,12 +37,7 @@ impl Var {
             let mut dx = g.as_standard_layout().into_owned();
             let ys = ys.as_slice().expect("standard layout");
             let d_rows = dx.as_slice_mut().expect("standard layout");
-            let body = |(d, y): (&mut [f32], &[f32])| {
-                let dot: f32 = d.iter().zip(y).map(|(a, b)| a * b).sum();
-                for (d, &y) in d.iter_mut().zip(y) {
-                    *d = y * (*d - dot);
-                }
-            };
+            let body = |(d, y): (&mut [f32], &[f32])| softmax_backward_in_place(d, y);
             if d_rows.len() >= PAR_MIN {
                 d_rows.par_chunks_mut(n).zip(ys.par_chunks(n)).for_each(body);
             } else {
