@@ -35,9 +35,10 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::as_uninit;
 use super::gemm::{gemm, MatMut, MatRef};
 use super::math::sum_f64_lanes;
-use super::packed::{self, gemm_packed, Init, PackedA};
+use super::packed::{self, gemm_packed, gemm_packed_uninit, Init, PackedA};
 
 mod implicit;
 
@@ -460,14 +461,11 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &m
         }
         return;
     }
-    forward_tiled(g, x, w, bias, zero_init(y), g.tile_px());
-}
-
-/// Views initialised values as possibly uninitialised, for the kernels that write their output
-/// without reading it. Only `f32` values are ever stored through the view.
-fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: same layout; every value stored through the result is an initialised f32.
-    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
+    if packed::available() {
+        forward_packed(g, x, w, bias, y, g.tile_px());
+    } else {
+        forward_tiled(g, x, w, bias, zero_init(y), g.tile_px());
+    }
 }
 
 /// Zeroes `y` (in parallel chunks) and returns it as initialised.
@@ -511,13 +509,13 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
     if g.n == 0 {
         return;
     }
+    if packed::available() {
+        return forward_packed(g, x, w, bias, as_uninit(y), tile_px);
+    }
     let (k, px) = (g.patch_len(), g.out_px());
     let pointwise = g.is_pointwise();
     let tile_px = if pointwise { px } else { tile_px };
     let w_mat = MatRef::row_major(w, g.c_out, k);
-    // With AVX-512 the weights are packed once here and every tile's product reads them and
-    // the patch tile in place (`packed.rs`); otherwise the general gemm.
-    let w_packed = packed::available().then(|| PackedA::new(w, g.c_out, k, k, 1));
     let x_img_len = g.c_in * g.h * g.w;
     y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(x_img_len)).for_each_init(
         || {
@@ -531,17 +529,6 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
             for p0 in (0..px).step_by(tile_px) {
                 let p1 = px.min(p0 + tile_px);
                 let t = p1 - p0;
-                if let Some(wp) = &w_packed {
-                    let (b, ldb) = if pointwise {
-                        (&x_img[p0..], px)
-                    } else {
-                        im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
-                        (&col[..k * t], t)
-                    };
-                    let init = bias.map_or(Init::Zero, Init::Bias);
-                    gemm_packed(wp, b, ldb, t, &mut y_img[p0..], px, init);
-                    continue;
-                }
                 let patches = if pointwise {
                     MatRef::new(&x_img[p0..], g.c_in, t, px, 1)
                 } else {
@@ -558,6 +545,46 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
                     None => 0.0,
                 };
                 gemm(1.0, w_mat, patches, beta, MatMut::new(&mut y_img[p0..], g.c_out, t, px));
+            }
+        },
+    );
+}
+
+/// The patch-tile path on the AVX-512 kernel of `packed.rs`: the weights packed once, every
+/// tile's product reading them and the patch tile (or, for a 1x1 convolution, the input) in
+/// place, each output written once without being read first, so `y` need not be initialised.
+/// The caller has checked that [`packed::available`].
+fn forward_packed(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+    tile_px: usize,
+) {
+    check_forward(g, x, w, bias, y.len());
+    if g.n == 0 {
+        return;
+    }
+    let (k, px) = (g.patch_len(), g.out_px());
+    let pointwise = g.is_pointwise();
+    let tile_px = if pointwise { px } else { tile_px };
+    let w_packed = PackedA::new(w, g.c_out, k, k, 1);
+    let init = bias.map_or(Init::Zero, Init::Bias);
+    let x_img_len = g.c_in * g.h * g.w;
+    y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(x_img_len)).for_each_init(
+        || if pointwise { Vec::new() } else { vec![0.0; k * tile_px] },
+        |col, (y_img, x_img)| {
+            for p0 in (0..px).step_by(tile_px) {
+                let p1 = px.min(p0 + tile_px);
+                let t = p1 - p0;
+                let (b, ldb) = if pointwise {
+                    (&x_img[p0..], px)
+                } else {
+                    im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
+                    (&col[..k * t], t)
+                };
+                gemm_packed_uninit(&w_packed, b, ldb, t, &mut y_img[p0..], px, init);
             }
         },
     );

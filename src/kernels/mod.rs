@@ -33,5 +33,12 @@ pub use conv::{
     conv2d_forward_uninit, Conv2dGeom,
 };
 pub use gemm::{sgemm, sgemm_batched};
-pub use norm::{group_norm_backward, group_norm_forward, GroupNormGeom};
-pub use upsample::{upsample_nearest2x, upsample_nearest2x_backward};
+pub use norm::{group_norm_backward, group_norm_forward, group_norm_forward_uninit, GroupNormGeom};
+pub use upsample::{upsample_nearest2x, upsample_nearest2x_backward, upsample_nearest2x_uninit};
+
+/// Views initialised values as possibly uninitialised, for the kernels that write their output
+/// without reading it. Only `f32` values are ever stored through the view.
+pub(crate) fn as_uninit(y: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: same layout; every value stored through the result is an initialised f32.
+    unsafe { &mut *(y as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}

@@ -119,25 +119,77 @@ pub fn gemm_packed(
     ldout: usize,
     init: Init<'_>,
 ) {
-    let (rows, inner) = (a.rows, a.inner);
-    if rows == 0 || cols == 0 {
+    if !check(a, b, ldb, cols, out.len(), ldout, init) {
         return;
     }
-    assert!(cols <= ldout && (rows - 1) * ldout + cols <= out.len(), "gemm_packed: out is too short");
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: AVX-512F is present (checked at run time), and `check` keeps every access of
+        // the kernel inside `b` and `out`.
+        unsafe { avx512::gemm(a, b, ldb, cols, out.as_mut_ptr(), ldout, init) };
+        return;
+    }
+    portable(a, b, ldb, cols, out, ldout, init);
+}
+
+/// [`gemm_packed`] into memory that need not be initialised, for an `init` that does not read
+/// `out` (not [`Init::Accumulate`]): every element `out[r·ldout + j]` of the product is written,
+/// the others are left as they are.
+///
+/// # Panics
+/// As [`gemm_packed`]; also for [`Init::Accumulate`].
+pub fn gemm_packed_uninit(
+    a: &PackedA,
+    b: &[f32],
+    ldb: usize,
+    cols: usize,
+    out: &mut [std::mem::MaybeUninit<f32>],
+    ldout: usize,
+    init: Init<'_>,
+) {
+    assert!(!matches!(init, Init::Accumulate), "gemm_packed_uninit: Accumulate reads the output");
+    if !check(a, b, ldb, cols, out.len(), ldout, init) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: as in `gemm_packed`; the kernel stores each output (first block of the inner
+        // dimension) before it reads it (later blocks), so it never reads uninitialised memory.
+        unsafe { avx512::gemm(a, b, ldb, cols, out.as_mut_ptr().cast(), ldout, init) };
+        return;
+    }
+    for r in 0..a.rows {
+        for v in &mut out[r * ldout..r * ldout + cols] {
+            v.write(0.0);
+        }
+    }
+    // SAFETY: the elements the product touches were written just above; same layout.
+    let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+    portable(a, b, ldb, cols, out, ldout, init);
+}
+
+/// The shape checks of [`gemm_packed`]; false when there is nothing to compute.
+fn check(
+    a: &PackedA,
+    b: &[f32],
+    ldb: usize,
+    cols: usize,
+    out_len: usize,
+    ldout: usize,
+    init: Init<'_>,
+) -> bool {
+    let (rows, inner) = (a.rows, a.inner);
+    if rows == 0 || cols == 0 {
+        return false;
+    }
+    assert!(cols <= ldout && (rows - 1) * ldout + cols <= out_len, "gemm_packed: out is too short");
     if inner > 0 {
         assert!(cols <= ldb && (inner - 1) * ldb + cols <= b.len(), "gemm_packed: b is too short");
     }
     if let Init::Bias(bias) = init {
         assert!(bias.len() >= rows, "gemm_packed: {} bias entries for {rows} rows", bias.len());
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        // SAFETY: AVX-512F is present (checked at run time), and the asserts above keep every
-        // access of the kernel inside `b` and `out`.
-        unsafe { avx512::gemm(a, b, ldb, cols, out, ldout, init) };
-        return;
-    }
-    portable(a, b, ldb, cols, out, ldout, init);
+    true
 }
 
 /// The reference loop: same terms, same order, one `mul_add` per term.
@@ -195,12 +247,12 @@ mod avx512 {
         b: &[f32],
         ldb: usize,
         cols: usize,
-        out: &mut [f32],
+        out: *mut f32,
         ldout: usize,
         init: Init<'_>,
     ) {
         let (rows, inner) = (a.rows, a.inner);
-        let (bp, op) = (b.as_ptr(), out.as_mut_ptr());
+        let (bp, op) = (b.as_ptr(), out);
         // Column strips outer, row panels inner: a strip of B (inner x 32) stays in cache while
         // every panel of A passes over it.
         // The inner dimension is cut in blocks of KC so the strip's block (KC x 32 floats,

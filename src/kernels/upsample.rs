@@ -1,7 +1,11 @@
 //! Nearest-neighbour 2x upsampling (the U-Net decoder's resize before its 3x3 conv) and its
 //! gradient. Parallel over the `N·C` planes; each output element is written by one task.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use super::as_uninit;
 
 /// Nearest-neighbour 2x upsampling: `y[n, c, 2i + a, 2j + b] = x[n, c, i, j]` for `a, b ∈ {0, 1}`.
 ///
@@ -11,6 +15,15 @@ use rayon::prelude::*;
 /// # Panics
 /// If `x` does not have `n_c·h·w` elements or `y` does not have `4·n_c·h·w`.
 pub fn upsample_nearest2x(n_c: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
+    upsample_nearest2x_uninit(n_c, h, w, x, as_uninit(y));
+}
+
+/// [`upsample_nearest2x`] into memory that need not be initialised: every element of `y` is
+/// written.
+///
+/// # Panics
+/// As [`upsample_nearest2x`].
+pub fn upsample_nearest2x_uninit(n_c: usize, h: usize, w: usize, x: &[f32], y: &mut [MaybeUninit<f32>]) {
     let plane = h * w;
     assert_eq!(
         x.len(),
@@ -32,10 +45,11 @@ pub fn upsample_nearest2x(n_c: usize, h: usize, w: usize, x: &[f32], y: &mut [f3
     y.par_chunks_mut(4 * plane).zip(x.par_chunks(plane)).for_each(|(y_plane, x_plane)| {
         for (x_row, y_rows) in x_plane.chunks(w).zip(y_plane.chunks_mut(4 * w)) {
             let (top, bottom) = y_rows.split_at_mut(2 * w);
-            for (pair, &v) in top.chunks_mut(2).zip(x_row) {
-                pair.fill(v);
+            for ((top, bottom), &v) in top.chunks_mut(2).zip(bottom.chunks_mut(2)).zip(x_row) {
+                for out in top.iter_mut().chain(bottom) {
+                    out.write(v);
+                }
             }
-            bottom.copy_from_slice(top);
         }
     });
 }

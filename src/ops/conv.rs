@@ -3,8 +3,8 @@
 
 use super::par::{written_by, zeroed};
 use crate::kernels::{
-    conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_uninit, upsample_nearest2x,
-    upsample_nearest2x_backward, Conv2dGeom,
+    conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_uninit, upsample_nearest2x_backward,
+    upsample_nearest2x_uninit, Conv2dGeom,
 };
 use crate::{Tensor, Var};
 
@@ -130,8 +130,9 @@ impl Var {
         let s = self.shape().to_vec();
         assert_eq!(s.len(), 4, "upsample_nearest2x: input {s:?} is not [N, C, H, W]");
         let (nc, h, w) = (s[0] * s[1], s[2], s[3]);
-        let mut y = zeroed(nc * 4 * h * w);
-        upsample_nearest2x(nc, h, w, &contiguous(self.value()), &mut y);
+        let x = contiguous(self.value());
+        // SAFETY: the kernel writes every element of `y`.
+        let y = unsafe { written_by(nc * 4 * h * w, |y| upsample_nearest2x_uninit(nc, h, w, &x, y)) };
         let y = Tensor::from_shape_vec(vec![s[0], s[1], 2 * h, 2 * w], y).expect("4x the input");
         Var::record([self], y, move |g, _| {
             let mut dx = zeroed(nc * h * w);

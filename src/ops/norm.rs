@@ -1,7 +1,7 @@
 //! Group normalisation (Wu & He 2018) with affine parameters, as in the DDPM U-Net, and the
 //! same followed by SiLU in one pass (every residual block runs GN → SiLU twice).
 
-use super::par::zeroed;
+use super::par::{written_by, zeroed};
 use crate::kernels::{self, GroupNormGeom};
 use crate::{Tensor, Var};
 
@@ -52,11 +52,20 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
     let xs = x.value().as_slice().expect("values are contiguous");
     let (gs, bs) =
         (gamma.value().as_slice().expect("contiguous"), beta.value().as_slice().expect("contiguous"));
-    let mut y = zeroed(xs.len());
-    let mut x_hat = if keep { zeroed(xs.len()) } else { vec![] };
+    let len = xs.len();
     let mut inv_std = vec![0.0f32; geom.n * groups];
-    let xh = if keep { Some(x_hat.as_mut_slice()) } else { None };
-    kernels::group_norm_forward(&geom, xs, gs, bs, eps, silu, &mut y, xh, &mut inv_std);
+    let mut x_hat = Vec::with_capacity(if keep { len } else { 0 });
+    // SAFETY: the kernel writes every element of `y`, and of `x_hat` when it is given one.
+    let y = unsafe {
+        written_by(len, |y| {
+            let xh = keep.then(|| &mut x_hat.spare_capacity_mut()[..len]);
+            kernels::group_norm_forward_uninit(&geom, xs, gs, bs, eps, silu, y, xh, &mut inv_std);
+        })
+    };
+    if keep {
+        // SAFETY: the kernel wrote all `len` elements above.
+        unsafe { x_hat.set_len(len) };
+    }
     let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("same size as input");
     if !keep {
         return Var::constant(y);
