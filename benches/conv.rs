@@ -73,6 +73,8 @@ fn random_vec(rng: &mut ddpm::Rng, len: usize) -> Vec<f32> {
 }
 
 fn bench_conv(c: &mut Criterion) {
+    // As the `ddpm` binary does: freed buffers are reused, not page-faulted in again.
+    ddpm::keep_freed_memory();
     let mut group = c.benchmark_group("conv");
     group
         .sample_size(10)

@@ -68,6 +68,8 @@ fn config<'a>(
 }
 
 fn bench_conv_shapes(c: &mut Criterion) {
+    // As the `ddpm` binary does: freed buffers are reused, not page-faulted in again.
+    ddpm::keep_freed_memory();
     let one = pool(1);
     let mut group = config(c, "sgemm_conv");
     // (name, M = C_out, K = 9·C_in, N = pixels of one image)
