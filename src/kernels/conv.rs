@@ -503,8 +503,8 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &m
 fn polyphase(g: &Conv2dGeom) -> Option<Conv2dGeom> {
     let halves = g.stride == 2
         && (g.kh, g.kw) == (3, 3)
-        && g.h % 2 == 0
-        && g.w % 2 == 0
+        && g.h.is_multiple_of(2)
+        && g.w.is_multiple_of(2)
         && g.pad_top <= 1
         && g.pad_left <= 1
         && (g.out_h(), g.out_w()) == (g.h / 2, g.w / 2);
