@@ -5,11 +5,11 @@
 //! `K = C_in·kh·kw`), so criterion's `elem/s` reads as FLOP/s; forward+backward counts three
 //! such products. Run with `cargo bench --bench conv`; see benches/README.md.
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ddpm::kernels::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom};
 use rand::Rng as _;
+
+mod common;
 
 /// Batch size of the `mnist` preset's training step.
 const BATCH: usize = 64;
@@ -73,13 +73,7 @@ fn random_vec(rng: &mut ddpm::Rng, len: usize) -> Vec<f32> {
 }
 
 fn bench_conv(c: &mut Criterion) {
-    // As the `ddpm` binary does: freed buffers are reused, not page-faulted in again.
-    ddpm::keep_freed_memory();
-    let mut group = c.benchmark_group("conv");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1500));
+    let mut group = common::group(c, "conv", 1500);
     for case in cases() {
         let g = case.geom;
         let mut rng = ddpm::rng_from_seed(0);

@@ -6,8 +6,6 @@
 //! Run with `cargo bench --bench layers`; `ddpm bench` times the steps at the peer's batch sizes
 //! (see benches/README.md).
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ddpm::diffusion::{p_sample, ModelOutput, Parameterization};
 use ddpm::nn::{Adam, AdamConfig, Preset, UNet};
@@ -16,29 +14,17 @@ use ddpm::{rng_from_seed, Tape, Tensor, Var};
 use rand::Rng as _;
 use rand_distr::StandardNormal;
 
+mod common;
+
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let mut rng = rng_from_seed(seed);
     Tensor::from_shape_simple_fn(shape, || rng.sample::<f32, _>(StandardNormal))
 }
 
-fn config<'a>(
-    c: &'a mut Criterion,
-    name: &str,
-) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
-    let mut group = c.benchmark_group(name);
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(2000));
-    group
-}
-
 /// Group norm with SiLU, 32 groups, at the shapes of the `mnist` U-Net's first two levels.
 /// Throughput in elements.
 fn bench_group_norm(c: &mut Criterion) {
-    // As the `ddpm` binary does: freed buffers are reused, not page-faulted in again.
-    ddpm::keep_freed_memory();
-    let mut group = config(c, "group_norm_silu");
+    let mut group = common::group(c, "group_norm_silu", 2000);
     for (name, shape) in [("64x32x28x28", [64, 32, 28, 28]), ("64x64x14x14", [64, 64, 14, 14])] {
         let x = randn(&shape, 1);
         let ch = shape[1];
@@ -63,7 +49,7 @@ fn bench_group_norm(c: &mut Criterion) {
 /// Self-attention's core (`Var::attention`, fused per image) at the `mnist` U-Net's 14x14
 /// level: q, k, v of `[64, 64, 196]`. Throughput in FLOPs of the two products (forward).
 fn bench_attention(c: &mut Criterion) {
-    let mut group = config(c, "attention");
+    let mut group = common::group(c, "attention", 2000);
     let shape = [64, 64, 196];
     let (q, k, v) = (randn(&shape, 1), randn(&shape, 2), randn(&shape, 3));
     group.throughput(Throughput::Elements(2 * 2 * 64 * 64 * 196 * 196));
@@ -83,7 +69,7 @@ fn bench_attention(c: &mut Criterion) {
 
 /// One training step and one sampling step of a preset, as `ddpm bench` runs them.
 fn bench_steps(c: &mut Criterion) {
-    let mut group = config(c, "unet_step");
+    let mut group = common::group(c, "unet_step", 2000);
     for (preset, name, channels, res, batch) in
         [(Preset::Mnist, "mnist", 1, 28, 8), (Preset::Cifar10, "cifar10", 3, 32, 2)]
     {

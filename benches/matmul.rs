@@ -12,11 +12,11 @@
 //!
 //! Run with `cargo bench --bench matmul`; see benches/README.md.
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ddpm::kernels::{sgemm, sgemm_batched};
 use rand::Rng as _;
+
+mod common;
 
 fn random_vec(rng: &mut ddpm::Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -55,23 +55,9 @@ fn matrixmultiply_sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &
     }
 }
 
-fn config<'a>(
-    c: &'a mut Criterion,
-    name: &str,
-) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
-    let mut group = c.benchmark_group(name);
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1000));
-    group
-}
-
 fn bench_conv_shapes(c: &mut Criterion) {
-    // As the `ddpm` binary does: freed buffers are reused, not page-faulted in again.
-    ddpm::keep_freed_memory();
     let one = pool(1);
-    let mut group = config(c, "sgemm_conv");
+    let mut group = common::group(c, "sgemm_conv", 1000);
     // (name, M = C_out, K = 9·C_in, N = pixels of one image)
     let shapes = [
         ("32x288x784", 32, 288, 784),
@@ -97,7 +83,7 @@ fn bench_conv_shapes(c: &mut Criterion) {
 }
 
 fn bench_attention(c: &mut Criterion) {
-    let mut group = config(c, "bmm_attention");
+    let mut group = common::group(c, "bmm_attention", 1000);
     let (batch, ch, pos) = (64, 64, 196);
     let mut rng = ddpm::rng_from_seed(1);
     let q = random_vec(&mut rng, batch * ch * pos);
@@ -119,7 +105,7 @@ fn bench_attention(c: &mut Criterion) {
 }
 
 fn bench_square(c: &mut Criterion) {
-    let mut group = config(c, "sgemm_square");
+    let mut group = common::group(c, "sgemm_square", 1000);
     let n = 1024;
     let mut rng = ddpm::rng_from_seed(2);
     let a = random_vec(&mut rng, n * n);
