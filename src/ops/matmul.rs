@@ -215,3 +215,39 @@ impl Var {
 fn contiguous(t: &Tensor) -> &[f32] {
     t.as_slice().expect("standard layout")
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::testutil::{check, randn};
+    use crate::Var;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        #[test]
+        fn matmul_family_backward_matches_finite_differences(
+            b in 1usize..3, m in 1usize..5, k in 1usize..5, n in 1usize..5, seed in 0u64..1000
+        ) {
+            check(&[randn(&[m, k], seed), randn(&[k, n], seed + 1)], seed, |v| v[0].matmul(&v[1]));
+            check(&[randn(&[b, m, k], seed), randn(&[b, k, n], seed + 1)], seed, |v| v[0].bmm(&v[1]));
+            for (ta, tb) in [(true, false), (false, true), (true, true)] {
+                let sa = if ta { [b, k, m] } else { [b, m, k] };
+                let sb = if tb { [b, n, k] } else { [b, k, n] };
+                check(&[randn(&sa, seed), randn(&sb, seed + 1)], seed, |v| v[0].bmm_t(&v[1], ta, tb, 0.7));
+            }
+            check(&[randn(&[m, k], seed), randn(&[n, k], seed + 1), randn(&[n], seed + 2)], seed,
+                |v| v[0].linear(&v[1], Some(&v[2])));
+            check(&[randn(&[m, k], seed), randn(&[n, k], seed + 1)], seed, |v| v[0].linear(&v[1], None));
+            // x used on both sides of a product: x @ xᵀ.
+            check(&[randn(&[m, k], seed)], seed, |v| v[0].matmul(&v[0].transpose(0, 1)));
+        }
+    }
+
+    #[test]
+    fn matmul_of_known_matrices() {
+        let a = Var::constant(ndarray::arr2(&[[1.0f32, 2.0], [3.0, 4.0]]).into_dyn());
+        let b = Var::constant(ndarray::arr2(&[[5.0f32, 6.0], [7.0, 8.0]]).into_dyn());
+        assert_eq!(a.matmul(&b).value().as_slice().unwrap(), &[19.0, 22.0, 43.0, 50.0]);
+    }
+}
