@@ -450,8 +450,9 @@ pub fn conv2d_forward_uninit(
     forward_any(g, x, w, bias, y);
 }
 
-/// The forward convolution on the fastest CPU path for the geometry: the implicit kernel of
-/// `implicit.rs` for a stride-1 same convolution with AVX-512, else patch tiles.
+/// The forward convolution on the fastest CPU path for the geometry: with AVX-512, the
+/// implicit kernel of `implicit.rs` for a stride-1 same convolution or (through its polyphase
+/// components) a stride-2 3x3 that halves the image, else patch tiles.
 fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
     if let Some(pg) = polyphase(g) {
         check_forward(g, x, w, bias, y.len());
