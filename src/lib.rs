@@ -28,6 +28,7 @@
 // Gradient checks read best as `check(&[x.clone()], ..)` next to the multi-input cases.
 #![cfg_attr(test, allow(clippy::cloned_ref_to_slice_refs))]
 
+mod alloc;
 pub mod autodiff;
 pub mod data;
 pub mod device;
@@ -43,6 +44,7 @@ pub mod ops;
 pub mod sample;
 pub mod train;
 
+pub use alloc::{keep_freed_memory, HugePageHeap};
 pub use autodiff::{Grads, Tape, Tensor, Var};
 pub use error::{Error, Result};
 
@@ -54,21 +56,4 @@ pub type Rng = rand_chacha::ChaCha8Rng;
 pub fn rng_from_seed(seed: u64) -> Rng {
     use rand::SeedableRng;
     Rng::seed_from_u64(seed)
-}
-
-/// Asks glibc's allocator to keep freed blocks for reuse instead of returning them to the
-/// kernel. A training step frees and re-allocates the same large activation buffers every
-/// step; by default glibc serves each with fresh `mmap` pages, and the page faults that zero
-/// them cost several percent of a step. Memory use is then the peak of one step, held. The
-/// `ddpm` binary and the benchmarks call this first; a program embedding the library may too.
-/// Does nothing off Linux/glibc.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters (under the allocator's own lock).
-    unsafe {
-        // Blocks up to 32 MiB (glibc's largest allowed threshold on 64-bit) come from the
-        // heap, and the heap is never trimmed.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
 }

@@ -2,6 +2,10 @@
 
 mod cli;
 
+/// The system allocator with the heap on 2 MiB pages (see `ddpm::HugePageHeap`).
+#[global_allocator]
+static ALLOCATOR: ddpm::HugePageHeap = ddpm::HugePageHeap;
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -1,9 +1,14 @@
-//! What the criterion benches share: the group settings and the allocator setting.
+//! What the criterion benches share: the group settings and the allocator, as the `ddpm`
+//! binary has them.
 
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
+
+/// The binary's allocator: the heap on 2 MiB pages (`ddpm::HugePageHeap`).
+#[global_allocator]
+static ALLOCATOR: ddpm::HugePageHeap = ddpm::HugePageHeap;
 
 /// A benchmark group of 10 samples after a 0.3 s warm-up, measured for `measure_ms`. The first
 /// call also sets the allocator as the `ddpm` binary does (`ddpm::keep_freed_memory`), so freed
