@@ -421,7 +421,7 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>
         return;
     }
     if implicit::applies(g) || polyphase(g).is_some() {
-        forward_any(g, x, w, bias, as_uninit(y));
+        forward_any(g, x, w, ConvPlus { bias, ..ConvPlus::default() }, as_uninit(y));
     } else {
         forward_tiled(g, x, w, bias, y, g.tile_px());
     }
@@ -440,22 +440,101 @@ pub fn conv2d_forward_uninit(
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
 ) {
+    conv2d_forward_plus(g, x, w, ConvPlus { bias, ..ConvPlus::default() }, y);
+}
+
+/// What a forward convolution adds to its products, each part optional:
+/// `y[n, co, oh, ow] = bias[co] + image_bias[n, co] + residual[n, co, oh, ow] + Σ w·x`.
+/// The U-Net's residual blocks add the timestep embedding per image and channel after their
+/// first convolution, and the skip connection after their second: done here, each costs no
+/// pass over memory of its own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConvPlus<'a> {
+    /// `[C_out]`.
+    pub bias: Option<&'a [f32]>,
+    /// `[N, C_out]`.
+    pub image_bias: Option<&'a [f32]>,
+    /// `[N, C_out, out_h, out_w]`, the output's shape.
+    pub residual: Option<&'a [f32]>,
+}
+
+/// [`conv2d_forward_uninit`] with the additions of `plus` (see [`ConvPlus`]): on return every
+/// element of `y` is written.
+///
+/// # Panics
+/// As [`conv2d_forward`], and if `plus`'s image bias is not `[N, C_out]` or its residual not
+/// the output's size.
+pub fn conv2d_forward_plus(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    plus: ConvPlus<'_>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    check_forward(g, x, w, plus.bias, y.len());
+    if let Some(t) = plus.image_bias {
+        assert_eq!(
+            t.len(),
+            g.n * g.c_out,
+            "conv2d_forward: image bias has {} elements, not [N, C_out]",
+            t.len()
+        );
+    }
+    if let Some(r) = plus.residual {
+        assert_eq!(r.len(), y.len(), "conv2d_forward: residual has {} elements, y {}", r.len(), y.len());
+    }
     #[cfg(feature = "wgpu")]
     {
-        let y = zero_init(y);
-        if crate::gpu::conv2d_forward(g, x, w, bias, y) {
+        let yz = zero_init(y);
+        if crate::gpu::conv2d_forward(g, x, w, plus.bias, yz) {
+            add_after(g, &ConvPlus { bias: None, ..plus }, yz);
             return;
         }
     }
-    forward_any(g, x, w, bias, y);
+    forward_any(g, x, w, plus, y);
+}
+
+/// `y += image_bias[n, co] + residual`: the additions of `plus` other than the bias, for the
+/// paths that do not fuse them.
+fn add_after(g: &Conv2dGeom, plus: &ConvPlus<'_>, y: &mut [f32]) {
+    if g.n == 0 || (plus.image_bias.is_none() && plus.residual.is_none()) {
+        return;
+    }
+    let plane = g.out_px();
+    y.par_chunks_mut(plane).enumerate().for_each(|(k, out)| {
+        let t = plus.image_bias.map_or(0.0, |t| t[k]);
+        match plus.residual {
+            Some(r) => {
+                for (o, &v) in out.iter_mut().zip(&r[k * plane..(k + 1) * plane]) {
+                    *o += t + v;
+                }
+            }
+            None => out.iter_mut().for_each(|o| *o += t),
+        }
+    });
+}
+
+/// The bias of [`implicit::Start`] for `plus`: the per-image sums `bias + image_bias` when
+/// there is an image bias (stride `C_out`), else the bias itself (stride 0).
+fn start_bias(g: &Conv2dGeom, plus: &ConvPlus<'_>) -> (Option<std::borrow::Cow<'static, [f32]>>, usize) {
+    match (plus.bias, plus.image_bias) {
+        (_, None) => (None, 0),
+        (b, Some(t)) => {
+            let sums = t.iter().enumerate().map(|(i, &v)| b.map_or(0.0, |b| b[i % g.c_out]) + v).collect();
+            (Some(std::borrow::Cow::Owned(sums)), g.c_out)
+        }
+    }
 }
 
 /// The forward convolution on the fastest CPU path for the geometry: with AVX-512, the
 /// implicit kernel of `implicit.rs` for a stride-1 same convolution or (through its polyphase
 /// components) a stride-2 3x3 that halves the image, else patch tiles.
-fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
+fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut [MaybeUninit<f32>]) {
+    let (sums, image_stride) = start_bias(g, &plus);
+    let start =
+        implicit::Start { bias: sums.as_deref().or(plus.bias), image_stride, residual: plus.residual };
     if let Some(pg) = polyphase(g) {
-        check_forward(g, x, w, bias, y.len());
+        check_forward(g, x, w, plus.bias, y.len());
         if g.n > 0 {
             let xp = polyphase_input(g, x);
             let (c_in, pt, pl) = (g.c_in, g.pad_top, g.pad_left);
@@ -472,24 +551,27 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &m
                         0.0
                     }
                 },
-                bias,
+                start,
                 y,
             );
         }
         return;
     }
     if implicit::applies(g) {
-        check_forward(g, x, w, bias, y.len());
+        check_forward(g, x, w, plus.bias, y.len());
         if g.n > 0 {
             let (c_in, taps) = (g.c_in, g.kh * g.kw);
-            implicit::forward(g, x, |r, c, t| w[(r * c_in + c) * taps + t], bias, y);
+            implicit::forward(g, x, |r, c, t| w[(r * c_in + c) * taps + t], start, y);
         }
         return;
     }
     if packed::available() {
-        forward_packed(g, x, w, bias, y, g.tile_px());
+        check_forward(g, x, w, plus.bias, y.len());
+        forward_packed(g, x, w, start, y, g.tile_px());
     } else {
-        forward_tiled(g, x, w, bias, zero_init(y), g.tile_px());
+        let y = zero_init(y);
+        forward_tiled(g, x, w, plus.bias, y, g.tile_px());
+        add_after(g, &plus, y);
     }
 }
 
@@ -597,7 +679,8 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
         return;
     }
     if packed::available() {
-        return forward_packed(g, x, w, bias, as_uninit(y), tile_px);
+        let start = implicit::Start { bias, ..implicit::Start::default() };
+        return forward_packed(g, x, w, start, as_uninit(y), tile_px);
     }
     let (k, px) = (g.patch_len(), g.out_px());
     let pointwise = g.is_pointwise();
@@ -640,16 +723,16 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
 /// The patch-tile path on the AVX-512 kernel of `packed.rs`: the weights packed once, every
 /// tile's product reading them and the patch tile (or, for a 1x1 convolution, the input) in
 /// place, each output written once without being read first, so `y` need not be initialised.
-/// The caller has checked that [`packed::available`].
+/// The sums start from `start` (as in the implicit path). The caller has checked that
+/// [`packed::available`] and the lengths.
 fn forward_packed(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
-    bias: Option<&[f32]>,
+    start: implicit::Start<'_>,
     y: &mut [MaybeUninit<f32>],
     tile_px: usize,
 ) {
-    check_forward(g, x, w, bias, y.len());
     if g.n == 0 {
         return;
     }
@@ -657,11 +740,13 @@ fn forward_packed(
     let pointwise = g.is_pointwise();
     let tile_px = if pointwise { px } else { tile_px };
     let w_packed = PackedA::new(w, g.c_out, k, k, 1);
-    let init = bias.map_or(Init::Zero, Init::Bias);
     let x_img_len = g.c_in * g.h * g.w;
-    y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(x_img_len)).for_each_init(
+    let y_img_len = g.c_out * px;
+    y.par_chunks_mut(y_img_len).zip(x.par_chunks(x_img_len)).enumerate().for_each_init(
         || if pointwise { Vec::new() } else { vec![0.0; k * tile_px] },
-        |col, (y_img, x_img)| {
+        |col, (n, (y_img, x_img))| {
+            let bias = start.bias.map(|b| &b[n * start.image_stride..]);
+            let residual = start.residual.map(|r| &r[n * y_img_len..(n + 1) * y_img_len]);
             for p0 in (0..px).step_by(tile_px) {
                 let p1 = px.min(p0 + tile_px);
                 let t = p1 - p0;
@@ -670,6 +755,11 @@ fn forward_packed(
                 } else {
                     im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
                     (&col[..k * t], t)
+                };
+                let init = match (bias, residual) {
+                    (None, None) => Init::Zero,
+                    (Some(b), None) => Init::Bias(b),
+                    (bias, Some(r)) => Init::Plus { bias, residual: &r[p0..] },
                 };
                 gemm_packed_uninit(&w_packed, b, ldb, t, &mut y_img[p0..], px, init);
             }
@@ -739,7 +829,8 @@ fn backward_input_as_forward(
         if g.n > 0 {
             // w'[ci, co, t] = w[co, ci, taps − 1 − t]: flipping both axes reverses the tap index.
             let (c_in, taps) = (g.c_in, g.kh * g.kw);
-            implicit::forward(gt, dy, |r, c, t| w[(c * c_in + r) * taps + (taps - 1 - t)], None, dx);
+            let start = implicit::Start::default();
+            implicit::forward(gt, dy, |r, c, t| w[(c * c_in + r) * taps + (taps - 1 - t)], start, dx);
         }
         return;
     }
@@ -755,7 +846,7 @@ fn backward_input_as_forward(
             }
         }
     }
-    forward_any(gt, dy, &flipped, None, dx);
+    forward_any(gt, dy, &flipped, ConvPlus::default(), dx);
 }
 
 fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], tile_px: usize) {
@@ -1177,6 +1268,11 @@ mod tests {
         }
 
         #[test]
+        fn forward_plus_matches_f64_reference((g, _tile, seed) in case(), parts in 0usize..8) {
+            check_forward_plus(&g, seed, parts);
+        }
+
+        #[test]
         fn backward_input_entry_point_matches_f64_reference((g, _tile, seed) in case()) {
             // The public function, which takes the forward-convolution route for stride 1.
             let mut rng = crate::rng_from_seed(seed);
@@ -1320,6 +1416,55 @@ mod tests {
             conv2d_forward(&g, &x, &zeros, Some(&b), &mut y_bias);
             let bias_tol = 1e-5 * abs_dot(&y_bias, &dy) + 1e-12;
             prop_assert!((dot(&y_bias, &dy) - dot(&b, &db)).abs() <= bias_tol);
+        }
+    }
+
+    /// `conv2d_forward_plus` with the parts of `parts` (bit 0 bias, 1 image bias, 2 residual)
+    /// into a NaN-filled buffer, against the f64 reference plus those parts.
+    fn check_forward_plus(g: &Conv2dGeom, seed: u64, parts: usize) {
+        let mut rng = crate::rng_from_seed(seed);
+        let x = random_vec(&mut rng, g.x_len());
+        let w = random_vec(&mut rng, g.w_len());
+        let b = random_vec(&mut rng, g.c_out);
+        let t = random_vec(&mut rng, g.n * g.c_out);
+        let r = random_vec(&mut rng, g.y_len());
+        let plus = ConvPlus {
+            bias: (parts & 1 != 0).then_some(&b[..]),
+            image_bias: (parts & 2 != 0).then_some(&t[..]),
+            residual: (parts & 4 != 0).then_some(&r[..]),
+        };
+        let mut want = forward_ref(g, &x, &w, plus.bias);
+        let plane = g.out_h() * g.out_w();
+        for idx in 0..g.y_len() {
+            if let Some(t) = plus.image_bias {
+                want.add(idx, t[idx / plane] as f64);
+            }
+            if let Some(r) = plus.residual {
+                want.add(idx, r[idx] as f64);
+            }
+        }
+        let mut y = vec![f32::NAN; g.y_len()];
+        conv2d_forward_plus(g, &x, &w, plus, as_uninit(&mut y));
+        assert_close(&y, &want, &format!("forward_plus {g:?} parts {parts}"));
+    }
+
+    #[test]
+    fn forward_plus_adds_per_image_bias_and_residual_on_every_path() {
+        // Images laid end to end in strips (14x14, 7x7: a strip's lanes span two images), whole
+        // strips per image (8x8), the polyphase stride-2 path, 1x1 (packed), and a 5x5 stride-2
+        // convolution (patch tiles).
+        let cases = [
+            geom(3, 20, 17, (14, 14), (3, 3), 1, (1, 1, 1, 1)),
+            geom(3, 9, 11, (7, 7), (3, 3), 1, (1, 1, 1, 1)),
+            geom(2, 40, 9, (8, 8), (3, 3), 1, (1, 1, 1, 1)),
+            geom(2, 5, 12, (8, 8), (3, 3), 2, (0, 1, 0, 1)),
+            geom(3, 7, 13, (14, 14), (1, 1), 1, (0, 0, 0, 0)),
+            geom(2, 3, 5, (9, 9), (5, 5), 2, (2, 2, 2, 2)),
+        ];
+        for (k, g) in cases.iter().enumerate() {
+            for parts in 0..8 {
+                check_forward_plus(g, 100 + k as u64, parts);
+            }
         }
     }
 

@@ -90,6 +90,14 @@ pub enum Init<'a> {
     Bias(&'a [f32]),
     /// The value already in `out` (accumulate).
     Accumulate,
+    /// `bias[r]` (0 without a bias) plus `residual` at the output's own place,
+    /// `residual[r·ldout + j]`: a residual connection's sum, added without a pass of its own.
+    Plus {
+        /// Per row, if any.
+        bias: Option<&'a [f32]>,
+        /// Laid out as the output.
+        residual: &'a [f32],
+    },
 }
 
 /// Whether [`gemm_packed`] runs its SIMD micro-kernel on this machine (x86-64 with AVX-512F).
@@ -186,8 +194,11 @@ fn check(
     if inner > 0 {
         assert!(cols <= ldb && (inner - 1) * ldb + cols <= b.len(), "gemm_packed: b is too short");
     }
-    if let Init::Bias(bias) = init {
+    if let Init::Bias(bias) | Init::Plus { bias: Some(bias), .. } = init {
         assert!(bias.len() >= rows, "gemm_packed: {} bias entries for {rows} rows", bias.len());
+    }
+    if let Init::Plus { residual, .. } = init {
+        assert!((rows - 1) * ldout + cols <= residual.len(), "gemm_packed: residual is too short");
     }
     true
 }
@@ -202,6 +213,12 @@ fn portable(a: &PackedA, b: &[f32], ldb: usize, cols: usize, out: &mut [f32], ld
             Init::Zero => row.fill(0.0),
             Init::Bias(bias) => row.fill(bias[r]),
             Init::Accumulate => {}
+            Init::Plus { bias, residual } => {
+                let b = bias.map_or(0.0, |b| b[r]);
+                for (o, &v) in row.iter_mut().zip(&residual[r * ldout..r * ldout + cols]) {
+                    *o = b + v;
+                }
+            }
         }
         for k in 0..a.inner {
             let w = panel[k * MR + lane];
@@ -253,12 +270,26 @@ mod avx512 {
     ) {
         let (rows, inner) = (a.rows, a.inner);
         let (bp, op) = (b.as_ptr(), out);
+        // The residual of `Init::Plus`, laid out as `out` (never read otherwise).
+        let rp = match init {
+            Init::Plus { residual, .. } => residual.as_ptr(),
+            _ => std::ptr::null(),
+        };
         // Column strips outer, row panels inner: a strip of B (inner x 32) stays in cache while
         // every panel of A passes over it.
         // The inner dimension is cut in blocks of KC so the strip's block (KC x 32 floats,
         // 16 KiB) stays in L1 across the panels; later blocks accumulate onto the stored
         // partial sums, which keeps the order of the terms (and so the bits) unchanged.
         for j0 in (0..cols).step_by(NR) {
+            if !rp.is_null() && j0 + NR < cols {
+                // The next strip's residual, one or two cache lines per row `ldout` apart,
+                // which the hardware does not prefetch and the kernel's first load would wait on.
+                for r in 0..rows {
+                    let p = rp.wrapping_add(r * ldout + j0 + NR);
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NR.min(cols - j0 - NR) - 1).cast());
+                }
+            }
             let n = NR.min(cols - j0);
             let (m0, m1) = (mask(n), mask(n.saturating_sub(16)));
             let mut k0 = 0;
@@ -273,7 +304,8 @@ mod avx512 {
                     // of out, rows k0..k0+kc and columns j0..j0+n of b are in bounds; masked
                     // lanes are never touched.
                     let (b_blk, o_blk) = (bp.add(k0 * ldb + j0), op.add(r0 * ldout + j0));
-                    kernel(panel, kc, b_blk, ldb, o_blk, ldout, live, m0, m1, block_init, r0);
+                    let r_blk = rp.wrapping_add(r0 * ldout + j0);
+                    kernel(panel, kc, b_blk, ldb, o_blk, r_blk, ldout, live, m0, m1, block_init, r0);
                 }
                 k0 += kc;
                 if k0 >= inner {
@@ -284,7 +316,8 @@ mod avx512 {
     }
 
     /// One 8 x 32 block: `live` rows (the rest of the panel is padding and is not stored),
-    /// lanes selected by `m0` (columns 0..16) and `m1` (16..32).
+    /// lanes selected by `m0` (columns 0..16) and `m1` (16..32). `residual` is the block's
+    /// place in `Init::Plus`'s residual (read only for that init).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -294,6 +327,7 @@ mod avx512 {
         b: *const f32,
         ldb: usize,
         out: *mut f32,
+        residual: *const f32,
         ldout: usize,
         live: usize,
         m0: __mmask16,
@@ -317,6 +351,14 @@ mod avx512 {
                 }
                 Init::Accumulate => {
                     (_mm512_maskz_loadu_ps(m0, o), _mm512_maskz_loadu_ps(m1, o.wrapping_add(16)))
+                }
+                Init::Plus { bias, .. } => {
+                    let base = bias.map_or(_mm512_setzero_ps(), |b| _mm512_set1_ps(*b.get_unchecked(r0 + r)));
+                    let s = residual.wrapping_add(r * ldout);
+                    (
+                        _mm512_add_ps(base, _mm512_maskz_loadu_ps(m0, s)),
+                        _mm512_add_ps(base, _mm512_maskz_loadu_ps(m1, s.wrapping_add(16))),
+                    )
                 }
             };
             acc[2 * r] = lo;
@@ -361,7 +403,7 @@ mod tests {
         #[test]
         fn packed_gemm_matches_reference_and_portable_loop(
             rows in 1usize..20, inner in 0usize..40, cols in 1usize..70, pad in 0usize..3,
-            trans in any::<bool>(), which in 0usize..3, seed in any::<u64>(),
+            trans in any::<bool>(), which in 0usize..5, seed in any::<u64>(),
         ) {
             let mut rng = crate::rng_from_seed(seed);
             let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
@@ -370,6 +412,7 @@ mod tests {
             let b = rand(inner.max(1) * ldb);
             let bias = rand(rows);
             let start = rand(rows * ldout);
+            let residual = rand(rows * ldout);
             let packed = if trans {
                 // a holds Aᵀ: A[r, k] = a[k·rows + r].
                 PackedA::new(&a, rows, inner, 1, rows)
@@ -377,7 +420,13 @@ mod tests {
                 PackedA::new(&a, rows, inner, inner, 1)
             };
             let a_at = |r: usize, k: usize| if trans { a[k * rows + r] } else { a[r * inner + k] };
-            let init = match which { 0 => Init::Zero, 1 => Init::Bias(&bias), _ => Init::Accumulate };
+            let init = match which {
+                0 => Init::Zero,
+                1 => Init::Bias(&bias),
+                2 => Init::Accumulate,
+                3 => Init::Plus { bias: None, residual: &residual },
+                _ => Init::Plus { bias: Some(&bias), residual: &residual },
+            };
             let mut out = start.clone();
             gemm_packed(&packed, &b, ldb, cols, &mut out, ldout, init);
             let mut portable_out = start.clone();
@@ -389,7 +438,13 @@ mod tests {
                         prop_assert_eq!(out[i].to_bits(), start[i].to_bits(), "padding column {} written", j);
                         continue;
                     }
-                    let base = match which { 0 => 0.0, 1 => bias_r as f64, _ => start[i] as f64 };
+                    let base = match which {
+                        0 => 0.0,
+                        1 => bias_r as f64,
+                        2 => start[i] as f64,
+                        3 => residual[i] as f64,
+                        _ => bias_r as f64 + residual[i] as f64,
+                    };
                     let want = base + (0..inner).map(|k| a_at(r, k) as f64 * b[k * ldb + j] as f64).sum::<f64>();
                     prop_assert!((out[i] as f64 - want).abs() <= 1e-5 * (1.0 + inner as f64), "({r}, {j}): {} vs {want}", out[i]);
                     prop_assert_eq!(out[i].to_bits(), portable_out[i].to_bits(), "SIMD and portable differ at ({}, {})", r, j);

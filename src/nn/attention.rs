@@ -8,7 +8,7 @@
 //! out = x + proj_out(o)                            proj_out starts at ~zero
 //! ```
 
-use super::layers::{conv, conv_params, group_norm, group_norm_params, Init};
+use super::layers::{conv, conv_params, conv_plus, group_norm, group_norm_params, Init};
 use super::resblock::groups_for;
 use super::{Bound, ParamStore};
 use crate::ops::Padding;
@@ -32,5 +32,6 @@ pub fn attention(p: &Bound, prefix: &str, x: &Var, max_groups: usize, eps: f32) 
     let (q, k, v) = (proj("q"), proj("k"), proj("v")); // each [N, C, HW]
                                                        // w[n,i,j] = softmax_j(Σ_c q[n,c,i] k[n,c,j] / √C); o[n,c,i] = Σ_j v[n,c,j] w[n,i,j].
     let o = Var::attention(&q, &k, &v, 1.0 / (c as f32).sqrt()).reshape(&s);
-    x.add(&conv(p, &format!("{prefix}.proj_out"), &o, 1, Padding::zero()))
+    // x + proj_out(o), the sum fused into the convolution.
+    conv_plus(p, &format!("{prefix}.proj_out"), &o, None, Some(x), 1, Padding::zero())
 }

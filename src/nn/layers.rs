@@ -75,6 +75,21 @@ pub fn conv(p: &Bound, prefix: &str, x: &Var, stride: usize, pad: Padding) -> Va
     x.conv2d(p.get(&format!("{prefix}.weight")), Some(p.get(&format!("{prefix}.bias"))), stride, pad)
 }
 
+/// [`conv`] with, fused into it, a per-image bias `[N, C_out]` and a residual of the output's
+/// shape added (see [`Var::conv2d_plus`]).
+pub fn conv_plus(
+    p: &Bound,
+    prefix: &str,
+    x: &Var,
+    image_bias: Option<&Var>,
+    residual: Option<&Var>,
+    stride: usize,
+    pad: Padding,
+) -> Var {
+    let (w, b) = (p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")));
+    x.conv2d_plus(w, Some(b), image_bias, residual, stride, pad)
+}
+
 /// `linear` with the parameters `{prefix}.weight`, `{prefix}.bias`.
 pub fn linear(p: &Bound, prefix: &str, x: &Var) -> Var {
     x.linear(p.get(&format!("{prefix}.weight")), Some(p.get(&format!("{prefix}.bias"))))

@@ -8,7 +8,9 @@
 //! out = (C_in ≠ C_out ? nin_shortcut(x) : x) + h  1x1 shortcut when the width changes
 //! ```
 
-use super::layers::{conv, conv_params, group_norm_params, group_norm_silu, linear, linear_params, Init};
+use super::layers::{
+    conv, conv_params, conv_plus, group_norm_params, group_norm_silu, linear, linear_params, Init,
+};
 use super::{Bound, ParamStore};
 use crate::ops::Padding;
 use crate::{Rng, Var};
@@ -66,19 +68,19 @@ impl ResBlockSpec {
     ) -> Var {
         let (gi, go) = (groups_for(self.c_in, max_groups), groups_for(self.c_out, max_groups));
         let h = group_norm_silu(p, &format!("{prefix}.norm1"), x, gi, eps);
-        let h = conv(p, &format!("{prefix}.conv1"), &h, 1, Padding::same(1));
-        let t = linear(p, &format!("{prefix}.temb_proj"), &temb.silu()); // [N, C_out]
-        let h = h.add_per_channel(&t);
+        // conv1 with the timestep's projection [N, C_out] added per channel, in one op.
+        let t = linear(p, &format!("{prefix}.temb_proj"), &temb.silu());
+        let h = conv_plus(p, &format!("{prefix}.conv1"), &h, Some(&t), None, 1, Padding::same(1));
         let mut h = group_norm_silu(p, &format!("{prefix}.norm2"), &h, go, eps);
         if let Some((rate, rng)) = dropout {
             h = h.dropout(rate, rng);
         }
-        let h = conv(p, &format!("{prefix}.conv2"), &h, 1, Padding::same(1));
         let skip = if self.c_in != self.c_out {
             conv(p, &format!("{prefix}.nin_shortcut"), x, 1, Padding::zero())
         } else {
             x.clone()
         };
-        skip.add(&h)
+        // conv2 with the skip connection added, in one op.
+        conv_plus(p, &format!("{prefix}.conv2"), &h, None, Some(&skip), 1, Padding::same(1))
     }
 }

@@ -1,10 +1,13 @@
 //! 2-D convolution and nearest-neighbour upsampling on `[N, C, H, W]` values. The loops live
 //! in [`crate::kernels`]; this file checks shapes and wires forward to backward.
 
+use rayon::prelude::*;
+
 use super::par::{written_by, zeroed};
+use crate::kernels::math::sum_f64_lanes;
 use crate::kernels::{
-    conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_uninit, upsample_nearest2x_backward,
-    upsample_nearest2x_uninit, Conv2dGeom,
+    conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_plus, upsample_nearest2x_backward,
+    upsample_nearest2x_uninit, Conv2dGeom, ConvPlus,
 };
 use crate::{Tensor, Var};
 
@@ -48,6 +51,27 @@ impl Var {
     /// # Panics
     /// On mismatched shapes, stride 0, or a kernel larger than the padded input.
     pub fn conv2d(&self, weight: &Var, bias: Option<&Var>, stride: usize, pad: Padding) -> Var {
+        self.conv2d_plus(weight, bias, None, None, stride, pad)
+    }
+
+    /// [`Var::conv2d`] with two more optional additions, fused into the convolution:
+    /// `y = conv2d(x, weight, bias) + image_bias[:, :, None, None] + residual`, with
+    /// `image_bias: [N, C_out]` (the U-Net's timestep embedding after a residual block's first
+    /// convolution) and `residual` of the output's shape (the skip connection after its second).
+    /// The same value as the separate ops, to rounding, without their passes over memory.
+    ///
+    /// # Panics
+    /// As [`Var::conv2d`], and if `image_bias` is not `[N, C_out]` or `residual` not the
+    /// output's shape.
+    pub fn conv2d_plus(
+        &self,
+        weight: &Var,
+        bias: Option<&Var>,
+        image_bias: Option<&Var>,
+        residual: Option<&Var>,
+        stride: usize,
+        pad: Padding,
+    ) -> Var {
         let (xs, ws) = (self.shape(), weight.shape());
         assert!(xs.len() == 4 && ws.len() == 4, "conv2d: x {xs:?}, weight {ws:?} must be 4-D");
         assert_eq!(xs[1], ws[1], "conv2d: x {xs:?} has {} channels, weight {ws:?} expects {}", xs[1], ws[1]);
@@ -74,18 +98,33 @@ impl Var {
             pad_right: pad.right,
         };
         let out_shape = [g.n, g.c_out, g.out_h(), g.out_w()];
+        if let Some(t) = image_bias {
+            assert_eq!(
+                t.shape(),
+                &[g.n, g.c_out],
+                "conv2d: image bias {:?} for output {out_shape:?}",
+                t.shape()
+            );
+        }
+        if let Some(r) = residual {
+            assert_eq!(r.shape(), &out_shape, "conv2d: residual {:?} for output {out_shape:?}", r.shape());
+        }
         let y = {
             let x = contiguous(self.value());
             let w = contiguous(weight.value());
             let b = bias.map(|b| contiguous(b.value()));
-            // SAFETY: conv2d_forward_uninit writes every output element.
-            unsafe {
-                written_by(out_shape.iter().product(), |y| conv2d_forward_uninit(&g, &x, &w, b.as_deref(), y))
-            }
+            let t = image_bias.map(|t| contiguous(t.value()));
+            let r = residual.map(|r| contiguous(r.value()));
+            let plus = ConvPlus { bias: b.as_deref(), image_bias: t.as_deref(), residual: r.as_deref() };
+            // SAFETY: conv2d_forward_plus writes every output element.
+            unsafe { written_by(out_shape.iter().product(), |y| conv2d_forward_plus(&g, &x, &w, plus, y)) }
         };
         let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("output size from geometry");
         let (xv, wv) = (self.value_rc(), weight.value_rc());
-        let inputs: Vec<&Var> = [self, weight].into_iter().chain(bias).collect();
+        // Inputs: x, weight, then those of bias, image bias and residual that are given.
+        let inputs: Vec<&Var> =
+            [self, weight].into_iter().chain(bias).chain(image_bias).chain(residual).collect();
+        let (has_b, has_t, has_r) = (bias.is_some(), image_bias.is_some(), residual.is_some());
         Var::record_many(&inputs, y, move |gy, needs| {
             let dy = contiguous(gy);
             let dx = needs[0].then(|| {
@@ -94,7 +133,7 @@ impl Var {
                 let dx = unsafe { written_by(xv.len(), |dx| conv2d_backward_input_uninit(&g, &dy, &w, dx)) };
                 Tensor::from_shape_vec(xv.shape(), dx).expect("input size")
             });
-            let want_b = needs.len() == 3 && needs[2];
+            let want_b = has_b && needs[2];
             let (dw, db) = if needs[1] || want_b {
                 let mut dw = vec![0.0f32; wv.len()];
                 let mut db = vec![0.0f32; g.c_out];
@@ -114,8 +153,24 @@ impl Var {
                 (None, None)
             };
             let mut out = vec![dx, dw];
-            if needs.len() == 3 {
+            if has_b {
                 out.push(db);
+            }
+            if has_t {
+                // d image_bias[n, co] = Σ_p dy[n, co, p].
+                let plane = g.out_h() * g.out_w();
+                let dt = needs[out.len()].then(|| {
+                    let sums: Vec<f32> = if plane == 0 {
+                        vec![0.0; g.n * g.c_out]
+                    } else {
+                        dy.par_chunks(plane).map(|p| sum_f64_lanes(p, |v| v as f64) as f32).collect()
+                    };
+                    Tensor::from_shape_vec(vec![g.n, g.c_out], sums).expect("[N, C_out]")
+                });
+                out.push(dt);
+            }
+            if has_r {
+                out.push(needs[out.len()].then(|| gy.clone()));
             }
             out
         })
@@ -165,6 +220,58 @@ mod tests {
                 check(&[x, wt, randn(&[c_out], seed + 2)], seed, |v| v[0].conv2d(&v[1], Some(&v[2]), stride, pad));
             } else {
                 check(&[x, wt], seed, |v| v[0].conv2d(&v[1], None, stride, pad));
+            }
+        }
+
+        #[test]
+        fn conv2d_plus_backward_matches_finite_differences(
+            n in 1usize..3, c_in in 1usize..4, c_out in 1usize..4, hw in prop::sample::select(vec![3usize, 4, 5]),
+            k in prop::sample::select(vec![1usize, 3]), parts in 0usize..8, seed in 0u64..1000
+        ) {
+            // Every subset of bias, image bias and residual, on a stride-1 same convolution
+            // (4x4 and 5x5 images run on the implicit path where AVX-512 is present).
+            let pad = Padding::same(k / 2);
+            let mut inputs = vec![randn(&[n, c_in, hw, hw], seed), randn(&[c_out, c_in, k, k], seed + 1)];
+            let (has_b, has_t, has_r) = (parts & 1 != 0, parts & 2 != 0, parts & 4 != 0);
+            if has_b { inputs.push(randn(&[c_out], seed + 2)); }
+            if has_t { inputs.push(randn(&[n, c_out], seed + 3)); }
+            if has_r { inputs.push(randn(&[n, c_out, hw, hw], seed + 4)); }
+            check(&inputs, seed, |v| {
+                let mut rest = v[2..].iter();
+                let b = if has_b { rest.next() } else { None };
+                let t = if has_t { rest.next() } else { None };
+                let r = if has_r { rest.next() } else { None };
+                v[0].conv2d_plus(&v[1], b, t, r, 1, pad)
+            });
+        }
+
+        #[test]
+        fn conv2d_plus_is_the_sum_of_the_separate_ops(
+            n in 1usize..4, c_in in 1usize..6, c_out in 1usize..6, hw in prop::sample::select(vec![4usize, 7, 14]),
+            k in prop::sample::select(vec![1usize, 3]), seed in 0u64..1000
+        ) {
+            // Against conv2d + add_per_channel + add, values and all five gradients.
+            use crate::{Tape, Tensor, Var};
+            let pad = Padding::same(k / 2);
+            let shapes = [vec![n, c_in, hw, hw], vec![c_out, c_in, k, k], vec![c_out], vec![n, c_out], vec![n, c_out, hw, hw]];
+            let weights = randn(&[n, c_out, hw, hw], seed + 5);
+            // The value and the gradients of Σ weights ⊙ y for x, w, b, t, r, on a tape of its own.
+            let run = |fused: bool| -> (Tensor, Vec<Tensor>) {
+                let tape = Tape::new();
+                let v: Vec<Var> = shapes.iter().zip(0u64..).map(|(s, d)| tape.var(randn(s, seed + d))).collect();
+                let y = if fused {
+                    v[0].conv2d_plus(&v[1], Some(&v[2]), Some(&v[3]), Some(&v[4]), 1, pad)
+                } else {
+                    v[0].conv2d(&v[1], Some(&v[2]), 1, pad).add_per_channel(&v[3]).add(&v[4])
+                };
+                let grads = y.mul(&Var::constant(weights.clone())).sum().backward();
+                (y.value().clone(), v.iter().map(|x| grads.get(x).expect("gradient").clone()).collect())
+            };
+            let ((yf, gf), (ya, ga)) = (run(true), run(false));
+            for (name, a, e) in std::iter::once(("value", &yf, &ya)).chain(["dx", "dw", "db", "dt", "dr"].into_iter().zip(gf.iter().zip(&ga)).map(|(n, (a, e))| (n, a, e))) {
+                for (p, q) in a.iter().zip(e.iter()) {
+                    prop_assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{}: {} vs {}", name, p, q);
+                }
             }
         }
 

@@ -34,7 +34,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::Conv2dGeom;
-use crate::kernels::packed::{self, Init, PackedA};
+use crate::kernels::packed::{self, PackedA};
 
 /// Taps handled (a 7x7 kernel at most).
 const MAX_TAPS: usize = 49;
@@ -99,15 +99,25 @@ impl Taps {
     }
 }
 
-/// `y[n, r, p] = bias[r] + Σ_{c,t} w_at(r, c, t)·x[n, c, p + offset(t)]` for every image: the
-/// product `W @ col` with `W[r, c·taps + t] = w_at(r, c, t)` (the stored weights, or for an
+/// What [`forward`]'s sums start from: `bias[n·image_stride + r]` (0 without a bias; a stride
+/// of 0 gives every image the same bias) plus `residual[n, r, p]` (laid out as `y`) if given.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Start<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub image_stride: usize,
+    pub residual: Option<&'a [f32]>,
+}
+
+/// `y[n, r, p] = start[n, r, p] + Σ_{c,t} w_at(r, c, t)·x[n, c, p + offset(t)]` for every image:
+/// the product `W @ col` with `W[r, c·taps + t] = w_at(r, c, t)` (the stored weights, or for an
 /// input gradient the flipped, transposed ones, read in place). Every element of `y` is written.
-/// The caller has checked the lengths and that [`applies`] holds.
+/// The caller has checked the lengths (the bias's and residual's too) and that [`applies`]
+/// holds.
 pub(super) fn forward(
     g: &Conv2dGeom,
     x: &[f32],
     w_at: impl Fn(usize, usize, usize) -> f32 + Sync,
-    bias: Option<&[f32]>,
+    start: Start<'_>,
     y: &mut [MaybeUninit<f32>],
 ) {
     let taps = Taps::new(g);
@@ -137,23 +147,23 @@ pub(super) fn forward(
     let flat = Flat { px, span, c_in: g.c_in, c_out: g.c_out, total };
     let strips = (g.n * span).div_ceil(STRIP);
     let per_task = strips.div_ceil(64).max(1);
-    let init = bias.map_or(Init::Zero, Init::Bias);
     let table = MaskTable::new(&taps, &flat);
     let (xp, yp) = (SharedPtr(x.as_ptr().cast_mut()), SharedPtr(y.as_mut_ptr().cast::<f32>()));
+    let rp = SharedPtr(start.residual.map_or(std::ptr::null_mut(), |r| r.as_ptr().cast_mut()));
     (0..strips.div_ceil(per_task)).into_par_iter().for_each(|k| {
         let strips = k * per_task..strips.min((k + 1) * per_task);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `applies` checked AVX-512F; `x` and `y` have the geometry's lengths (checked
         // by the caller), and the tasks' runs of strips, so the outputs they write, are disjoint.
         unsafe {
-            avx512::forward_strips(w, &taps, &table, &flat, xp.get(), yp.get(), strips, init)
+            avx512::forward_strips(w, &taps, &table, &flat, xp.get(), yp.get(), rp.get(), strips, &start)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(
             "the implicit convolution needs AVX-512F ({:?}, {:?}, {})",
-            init,
+            start,
             strips,
-            (xp.get(), yp.get(), flat.px).2
+            (xp.get(), yp.get(), rp.get(), flat.px).3
         )
     });
 }
@@ -365,16 +375,17 @@ mod avx512 {
 
     use std::ops::Range;
 
-    use super::{Flat, HalfMasks, MaskTable, Taps, WeightGeom, GROUP, ROWS, STRIP};
-    use crate::kernels::packed::{Init, PackedA, MR};
+    use super::{Flat, HalfMasks, MaskTable, Start, Taps, WeightGeom, GROUP, ROWS, STRIP};
+    use crate::kernels::packed::{PackedA, MR};
 
     /// Strips `strips` of the batch laid end to end (see [`Flat`]), every output channel.
     ///
     /// # Safety
     /// AVX-512F must be available; `x` is `[N, C_in, px]`, `y` `[N, C_out, px]` (written, every
     /// element of these strips, before it is read: the first block of channels stores the sums,
-    /// later blocks add to them), `w` packed `[C_out, C_in·taps]`; no other thread touches the
-    /// outputs of these strips.
+    /// later blocks add to them), `w` packed `[C_out, C_in·taps]`; `residual` is null or, when
+    /// `start` has one, its `[N, C_out, px]` values; `start`'s bias has an entry for every
+    /// image and row it indexes; no other thread touches the outputs of these strips.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward_strips(
@@ -384,8 +395,9 @@ mod avx512 {
         flat: &Flat,
         x: *const f32,
         y: *mut f32,
+        residual: *const f32,
         strips: Range<usize>,
-        init: Init<'_>,
+        start: &Start<'_>,
     ) {
         let t_n = taps.len();
         let (rows, inner, px) = (w.rows, w.inner, flat.px);
@@ -393,13 +405,17 @@ mod avx512 {
         let channels_per_block = super::channels_per_block(t_n);
         // From an image's element to the next image's at the same place (see `Flat`).
         let (next_in, next_out) = ((flat.c_in - 1) * px, (flat.c_out - 1) * px);
-        for s in strips {
+        for s in strips.clone() {
+            if !residual.is_null() && s + 1 < strips.end {
+                prefetch_residual(flat, residual, s + 1);
+            }
             let f0 = s * STRIP;
             let halves = [table.half(flat, f0), table.half(flat, f0 + 16)];
             // Element (image of the half's first pixel, channel 0, that pixel) of `x` and `y`;
             // past the end for a half wholly past the batch, whose masks are empty.
             let at = |h: usize, next: usize| halves[h].start + halves[h].image * next;
             let ys = [y.wrapping_add(at(0, next_out)), y.wrapping_add(at(1, next_out))];
+            let rs = [residual.wrapping_add(at(0, next_out)), residual.wrapping_add(at(1, next_out))];
             let split = halves.iter().any(|h| h.store_b != 0);
             let xs = [x.wrapping_add(at(0, next_in)), x.wrapping_add(at(1, next_in))];
             for c0 in (0..flat.c_in).step_by(channels_per_block) {
@@ -414,18 +430,48 @@ mod avx512 {
                     stores: [[halves[0].store_a, halves[0].store_b], [halves[1].store_a, halves[1].store_b]],
                     next_out,
                     y_plane: px,
-                    init: if c0 == 0 { init } else { Init::Accumulate },
+                    start: (c0 == 0).then_some(start),
+                    images: [halves[0].image, halves[1].image],
                 };
                 for q in 0..rows.div_ceil(MR) {
                     let r0 = q * MR;
                     let panel = w.data.as_ptr().add((q * inner + c0 * t_n) * MR);
                     let out = [ys[0].wrapping_add(r0 * px), ys[1].wrapping_add(r0 * px)];
+                    let res = [rs[0].wrapping_add(r0 * px), rs[1].wrapping_add(r0 * px)];
                     let live = MR.min(rows - r0);
                     if split {
-                        strip_kernel::<true>(&block, panel, out, live, r0);
+                        strip_kernel::<true>(&block, panel, out, res, live, r0);
                     } else {
-                        strip_kernel::<false>(&block, panel, out, live, r0);
+                        strip_kernel::<false>(&block, panel, out, res, live, r0);
                     }
+                }
+            }
+        }
+    }
+
+    /// Asks for strip `s`'s residual (`[N, C_out, px]`) to be brought into cache while the
+    /// strip before it is computed: its first block of channels loads the residual of every
+    /// output channel, one cache line or two per channel `px` floats apart, which the hardware
+    /// does not prefetch by itself, and the micro-kernel would wait on each.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn prefetch_residual(flat: &Flat, residual: *const f32, s: usize) {
+        for h in 0..2 {
+            let f = s * STRIP + 16 * h;
+            let (image, q0) = (f / flat.span, f % flat.span);
+            if image >= flat.total / flat.px || q0 >= flat.px {
+                continue;
+            }
+            let plane0 = image * flat.c_out * flat.px;
+            let spills = q0 + 16 > flat.px && image + 1 < flat.total / flat.px;
+            for r in 0..flat.c_out {
+                let p = residual.wrapping_add(plane0 + r * flat.px + q0);
+                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(15).cast());
+                if spills {
+                    // The next image's lanes start at its pixel 0.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        residual.wrapping_add(plane0 + (flat.c_out + r) * flat.px).cast(),
+                    );
                 }
             }
         }
@@ -446,20 +492,25 @@ mod avx512 {
         stores: [[u16; 2]; 2],
         next_out: usize,
         y_plane: usize,
-        init: Init<'a>,
+        /// For the first block of channels, what the sums start from; later blocks add to
+        /// the stored sums.
+        start: Option<&'a Start<'a>>,
+        /// Per half strip, the image of its first pixel.
+        images: [usize; 2],
     }
 
     /// One 8 x 32 output block over a block of input channels of `t_n` taps each: the
     /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read, per half strip, at
     /// `x + c·x_plane + offsets[t]` under the first image's mask and, if `SPLIT`, `next_in`
-    /// further on under the second image's; the outputs likewise. `SPLIT` is whether any half
-    /// strip has lanes in a second image.
+    /// further on under the second image's; the outputs (and `res`, the residual at the same
+    /// places) likewise. `SPLIT` is whether any half strip has lanes in a second image.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn strip_kernel<const SPLIT: bool>(
         b: &Block<'_>,
         panel: *const f32,
         out: [*mut f32; 2],
+        res: [*const f32; 2],
         live: usize,
         r0: usize,
     ) {
@@ -471,16 +522,39 @@ mod avx512 {
             }
             for (h, [first, second]) in b.stores.into_iter().enumerate() {
                 let o = out[h].wrapping_add(r * b.y_plane);
-                acc[2 * r + h] = match b.init {
-                    Init::Zero => _mm512_setzero_ps(),
-                    Init::Bias(bias) => _mm512_set1_ps(*bias.get_unchecked(r0 + r)),
-                    Init::Accumulate => {
+                acc[2 * r + h] = match b.start {
+                    None => {
                         let v = _mm512_maskz_loadu_ps(first, o);
                         if SPLIT {
                             _mm512_mask_loadu_ps(v, second, o.wrapping_add(b.next_out))
                         } else {
                             v
                         }
+                    }
+                    Some(s) => {
+                        let (row, image) = (r0 + r, b.images[h]);
+                        // A half wholly past the batch has no lanes and reads no bias.
+                        let mut v = match s.bias {
+                            Some(bias) if first != 0 => {
+                                let v = _mm512_set1_ps(*bias.get_unchecked(image * s.image_stride + row));
+                                if SPLIT && second != 0 {
+                                    let next = *bias.get_unchecked((image + 1) * s.image_stride + row);
+                                    _mm512_mask_blend_ps(second, v, _mm512_set1_ps(next))
+                                } else {
+                                    v
+                                }
+                            }
+                            _ => _mm512_setzero_ps(),
+                        };
+                        if s.residual.is_some() {
+                            let p = res[h].wrapping_add(r * b.y_plane);
+                            let mut rv = _mm512_maskz_loadu_ps(first, p);
+                            if SPLIT {
+                                rv = _mm512_mask_loadu_ps(rv, second, p.wrapping_add(b.next_out));
+                            }
+                            v = _mm512_add_ps(v, rv);
+                        }
+                        v
                     }
                 };
             }
