@@ -27,7 +27,8 @@
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
-use super::math::{softmax_backward_in_place, softmax_in_place};
+use super::math::{softmax_backward_in_place, softmax_columns_in_place, softmax_in_place};
+use super::packed::{self, gemm_packed, Init, PackedA};
 
 /// Query rows per block of attention weights.
 const QUERY_BLOCK: usize = 32;
@@ -61,6 +62,9 @@ pub fn attention_forward(
     if len == 0 {
         return;
     }
+    if packed::available() {
+        return forward_packed(c, hw, q, k, v, scale, o);
+    }
     let image = c * hw;
     o.par_chunks_mut(image).enumerate().for_each_init(
         || vec![0.0f32; QUERY_BLOCK * hw],
@@ -79,6 +83,35 @@ pub fn attention_forward(
                 // o[c, i0 + i] = Σ_j v[c, j] w[i, j].
                 let w_t = MatRef::row_major(w, rows, hw).t();
                 gemm(1.0, MatRef::row_major(v_i, c, hw), w_t, 0.0, MatMut::new(&mut o_i[i0..], c, rows, hw));
+            }
+        },
+    );
+}
+
+/// [`attention_forward`] on the AVX-512 kernel of `packed.rs`, the weights kept transposed so
+/// both products read one operand in place. Per image, `scale·kᵀ` (`[HW, C]`) and `v`
+/// (`[C, HW]`) are packed once; per block of 32 queries, `wᵀ = (scale·kᵀ)·q[:, block]` is a
+/// `[HW, 32]` block (keys down, queries across), softmax runs down its columns, and
+/// `o[:, block] = v·wᵀ`. The sums run in a fixed order per image, as on the other path, but
+/// not the same order, so the two agree to rounding.
+fn forward_packed(c: usize, hw: usize, q: &[f32], k: &[f32], v: &[f32], scale: f32, o: &mut [f32]) {
+    let image = c * hw;
+    o.par_chunks_mut(image).enumerate().for_each_init(
+        || vec![0.0f32; hw * QUERY_BLOCK],
+        |wt, (i, o_i)| {
+            let (q_i, k_i, v_i) =
+                (&q[i * image..][..image], &k[i * image..][..image], &v[i * image..][..image]);
+            // A[j, c] = scale·k[c, j]; B[c, i] = q[c, i0 + i], read in place.
+            let mut k_t = PackedA::new(k_i, hw, c, 1, hw);
+            k_t.data.iter_mut().for_each(|x| *x *= scale);
+            let v_p = PackedA::new(v_i, c, hw, hw, 1);
+            for i0 in (0..hw).step_by(QUERY_BLOCK) {
+                let cols = QUERY_BLOCK.min(hw - i0);
+                gemm_packed(&k_t, &q_i[i0..], hw, cols, wt, QUERY_BLOCK, Init::Zero);
+                // Columns past `cols` hold the previous block's weights (or zeros): finite,
+                // normalised along with the rest and never read.
+                softmax_columns_in_place(wt, hw, QUERY_BLOCK);
+                gemm_packed(&v_p, wt, QUERY_BLOCK, cols, &mut o_i[i0..], hw, Init::Zero);
             }
         },
     );

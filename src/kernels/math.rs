@@ -109,6 +109,52 @@ pub fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
+/// Softmax down each column of the `rows x ld` row-major block `s`: per column `j`,
+/// `s[i, j] ← exp(s[i, j] − max_i s[i, j]) / Σ_i exp(s[i, j] − max_i s[i, j])`. The columns run
+/// 16 at a time, one per lane, so nothing is reduced across lanes; each column's sum runs in 4
+/// partial sums (rows `≡ 0, 1, 2, 3 mod 4`) added as `(s0 + s1) + (s2 + s3)`, so the result is
+/// fixed. `ld` must be a multiple of 16.
+///
+/// # Panics
+/// If `ld` is not a multiple of 16 or `s` has fewer than `rows·ld` elements.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub fn softmax_columns_in_place(s: &mut [f32], rows: usize, ld: usize) {
+    const LANES: usize = 16;
+    assert!(
+        ld.is_multiple_of(LANES) && s.len() >= rows * ld,
+        "softmax_columns_in_place: {rows} x {ld} block"
+    );
+    for c0 in (0..ld).step_by(LANES) {
+        let lane = |s: &[f32], r: usize| -> [f32; LANES] {
+            s[r * ld + c0..r * ld + c0 + LANES].try_into().expect("16 lanes")
+        };
+        let mut max = [f32::NEG_INFINITY; LANES];
+        for r in 0..rows {
+            for (m, v) in max.iter_mut().zip(lane(s, r)) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let mut sums = [[0.0f32; LANES]; 4];
+        for r in 0..rows {
+            let row = &mut s[r * ld + c0..r * ld + c0 + LANES];
+            // Every exponent is ≤ 0.
+            for ((v, m), acc) in row.iter_mut().zip(&max).zip(sums[r % 4].iter_mut()) {
+                *v = exp_nonpositive(*v - m);
+                *acc += *v;
+            }
+        }
+        let mut inv = [0.0f32; LANES];
+        for (l, i) in inv.iter_mut().enumerate() {
+            *i = 1.0 / ((sums[0][l] + sums[1][l]) + (sums[2][l] + sums[3][l]));
+        }
+        for r in 0..rows {
+            for (v, i) in s[r * ld + c0..r * ld + c0 + LANES].iter_mut().zip(&inv) {
+                *v *= i;
+            }
+        }
+    }
+}
+
 /// The softmax gradient in place: `d_i ← y_i·(d_i − Σ_j d_j y_j)` for a row `y` of softmax
 /// outputs and the upstream gradient `d`; the dot product in 16 lanes, as in
 /// [`softmax_in_place`].
@@ -163,6 +209,31 @@ mod tests {
             for (j, (&g, &e)) in got.iter().zip(&exps).enumerate() {
                 let want = e / total;
                 assert!((g as f64 - want).abs() <= 1e-6 * want + 1e-38, "len {len}, [{j}]: {g} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_columns_match_the_definition_in_f64() {
+        // Column counts of one and two lane groups, row counts around the 4 partial sums,
+        // values over a wide range; each column is a different shuffle.
+        for (rows, ld) in [(1usize, 16usize), (3, 16), (4, 32), (7, 32), (49, 16), (196, 32)] {
+            let block: Vec<f32> = (0..rows * ld).map(|i| ((i * 7919) % 97) as f32 * 0.9 - 40.0).collect();
+            let mut got = block.clone();
+            softmax_columns_in_place(&mut got, rows, ld);
+            for j in 0..ld {
+                let col: Vec<f32> = (0..rows).map(|i| block[i * ld + j]).collect();
+                let max = col.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f64> = col.iter().map(|&v| ((v - max) as f64).exp()).collect();
+                let total: f64 = exps.iter().sum();
+                for (i, &e) in exps.iter().enumerate() {
+                    let (g, want) = (got[i * ld + j] as f64, e / total);
+                    // exp_nonpositive is 0 below −86, where e^x < 4.5e-38.
+                    assert!(
+                        (g - want).abs() <= 1e-6 * want + 4.5e-38,
+                        "{rows}x{ld} [{i}, {j}]: {g} vs {want}"
+                    );
+                }
             }
         }
     }
