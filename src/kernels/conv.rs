@@ -41,6 +41,7 @@ use super::math::sum_f64_lanes;
 use super::packed::{self, gemm_packed, gemm_packed_uninit, Init, PackedA};
 
 mod implicit;
+mod upsampled;
 
 /// Target size, in f32 elements, of one tile of the patch matrix (512 KiB: about an L2 cache).
 const TILE_ELEMS: usize = 1 << 17;
@@ -441,6 +442,70 @@ pub fn conv2d_forward_uninit(
     y: &mut [MaybeUninit<f32>],
 ) {
     conv2d_forward_plus(g, x, w, ConvPlus { bias, ..ConvPlus::default() }, y);
+}
+
+/// `y = conv2d(upsample_nearest2x(x), w) + bias` for a 3x3 convolution with padding 1 (the
+/// U-Net's upsample block): `x: [n, c_in, h, w]`, `w: [c_out, c_in, 3, 3]`, `bias: [c_out]`,
+/// `y: [n, c_out, 2h, 2w]`, every element written. With AVX-512 it runs as four 2x2
+/// convolutions of `x` (one per output phase, the 3x3 weights folded), a quarter of the pixels
+/// and 2.25 times fewer multiply-adds; elsewhere it upsamples and convolves. The two agree to
+/// rounding.
+///
+/// # Panics
+/// If a slice length does not match the shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn upsample2x_conv3x3_forward_uninit(
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    (h, w): (usize, usize),
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let g = Conv2dGeom {
+        n,
+        c_in,
+        h: 2 * h,
+        w: 2 * w,
+        c_out,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad_top: 1,
+        pad_bottom: 1,
+        pad_left: 1,
+        pad_right: 1,
+    };
+    g.validate("upsample2x_conv3x3");
+    assert_eq!(
+        x.len(),
+        n * c_in * h * w,
+        "upsample2x_conv3x3: x has {} elements, not [n, c_in, h, w]",
+        x.len()
+    );
+    assert_eq!(
+        weight.len(),
+        g.w_len(),
+        "upsample2x_conv3x3: w has {} elements, not [c_out, c_in, 3, 3]",
+        weight.len()
+    );
+    assert_eq!(y.len(), g.y_len(), "upsample2x_conv3x3: y has {} elements, not [n, c_out, 2h, 2w]", y.len());
+    if let Some(b) = bias {
+        assert_eq!(b.len(), c_out, "upsample2x_conv3x3: bias has {} elements, C_out is {c_out}", b.len());
+    }
+    if n == 0 {
+        return;
+    }
+    if upsampled::applies(n, c_in, c_out, h, w) {
+        return upsampled::forward(n, c_in, c_out, (h, w), x, weight, bias, y);
+    }
+    let mut up = Vec::with_capacity(g.x_len());
+    super::upsample::upsample_nearest2x_uninit(n * c_in, h, w, x, &mut up.spare_capacity_mut()[..g.x_len()]);
+    // SAFETY: the upsampling wrote all of it.
+    unsafe { up.set_len(g.x_len()) };
+    conv2d_forward_uninit(&g, &up, weight, bias, y);
 }
 
 /// What a forward convolution adds to its products, each part optional:
@@ -1446,6 +1511,31 @@ mod tests {
         let mut y = vec![f32::NAN; g.y_len()];
         conv2d_forward_plus(g, &x, &w, plus, as_uninit(&mut y));
         assert_close(&y, &want, &format!("forward_plus {g:?} parts {parts}"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// The fused upsample + 3x3 against the f64 reference convolution of the upsampled
+        /// input: images from 1x1 (too small for the implicit kernel: upsample, then convolve)
+        /// to 15x15, odd and even, up to 20 channels.
+        #[test]
+        fn upsample_conv3x3_matches_f64_reference_of_the_upsampled_input(
+            n in 1usize..=3, c_in in 1usize..=20, c_out in 1usize..=12, h in 1usize..=15, w in 1usize..=15,
+            with_bias in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let mut rng = crate::rng_from_seed(seed);
+            let x = random_vec(&mut rng, n * c_in * h * w);
+            let wt = random_vec(&mut rng, c_out * c_in * 9);
+            let b = random_vec(&mut rng, c_out);
+            let bias = with_bias.then_some(&b[..]);
+            let mut up = vec![0.0f32; 4 * x.len()];
+            crate::kernels::upsample_nearest2x(n * c_in, h, w, &x, &mut up);
+            let g = geom(n, c_in, c_out, (2 * h, 2 * w), (3, 3), 1, (1, 1, 1, 1));
+            let mut y = vec![f32::NAN; g.y_len()];
+            upsample2x_conv3x3_forward_uninit(n, c_in, c_out, (h, w), &x, &wt, bias, as_uninit(&mut y));
+            assert_close(&y, &forward_ref(&g, &up, &wt, bias), &format!("upsample + 3x3 {g:?}"));
+        }
     }
 
     #[test]

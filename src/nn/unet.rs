@@ -412,7 +412,9 @@ impl UNet {
                 }
             }
             if i != 0 {
-                h = conv(p, &format!("up.{i}.upsample.conv"), &h.upsample_nearest2x(), 1, Padding::same(1));
+                let prefix = format!("up.{i}.upsample.conv");
+                let (w, b) = (p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")));
+                h = h.upsample2x_conv3x3(w, Some(b));
                 res *= 2;
             }
         }

@@ -6,8 +6,9 @@ use rayon::prelude::*;
 use super::par::{written_by, zeroed};
 use crate::kernels::math::sum_f64_lanes;
 use crate::kernels::{
-    conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_plus, upsample_nearest2x_backward,
-    upsample_nearest2x_uninit, Conv2dGeom, ConvPlus,
+    conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_plus,
+    upsample2x_conv3x3_forward_uninit, upsample_nearest2x_backward, upsample_nearest2x_uninit, Conv2dGeom,
+    ConvPlus,
 };
 use crate::{Tensor, Var};
 
@@ -176,6 +177,39 @@ impl Var {
         })
     }
 
+    /// `upsample_nearest2x()` then `conv2d(weight, bias, 1, Padding::same(1))` with a 3x3 `weight`
+    /// (the U-Net's upsample block). Where nothing needs a gradient (sampling), one fused kernel
+    /// computes it on the small image (`kernels::upsample2x_conv3x3_forward_uninit`: 2.25 times
+    /// fewer multiply-adds, equal to rounding); on a tape, the two ops.
+    ///
+    /// # Panics
+    /// As the two ops; if `weight` is not 3x3.
+    pub fn upsample2x_conv3x3(&self, weight: &Var, bias: Option<&Var>) -> Var {
+        let (xs, ws) = (self.shape(), weight.shape());
+        assert!(
+            ws.len() == 4 && ws[2..] == [3, 3],
+            "upsample2x_conv3x3: weight {ws:?} is not [C_out, C_in, 3, 3]"
+        );
+        let tracked = self.requires_grad() || weight.requires_grad() || bias.is_some_and(Var::requires_grad);
+        if tracked || xs.len() != 4 || xs[1] != ws[1] {
+            return self.upsample_nearest2x().conv2d(weight, bias, 1, Padding::same(1));
+        }
+        if let Some(b) = bias {
+            assert_eq!(b.shape(), &[ws[0]], "upsample2x_conv3x3: bias {:?} for weight {ws:?}", b.shape());
+        }
+        let (n, c_in, h, w, c_out) = (xs[0], xs[1], xs[2], xs[3], ws[0]);
+        let (x, wt) = (contiguous(self.value()), contiguous(weight.value()));
+        let b = bias.map(|b| contiguous(b.value()));
+        let len = n * c_out * 4 * h * w;
+        // SAFETY: the kernel writes every output element.
+        let y = unsafe {
+            written_by(len, |y| {
+                upsample2x_conv3x3_forward_uninit(n, c_in, c_out, (h, w), &x, &wt, b.as_deref(), y)
+            })
+        };
+        Var::constant(Tensor::from_shape_vec(vec![n, c_out, 2 * h, 2 * w], y).expect("output size"))
+    }
+
     /// Nearest-neighbour 2x upsampling: `[N, C, H, W] -> [N, C, 2H, 2W]`, each value copied to
     /// a 2x2 block. Backward: each input gets the sum of its block's gradients.
     ///
@@ -281,6 +315,24 @@ mod tests {
         ) {
             check(&[randn(&[n, c, h, w], seed)], seed, |v| v[0].upsample_nearest2x());
         }
+    }
+
+    #[test]
+    fn fused_upsample_conv_equals_the_two_ops_and_keeps_the_tape() {
+        use crate::{Tape, Var};
+        let (x, w, b) = (randn(&[2, 5, 7, 7], 1), randn(&[3, 5, 3, 3], 2), randn(&[3], 3));
+        // Without a tape: the fused kernel.
+        let (xc, wc, bc) = (Var::constant(x.clone()), Var::constant(w.clone()), Var::constant(b.clone()));
+        let fused = xc.upsample2x_conv3x3(&wc, Some(&bc));
+        let apart = xc.upsample_nearest2x().conv2d(&wc, Some(&bc), 1, Padding::same(1));
+        assert_eq!(fused.shape(), &[2, 3, 14, 14]);
+        for (p, q) in fused.value().iter().zip(apart.value().iter()) {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
+        }
+        // On a tape: recorded, with gradients (checked against finite differences).
+        let tape = Tape::new();
+        assert!(tape.var(x.clone()).upsample2x_conv3x3(&wc, Some(&bc)).requires_grad());
+        check(&[x, w, b], 4, |v| v[0].upsample2x_conv3x3(&v[1], Some(&v[2])));
     }
 
     #[test]
