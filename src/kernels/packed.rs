@@ -42,10 +42,20 @@ impl PackedA {
         let mut data = vec![0.0f32; panels * inner * MR];
         for q in 0..panels {
             let panel = &mut data[q * inner * MR..(q + 1) * inner * MR];
-            for r in 0..MR.min(rows - q * MR) {
-                let row = q * MR + r;
+            let live = MR.min(rows - q * MR);
+            if rs == 1 {
+                // A's columns are contiguous (a transposed operand): each step of the inner
+                // dimension copies the panel's rows from one run of `a`.
                 for k in 0..inner {
-                    panel[k * MR + r] = a[row * rs + k * cs];
+                    let src = &a[q * MR + k * cs..][..live];
+                    panel[k * MR..k * MR + live].copy_from_slice(src);
+                }
+            } else {
+                for r in 0..live {
+                    let row = q * MR + r;
+                    for k in 0..inner {
+                        panel[k * MR + r] = a[row * rs + k * cs];
+                    }
                 }
             }
         }
