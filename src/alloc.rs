@@ -56,13 +56,15 @@ mod heap {
     /// The end of the part of the heap already marked (0 before the first check).
     static MARKED: AtomicUsize = AtomicUsize::new(0);
 
-    /// Marks from the current break on: what the heap holds now may have been touched already,
-    /// what it grows by has not.
+    /// Marks from the first 2 MiB boundary at or above the current break on: what the heap
+    /// holds now may have been touched already, what it grows by has not (and nothing below
+    /// the heap is marked).
     pub(super) fn start_marking() {
         // SAFETY: `sbrk(0)` reads the current break; it changes nothing.
         let top = unsafe { libc::sbrk(0) } as usize;
         if top != usize::MAX {
-            let _ = MARKED.compare_exchange(0, top, Ordering::Relaxed, Ordering::Relaxed);
+            let _ =
+                MARKED.compare_exchange(0, top.next_multiple_of(HUGE), Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -78,10 +80,15 @@ mod heap {
         if MARKED.compare_exchange(marked, top, Ordering::Relaxed, Ordering::Relaxed).is_err() {
             return;
         }
-        // Without `start_marking`, the first call marks from the 2 MiB boundary at or below the
-        // current break, as memory below it may have been touched; later calls continue where
-        // the previous one stopped (rounded down: its last, partial huge page is marked again).
-        let start = if marked == 0 { top & !(HUGE - 1) } else { marked & !(HUGE - 1) };
+        // Without `start_marking`, the first call only records the break: the heap below it may
+        // have been touched. Later calls continue where the previous one stopped, rounded down
+        // to a 2 MiB boundary (its last, partial huge page is marked again), which stays inside
+        // the heap: the first mark is a boundary at or above the heap's start.
+        if marked == 0 {
+            MARKED.store(top.next_multiple_of(HUGE), Ordering::Relaxed);
+            return;
+        }
+        let start = marked & !(HUGE - 1);
         if top > start {
             // SAFETY: [start, top) lies inside the heap (between an earlier break and the
             // current one), which the heap only ever grows, since `keep_freed_memory` stops
