@@ -581,12 +581,13 @@ fn add_after(g: &Conv2dGeom, plus: &ConvPlus<'_>, y: &mut [f32]) {
 
 /// The bias of [`implicit::Start`] for `plus`: the per-image sums `bias + image_bias` when
 /// there is an image bias (stride `C_out`), else the bias itself (stride 0).
-fn start_bias(g: &Conv2dGeom, plus: &ConvPlus<'_>) -> (Option<std::borrow::Cow<'static, [f32]>>, usize) {
-    match (plus.bias, plus.image_bias) {
-        (_, None) => (None, 0),
-        (b, Some(t)) => {
-            let sums = t.iter().enumerate().map(|(i, &v)| b.map_or(0.0, |b| b[i % g.c_out]) + v).collect();
-            (Some(std::borrow::Cow::Owned(sums)), g.c_out)
+fn start_bias(g: &Conv2dGeom, plus: &ConvPlus<'_>) -> (Option<Vec<f32>>, usize) {
+    match plus.image_bias {
+        None => (None, 0),
+        Some(t) => {
+            let sums =
+                t.iter().enumerate().map(|(i, &v)| plus.bias.map_or(0.0, |b| b[i % g.c_out]) + v).collect();
+            (Some(sums), g.c_out)
         }
     }
 }
