@@ -36,6 +36,44 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+    /// Another process holds the directory's lock (a second `ddpm train` into the same `--out`).
+    /// Wait for it to finish, stop it, or choose another directory.
+    #[error("{dir} is in use by {holder}; wait for that run to end or stop it, or choose another --out")]
+    Locked {
+        /// The locked directory.
+        dir: PathBuf,
+        /// The holder's own description (command, pid, host, start), as it wrote it.
+        holder: String,
+    },
+    /// Training produced non-finite numbers (NaN or ±∞) it could not step past: `consecutive`
+    /// steps in a row ending at attempt `step` had a non-finite loss or gradient norm, or the
+    /// weights themselves became non-finite. Nothing was saved after the last good checkpoint.
+    #[error(
+        "training diverged: {what} at step {step} ({consecutive} non-finite step(s) in a row);          nothing was saved after the last good checkpoint{checkpoint}. Lower the learning rate          (--lr), keep gradient clipping on (--grad-clip), or resume from the checkpoint"
+    )]
+    Diverged {
+        /// The step (1-based, counting applied steps, plus one) at which the run stopped.
+        step: u64,
+        /// What was not finite: the loss, the gradient norm, or the weights.
+        what: String,
+        /// Non-finite steps in a row.
+        consecutive: u64,
+        /// ` (step N, in PATH)` when a good checkpoint exists, else empty.
+        checkpoint: String,
+    },
+    /// A resumed run was given (or found at the recorded path) data other than what its
+    /// checkpoint was trained on.
+    #[error(
+        "the training data differs from the data this run was trained on (recorded: {recorded}; \
+         found: {found}); give the original with --data, or pass --data with \
+         --allow-different-data to train on this data anyway"
+    )]
+    DataChanged {
+        /// The recorded source and fingerprint.
+        recorded: String,
+        /// What was found.
+        found: String,
+    },
     /// `--device gpu` was asked for but no GPU can be used (no adapter, no Vulkan / Metal / DX12
     /// driver, or a binary built without the `wgpu` feature). Build with `--features wgpu`,
     /// install a driver (on Debian, `mesa-vulkan-drivers` gives a software one), or run with

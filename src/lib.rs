@@ -30,10 +30,12 @@
 
 mod alloc;
 pub mod autodiff;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod files;
 #[cfg(feature = "wgpu")]
 pub mod gpu;
 pub mod interop;

@@ -65,16 +65,15 @@ pub struct Samples {
 /// The visited timesteps for K steps out of T, increasing: `round(k·(T−1)/(K−1))`.
 ///
 /// # Errors
-/// [`Error::InvalidConfig`] unless 1 ≤ K ≤ T.
+/// [`Error::InvalidConfig`] unless 2 ≤ K ≤ T: a respaced process of one step has no β̃ at its
+/// first step for the variance conventions to borrow, so one step is refused with that advice.
 pub fn respaced_timesteps(big_t: usize, k: usize) -> Result<Vec<usize>> {
-    if k == 0 || k > big_t {
+    if k < 2 || k > big_t {
+        let why = if k == 1 { "a respaced process needs at least 2 steps" } else { "out of range" };
         return Err(Error::config(
-            "steps",
-            format!("{k} sampling steps for a process of {big_t}; use 1..={big_t}"),
+            "sampling steps (--steps)",
+            format!("{k} steps for a process of T = {big_t}: {why}; use a value in 2..={big_t}"),
         ));
-    }
-    if k == 1 {
-        return Ok(vec![big_t - 1]);
     }
     let mut s: Vec<usize> =
         (0..k).map(|i| ((i as f64) * (big_t - 1) as f64 / (k - 1) as f64).round() as usize).collect();
@@ -290,6 +289,8 @@ mod tests {
             );
         }
         assert!(respaced_timesteps(1000, 0).is_err() && respaced_timesteps(10, 11).is_err());
+        let one = respaced_timesteps(1000, 1).expect_err("one step").to_string();
+        assert!(one.contains("--steps") && one.contains("2..=1000"), "{one}");
     }
 
     #[test]

@@ -152,15 +152,14 @@ fn killed_run_resumes_from_an_intact_checkpoint() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL, mid-write or not
     child.wait().unwrap();
-    let loaded =
-        ddpm::io::checkpoint::Checkpoint::load(&ckpt).expect("the checkpoint left behind is complete");
+    let loaded = ddpm::io::checkpoint::load(&ckpt).expect("the checkpoint left behind is complete");
     let mut resume = train_args(d, o, "0");
     let target = (loaded.step + 3).to_string();
     resume[8] = &target;
     resume.push("--resume");
     let r = ddpm(&resume);
     assert!(r.status.success(), "resume after kill failed: {}", stderr(&r));
-    assert_eq!(ddpm::io::checkpoint::Checkpoint::load(&ckpt).unwrap().step, loaded.step + 3);
+    assert_eq!(ddpm::io::checkpoint::load(&ckpt).unwrap().step, loaded.step + 3);
 }
 
 #[test]

@@ -28,8 +28,9 @@ fn two_steps(threads: usize) -> (Vec<u64>, Vec<(String, Vec<u32>)>) {
             seed: 11,
         };
         let mut trainer = Trainer::new(config, data).expect("a valid configuration");
-        let losses = (0..2).map(|_| trainer.step().loss.to_bits()).collect();
+        let losses = (0..2).map(|_| trainer.step().expect("a finite step").loss.to_bits()).collect();
         let weights = trainer
+            .state()
             .params
             .iter()
             .map(|(name, t)| (name.to_string(), t.iter().map(|v| v.to_bits()).collect()))

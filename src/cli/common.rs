@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use ddpm::data::{self, Dataset, LoadOptions, Split};
+use ddpm::data::{DataSpec, Dataset};
 use ddpm::device::{Device, DeviceChoice};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The checkpoint file name inside a run directory.
-pub const CHECKPOINT: &str = "checkpoint.safetensors";
+pub use ddpm::train::run::CHECKPOINT;
 
 /// Sizes rayon's global pool (0 = one thread per core).
 pub fn set_threads(threads: usize) -> anyhow::Result<()> {
@@ -72,27 +72,40 @@ pub fn report_gpu_use() {
     }
 }
 
-/// Loads `--data` (or the embedded MNIST when it is `None`).
-pub fn load_data(
-    path: Option<&Path>,
-    split: Split,
-    image_size: Option<usize>,
-    channels: Option<usize>,
-) -> anyhow::Result<Dataset> {
-    let d = match path {
-        None => data::mnist_embedded(split).context("loading the embedded MNIST")?,
-        Some(p) => {
-            if !p.exists() {
-                bail!("{}: no such file or directory (give --data a folder of images, an IDX file or CIFAR-10 batches)", p.display());
-            }
-            let opts = LoadOptions { split, image_size, channels };
-            data::load(p, &opts).with_context(|| format!("loading {}", p.display()))?
+/// Loads `--data` (or the embedded MNIST when the spec has no path).
+pub fn load_data(spec: &DataSpec) -> anyhow::Result<Dataset> {
+    if let Some(p) = &spec.path {
+        if !p.exists() {
+            bail!(
+                "{}: no such file or directory (give --data a folder of images, an IDX file or CIFAR-10 batches)",
+                p.display()
+            );
         }
-    };
+    }
+    let d = spec.load().with_context(|| format!("loading {}", spec.describe()))?;
     if d.is_empty() {
         bail!("{}: the dataset holds no images", d.source().display());
     }
     Ok(d)
+}
+
+/// Parses `--minutes`: a finite number of minutes above 0 and at most ten years.
+pub fn parse_minutes(s: &str) -> Result<f64, String> {
+    const MAX: f64 = 10.0 * 365.25 * 24.0 * 60.0;
+    let m: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of minutes"))?;
+    if !(m.is_finite() && m > 0.0 && m <= MAX) {
+        return Err(format!("{s} minutes: give a number above 0 and at most {MAX} (ten years)"));
+    }
+    Ok(m)
+}
+
+/// Parses a value in [0, 1] (DDIM's η).
+pub fn parse_unit_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{s} is outside [0, 1]"));
+    }
+    Ok(v)
 }
 
 /// A checkpoint file, or the checkpoint inside a run directory.
@@ -172,12 +185,12 @@ pub fn load_model(path: &Path, no_ema: bool) -> anyhow::Result<Model> {
         });
     }
     let file = resolve_checkpoint(path)?;
-    let ck = ddpm::io::checkpoint::Checkpoint::load(&file)
-        .with_context(|| format!("loading {}", file.display()))?;
-    let clip_x0 = ck.clip_x0().unwrap_or(true);
+    let ck = ddpm::io::checkpoint::load(&file).with_context(|| format!("loading {}", file.display()))?;
+    let clip_x0 = ck.clip_x0.unwrap_or(true);
+    let params = if no_ema { ck.params } else { ck.ema_params() };
     Ok(Model {
         net: ddpm::nn::UNet::new(ck.config.unet.clone())?,
-        params: if no_ema { ck.params } else { ck.ema_params },
+        params,
         diffusion: ck.config.diffusion,
         clip_x0,
     })

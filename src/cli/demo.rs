@@ -12,7 +12,10 @@ use ddpm::diffusion::{BetaSchedule, Convention};
 
 use super::common::{set_threads, DeviceArg, DeviceArgs};
 use super::sample::{sample_to_dir, SampleArgs, SamplerArg};
-use super::train::{train, LossArg, MeanArg, PresetArg, TimestepArg, TrainArgs, VarianceArg};
+use super::train::{
+    install_signal_handlers, signal_name, train, LossArg, MeanArg, PresetArg, TimestepArg, TrainArgs,
+    VarianceArg,
+};
 
 /// `ddpm demo` arguments.
 #[derive(Args, Debug, Clone)]
@@ -81,15 +84,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         sample_every: 0,
         sample_count: 0,
         sample_steps: 50,
+        max_bad_steps: 3,
+        allow_different_data: false,
     };
-    let outcome = train(&train_args).context("demo training")?;
-    if outcome.interrupted {
+    let stop = install_signal_handlers()?;
+    let outcome = train(&train_args, &stop).context("demo training")?;
+    if let Some(sig) = outcome.signal {
         eprintln!(
-            "interrupted at step {}; continue with `ddpm demo --resume --out {}`",
+            "stopped by {} at step {} after saving; continue with `ddpm demo --resume --out {}`",
+            signal_name(sig),
             outcome.steps,
             args.out.display()
         );
-        std::process::exit(130);
+        std::process::exit(128 + sig);
     }
     let sample_args = SampleArgs {
         checkpoint: outcome.checkpoint,

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use ddpm::data::Split;
 use ddpm::diffusion::calc_bpd_loop;
-use ddpm::io::checkpoint::Checkpoint;
+use ddpm::io::checkpoint;
 use ddpm::nn::UNet;
 use ddpm::Var;
 use serde::Serialize;
@@ -66,13 +66,13 @@ struct Report {
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     let path = resolve_checkpoint(&args.checkpoint)?;
-    let ck = Checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let data = load_data(
-        args.data.as_deref(),
-        args.split,
-        Some(ck.config.unet.resolution),
-        Some(ck.config.unet.in_channels),
-    )?;
+    let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let data = load_data(&ddpm::data::DataSpec {
+        path: args.data.clone(),
+        split: args.split,
+        image_size: Some(ck.config.unet.resolution),
+        channels: Some(ck.config.unet.in_channels),
+    })?;
     let [_, c, h, w] = data.shape();
     let u = &ck.config.unet;
     if c != u.in_channels || h != u.resolution || w != u.resolution {
@@ -91,7 +91,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let net = UNet::new(ck.config.unet.clone())?;
     let schedule = ck.config.diffusion.schedule()?;
     let param = ck.config.diffusion.parameterization();
-    let params = if args.no_ema { &ck.params } else { &ck.ema_params };
+    let params = &if args.no_ema { ck.params.clone() } else { ck.ema_params() };
     let bound = params.bind_constant();
     let big_t = schedule.num_timesteps();
     let bar = progress_bar((n * big_t) as u64, "eval (image-steps)");

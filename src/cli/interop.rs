@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use ddpm::interop::diffusers::{self, SchedulerSettings};
-use ddpm::io::checkpoint::{save_weights, Checkpoint};
+use ddpm::io::checkpoint::{self, save_weights};
 use ddpm::train::{OptimConfig, TrainConfig};
 
 use super::common::{resolve_checkpoint, CHECKPOINT};
@@ -92,11 +92,11 @@ pub struct ExportArgs {
 /// `ddpm export --diffusers`.
 pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let path = resolve_checkpoint(&args.checkpoint)?;
-    let ck = Checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let clip = !args.no_clip && ck.clip_x0().unwrap_or(true);
+    let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let clip = !args.no_clip && ck.clip_x0.unwrap_or(true);
     let scheduler = SchedulerSettings::from_diffusion(&ck.config.diffusion, clip)
         .with_context(|| format!("exporting {}", path.display()))?;
-    let params = if args.no_ema { &ck.params } else { &ck.ema_params };
+    let params = &if args.no_ema { ck.params.clone() } else { ck.ema_params() };
     diffusers::write_folder(&args.diffusers, &ck.config.unet, params, &scheduler)
         .with_context(|| format!("exporting {} to {}", path.display(), args.diffusers.display()))?;
     let convention = ck.config.diffusion.convention;

@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use ddpm::io::checkpoint::Checkpoint;
+use ddpm::io::checkpoint;
 use ddpm::nn::UNet;
 use ddpm::sample::{sample, SampleConfig, Sampler, Samples};
 use ddpm::Tensor;
 use ndarray::{Axis, Ix4};
 
 use super::common::{
-    progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads, DeviceArgs,
+    parse_unit_interval, progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads,
+    DeviceArgs,
 };
 
 /// The reverse process to run.
@@ -39,8 +40,8 @@ pub struct SampleArgs {
     /// Sampling steps K ≤ T, evenly respaced over the T of training (default: all T).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// DDIM's η (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
+    /// DDIM's η in [0, 1] (0 = deterministic, 1 = the ancestral variance).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_unit_interval)]
     pub eta: f64,
     /// Seed of x_T and of the sampling noise.
     #[arg(long, default_value_t = 0)]
@@ -86,11 +87,11 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
         bail!("--num must be at least 1");
     }
     let path = resolve_checkpoint(&args.checkpoint)?;
-    let ck = Checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let net = UNet::new(ck.config.unet.clone())?;
     let schedule = ck.config.diffusion.schedule()?;
     let param = ck.config.diffusion.parameterization();
-    let params = if args.no_ema { &ck.params } else { &ck.ema_params };
+    let params = &if args.no_ema { ck.params.clone() } else { ck.ema_params() };
     let cfg = SampleConfig {
         sampler: match args.sampler {
             SamplerArg::Ddpm => Sampler::Ancestral,
@@ -98,7 +99,7 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
         },
         steps: args.steps,
         // An imported checkpoint carries its scheduler's clip_sample.
-        clip_x0: !args.no_clip && ck.clip_x0().unwrap_or(true),
+        clip_x0: !args.no_clip && ck.clip_x0.unwrap_or(true),
         trajectory_frames: if args.trajectory { args.trajectory_frames.max(2) } else { 0 },
     };
     let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);

@@ -1,24 +1,23 @@
 //! `ddpm train`: train a U-Net on a dataset, with checkpoints, metrics, plots and samples.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use ddpm::data::Split;
+use ddpm::data::{DataSpec, Split};
 use ddpm::diffusion::{BetaSchedule, Convention, LossType, MeanType, TimestepSampling, VarianceType};
-use ddpm::io::checkpoint::{self, Checkpoint};
 use ddpm::nn::{DownsamplePadding, EmbeddingOrder, Preset, UNetConfig};
-use ddpm::sample::{sample, SampleConfig, Sampler};
-use ddpm::train::{DiffusionConfig, OptimConfig, TrainConfig, Trainer};
+use ddpm::train::run::{
+    Observer, Progress, ResumeData, Run, RunEvent, RunOptions, StopFlag, StopReason, LOSS_PLOT, METRICS,
+};
+use ddpm::train::{DiffusionConfig, OptimConfig, StepStats, TrainConfig, Trainer};
+use indicatif::ProgressBar;
 
 use super::common::{
-    load_data, parse_list, progress_bar, report_gpu_use, select_device, set_threads, DeviceArgs, SizeList,
-    CHECKPOINT,
+    load_data, parse_list, parse_minutes, progress_bar, report_gpu_use, select_device, set_threads,
+    DeviceArgs, SizeList,
 };
 
 /// Network presets.
@@ -132,10 +131,14 @@ pub struct TrainArgs {
     /// Output directory: checkpoint, metrics.csv, loss.png, samples/.
     #[arg(long)]
     pub out: PathBuf,
-    /// Continue the run in --out from its checkpoint (same data; architecture and recipe come
-    /// from the checkpoint).
+    /// Continue the run in --out from its checkpoint: architecture, recipe and data come from
+    /// the checkpoint (without --data, the data it recorded is reloaded and checked).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume and --data: train on this data even if it is not the data the checkpoint
+    /// was trained on (by default that is refused).
+    #[arg(long, requires = "data")]
+    pub allow_different_data: bool,
     /// Network architecture.
     #[arg(long, value_enum, default_value = "mnist")]
     pub preset: PresetArg,
@@ -169,7 +172,7 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "minutes")]
     pub steps: Option<u64>,
     /// Stop after this many minutes of this invocation (a checkpoint is written at the end).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_minutes)]
     pub minutes: Option<f64>,
     /// Images per step.
     #[arg(long, default_value_t = 64)]
@@ -233,6 +236,11 @@ pub struct TrainArgs {
     /// DDIM steps for the periodic sample grids.
     #[arg(long, default_value_t = 50)]
     pub sample_steps: usize,
+    /// Stop (exit code 3) after this many steps in a row whose loss or gradient norm is NaN or
+    /// infinite; each is skipped without touching the weights, and nothing is saved after the
+    /// last good checkpoint.
+    #[arg(long, default_value_t = 3)]
+    pub max_bad_steps: u64,
 }
 
 impl TrainArgs {
@@ -323,57 +331,91 @@ pub struct TrainOutcome {
     pub checkpoint: PathBuf,
     /// Steps taken in total.
     pub steps: u64,
-    /// True when Ctrl-C stopped the run.
-    pub interrupted: bool,
+    /// The signal that stopped the run (after saving), if one did.
+    pub signal: Option<i32>,
 }
 
-/// Set by the Ctrl-C handler; checked between steps.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// SIGINT, SIGTERM and SIGHUP raise the returned flag (the run finishes its step, saves and
+/// stops); a second one of them ends the process at once with 128 + its number.
+pub fn install_signal_handlers() -> anyhow::Result<StopFlag> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use std::sync::atomic::AtomicBool;
+    let stop = StopFlag::new();
+    let seen = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // Registered first, so it sees the flag as it was before this signal set it.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&seen))
+            .context("installing the signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&seen)).context("installing the signal handlers")?;
+        signal_hook::flag::register_usize(sig, stop.handle(), sig as usize)
+            .context("installing the signal handlers")?;
+    }
+    Ok(stop)
+}
 
-fn install_ctrlc() {
-    // A second registration (demo runs train once) is harmless to ignore.
-    let _ = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without saving");
-            std::process::exit(130);
-        }
-        eprintln!("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)");
-    });
+/// The name of a signal the handlers catch.
+pub fn signal_name(sig: i32) -> &'static str {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    match sig {
+        SIGINT => "Ctrl-C (SIGINT)",
+        SIGTERM => "SIGTERM",
+        SIGHUP => "SIGHUP",
+        _ => "a stop request",
+    }
 }
 
 /// `ddpm train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     select_device(args.device)?;
-    let outcome = train(&args)?;
+    let stop = install_signal_handlers()?;
+    let outcome = train(&args, &stop)?;
     report_gpu_use();
-    if outcome.interrupted {
-        eprintln!("interrupted at step {}; resume with the same command plus --resume", outcome.steps);
-        std::process::exit(130);
+    if let Some(sig) = outcome.signal {
+        eprintln!(
+            "stopped by {} at step {} after saving {}; resume with the same command plus --resume",
+            signal_name(sig),
+            outcome.steps,
+            outcome.checkpoint.display()
+        );
+        std::process::exit(128 + sig);
     }
     Ok(())
 }
 
-/// Trains per `args`; the demo calls this too.
-pub fn train(args: &TrainArgs) -> anyhow::Result<TrainOutcome> {
+/// Trains per `args` until done or `stop` is raised; the demo calls this too.
+pub fn train(args: &TrainArgs, stop: &StopFlag) -> anyhow::Result<TrainOutcome> {
+    let options = RunOptions {
+        steps: args.steps,
+        duration: args.minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
+        checkpoint_every: args.checkpoint_every,
+        sample_every: args.sample_every,
+        sample_count: args.sample_count,
+        sample_steps: args.sample_steps,
+        max_bad_steps: args.max_bad_steps,
+    };
     if args.steps.is_none() && args.minutes.is_none() {
         bail!("say how long to train: --steps N or --minutes M");
     }
-    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let ckpt_path = args.out.join(CHECKPOINT);
-    let data = Arc::new(load_data(args.data.as_deref(), args.split, args.image_size, args.channels)?);
-    let mut trainer = if args.resume {
-        let ck = Checkpoint::load(&ckpt_path)
-            .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?;
-        ck.into_trainer(&ckpt_path, Arc::clone(&data))
-            .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?
+    let spec = DataSpec {
+        path: args.data.clone(),
+        split: args.split,
+        image_size: args.image_size,
+        channels: args.channels,
+    };
+    let mut run = if args.resume {
+        let data = match &args.data {
+            None => ResumeData::Recorded,
+            Some(_) => ResumeData::Given {
+                dataset: Arc::new(load_data(&spec)?),
+                spec,
+                allow_different: args.allow_different_data,
+            },
+        };
+        Run::resume(&args.out, data, options)
+            .with_context(|| format!("cannot resume the run in {}", args.out.display()))?
     } else {
-        if ckpt_path.exists() {
-            bail!(
-                "{} already exists: pass --resume to continue that run, or choose another --out",
-                ckpt_path.display()
-            );
-        }
+        let data = load_data(&spec)?;
         let [_, c, h, w] = data.shape();
         if h != w {
             bail!(
@@ -381,157 +423,94 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainOutcome> {
                 data.source().display()
             );
         }
-        Trainer::new(args.config(c, h), Arc::clone(&data)).context("cannot start training")?
+        Run::create(&args.out, args.config(c, h), spec, Arc::new(data), options)
+            .with_context(|| format!("cannot start training in {}", args.out.display()))?
     };
-    let cfg = trainer.config.clone();
-    eprintln!(
-        "training on {} ({} images of {}x{}x{}), {} parameters, batch {}, T = {}",
-        data.source().display(),
-        data.len(),
-        cfg.unet.in_channels,
-        cfg.unet.resolution,
-        cfg.unet.resolution,
-        trainer.params.num_scalars(),
-        cfg.batch_size,
-        cfg.diffusion.timesteps
-    );
-    let metrics_path = args.out.join("metrics.csv");
-    let mut history = prepare_metrics(&metrics_path, trainer.step)?;
-    let mut metrics = OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-
-    install_ctrlc();
     let start = Instant::now();
-    let budget = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
-    let target = args.steps;
-    let bar = match target {
-        Some(n) => progress_bar(n, "train"),
-        None => progress_bar(budget.map(|b| b.as_secs()).unwrap_or(0), "train (s)"),
-    };
-    bar.set_position(if target.is_some() { trainer.step } else { 0 });
-    let mut interrupted = false;
-    let mut last = Instant::now();
-    let mut ema_loss: Option<f64> = None;
-    loop {
-        if target.is_some_and(|n| trainer.step >= n) || budget.is_some_and(|b| start.elapsed() >= b) {
-            break;
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let stats = trainer.step();
-        let dt = last.elapsed().as_secs_f64();
-        last = Instant::now();
-        let ips = cfg.batch_size as f64 / dt.max(1e-9);
-        writeln!(
-            metrics,
-            "{},{:.6},{:.6},{:.6e},{:.2},{:.1}",
-            stats.step,
-            stats.loss,
-            stats.grad_norm,
-            stats.lr,
-            ips,
-            start.elapsed().as_secs_f64()
-        )
-        .with_context(|| format!("writing {}", metrics_path.display()))?;
-        history.push((stats.step, stats.loss));
-        let smooth = ema_loss.map_or(stats.loss, |e| 0.98 * e + 0.02 * stats.loss);
-        ema_loss = Some(smooth);
-        bar.set_message(format!("step {} loss {smooth:.4} {ips:.1} img/s", stats.step));
-        match target {
-            Some(_) => bar.set_position(trainer.step),
-            None => bar.set_position(start.elapsed().as_secs()),
-        }
-        if stats.step % args.checkpoint_every.max(1) == 0 {
-            save(&ckpt_path, &trainer, &args.out, &history)?;
-        }
-        if args.sample_every > 0 && stats.step % args.sample_every == 0 && args.sample_count > 0 {
-            let path = args.out.join("samples").join(format!("step_{:06}.png", stats.step));
-            sample_grid(&trainer, args.sample_count, args.sample_steps, &path)?;
-        }
-    }
-    bar.finish_and_clear();
-    save(&ckpt_path, &trainer, &args.out, &history)?;
-    if args.sample_count > 0 && !interrupted {
-        let path = args.out.join("samples").join(format!("step_{:06}.png", trainer.step));
-        sample_grid(&trainer, args.sample_count, args.sample_steps, &path)?;
-        eprintln!("wrote {}", path.display());
+    let mut observer = BarObserver::new(args);
+    let outcome = run.run(stop, &mut observer);
+    observer.bar.finish_and_clear();
+    let outcome = outcome?;
+    if let Some(p) = &outcome.final_samples {
+        eprintln!("wrote {}", p.display());
     }
     eprintln!(
-        "step {} in {:.1} min; checkpoint {}, metrics {}, loss curve {}",
-        trainer.step,
+        "step {} in {:.1} min{}; checkpoint {}, metrics {}, loss curve {}",
+        outcome.steps,
         start.elapsed().as_secs_f64() / 60.0,
-        ckpt_path.display(),
-        metrics_path.display(),
-        args.out.join("loss.png").display()
+        match outcome.skipped_steps {
+            0 => String::new(),
+            n => format!(" ({n} non-finite steps skipped)"),
+        },
+        outcome.checkpoint.display(),
+        args.out.join(METRICS).display(),
+        args.out.join(LOSS_PLOT).display()
     );
-    Ok(TrainOutcome { checkpoint: ckpt_path, steps: trainer.step, interrupted })
+    let signal = match outcome.reason {
+        StopReason::Requested(code) => Some(i32::try_from(code).unwrap_or(1)),
+        StopReason::StepsReached | StopReason::TimeUp => None,
+    };
+    Ok(TrainOutcome { checkpoint: outcome.checkpoint, steps: outcome.steps, signal })
 }
 
-/// Keeps the rows of metrics.csv up to `step` (a run killed after its last checkpoint wrote rows
-/// that the resumed run will write again) and returns their (step, loss).
-fn prepare_metrics(path: &Path, step: u64) -> anyhow::Result<Vec<(u64, f64)>> {
-    const HEADER: &str = "step,loss,grad_norm,lr,images_per_sec,elapsed_s";
-    let mut kept = vec![HEADER.to_string()];
-    let mut history = vec![];
-    if step > 0 {
-        if let Ok(text) = fs::read_to_string(path) {
-            for line in text.lines().skip(1) {
-                let mut f = line.split(',');
-                let (Some(s), Some(l)) = (f.next(), f.next()) else { continue };
-                let (Ok(s), Ok(l)) = (s.parse::<u64>(), l.parse::<f64>()) else { continue };
-                if s <= step {
-                    kept.push(line.to_string());
-                    history.push((s, l));
-                }
-            }
+/// Shows a run on the terminal: a progress bar with the smoothed loss and the rate, and one
+/// line per notable event.
+struct BarObserver {
+    bar: ProgressBar,
+    smooth_loss: Option<f64>,
+    by_steps: bool,
+}
+
+impl BarObserver {
+    fn new(args: &TrainArgs) -> Self {
+        let bar = match (args.steps, args.minutes) {
+            (Some(n), _) => progress_bar(n, "train"),
+            (None, m) => progress_bar(m.map_or(0, |m| (m * 60.0) as u64), "train (s)"),
+        };
+        BarObserver { bar, smooth_loss: None, by_steps: args.steps.is_some() }
+    }
+}
+
+impl Observer for BarObserver {
+    fn started(&mut self, t: &Trainer) {
+        let cfg = t.config();
+        let data = t.dataset();
+        self.bar.println(format!(
+            "training on {} ({} images of {}x{}x{}), {} parameters, batch {}, T = {}, from step {}",
+            data.source().display(),
+            data.len(),
+            cfg.unet.in_channels,
+            cfg.unet.resolution,
+            cfg.unet.resolution,
+            t.state().params.num_scalars(),
+            cfg.batch_size,
+            cfg.diffusion.timesteps,
+            t.step_count()
+        ));
+        if self.by_steps {
+            self.bar.set_position(t.step_count());
         }
     }
-    let mut text = kept.join("\n");
-    text.push('\n');
-    ddpm::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-    Ok(history)
-}
 
-fn save(ckpt: &Path, trainer: &Trainer, out: &Path, history: &[(u64, f64)]) -> anyhow::Result<()> {
-    checkpoint::save(ckpt, trainer).with_context(|| format!("writing checkpoint {}", ckpt.display()))?;
-    if history.len() >= 2 {
-        let (steps, losses): (Vec<u64>, Vec<f64>) = history.iter().copied().unzip();
-        let plot = out.join("loss.png");
-        ddpm::io::plot::save_loss_curve(&plot, &steps, &losses)
-            .with_context(|| format!("writing {}", plot.display()))?;
+    fn stepped(&mut self, s: &StepStats, p: &Progress) {
+        let smooth = self.smooth_loss.map_or(s.loss, |e| 0.98 * e + 0.02 * s.loss);
+        self.smooth_loss = Some(smooth);
+        self.bar.set_message(format!("step {} loss {smooth:.4} {:.1} img/s", s.step, p.images_per_sec));
+        self.bar.set_position(if self.by_steps { s.step } else { p.elapsed.as_secs() });
     }
-    Ok(())
-}
 
-/// A grid of `n` samples from the EMA weights with DDIM (η = 0), seeded by the step.
-fn sample_grid(trainer: &Trainer, n: usize, steps: usize, path: &Path) -> anyhow::Result<()> {
-    let cfg = SampleConfig {
-        sampler: Sampler::Ddim { eta: 0.0 },
-        steps: Some(steps.min(trainer.config.diffusion.timesteps)),
-        clip_x0: true,
-        trajectory_frames: 0,
-    };
-    let mut rng = ddpm::rng_from_seed(trainer.step);
-    let param = trainer.config.diffusion.parameterization();
-    let s = sample(
-        &trainer.net,
-        &trainer.ema_params(),
-        trainer.schedule(),
-        &param,
-        n,
-        &cfg,
-        &mut rng,
-        |_, _| {},
-    )?;
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fn event(&mut self, e: &RunEvent) {
+        match e {
+            RunEvent::DataNotice(m) => self.bar.println(format!("note: {m}")),
+            RunEvent::Skipped { step, loss, grad_norm, consecutive } => self.bar.println(format!(
+                "warning: step {step} skipped: loss {loss}, gradient norm {grad_norm} ({consecutive} in a row); \
+                 the weights were not changed"
+            )),
+            RunEvent::Stopping(sig) => self.bar.println(format!(
+                "{}: saving a checkpoint at this step, then exiting (send it again to exit at once without saving)",
+                signal_name(i32::try_from(*sig).unwrap_or(0))
+            )),
+            RunEvent::Saved { .. } | RunEvent::Sampled(_) => {}
+        }
     }
-    let cols = (n as f64).sqrt().ceil() as usize;
-    let view = s.images.view().into_dimensionality::<ndarray::Ix4>().expect("samples are [N, C, H, W]");
-    ddpm::io::png::save_grid(path, view, cols).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }

@@ -173,14 +173,14 @@ pub fn encode_cifar(dataset: &Dataset) -> Result<Vec<u8>> {
 }
 
 /// Writes a `[N, 3, 32, 32]` dataset as a CIFAR-10 binary batch (labels 0), gzip-compressed when
-/// `path` ends in `.gz`, atomically (see [`crate::io::write_atomic`]).
+/// `path` ends in `.gz`, atomically (see [`crate::files::write_atomic`]).
 ///
 /// # Errors
 /// Those of [`encode_cifar`], and [`Error::Io`] if the file cannot be written.
 pub fn write_cifar(path: &Path, dataset: &Dataset) -> Result<()> {
     let raw = encode_cifar(dataset)?;
     let bytes = if has_gz_extension(path) { gzip(&raw) } else { raw };
-    crate::io::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 #[cfg(test)]

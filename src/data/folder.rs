@@ -73,11 +73,18 @@ pub fn find_images(dir: &Path) -> Result<Vec<PathBuf>> {
 /// centre-cropped as the module documentation describes. Images are decoded in parallel; the
 /// result does not depend on the number of threads.
 ///
+/// Memory is bounded: the dataset's size is checked against [`crate::files::memory_cap`] before
+/// any image is decoded, each file is read only if it is at most [`MAX_IMAGE_FILE_BYTES`], and
+/// the decoder refuses images wider or taller than [`MAX_DECODED_SIDE`] or needing more than
+/// [`MAX_DECODE_ALLOC`] bytes, before allocating them.
+///
 /// # Errors
 /// - [`Error::InvalidConfig`] if `channels` is not 1 or 3, or `image_size` is 0 or above 4096.
-/// - [`Error::BadFile`] naming the folder if it holds no PNG/JPEG file.
-/// - [`Error::BadFile`] naming the first (in path order) image that cannot be decoded.
-/// - [`Error::Io`] if a folder cannot be listed or a file cannot be read.
+/// - [`Error::BadFile`] naming the folder if it holds no PNG/JPEG file, or the dataset would
+///   exceed the memory cap.
+/// - [`Error::BadFile`] naming every image (the first few, and how many in all) that cannot be
+///   read or decoded, each with its reason, so that all of them can be fixed at once.
+/// - [`Error::Io`] if a folder cannot be listed.
 pub fn load_image_folder(dir: &Path, image_size: usize, channels: usize) -> Result<Dataset> {
     check_target(image_size, channels)?;
     let paths = find_images(dir)?;
@@ -88,15 +95,52 @@ pub fn load_image_folder(dir: &Path, image_size: usize, channels: usize) -> Resu
              point at a folder that holds images",
         ));
     }
+    let image_len = channels * image_size * image_size;
+    let total = (paths.len() as u64).saturating_mul(image_len as u64);
+    crate::files::check_declared_size(
+        dir,
+        &format!("{} images of {channels}x{image_size}x{image_size}", paths.len()),
+        total,
+        crate::files::memory_cap(),
+    )?;
     let size = u32::try_from(image_size).expect("image_size was checked to be at most 4096");
     let prepared: Vec<Result<Vec<u8>>> =
         paths.par_iter().map(|path| read_and_prepare(path, size, channels)).collect();
-    let mut pixels = Vec::with_capacity(paths.len() * channels * image_size * image_size);
-    for image in prepared {
-        pixels.extend_from_slice(&image?);
+    let failures: Vec<String> = prepared
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| match e {
+            Error::BadFile { path, reason } => format!("{} ({reason})", path.display()),
+            other => other.to_string(),
+        })
+        .collect();
+    if !failures.is_empty() {
+        const SHOWN: usize = 5;
+        let more = failures.len().saturating_sub(SHOWN);
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "{} of {} images cannot be used; remove or replace them: {}{}",
+                failures.len(),
+                paths.len(),
+                failures[..failures.len().min(SHOWN)].join("; "),
+                if more > 0 { format!("; and {more} more") } else { String::new() }
+            ),
+        ));
+    }
+    let mut pixels = Vec::with_capacity(total as usize);
+    for image in prepared.into_iter().flatten() {
+        pixels.extend_from_slice(&image);
     }
     Dataset::new(pixels, paths.len(), channels, image_size, image_size, dir)
 }
+
+/// The largest image file read (a larger one is refused, naming it).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+/// The largest width or height decoded.
+pub const MAX_DECODED_SIDE: u32 = 16384;
+/// The most memory the decoder may allocate for one image.
+pub const MAX_DECODE_ALLOC: u64 = 512 << 20;
 
 /// Converts a decoded image to `channels × image_size × image_size` bytes in CHW order, by the
 /// steps 2 to 4 of the module documentation (composite on white, channels, crop and resize).
@@ -135,20 +179,35 @@ fn check_target(image_size: usize, channels: usize) -> Result<()> {
 
 /// Reads and decodes one file, then [`prepare_image`].
 fn read_and_prepare(path: &Path, size: u32, channels: usize) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let image = image::load_from_memory(&bytes).map_err(|e| {
+    let bytes = crate::files::read_capped(path, MAX_IMAGE_FILE_BYTES)?;
+    Ok(prepare_image(&decode_image(&bytes, path)?, size, channels))
+}
+
+/// Decodes the bytes of one PNG or JPEG file (told apart by content) within the limits of
+/// [`load_image_folder`]; `source` names the file in errors.
+///
+/// # Errors
+/// [`Error::BadFile`] naming `source` if the bytes are not a decodable PNG/JPEG, the image has
+/// no pixels, or it is over the size limits.
+pub fn decode_image(bytes: &[u8], source: &Path) -> Result<DynamicImage> {
+    let bad = |e: &dyn std::fmt::Display| {
         Error::bad_file(
-            path,
-            format!(
-                "cannot decode this image ({e}); remove it from the folder or replace it with a \
-                 valid PNG or JPEG"
-            ),
+            source,
+            format!("cannot decode this image ({e}); replace it with a valid PNG or JPEG"),
         )
-    })?;
+    };
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| bad(&e))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_DECODED_SIDE);
+    limits.max_image_height = Some(MAX_DECODED_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| bad(&e))?;
     if image.width() == 0 || image.height() == 0 {
-        return Err(Error::bad_file(path, "the image has no pixels; remove it from the folder"));
+        return Err(Error::bad_file(source, "the image has no pixels"));
     }
-    Ok(prepare_image(&image, size, channels))
+    Ok(image)
 }
 
 /// RGB of an image laid over white with straight alpha: `c' = round((c·a + 255·(255 − a)) / 255)`.

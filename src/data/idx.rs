@@ -24,7 +24,20 @@ pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
 const IDX_LABELS_MAGIC: u32 = 0x0000_0801;
 
 /// Size of the header of an IDX image file: magic and three dimensions.
-const IDX_IMAGES_HEADER: usize = 16;
+pub(crate) const IDX_IMAGES_HEADER: usize = 16;
+
+/// The total length (header and pixels) that the first 16 bytes of an IDX image file declare,
+/// or `None` if they are not an IDX image header (or the size overflows).
+pub(crate) fn declared_file_len(head: &[u8]) -> Option<u64> {
+    if be_u32(head, 0)? != IDX_IMAGES_MAGIC {
+        return None;
+    }
+    let (count, rows, cols) = (be_u32(head, 4)?, be_u32(head, 8)?, be_u32(head, 12)?);
+    u64::from(count)
+        .checked_mul(u64::from(rows))?
+        .checked_mul(u64::from(cols))?
+        .checked_add(IDX_IMAGES_HEADER as u64)
+}
 
 /// Parses the bytes of an (uncompressed) IDX image file into a `[count, 1, rows, cols]`
 /// dataset. `source` names the file in errors and becomes [`Dataset::source`].
@@ -199,14 +212,14 @@ pub fn encode_idx(dataset: &Dataset) -> Result<Vec<u8>> {
 }
 
 /// Writes a single-channel dataset as an IDX image file, gzip-compressed when `path` ends in
-/// `.gz`, atomically (see [`crate::io::write_atomic`]).
+/// `.gz`, atomically (see [`crate::files::write_atomic`]).
 ///
 /// # Errors
 /// Those of [`encode_idx`], and [`Error::Io`] if the file cannot be written.
 pub fn write_idx(path: &Path, dataset: &Dataset) -> Result<()> {
     let raw = encode_idx(dataset)?;
     let bytes = if has_gz_extension(path) { gzip(&raw) } else { raw };
-    crate::io::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// Big-endian `u32` at `at`, if the bytes are there.
@@ -243,7 +256,7 @@ mod tests {
         }
         let gz = std::fs::read(dir.path().join("x-idx3-ubyte.gz")).expect("read back");
         assert_eq!(gz[..2], [0x1f, 0x8b]);
-        let raw = crate::data::gunzip_if_needed(&gz, Path::new("x")).expect("gunzip");
+        let raw = crate::data::gunzip_if_needed(&gz, Path::new("x"), 1 << 30).expect("gunzip");
         assert_eq!(parse_idx(&raw, Path::new("x")).expect("parse").pixels(), d.pixels());
     }
 

@@ -41,7 +41,8 @@ pub use folder::{find_images, load_image_folder};
 pub use idx::{load_idx, load_mnist_dir, write_idx, IDX_IMAGES_MAGIC};
 
 /// Which half of a dataset that ships in two halves (MNIST, CIFAR-10) to load.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Split {
     /// The training images (`train-images-idx3-ubyte`, `data_batch_*.bin`).
     #[default]
@@ -207,6 +208,14 @@ impl Dataset {
         &self.images[i * len..(i + 1) * len]
     }
 
+    /// The dataset's [`Fingerprint`]: shape and the xxh3-128 hash of the pixels.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint {
+            shape: self.shape(),
+            xxh3: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&self.images)),
+        }
+    }
+
     /// Mean of all pixel values on the 0..=255 scale (MNIST train: 33.32).
     pub fn mean_pixel(&self) -> f64 {
         let sum: u64 = self.images.iter().map(|&p| u64::from(p)).sum();
@@ -304,6 +313,73 @@ pub struct LoadOptions {
     /// Channels to produce, 1 (grayscale) or 3 (RGB). For a folder of images it defaults to 3;
     /// for IDX (1 channel) and CIFAR (3 channels) it is a check, like `image_size`.
     pub channels: Option<usize>,
+}
+
+/// Where a training set comes from, complete enough to load it again: a path (or the embedded
+/// MNIST) and the [`LoadOptions`]. A checkpoint stores it so that `--resume` reloads the data
+/// the run was trained on.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataSpec {
+    /// The file or folder; `None` for the MNIST embedded in the library.
+    pub path: Option<PathBuf>,
+    /// The split.
+    pub split: Split,
+    /// The requested image size, if any.
+    pub image_size: Option<usize>,
+    /// The requested channel count, if any.
+    pub channels: Option<usize>,
+}
+
+impl DataSpec {
+    /// The options [`load`] takes for this spec.
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions { split: self.split, image_size: self.image_size, channels: self.channels }
+    }
+
+    /// Loads the dataset: [`mnist_embedded`] when there is no path, else [`load`].
+    ///
+    /// # Errors
+    /// As [`load`]; [`Error::Io`] naming the path if it does not exist.
+    pub fn load(&self) -> Result<Dataset> {
+        match &self.path {
+            None => check_stored_shape(mnist_embedded(self.split)?, &self.options()),
+            Some(p) => load(p, &self.options()),
+        }
+    }
+
+    /// A short description for messages: the path (or `the embedded MNIST`) and the split.
+    pub fn describe(&self) -> String {
+        match &self.path {
+            None => format!("the embedded MNIST ({} split)", self.split),
+            Some(p) => format!("{} ({} split)", p.display(), self.split),
+        }
+    }
+}
+
+/// What identifies a dataset's content: its shape and a 128-bit hash (xxh3) of its pixels. Two
+/// datasets with equal fingerprints hold the same images in the same order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Fingerprint {
+    /// `[N, C, H, W]`.
+    pub shape: [usize; 4],
+    /// xxh3-128 of the NCHW pixel bytes, as 32 hex digits.
+    pub xxh3: String,
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [n, c, h, w] = self.shape;
+        write!(f, "{n} images of {c}x{h}x{w}, xxh3 {}", self.xxh3)
+    }
+}
+
+/// A training set as a checkpoint records it: where it came from and what it held.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataRecord {
+    /// How to load it again.
+    pub spec: DataSpec,
+    /// What it held.
+    pub fingerprint: Fingerprint,
 }
 
 /// Loads a dataset from `path`, detecting its format:
@@ -490,7 +566,7 @@ pub fn mnist_embedded(split: Split) -> Result<Dataset> {
         Split::Test => (MNIST_TEST_GZ, "embedded:data/mnist/t10k-images-idx3-ubyte.gz"),
     };
     let source = Path::new(name);
-    let raw = gunzip_if_needed(bytes, source)?;
+    let raw = gunzip_if_needed(bytes, source, crate::files::memory_cap())?;
     idx::parse_idx(&raw, source)
 }
 
@@ -499,36 +575,74 @@ pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0x1f, 0x8b])
 }
 
-/// Reads `path` whole and decompresses it if it is gzip (by magic bytes, not by name).
+/// Reads `path` whole and decompresses it if it is gzip (by magic bytes, not by name), within
+/// [`crate::files::memory_cap`].
 pub(crate) fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if is_gzip(&bytes) {
-        gunzip_if_needed(&bytes, path)
-    } else {
-        Ok(bytes)
-    }
+    let cap = crate::files::memory_cap();
+    let bytes = crate::files::read_capped(path, cap)?;
+    gunzip_if_needed(&bytes, path, cap)
 }
+
+/// The most a deflate stream inflates per input byte (RFC 1951: a 258-byte match costs at
+/// least 2 bits, so at most 1032 output bytes per input byte), with room for gzip's headers.
+const DEFLATE_MAX_RATIO: u64 = 1032;
 
 /// Decompresses gzip data (all members, as `gunzip` does); other data is returned as is.
 /// `source` names the data in errors.
-pub(crate) fn gunzip_if_needed(bytes: &[u8], source: &Path) -> Result<Vec<u8>> {
+///
+/// Memory is bounded before it is spent: when the data inflates to an IDX image file, its
+/// header declares the total size, which must be within `cap` and within what the compressed
+/// bytes can possibly inflate to, and reading stops one byte past it; otherwise reading stops
+/// one byte past `cap`. Either way the excess is an error, not an allocation.
+pub(crate) fn gunzip_if_needed(bytes: &[u8], source: &Path, cap: u64) -> Result<Vec<u8>> {
     if !is_gzip(bytes) {
         return Ok(bytes.to_vec());
     }
-    // The gzip trailer stores the uncompressed size mod 2^32: a capacity hint, capped so that a
-    // corrupt trailer cannot make us reserve gigabytes.
-    let hint = bytes
-        .len()
-        .checked_sub(4)
-        .map(|at| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]))
-        .map_or(0, |n| (n as usize).min(1 << 28));
-    let mut out = Vec::with_capacity(hint);
-    flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out).map_err(|e| {
+    let corrupt = |e: std::io::Error| {
         Error::bad_file(
             source,
             format!("gzip data is corrupt or truncated ({e}); download or copy the file again"),
         )
-    })?;
+    };
+    let mut decoder = flate2::read::MultiGzDecoder::new(bytes);
+    let mut out = Vec::new();
+    (&mut decoder).take(idx::IDX_IMAGES_HEADER as u64).read_to_end(&mut out).map_err(corrupt)?;
+    let possible = (bytes.len() as u64).saturating_mul(DEFLATE_MAX_RATIO);
+    let limit = match idx::declared_file_len(&out) {
+        Some(declared) => {
+            crate::files::check_declared_size(
+                source,
+                "the IDX header (inside the gzip data)",
+                declared,
+                cap,
+            )?;
+            if declared > possible {
+                return Err(Error::bad_file(
+                    source,
+                    format!(
+                        "the IDX header declares {declared} bytes, more than {} compressed bytes can \
+                         inflate to; the file is corrupt",
+                        bytes.len()
+                    ),
+                ));
+            }
+            out.reserve(declared as usize - out.len());
+            declared
+        }
+        None => cap.min(possible),
+    };
+    let room = (limit + 1).saturating_sub(out.len() as u64);
+    (&mut decoder).take(room).read_to_end(&mut out).map_err(corrupt)?;
+    if out.len() as u64 > limit {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "the gzip data inflates to more than {limit} bytes ({}); the file is corrupt, or raise \
+                 DDPM_MAX_DATA_MIB if it is really that large",
+                if limit < cap { "what its IDX header declares" } else { "the memory cap" }
+            ),
+        ));
+    }
     Ok(out)
 }
 
@@ -616,7 +730,7 @@ mod tests {
     fn corrupt_gzip_is_a_bad_file_naming_the_source() {
         let mut gz = gzip(&[7u8; 1000]);
         gz.truncate(gz.len() / 2);
-        let err = gunzip_if_needed(&gz, Path::new("/x/broken.gz")).expect_err("truncated gzip");
+        let err = gunzip_if_needed(&gz, Path::new("/x/broken.gz"), 1 << 30).expect_err("truncated gzip");
         let msg = err.to_string();
         assert!(matches!(err, Error::BadFile { .. }));
         assert!(msg.contains("/x/broken.gz") && msg.contains("corrupt or truncated"), "{msg}");
@@ -627,7 +741,7 @@ mod tests {
         let data: Vec<u8> = (0..5000).map(|i| (i % 251) as u8).collect();
         let gz = gzip(&data);
         assert!(is_gzip(&gz));
-        assert_eq!(gunzip_if_needed(&gz, Path::new("x")).expect("valid gzip"), data);
+        assert_eq!(gunzip_if_needed(&gz, Path::new("x"), 1 << 30).expect("valid gzip"), data);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub enum BetaSchedule {
     /// β read from a file: a 1-D float64 `.npy`, or text with one number per line or separated
     /// by whitespace/commas (`#` starts a comment).
     File(PathBuf),
+    /// β given as values, T of them: what a training run stores for a `file:` schedule, so
+    /// that a resumed run never re-reads a file that may have changed.
+    Custom(Vec<f64>),
 }
 
 impl fmt::Display for BetaSchedule {
@@ -71,6 +74,7 @@ impl fmt::Display for BetaSchedule {
             BetaSchedule::Sigmoid => f.write_str("sigmoid"),
             BetaSchedule::Constant => f.write_str("constant"),
             BetaSchedule::File(p) => write!(f, "file:{}", p.display()),
+            BetaSchedule::Custom(b) => write!(f, "custom ({} values)", b.len()),
         }
     }
 }
@@ -114,6 +118,12 @@ impl BetaSchedule {
         if timesteps == 0 {
             return Err(Error::config("timesteps", "T = 0: a diffusion needs at least 2 steps"));
         }
+        if timesteps > NoiseSchedule::MAX_TIMESTEPS {
+            return Err(Error::config(
+                "timesteps",
+                format!("T = {timesteps} is above the largest supported, {}", NoiseSchedule::MAX_TIMESTEPS),
+            ));
+        }
         let t = timesteps;
         Ok(match self {
             BetaSchedule::Linear => {
@@ -155,6 +165,15 @@ impl BetaSchedule {
                     ));
                 }
                 betas
+            }
+            BetaSchedule::Custom(betas) => {
+                if betas.len() != t {
+                    return Err(Error::config(
+                        "timesteps",
+                        format!("the stored schedule holds {} betas but T = {t}", betas.len()),
+                    ));
+                }
+                betas.clone()
             }
         })
     }
@@ -213,16 +232,25 @@ pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f64> {
 /// `.npy` is not 1-D float64, or there is no number at all.
 pub fn read_betas_file(path: &Path) -> Result<Vec<f64>> {
     let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    // A schedule of MAX_TIMESTEPS values fits in far less than this, as text or .npy.
+    const MAX_BYTES: u64 = 64 << 20;
+    let bytes = crate::files::read_capped(path, MAX_BYTES)?;
     if is_npy {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let arr: Array1<f64> = ndarray_npy::ReadNpyExt::read_npy(file)
-            .map_err(|e| Error::bad_file(path, format!("expected a 1-D float64 .npy of betas: {e}")))?;
+        let arr: ndarray::ArrayD<f64> = crate::files::parse_npy(&bytes, path)?;
+        if arr.ndim() != 1 {
+            return Err(Error::bad_file(
+                path,
+                format!("expected a 1-D .npy of betas, not shape {:?}", arr.shape()),
+            ));
+        }
         if arr.is_empty() {
             return Err(Error::bad_file(path, "the .npy holds no betas"));
         }
-        return Ok(arr.to_vec());
+        return Ok(arr.iter().copied().collect());
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        Error::bad_file(path, "not UTF-8 text (write one number per line, or a float64 .npy)")
+    })?;
     let mut betas = Vec::new();
     for (line_no, line) in text.lines().enumerate() {
         let content = line.split('#').next().unwrap_or("");
@@ -364,6 +392,10 @@ fn float32_tables(betas: &[f64]) -> (Array1<f64>, Array1<f64>, Array1<f64>) {
 }
 
 impl NoiseSchedule {
+    /// The largest T accepted (a million steps; its tables take about 130 MB). Larger values
+    /// come only from corrupt or hostile configurations and would exhaust memory.
+    pub const MAX_TIMESTEPS: usize = 1_000_000;
+
     /// Builds the β of `schedule` for `timesteps` steps and precomputes every table.
     ///
     /// # Errors
@@ -392,6 +424,12 @@ impl NoiseSchedule {
             return Err(Error::config(
                 "schedule",
                 format!("T = {t_len}: at least 2 steps are needed (β̃ at t = 1 is 0 and the references borrow t = 2)"),
+            ));
+        }
+        if t_len > Self::MAX_TIMESTEPS {
+            return Err(Error::config(
+                "schedule",
+                format!("T = {t_len} is above the largest supported, {}", Self::MAX_TIMESTEPS),
             ));
         }
         for (i, &b) in betas.iter().enumerate() {

@@ -68,6 +68,43 @@ impl ImportanceSampler {
         }
     }
 
+    /// Checks a sampler read from a file (a checkpoint) against the run's T: one history per
+    /// timestep, each of at most 10 finite losses, and the standard settings.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] saying what does not match.
+    pub fn validate(&self, timesteps: usize) -> Result<()> {
+        let bad = |reason: String| Err(Error::config("importance-sampling state", reason));
+        if self.history.len() != timesteps {
+            return bad(format!(
+                "{} timesteps of history for a process of T = {timesteps}",
+                self.history.len()
+            ));
+        }
+        if self.history_per_term != Self::HISTORY_PER_TERM || self.uniform_prob != Self::UNIFORM_PROB {
+            return bad(format!(
+                "settings {} losses per term and uniform share {}, expected {} and {}",
+                self.history_per_term,
+                self.uniform_prob,
+                Self::HISTORY_PER_TERM,
+                Self::UNIFORM_PROB
+            ));
+        }
+        for (t, h) in self.history.iter().enumerate() {
+            if h.len() > self.history_per_term {
+                return bad(format!(
+                    "timestep {t} holds {} losses, more than {}",
+                    h.len(),
+                    self.history_per_term
+                ));
+            }
+            if let Some(l) = h.iter().find(|l| !l.is_finite()) {
+                return bad(format!("timestep {t} holds the loss {l}, not a finite number"));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether every timestep has a full history (before that, sampling is uniform).
     pub fn warmed_up(&self) -> bool {
         self.history.iter().all(|h| h.len() == self.history_per_term)

@@ -902,7 +902,7 @@ pub fn write_folder(
         [(CONFIG_FILE, &config), (SCHEDULER_FILE, &scheduler.to_json()), (MODEL_INDEX_FILE, &index)]
     {
         let text = serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n";
-        crate::io::write_atomic(&dir.join(file), text.as_bytes())?;
+        crate::files::write_atomic(&dir.join(file), text.as_bytes())?;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use ndarray::{ArrayD, ArrayView, ArrayViewD, Dimension};
-use ndarray_npy::{NpzReader, NpzWriter, ReadNpyError, ReadNpzError};
+use ndarray_npy::{NpzWriter, ReadNpyError, ReadNpyExt};
 
 use crate::error::{Error, Result};
 
@@ -73,7 +73,7 @@ pub struct NpzEntry {
 }
 
 /// Writes the named arrays to an uncompressed `.npz` at `path`, atomically
-/// ([`super::write_atomic`]); `np.load(path)[name]` gives each back with its dtype and shape.
+/// ([`crate::files::write_atomic`]); `np.load(path)[name]` gives each back with its dtype and shape.
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] if two arrays share a name or a name is empty; [`Error::Io`] if the
@@ -101,59 +101,99 @@ pub fn write_npz(path: &Path, arrays: &[(&str, NpzArray<'_>)]) -> Result<()> {
         .map_err(failed)?;
     }
     let bytes = writer.finish().map_err(failed)?.into_inner();
-    super::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// Reads every array of the `.npz` at `path`, in archive order, converted to `f64` (see the
-/// module documentation for the element types accepted).
+/// module documentation for the element types accepted). Archives may be stored or deflated
+/// (`np.savez` or `np.savez_compressed`); each member is read only up to the size the archive
+/// declares for it, which must be within [`crate::files::memory_cap`], and its `.npy` header
+/// must account exactly for its bytes.
 ///
 /// # Errors
 /// - [`Error::Io`] if the file cannot be read.
 /// - [`Error::BadFile`] naming the file if it is not a zip archive of `.npy` files, is truncated,
-///   or holds an array of another element type (the message names the array).
+///   declares sizes it does not hold, or holds an array of another element type (the message
+///   names the array).
 pub fn read_npz(path: &Path) -> Result<Vec<NpzEntry>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let corrupt = |e: ReadNpzError| {
-        Error::bad_file(path, format!("not a valid npz archive, or corrupt/truncated ({e})"))
+    let cap = crate::files::memory_cap();
+    let bytes = crate::files::read_capped(path, cap)?;
+    read_npz_bytes(&bytes, path, cap)
+}
+
+/// [`read_npz`] for bytes in memory, with `cap` the most bytes one member may inflate to;
+/// `source` names them in errors.
+///
+/// # Errors
+/// As [`read_npz`], without the I/O.
+pub fn read_npz_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<Vec<NpzEntry>> {
+    use std::io::Read;
+    let corrupt = |e: &dyn std::fmt::Display| {
+        Error::bad_file(source, format!("not a valid npz archive, or corrupt/truncated ({e})"))
     };
-    let mut reader = NpzReader::new(Cursor::new(bytes)).map_err(corrupt)?;
-    let names = reader.names().map_err(corrupt)?;
-    let mut entries = Vec::with_capacity(names.len());
-    for (index, name) in names.into_iter().enumerate() {
-        let (dtype, values) = read_any(&mut reader, index).map_err(|e| match e {
-            ReadNpzError::Npy(ReadNpyError::WrongDescriptor(descr)) => Error::bad_file(
-                path,
+    let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| corrupt(&e))?;
+    let mut entries = Vec::with_capacity(archive.len().min(1 << 16));
+    for index in 0..archive.len() {
+        let mut file = archive.by_index(index).map_err(|e| corrupt(&e))?;
+        let file_name = file.name().to_string();
+        let name = file_name.strip_suffix(".npy").unwrap_or(&file_name).to_string();
+        let declared = file.size();
+        let member = Path::new(&file_name);
+        crate::files::check_declared_size(source, &format!("array `{name}`"), declared, cap)?;
+        let mut npy = Vec::with_capacity(declared.min(bytes.len() as u64 * 2) as usize);
+        (&mut file).take(declared.saturating_add(1)).read_to_end(&mut npy).map_err(|e| corrupt(&e))?;
+        if npy.len() as u64 != declared {
+            return Err(corrupt(&format!(
+                "array `{name}` holds {} bytes, not the {declared} its entry declares",
+                npy.len()
+            )));
+        }
+        crate::files::check_npy(&npy, member).map_err(|e| match e {
+            Error::BadFile { reason, .. } => Error::bad_file(source, format!("array `{name}`: {reason}")),
+            other => other,
+        })?;
+        let (dtype, values) = read_any(&npy).map_err(|e| match e {
+            ReadNpyError::WrongDescriptor(descr) => Error::bad_file(
+                source,
                 format!(
                     "array `{name}` has element type {descr}; only f64, f32, i64, i32, u8 and bool \
                      can be read"
                 ),
             ),
-            other => corrupt(other),
+            other => corrupt(&format!("array `{name}`: {other}")),
         })?;
         entries.push(NpzEntry { name, dtype, values });
     }
     Ok(entries)
 }
 
-/// Reads array `index` as the first element type that matches its descriptor.
 /// Reads a float32 `.npy` file (`np.save(path, x.astype(np.float32))`), any shape.
 ///
 /// # Errors
-/// [`Error::Io`] if unreadable; [`Error::BadFile`] naming the file if it is not a `.npy` or its
-/// element type is not float32 (the message says how to convert it).
+/// [`Error::Io`] if unreadable; [`Error::BadFile`] naming the file if it is not a `.npy`, its
+/// header does not match its length, or its element type is not float32 (the message says how
+/// to convert it).
 pub fn read_npy_f32(path: &Path) -> Result<ArrayD<f32>> {
-    use ndarray_npy::ReadNpyExt;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::files::read_capped(path, crate::files::memory_cap())?;
+    parse_npy_f32(&bytes, path)
+}
+
+/// [`read_npy_f32`] for bytes in memory; `source` names them in errors.
+///
+/// # Errors
+/// As [`read_npy_f32`], without the I/O.
+pub fn parse_npy_f32(bytes: &[u8], source: &Path) -> Result<ArrayD<f32>> {
+    crate::files::check_npy(bytes, source)?;
     ArrayD::<f32>::read_npy(Cursor::new(bytes)).map_err(|e| match e {
         ReadNpyError::WrongDescriptor(descr) => Error::bad_file(
-            path,
+            source,
             format!("element type {descr}, expected float32; save it with x.astype(np.float32)"),
         ),
-        other => Error::bad_file(path, format!("not a valid .npy file ({other})")),
+        other => Error::bad_file(source, format!("not a valid .npy file ({other})")),
     })
 }
 
-/// Writes `array` as a float32 `.npy` file at `path`, atomically ([`super::write_atomic`]).
+/// Writes `array` as a float32 `.npy` file at `path`, atomically ([`crate::files::write_atomic`]).
 ///
 /// # Errors
 /// [`Error::Io`] if the file cannot be written (the folder must exist).
@@ -163,41 +203,36 @@ pub fn write_npy_f32(path: &Path, array: &ArrayD<f32>) -> Result<()> {
     array
         .write_npy(&mut bytes)
         .map_err(|e| Error::io(path, std::io::Error::other(format!("cannot encode the .npy: {e}"))))?;
-    super::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
-fn read_any(
-    reader: &mut NpzReader<Cursor<Vec<u8>>>,
-    index: usize,
-) -> Result<(NpzDtype, ArrayD<f64>), ReadNpzError> {
+/// Reads a checked `.npy` as the first element type that matches its descriptor.
+fn read_any(npy: &[u8]) -> Result<(NpzDtype, ArrayD<f64>), ReadNpyError> {
     /// Tries one element type; `Ok(None)` when the descriptor names another type.
-    fn attempt<T: ndarray_npy::ReadableElement>(
-        reader: &mut NpzReader<Cursor<Vec<u8>>>,
-        index: usize,
-    ) -> Result<Option<ArrayD<T>>, ReadNpzError> {
-        match reader.by_index::<ndarray::OwnedRepr<T>, ndarray::IxDyn>(index) {
+    fn attempt<T: ndarray_npy::ReadableElement>(npy: &[u8]) -> Result<Option<ArrayD<T>>, ReadNpyError> {
+        match ArrayD::<T>::read_npy(Cursor::new(npy)) {
             Ok(array) => Ok(Some(array)),
-            Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(_))) => Ok(None),
+            Err(ReadNpyError::WrongDescriptor(_)) => Ok(None),
             Err(e) => Err(e),
         }
     }
-    if let Some(a) = attempt::<f64>(reader, index)? {
+    if let Some(a) = attempt::<f64>(npy)? {
         return Ok((NpzDtype::F64, a.as_standard_layout().into_owned()));
     }
-    if let Some(a) = attempt::<f32>(reader, index)? {
+    if let Some(a) = attempt::<f32>(npy)? {
         return Ok((NpzDtype::F32, a.mapv(f64::from).as_standard_layout().into_owned()));
     }
-    if let Some(a) = attempt::<i64>(reader, index)? {
+    if let Some(a) = attempt::<i64>(npy)? {
         return Ok((NpzDtype::I64, a.mapv(|v| v as f64).as_standard_layout().into_owned()));
     }
-    if let Some(a) = attempt::<i32>(reader, index)? {
+    if let Some(a) = attempt::<i32>(npy)? {
         return Ok((NpzDtype::I32, a.mapv(f64::from).as_standard_layout().into_owned()));
     }
-    if let Some(a) = attempt::<u8>(reader, index)? {
+    if let Some(a) = attempt::<u8>(npy)? {
         return Ok((NpzDtype::U8, a.mapv(f64::from).as_standard_layout().into_owned()));
     }
     // The last type reports the descriptor if it does not match either.
-    let a = reader.by_index::<ndarray::OwnedRepr<bool>, ndarray::IxDyn>(index)?;
+    let a = ArrayD::<bool>::read_npy(Cursor::new(npy))?;
     Ok((NpzDtype::Bool, a.mapv(|v| f64::from(u8::from(v))).as_standard_layout().into_owned()))
 }
 

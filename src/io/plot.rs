@@ -6,7 +6,7 @@
 //! | [`save_loss_curve`] | raw per-step loss and its bias-corrected EMA (smoothing 0.98), log y |
 //!
 //! Charts are [`WIDTH`]×[`HEIGHT`] RGB PNGs, drawn with `plotters` into a bitmap in memory,
-//! encoded with the `image` crate and written atomically ([`super::write_atomic`]).
+//! encoded with the `image` crate and written atomically ([`crate::files::write_atomic`]).
 //!
 //! Text is set in DejaVu Sans, embedded in the library (`assets/fonts/`, Bitstream Vera license),
 //! so drawing needs no system font library and looks the same on every machine.
@@ -271,7 +271,7 @@ fn save_styled(path: &Path, text: ChartText, log_y: bool, series: &[StyledSeries
     }
     let png = render_png(text, x, y, &lines)
         .map_err(|e| Error::io(path, std::io::Error::other(format!("drawing the chart failed: {e}"))))?;
-    super::write_atomic(path, &png)
+    crate::files::write_atomic(path, &png)
 }
 
 /// Checks the points and moves them to plot space, dropping non-positive y on a log axis.

@@ -81,7 +81,7 @@ pub fn make_grid(images: ArrayView4<f32>, cols: usize) -> Result<Grid> {
 
 /// Saves `images` `[N, C, H, W]` (values on [−1, 1], `C` = 1 or 3) as one PNG grid with
 /// `min(cols, N)` columns and a 2-pixel black border (see the module documentation for the layout
-/// and the quantisation). The file is written atomically ([`super::write_atomic`]).
+/// and the quantisation). The file is written atomically ([`crate::files::write_atomic`]).
 ///
 /// # Errors
 /// Those of [`make_grid`]; [`Error::Io`] if the file cannot be written (the folder must exist).
@@ -118,7 +118,7 @@ fn write_png(path: &Path, pixels: &[u8], width: usize, height: usize, channels: 
     image::codecs::png::PngEncoder::new(&mut bytes)
         .write_image(pixels, w, h, colour)
         .map_err(|e| Error::config("image", format!("cannot encode {}: {e}", path.display())))?;
-    super::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ pub fn to_bytes(tensors: &[(String, &Tensor)], metadata: &BTreeMap<String, Strin
 }
 
 /// Saves `tensors` (each as `F32` with its shape) and `metadata` to `path`: written to
-/// `<path>.tmp`, synced, renamed over `path`, folder synced ([`super::write_atomic`]). A crash at
+/// a uniquely named temporary file, synced, renamed over `path`, folder synced ([`crate::files::write_atomic`]). A crash at
 /// any point leaves the previous file intact.
 ///
 /// # Errors
@@ -106,7 +106,7 @@ pub fn save_atomic(
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
     let bytes = to_bytes(tensors, metadata)?;
-    super::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// Loads every tensor and the metadata of a `.safetensors` file. `F64` tensors are narrowed to
@@ -117,7 +117,7 @@ pub fn save_atomic(
 /// - [`Error::BadFile`] naming the file if it is not a safetensors file, or is corrupt or
 ///   truncated, or holds a tensor of a dtype other than `F32`/`F64`.
 pub fn load(path: &Path) -> Result<Loaded> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::files::read_capped(path, crate::files::memory_cap())?;
     from_bytes(&bytes, path)
 }
 
@@ -160,8 +160,14 @@ pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<Loaded> {
                 ))
             }
         };
-        let tensor = Tensor::from_shape_vec(ndarray::IxDyn(view.shape()), values)
-            .expect("the safetensors crate checked that the data fills the shape");
+        // The crate checked that the data fills the shape, but ndarray also needs the product
+        // of the non-zero axes to fit in isize (a header can declare [0, 2^40, 2^40]).
+        let tensor = Tensor::from_shape_vec(ndarray::IxDyn(view.shape()), values).map_err(|e| {
+            Error::bad_file(
+                source,
+                format!("tensor `{name}` has an impossible shape {:?} ({e})", view.shape()),
+            )
+        })?;
         tensors.insert(name.to_string(), tensor);
     }
     Ok(Loaded { tensors, metadata })
@@ -208,7 +214,7 @@ mod tests {
         for (name, t) in &tensors {
             assert_eq!(&loaded.tensors[name], t, "{name}");
         }
-        assert!(!dir.path().join("ckpt.safetensors.tmp").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1, "no temporary file is left");
     }
 
     #[test]

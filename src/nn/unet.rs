@@ -133,25 +133,66 @@ impl UNetConfig {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the offending field.
     pub fn validate(&self) -> Result<()> {
-        if self.ch_mult.is_empty() {
-            return Err(Error::config("U-Net", "ch_mult needs at least one level"));
+        let bad = |reason: String| Err(Error::config("U-Net", reason));
+        if self.ch_mult.is_empty() || self.ch_mult.len() > Self::MAX_LEVELS {
+            return bad(format!("ch_mult has {} levels; use 1..={}", self.ch_mult.len(), Self::MAX_LEVELS));
         }
-        if self.in_channels == 0 || self.out_channels == 0 || self.ch == 0 || self.num_res_blocks == 0 {
-            return Err(Error::config("U-Net", "channels, ch and num_res_blocks must be positive"));
+        for (what, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("ch (base width)", self.ch),
+            ("num_res_blocks", self.num_res_blocks),
+            ("gn_groups (group-norm groups)", self.gn_groups),
+        ] {
+            if v == 0 {
+                return bad(format!("{what} is 0; it must be at least 1"));
+            }
+        }
+        if let Some(m) = self.ch_mult.iter().find(|&&m| m == 0) {
+            return bad(format!("ch_mult {:?} holds {m}; every multiplier must be at least 1", self.ch_mult));
+        }
+        if self.num_res_blocks > Self::MAX_RES_BLOCKS {
+            return bad(format!("num_res_blocks {} is above {}", self.num_res_blocks, Self::MAX_RES_BLOCKS));
+        }
+        let widest = self
+            .ch_mult
+            .iter()
+            .map(|&m| self.ch.checked_mul(m))
+            .try_fold(self.ch, |a, w| w.map(|w| a.max(w)));
+        let widths_ok = widest.is_some_and(|w| w.saturating_mul(2) <= Self::MAX_WIDTH)
+            && self.ch.saturating_mul(4) <= Self::MAX_WIDTH
+            && self.in_channels <= Self::MAX_WIDTH
+            && self.out_channels <= Self::MAX_WIDTH;
+        if !widths_ok {
+            return bad(format!(
+                "widths ch {} x ch_mult {:?} (or {} / {} image channels) exceed {}",
+                self.ch,
+                self.ch_mult,
+                self.in_channels,
+                self.out_channels,
+                Self::MAX_WIDTH
+            ));
         }
         let down = 1usize << (self.ch_mult.len() - 1);
-        if self.resolution == 0 || !self.resolution.is_multiple_of(down) {
-            return Err(Error::config(
-                "U-Net",
-                format!(
-                    "resolution {} must be a positive multiple of {down} for {} levels",
-                    self.resolution,
-                    self.ch_mult.len()
-                ),
+        if self.resolution == 0
+            || self.resolution > Self::MAX_RESOLUTION
+            || !self.resolution.is_multiple_of(down)
+        {
+            return bad(format!(
+                "resolution {} must be a multiple of {down} (for {} levels) in 1..={}",
+                self.resolution,
+                self.ch_mult.len(),
+                Self::MAX_RESOLUTION
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::config("U-Net", format!("dropout {} is not in [0, 1)", self.dropout)));
+            return bad(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        if !(self.gn_eps.is_finite() && self.gn_eps > 0.0) {
+            return bad(format!("group-norm epsilon {} must be a finite number above 0", self.gn_eps));
+        }
+        if !self.embedding_freq_shift.is_finite() {
+            return bad(format!("embedding_freq_shift {} is not finite", self.embedding_freq_shift));
         }
         let mut widths = vec![self.ch];
         widths.extend(self.ch_mult.iter().map(|m| m * self.ch));
@@ -160,13 +201,94 @@ impl UNetConfig {
         }
         for c in widths {
             if c % groups_for(c, self.gn_groups) != 0 {
-                return Err(Error::config(
-                    "U-Net",
-                    format!("{} groups do not divide {c} channels", groups_for(c, self.gn_groups)),
-                ));
+                return bad(format!("{} groups do not divide {c} channels", groups_for(c, self.gn_groups)));
             }
         }
+        if self.num_params() > Self::MAX_PARAMS {
+            return bad(format!(
+                "{} parameters, more than the {} supported",
+                self.num_params(),
+                Self::MAX_PARAMS
+            ));
+        }
         Ok(())
+    }
+
+    /// The most levels (entries of `ch_mult`).
+    pub const MAX_LEVELS: usize = 16;
+    /// The most residual blocks per level.
+    pub const MAX_RES_BLOCKS: usize = 64;
+    /// The widest layer (channels), counting the concatenated skip connections.
+    pub const MAX_WIDTH: usize = 1 << 16;
+    /// The largest input side.
+    pub const MAX_RESOLUTION: usize = 4096;
+    /// The most parameters (2^30, about a billion: 4 GiB per copy of the weights; the paper's
+    /// largest model has 114 million).
+    pub const MAX_PARAMS: u64 = 1 << 30;
+
+    /// The number of parameters [`UNet::init_params`] creates, computed from the shapes alone
+    /// (saturating instead of overflowing), so a configuration can be refused before anything
+    /// is allocated.
+    pub fn num_params(&self) -> u64 {
+        let u = |v: usize| v as u64;
+        let conv = |cin: usize, cout: usize, k: usize| {
+            u(cout).saturating_mul(u(cin)).saturating_mul(u(k * k)).saturating_add(u(cout))
+        };
+        let linear = |cin: usize, cout: usize| u(cout).saturating_mul(u(cin)).saturating_add(u(cout));
+        let norm = |c: usize| u(c).saturating_mul(2);
+        let temb = self.temb_ch();
+        let res_block = |cin: usize, cout: usize| {
+            let mut n = norm(cin)
+                .saturating_add(conv(cin, cout, 3))
+                .saturating_add(linear(temb, cout))
+                .saturating_add(norm(cout))
+                .saturating_add(conv(cout, cout, 3));
+            if cin != cout {
+                n = n.saturating_add(conv(cin, cout, 1));
+            }
+            n
+        };
+        let attn = |c: usize| norm(c).saturating_add(conv(c, c, 1).saturating_mul(4));
+        let mut n = linear(self.ch, temb).saturating_add(linear(temb, temb)).saturating_add(conv(
+            self.in_channels,
+            self.ch,
+            3,
+        ));
+        let mut res = self.resolution;
+        let mut block_in = self.ch;
+        for (i, m) in self.ch_mult.iter().enumerate() {
+            for _ in 0..self.num_res_blocks {
+                n = n.saturating_add(res_block(block_in, self.ch * m));
+                block_in = self.ch * m;
+                if self.attn_resolutions.contains(&res) {
+                    n = n.saturating_add(attn(block_in));
+                }
+            }
+            if i + 1 != self.ch_mult.len() {
+                n = n.saturating_add(conv(block_in, block_in, 3));
+                res /= 2;
+            }
+        }
+        n = n.saturating_add(res_block(block_in, block_in).saturating_mul(2)).saturating_add(attn(block_in));
+        let mut up = self.up_blocks().into_iter();
+        for (i, m) in self.ch_mult.iter().enumerate().rev() {
+            for _ in 0..=self.num_res_blocks {
+                let Some((cin, cout)) = up.next() else { break };
+                n = n.saturating_add(res_block(cin, cout));
+                if self.attn_resolutions.contains(&res) {
+                    n = n.saturating_add(attn(cout));
+                }
+            }
+            if i != 0 {
+                n = n.saturating_add(conv(self.ch * m, self.ch * m, 3));
+                res *= 2;
+            }
+        }
+        n.saturating_add(norm(self.ch * self.ch_mult[0])).saturating_add(conv(
+            self.ch * self.ch_mult[0],
+            self.out_channels,
+            3,
+        ))
     }
 
     /// Widths of the skip connections pushed on the way down, in push order.
@@ -475,5 +597,75 @@ mod tests {
         c.ch = 24;
         c.gn_groups = 7;
         assert!(UNet::new(c).is_err(), "7 groups do not divide 24");
+    }
+
+    #[test]
+    fn num_params_counts_exactly_what_init_params_creates() {
+        use proptest::prelude::*;
+        for (preset, ch, res) in [(Preset::Mnist, 1, 28), (Preset::Cifar10, 3, 32), (Preset::Small, 1, 28)] {
+            let c = preset.config(ch, res);
+            assert_eq!(c.num_params() as usize, count(preset, ch, res), "{preset:?}");
+        }
+        let config = (
+            1usize..4,
+            1usize..4,
+            prop::collection::vec(1usize..4, 1..4),
+            1usize..3,
+            any::<bool>(),
+            1usize..3,
+        )
+            .prop_map(|(cin, ch8, mult, nrb, attn, out_mul)| {
+                let mut c = Preset::Tiny.config(cin, 16);
+                c.out_channels = cin * out_mul;
+                c.ch = 8 * ch8;
+                c.gn_groups = 8;
+                c.resolution = 8 << mult.len();
+                c.ch_mult = mult;
+                c.num_res_blocks = nrb;
+                c.attn_resolutions = if attn { vec![c.resolution / 2, c.resolution] } else { vec![] };
+                c
+            });
+        proptest!(ProptestConfig::with_cases(24), |(c in config)| {
+            let n = UNet::new(c.clone()).unwrap().init_params(&mut rng_from_seed(0)).num_scalars();
+            prop_assert_eq!(c.num_params() as usize, n);
+        });
+    }
+
+    #[test]
+    fn zero_huge_and_non_finite_fields_are_refused_without_panicking() {
+        let base = Preset::Tiny.config(1, 8);
+        type Edit = Box<dyn Fn(&mut UNetConfig)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("gn_groups", Box::new(|c| c.gn_groups = 0)),
+            ("ch", Box::new(|c| c.ch = 0)),
+            ("ch_mult", Box::new(|c| c.ch_mult = vec![1, 0])),
+            ("ch_mult", Box::new(|c| c.ch_mult = vec![])),
+            ("levels", Box::new(|c| c.ch_mult = vec![1; 70])),
+            ("num_res_blocks", Box::new(|c| c.num_res_blocks = 0)),
+            ("num_res_blocks", Box::new(|c| c.num_res_blocks = usize::MAX)),
+            ("in_channels", Box::new(|c| c.in_channels = 0)),
+            ("width", Box::new(|c| c.ch = usize::MAX / 2)),
+            ("width", Box::new(|c| c.ch_mult = vec![1, usize::MAX])),
+            ("resolution", Box::new(|c| c.resolution = 0)),
+            ("resolution", Box::new(|c| c.resolution = 1 << 40)),
+            ("dropout", Box::new(|c| c.dropout = f32::NAN)),
+            ("dropout", Box::new(|c| c.dropout = 1.0)),
+            ("epsilon", Box::new(|c| c.gn_eps = 0.0)),
+            ("freq_shift", Box::new(|c| c.embedding_freq_shift = f64::INFINITY)),
+            (
+                "parameters",
+                Box::new(|c| {
+                    c.ch = 4096;
+                    c.ch_mult = vec![1, 2, 4, 8];
+                    c.resolution = 64;
+                }),
+            ),
+        ];
+        for (what, edit) in cases {
+            let mut c = base.clone();
+            edit(&mut c);
+            let e = UNet::new(c).expect_err(what).to_string();
+            assert!(e.contains("U-Net"), "{what}: {e}");
+        }
     }
 }

@@ -1,0 +1,430 @@
+//! Low-level file helpers shared by [`crate::data`], [`crate::io`] and [`crate::train`]: the
+//! bottom floor, above only the error type.
+//!
+//! | item                        | owns                                                       |
+//! |-----------------------------|------------------------------------------------------------|
+//! | [`write_atomic`]            | a file replaced whole or not at all, under a unique temporary name |
+//! | [`write_atomic_keeping_previous`] | the same, keeping the replaced file as `prev` (checkpoint rotation) |
+//! | [`remove_stale_temporaries`]| temporaries left by a killed writer                        |
+//! | [`DirLock`]                 | an exclusive advisory lock on a directory, naming its holder |
+//! | [`memory_cap`], [`read_capped`] | the bound on anything whose size a file declares       |
+//!
+//! Temporary files are named `.<file name>.<random>.tmp` in the folder of the file they replace
+//! (the `tempfile` crate picks the random part and creates the file exclusively), so two writers
+//! never share one, and a rename never crosses a file system.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The suffix of every temporary file [`write_atomic`] creates.
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Writes `bytes` to `path` atomically: into a new, uniquely named temporary file in the same
+/// folder, flushed to disk (`fsync`), then renamed over `path`; on Unix the folder is then synced
+/// too (best effort), so the rename itself survives a power cut. A reader, a crash or a
+/// concurrent writer sees the old file or a new one, never a mixture. On failure the temporary
+/// file is removed and `path` is left as it was.
+///
+/// The folder must exist; it is not created.
+///
+/// # Errors
+/// [`Error::Io`] naming the file that could not be created, written or renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = write_temporary(path, bytes)?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// [`write_atomic`], but the file being replaced (if any) is kept as `previous`: the current
+/// `path` is hard-linked to a temporary name that is renamed over `previous`, and only then is
+/// the new file renamed over `path`. Every rename is atomic, so at each instant `path` is a
+/// complete file (the old one or the new one) and `previous` is a complete older one. Where hard
+/// links are not supported, the old file is copied instead (same guarantees, more I/O).
+///
+/// # Errors
+/// [`Error::Io`] naming the file that could not be written, linked or renamed; `path` is then
+/// unchanged.
+pub fn write_atomic_keeping_previous(path: &Path, previous: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = write_temporary(path, bytes)?;
+    if path.exists() {
+        let keep = temporary_name(previous);
+        if std::fs::hard_link(path, &keep).is_err() {
+            copy_synced(path, &keep)?;
+        }
+        std::fs::rename(&keep, previous).map_err(|e| {
+            let _ = std::fs::remove_file(&keep);
+            Error::io(previous, e)
+        })?;
+    }
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// Removes the temporary files that [`write_atomic`] would create for files in `dir`
+/// (`.<name>.<random>.tmp`), left behind by a writer that was killed. Call it only while no
+/// other process writes into `dir` (e.g. holding its [`DirLock`]). Returns how many were removed.
+///
+/// # Errors
+/// [`Error::Io`] if `dir` cannot be listed.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_ours = name.starts_with('.') && name.ends_with(TEMP_SUFFIX) && name.len() > 1 + 6 + 4;
+        if is_ours
+            && entry.file_type().is_ok_and(|t| t.is_file())
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// A new temporary file beside `path` holding `bytes`, synced to disk.
+fn write_temporary(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+    let dir = parent_of(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", file_name(path)))
+        .suffix(TEMP_SUFFIX)
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(path, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
+    Ok(tmp)
+}
+
+/// A unique temporary name beside `path` (for the link of the previous file).
+fn temporary_name(path: &Path) -> PathBuf {
+    use rand::Rng as _;
+    let tag: u64 = rand::rng().random();
+    parent_of(path).join(format!(".{}.{tag:016x}{TEMP_SUFFIX}", file_name(path)))
+}
+
+fn copy_synced(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
+    File::open(to).and_then(|f| f.sync_all()).map_err(|e| Error::io(to, e))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Syncs the folder holding `path` so a finished rename is durable. Best effort: some file
+/// systems refuse to sync a folder, and the data itself is already on disk.
+fn sync_parent(path: &Path) {
+    #[cfg(unix)]
+    if let Ok(dir) = File::open(parent_of(path)) {
+        let _ = dir.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// An exclusive advisory lock on a directory, held until dropped: the lock file
+/// `<dir>/.ddpm.lock`, locked with `flock` (std's [`File::try_lock`]). The kernel releases it
+/// when the process ends, however it ends, so a killed run never leaves a stale lock. The file
+/// holds a line naming the holder (pid, host, start time, what it runs), which a refused
+/// process reports.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl DirLock {
+    /// The lock file's name inside the locked directory.
+    pub const FILE_NAME: &'static str = ".ddpm.lock";
+
+    /// Takes the lock on `dir` (which must exist) without waiting, and records `what` (e.g.
+    /// `ddpm train`) as the holder.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] naming the directory and the holder's line if another process holds
+    /// it; [`Error::Io`] if the lock file cannot be created.
+    pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
+        let path = dir.join(Self::FILE_NAME);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                // The holder writes its line right after locking; an empty read means it has
+                // not yet done so.
+                let _ = file.take(4096).read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(Error::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: if holder.is_empty() { "another process".into() } else { holder.into() },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        let line = format!(
+            "{what} (pid {}, host {}, since {} s after the Unix epoch)\n",
+            std::process::id(),
+            host_name(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        );
+        file.set_len(0).map_err(|e| Error::io(&path, e))?;
+        file.write_all(line.as_bytes()).map_err(|e| Error::io(&path, e))?;
+        Ok(DirLock { _file: file, path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The most bytes the library will allocate for anything whose size a file declares (a dataset,
+/// a decompressed stream, an array): `DDPM_MAX_DATA_MIB` MiB if that is set to a positive
+/// integer, otherwise half of the machine's physical memory (or 8 GiB where that cannot be
+/// read). A file declaring more is refused before anything is allocated, naming the cap and the
+/// variable that raises it.
+pub fn memory_cap() -> u64 {
+    if let Some(mib) = std::env::var("DDPM_MAX_DATA_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        if mib > 0 {
+            return mib.saturating_mul(1 << 20);
+        }
+    }
+    physical_memory().map_or(8 << 30, |m| m / 2)
+}
+
+fn physical_memory() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf reads a system constant and has no preconditions.
+        let (pages, size) =
+            unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if pages > 0 && size > 0 {
+            return Some((pages as u64).saturating_mul(size as u64));
+        }
+    }
+    None
+}
+
+/// Refuses a declared size above `cap`: the one message every bounded reader gives.
+///
+/// # Errors
+/// [`Error::BadFile`] naming `source`, the declared size and the cap.
+pub fn check_declared_size(source: &Path, what: &str, declared: u64, cap: u64) -> Result<()> {
+    if declared > cap {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "{what} declares {declared} bytes, more than the {cap}-byte cap on what a file may make \
+                 ddpm allocate (half the machine's memory, or DDPM_MAX_DATA_MIB); the file is corrupt, \
+                 or raise DDPM_MAX_DATA_MIB if it is really that large"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `path` whole if its length is at most `cap`.
+///
+/// # Errors
+/// [`Error::Io`] if it cannot be read; [`Error::BadFile`] if it is longer than `cap`.
+pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    check_declared_size(path, "the file", len, cap)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    // `take` guards against a file that grows while it is read.
+    file.take(cap.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    check_declared_size(path, "the file", bytes.len() as u64, cap)?;
+    Ok(bytes)
+}
+
+/// Parses the bytes of a `.npy` file into an array of `T`, refusing before any allocation a
+/// header whose shape does not match the bytes that follow it (the `ndarray-npy` crate would
+/// otherwise allocate what the header declares, and panics on some overflowing shapes).
+///
+/// # Errors
+/// [`Error::BadFile`] naming `source` if the header is malformed, its element type is not `T`
+/// (the message names it) or its shape does not fit the data.
+pub fn parse_npy<T: ndarray_npy::ReadableElement>(bytes: &[u8], source: &Path) -> Result<ndarray::ArrayD<T>> {
+    use ndarray_npy::{ReadNpyError, ReadNpyExt};
+    check_npy(bytes, source)?;
+    ndarray::ArrayD::<T>::read_npy(std::io::Cursor::new(bytes)).map_err(|e| match e {
+        ReadNpyError::WrongDescriptor(descr) => {
+            Error::bad_file(source, format!("element type {descr}, expected {}", std::any::type_name::<T>()))
+        }
+        other => Error::bad_file(source, format!("not a valid .npy file ({other})")),
+    })
+}
+
+/// Checks that a `.npy` header's shape and element size account exactly for the bytes after
+/// it, so that reading it allocates no more than the file holds.
+///
+/// # Errors
+/// [`Error::BadFile`] naming `source` otherwise.
+pub fn check_npy(bytes: &[u8], source: &Path) -> Result<()> {
+    use ndarray_npy::npy::header::Header;
+    let mut cursor = std::io::Cursor::new(bytes);
+    let header = Header::from_reader(&mut cursor)
+        .map_err(|e| Error::bad_file(source, format!("not a valid .npy file ({e})")))?;
+    let data = bytes.len() as u64 - cursor.position();
+    let descr = header.type_descriptor.to_string();
+    // A simple dtype is a string such as '<f4' or '|u1': byte order, kind, size in bytes.
+    let plain = descr.trim_matches(|c| c == '\'' || c == '"');
+    let size = plain
+        .get(2..)
+        .filter(|_| plain.get(1..2).is_some_and(|kind| "fiubc".contains(kind)))
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| (1..=16).contains(&n))
+        .ok_or_else(|| Error::bad_file(source, format!("element type {descr} is not a plain number type")))?;
+    // ndarray needs the product of the non-zero axes to fit in isize, even for an empty array.
+    let mut nonzero: u64 = 1;
+    let mut len: u64 = 1;
+    for &d in &header.shape {
+        let d = d as u64;
+        len = len.saturating_mul(d);
+        if d != 0 {
+            nonzero = nonzero.saturating_mul(d);
+        }
+    }
+    let declared = len.saturating_mul(size);
+    if nonzero.saturating_mul(size) > isize::MAX as u64 || declared != data {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "the .npy header declares shape {:?} of {size}-byte elements ({declared} bytes) but                  {data} bytes follow it; the file is truncated or corrupt",
+                header.shape
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn write_atomic_replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f.bin");
+        write_atomic(&path, b"old").expect("first write");
+        write_atomic(&path, b"new").expect("second write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert_eq!(names(dir.path()), vec!["f.bin"]);
+    }
+
+    #[test]
+    fn write_atomic_into_a_missing_folder_is_an_io_error_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("missing").join("f.bin");
+        let err = write_atomic(&path, b"x").expect_err("no folder");
+        assert!(matches!(err, Error::Io { .. }));
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn write_atomic_works_with_a_bare_file_name() {
+        assert_eq!(parent_of(Path::new("a.png")), Path::new("."));
+        sync_parent(Path::new("a.png"));
+    }
+
+    #[test]
+    fn temporaries_of_two_writers_never_share_a_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("c.safetensors");
+        let a = write_temporary(&path, b"a").expect("a");
+        let b = write_temporary(&path, b"b").expect("b");
+        assert_ne!(a.path(), b.path());
+        assert_eq!(std::fs::read(a.path()).expect("a"), b"a");
+        assert_eq!(std::fs::read(b.path()).expect("b"), b"b");
+    }
+
+    #[test]
+    fn keeping_previous_rotates_and_the_current_file_is_never_missing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cur, prev) = (dir.path().join("c"), dir.path().join("c.prev"));
+        write_atomic_keeping_previous(&cur, &prev, b"1").expect("first");
+        assert_eq!(std::fs::read(&cur).expect("cur"), b"1");
+        assert!(!prev.exists(), "nothing to keep on the first save");
+        write_atomic_keeping_previous(&cur, &prev, b"2").expect("second");
+        write_atomic_keeping_previous(&cur, &prev, b"3").expect("third");
+        assert_eq!(std::fs::read(&cur).expect("cur"), b"3");
+        assert_eq!(std::fs::read(&prev).expect("prev"), b"2");
+        assert_eq!(names(dir.path()), vec!["c", "c.prev"]);
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("c.safetensors");
+        write_atomic(&path, b"kept").expect("write");
+        let stale = write_temporary(&path, b"stale").expect("temp");
+        let (_, stale_path) = stale.keep().expect("keep it as a killed writer would");
+        std::fs::write(dir.path().join(".hidden"), b"x").expect("hidden");
+        std::fs::write(dir.path().join("notes.tmp"), b"x").expect("user file");
+        assert!(stale_path.exists());
+        assert_eq!(remove_stale_temporaries(dir.path()).expect("clean"), 1);
+        assert_eq!(names(dir.path()), vec![".hidden", "c.safetensors", "notes.tmp"]);
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_naming_the_holder_and_released_on_drop() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = DirLock::acquire(dir.path(), "ddpm train (test)").expect("first");
+        let err = DirLock::acquire(dir.path(), "second").expect_err("held");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Locked { .. }), "{err:?}");
+        assert!(msg.contains("ddpm train (test)") && msg.contains(&std::process::id().to_string()), "{msg}");
+        drop(first);
+        DirLock::acquire(dir.path(), "third").expect("free again");
+    }
+
+    #[test]
+    fn declared_sizes_above_the_cap_are_refused_and_the_cap_is_positive() {
+        assert!(memory_cap() > 0);
+        let e = check_declared_size(Path::new("/d/x"), "the header", 11, 10).expect_err("over");
+        assert!(e.to_string().contains("/d/x") && e.to_string().contains("DDPM_MAX_DATA_MIB"), "{e}");
+        check_declared_size(Path::new("x"), "the header", 10, 10).expect("at the cap");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let f = dir.path().join("f");
+        std::fs::write(&f, [7u8; 100]).expect("write");
+        assert_eq!(read_capped(&f, 100).expect("fits").len(), 100);
+        assert!(matches!(read_capped(&f, 99), Err(Error::BadFile { .. })));
+    }
+}

@@ -1,0 +1,128 @@
+//! `metrics.csv` of a run directory: one row per applied step, appended as the run goes, and cut
+//! back to a checkpoint's step when the run resumes (a run killed after its last checkpoint
+//! wrote rows that the resumed run writes again, identically).
+//!
+//! Columns: `step,loss,grad_norm,lr,images_per_sec,elapsed_s,skipped_steps`, where
+//! `skipped_steps` counts the steps skipped so far for a non-finite loss or gradient (their rows
+//! are not written: a NaN has no place on a loss curve).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::StepStats;
+use crate::{Error, Result};
+
+/// The header line.
+pub const HEADER: &str = "step,loss,grad_norm,lr,images_per_sec,elapsed_s,skipped_steps";
+
+/// An open metrics.csv and the (step, loss) history it holds.
+#[derive(Debug)]
+pub struct Metrics {
+    file: File,
+    path: PathBuf,
+    history: Vec<(u64, f64)>,
+}
+
+impl Metrics {
+    /// Opens `path` for a run at `step`: rows after `step` (and unparsable ones) are dropped, the
+    /// file rewritten atomically with the rows kept, and opened for appending. `step = 0` starts
+    /// an empty file.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be written or opened.
+    pub fn open_at(path: &Path, step: u64) -> Result<Self> {
+        let mut kept = vec![HEADER.to_string()];
+        let mut history = vec![];
+        if step > 0 {
+            // A file that cannot be read (missing, or absurdly large) only loses its history.
+            if let Ok(bytes) = crate::files::read_capped(path, crate::files::memory_cap()) {
+                for line in String::from_utf8_lossy(&bytes).lines().skip(1) {
+                    let mut f = line.split(',');
+                    let (Some(s), Some(l)) = (f.next(), f.next()) else { continue };
+                    let (Ok(s), Ok(l)) = (s.parse::<u64>(), l.parse::<f64>()) else { continue };
+                    if s <= step && l.is_finite() {
+                        kept.push(line.to_string());
+                        history.push((s, l));
+                    }
+                }
+            }
+        }
+        let mut text = kept.join("\n");
+        text.push('\n');
+        crate::files::write_atomic(path, text.as_bytes())?;
+        let file = OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))?;
+        Ok(Metrics { file, path: path.to_path_buf(), history })
+    }
+
+    /// Appends the row of an applied step.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the write fails.
+    pub fn record(
+        &mut self,
+        stats: &StepStats,
+        images_per_sec: f64,
+        elapsed_s: f64,
+        skipped: u64,
+    ) -> Result<()> {
+        writeln!(
+            self.file,
+            "{},{:.6},{:.6},{:.6e},{:.2},{:.1},{}",
+            stats.step, stats.loss, stats.grad_norm, stats.lr, images_per_sec, elapsed_s, skipped
+        )
+        .map_err(|e| Error::io(&self.path, e))?;
+        self.history.push((stats.step, stats.loss));
+        Ok(())
+    }
+
+    /// (step, loss) of every row, oldest first.
+    pub fn history(&self) -> &[(u64, f64)] {
+        &self.history
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(step: u64, loss: f64) -> StepStats {
+        StepStats { step, loss, grad_norm: 1.0, lr: 1e-3, applied: true }
+    }
+
+    #[test]
+    fn reopening_at_a_step_keeps_only_the_rows_up_to_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("metrics.csv");
+        let mut m = Metrics::open_at(&path, 0).expect("new");
+        for s in 1..=5 {
+            m.record(&stats(s, s as f64), 10.0, 0.5, 0).expect("row");
+        }
+        drop(m);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"garbage,line\n6,nan\n"))
+            .expect("append junk");
+        let m = Metrics::open_at(&path, 3).expect("reopen");
+        assert_eq!(m.history(), &[(1, 1.0), (2, 2.0), (3, 3.0)]);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(text.starts_with(HEADER));
+    }
+
+    #[test]
+    fn a_fresh_run_starts_an_empty_file_whatever_was_there() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("metrics.csv");
+        std::fs::write(&path, "old\n1,2\n").expect("write");
+        let m = Metrics::open_at(&path, 0).expect("new");
+        assert!(m.history().is_empty());
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), format!("{HEADER}\n"));
+    }
+}

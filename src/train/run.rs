@@ -1,0 +1,568 @@
+//! A training run in a directory: [`Run`] owns the directory, its lock, the checkpoints (rotated,
+//! atomic, never non-finite), `metrics.csv`, `loss.png`, the periodic sample grids and the stop
+//! policy (a step target, a time budget, a [`StopFlag`] that signal handlers set, and a limit on
+//! non-finite steps in a row). It reports through an [`Observer`] and knows nothing of the
+//! terminal, so the command line, the distributed trainer and the Python bindings share it.
+//!
+//! A run directory holds:
+//!
+//! | file                          | what                                                    |
+//! |-------------------------------|---------------------------------------------------------|
+//! | `checkpoint.safetensors`      | the latest checkpoint ([`crate::io::checkpoint`])       |
+//! | `checkpoint.prev.safetensors` | the one before it, kept by every save                   |
+//! | `metrics.csv`                 | one row per step ([`super::metrics`])                   |
+//! | `loss.png`                    | the loss curve, redrawn at every save                   |
+//! | `samples/step_NNNNNN.png`     | grids drawn with the EMA weights                        |
+//! | `.ddpm.lock`                  | the lock file ([`crate::files::DirLock`])               |
+//!
+//! The guarantees, and the tests that check them, are listed in docs/reliability.md.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::metrics::Metrics;
+use super::{StepStats, Trainer};
+use crate::config::TrainConfig;
+use crate::data::{DataRecord, DataSpec, Dataset};
+use crate::files::DirLock;
+use crate::io::checkpoint;
+use crate::sample::{sample, SampleConfig, Sampler};
+use crate::{Error, Result};
+
+/// The checkpoint's file name in a run directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+/// The previous checkpoint's file name, kept by every save.
+pub const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
+/// The metrics file's name.
+pub const METRICS: &str = "metrics.csv";
+/// The loss curve's file name.
+pub const LOSS_PLOT: &str = "loss.png";
+
+/// A request to stop, shared between whoever asks (a signal handler, another thread) and the
+/// run, which checks it between steps. It holds the number of the signal that asked (any
+/// non-zero value), or 0.
+#[derive(Clone, Debug, Default)]
+pub struct StopFlag(Arc<AtomicUsize>);
+
+impl StopFlag {
+    /// A flag that nobody has raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The shared value, for a signal handler to store into (e.g. `signal_hook::flag::register_usize`).
+    pub fn handle(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.0)
+    }
+
+    /// Asks the run to stop, recording `code` (e.g. a signal number; 0 is taken as 1).
+    pub fn request(&self, code: usize) {
+        self.0.store(code.max(1), Ordering::SeqCst);
+    }
+
+    /// The code of the request, if one was made.
+    pub fn requested(&self) -> Option<usize> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+}
+
+/// When a run stops and what it writes on the way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunOptions {
+    /// Stop when this many steps have been taken in all (counting those before a resume).
+    pub steps: Option<u64>,
+    /// Stop after this much time in this invocation.
+    pub duration: Option<Duration>,
+    /// Save a checkpoint every this many steps (and always at the end).
+    pub checkpoint_every: u64,
+    /// Draw a sample grid every this many steps (0: only at the end).
+    pub sample_every: u64,
+    /// Images in a sample grid (0: no grids).
+    pub sample_count: usize,
+    /// DDIM steps of the sample grids.
+    pub sample_steps: usize,
+    /// Stop with [`Error::Diverged`] after this many non-finite steps in a row.
+    pub max_bad_steps: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            steps: None,
+            duration: None,
+            checkpoint_every: 500,
+            sample_every: 0,
+            sample_count: 16,
+            sample_steps: 50,
+            max_bad_steps: 3,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Checks the options.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if there is neither a step target nor a time budget, or a count
+    /// is out of range.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps.is_none() && self.duration.is_none() {
+            return Err(Error::config(
+                "run length",
+                "say how long to train: a number of steps or of minutes",
+            ));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(Error::config("checkpoint interval (--checkpoint-every)", "must be at least 1"));
+        }
+        if self.max_bad_steps == 0 {
+            return Err(Error::config("non-finite step limit (--max-bad-steps)", "must be at least 1"));
+        }
+        if self.sample_count > 4096 {
+            return Err(Error::config(
+                "sample grid size (--sample-count)",
+                format!("{} is above 4096", self.sample_count),
+            ));
+        }
+        if self.sample_count > 0 && self.sample_steps < 2 {
+            return Err(Error::config("sample grid steps (--sample-steps)", "must be at least 2"));
+        }
+        Ok(())
+    }
+}
+
+/// Where a resumed run's data comes from.
+#[derive(Clone, Debug)]
+pub enum ResumeData {
+    /// Reload what the checkpoint records, and refuse it if its fingerprint changed.
+    Recorded,
+    /// This dataset, loaded from `spec`; refused if its fingerprint differs from the recorded
+    /// one unless `allow_different`.
+    Given {
+        /// Where it was loaded from.
+        spec: DataSpec,
+        /// The images.
+        dataset: Arc<Dataset>,
+        /// Train on it even if it is not what the checkpoint was trained on.
+        allow_different: bool,
+    },
+}
+
+/// Why a run stopped (when it stopped without an error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The step target was reached.
+    StepsReached,
+    /// The time budget was spent.
+    TimeUp,
+    /// The [`StopFlag`] was raised, with this code (a signal number).
+    Requested(usize),
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunOutcome {
+    /// The checkpoint written last.
+    pub checkpoint: PathBuf,
+    /// Steps taken in all.
+    pub steps: u64,
+    /// Steps skipped in all for a non-finite loss or gradient.
+    pub skipped_steps: u64,
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// The grid drawn at the end, if any.
+    pub final_samples: Option<PathBuf>,
+}
+
+/// Something that happened during a run, for an [`Observer`] to show.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEvent {
+    /// Resumed on data other than the recorded data (allowed), or on data that could not be
+    /// checked (an old or imported checkpoint): the message says which.
+    DataNotice(String),
+    /// A step was skipped for a non-finite loss or gradient norm.
+    Skipped {
+        /// The step attempted.
+        step: u64,
+        /// Its loss.
+        loss: f64,
+        /// Its gradient norm (NaN when the loss was already non-finite).
+        grad_norm: f64,
+        /// Non-finite steps in a row, this one included.
+        consecutive: u64,
+    },
+    /// The stop flag was seen; the run saves and ends.
+    Stopping(usize),
+    /// A checkpoint was written.
+    Saved {
+        /// Its path.
+        path: PathBuf,
+        /// The step it holds.
+        step: u64,
+    },
+    /// A sample grid was written.
+    Sampled(PathBuf),
+}
+
+/// Progress of a run, given with every step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Progress {
+    /// Time in this invocation.
+    pub elapsed: Duration,
+    /// Images per second of the last step.
+    pub images_per_sec: f64,
+    /// The step target, if any.
+    pub target_steps: Option<u64>,
+    /// The time budget, if any.
+    pub budget: Option<Duration>,
+}
+
+/// Receives a run's progress; every method does nothing by default.
+pub trait Observer {
+    /// The run is about to take its first step.
+    fn started(&mut self, _trainer: &Trainer) {}
+    /// A step was applied.
+    fn stepped(&mut self, _stats: &StepStats, _progress: &Progress) {}
+    /// Something else happened.
+    fn event(&mut self, _event: &RunEvent) {}
+}
+
+/// An [`Observer`] that ignores everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Silent;
+
+impl Observer for Silent {}
+
+/// A training run in a directory, holding its lock; see the module documentation.
+pub struct Run {
+    dir: PathBuf,
+    _lock: DirLock,
+    trainer: Trainer,
+    metrics: Metrics,
+    options: RunOptions,
+    notices: Vec<String>,
+    last_saved_step: Option<u64>,
+}
+
+impl Run {
+    /// Starts a new run of `config` on `dataset` (loaded from `spec`) in `dir`, created if
+    /// needed. The directory is locked for the run's life.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] if another process holds the directory; [`Error::InvalidConfig`] if it
+    /// already holds a checkpoint (resume it instead), or the configuration or options are
+    /// invalid; [`Error::Io`] if the directory cannot be written.
+    pub fn create(
+        dir: &Path,
+        config: TrainConfig,
+        spec: DataSpec,
+        dataset: Arc<Dataset>,
+        options: RunOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        let lock = lock_dir(dir)?;
+        let ckpt = dir.join(CHECKPOINT);
+        if ckpt.exists() {
+            return Err(Error::config(
+                "output directory",
+                format!("{} already exists: resume that run, or choose another directory", ckpt.display()),
+            ));
+        }
+        let fingerprint = dataset.fingerprint();
+        let mut trainer = Trainer::new(config, dataset)?;
+        trainer.state_mut().data = Some(DataRecord { spec, fingerprint });
+        let metrics = Metrics::open_at(&dir.join(METRICS), 0)?;
+        Ok(Run {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            trainer,
+            metrics,
+            options,
+            notices: vec![],
+            last_saved_step: None,
+        })
+    }
+
+    /// Continues the run in `dir` from its checkpoint, on the data `data` says. The directory
+    /// is locked for the run's life.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] if another process holds the directory; [`Error::BadFile`] if the
+    /// checkpoint is missing or refused (the message points to the previous one);
+    /// [`Error::DataChanged`] if the data is not what the checkpoint was trained on (and that
+    /// was not allowed); the errors of loading the recorded data.
+    pub fn resume(dir: &Path, data: ResumeData, options: RunOptions) -> Result<Self> {
+        options.validate()?;
+        let lock = lock_dir(dir)?;
+        let ckpt = dir.join(CHECKPOINT);
+        let prev = dir.join(PREVIOUS_CHECKPOINT);
+        if !ckpt.is_file() {
+            return Err(Error::bad_file(
+                &ckpt,
+                "no checkpoint to resume from; start the run without resuming",
+            ));
+        }
+        let mut state = checkpoint::load(&ckpt).map_err(|e| match e {
+            Error::BadFile { path, reason } if prev.is_file() => Error::bad_file(
+                path,
+                format!(
+                    "{reason}; the checkpoint before it is {}: rename it to {CHECKPOINT} to resume from it",
+                    prev.display()
+                ),
+            ),
+            other => other,
+        })?;
+        let mut notices = vec![];
+        let dataset = match (data, &state.data) {
+            (ResumeData::Recorded, None) => {
+                return Err(Error::config(
+                    "training data",
+                    format!(
+                        "{} does not record its training data (an imported or older checkpoint); \
+                         give the data explicitly",
+                        ckpt.display()
+                    ),
+                ))
+            }
+            (ResumeData::Recorded, Some(record)) => {
+                let dataset = record.spec.load().map_err(|e| {
+                    Error::config(
+                        "training data",
+                        format!(
+                            "cannot reload the data this run was trained on, {}: {e}; give it explicitly",
+                            record.spec.describe()
+                        ),
+                    )
+                })?;
+                let found = dataset.fingerprint();
+                if found != record.fingerprint {
+                    return Err(Error::DataChanged {
+                        recorded: format!("{}: {}", record.spec.describe(), record.fingerprint),
+                        found: found.to_string(),
+                    });
+                }
+                Arc::new(dataset)
+            }
+            (ResumeData::Given { spec, dataset, allow_different }, recorded) => {
+                let found = dataset.fingerprint();
+                match recorded {
+                    Some(r) if r.fingerprint != found && !allow_different => {
+                        return Err(Error::DataChanged {
+                            recorded: format!("{}: {}", r.spec.describe(), r.fingerprint),
+                            found: format!("{}: {found}", spec.describe()),
+                        })
+                    }
+                    Some(r) if r.fingerprint != found => notices.push(format!(
+                        "training on {} ({found}), not on the data of the checkpoint ({}: {}), as allowed",
+                        spec.describe(),
+                        r.spec.describe(),
+                        r.fingerprint
+                    )),
+                    Some(_) => {}
+                    None => notices.push(format!(
+                        "{} does not record its training data, so {} cannot be checked against it",
+                        ckpt.display(),
+                        spec.describe()
+                    )),
+                }
+                state.data = Some(DataRecord { spec, fingerprint: found });
+                dataset
+            }
+        };
+        let trainer = Trainer::from_state(state, dataset)?;
+        let step = trainer.step_count();
+        let metrics = Metrics::open_at(&dir.join(METRICS), step)?;
+        Ok(Run {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            trainer,
+            metrics,
+            options,
+            notices,
+            last_saved_step: Some(step),
+        })
+    }
+
+    /// The trainer.
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Trains until the step target, the time budget or a stop request, saving on the way and at
+    /// the end. A step with a non-finite loss or gradient norm is skipped (see
+    /// [`Trainer::step`]); after [`RunOptions::max_bad_steps`] in a row the run ends with
+    /// [`Error::Diverged`] and writes nothing more, so the last checkpoint stays the last good
+    /// one.
+    ///
+    /// # Errors
+    /// [`Error::Diverged`] as above; [`Error::Io`] if a file cannot be written; errors of
+    /// sampling the grids.
+    pub fn run(&mut self, stop: &StopFlag, observer: &mut dyn Observer) -> Result<RunOutcome> {
+        for notice in self.notices.drain(..) {
+            observer.event(&RunEvent::DataNotice(notice));
+        }
+        observer.started(&self.trainer);
+        let start = Instant::now();
+        let batch = self.trainer.config().batch_size as f64;
+        let mut consecutive_bad = 0;
+        let reason = loop {
+            if self.options.steps.is_some_and(|n| self.trainer.step_count() >= n) {
+                break StopReason::StepsReached;
+            }
+            if self.options.duration.is_some_and(|d| start.elapsed() >= d) {
+                break StopReason::TimeUp;
+            }
+            if let Some(code) = stop.requested() {
+                observer.event(&RunEvent::Stopping(code));
+                break StopReason::Requested(code);
+            }
+            let began = Instant::now();
+            let stats = self.trainer.step().map_err(|e| self.with_checkpoint_note(e))?;
+            if !stats.applied {
+                consecutive_bad += 1;
+                observer.event(&RunEvent::Skipped {
+                    step: stats.step,
+                    loss: stats.loss,
+                    grad_norm: stats.grad_norm,
+                    consecutive: consecutive_bad,
+                });
+                if consecutive_bad >= self.options.max_bad_steps {
+                    let what = if stats.loss.is_finite() {
+                        "a non-finite gradient norm"
+                    } else {
+                        "a non-finite loss"
+                    };
+                    return Err(self.with_checkpoint_note(Error::Diverged {
+                        step: stats.step,
+                        what: what.into(),
+                        consecutive: consecutive_bad,
+                        checkpoint: String::new(),
+                    }));
+                }
+                continue;
+            }
+            consecutive_bad = 0;
+            let images_per_sec = batch / began.elapsed().as_secs_f64().max(1e-9);
+            let elapsed = start.elapsed();
+            let skipped = self.trainer.state().skipped_steps;
+            self.metrics.record(&stats, images_per_sec, elapsed.as_secs_f64(), skipped)?;
+            let progress = Progress {
+                elapsed,
+                images_per_sec,
+                target_steps: self.options.steps,
+                budget: self.options.duration,
+            };
+            observer.stepped(&stats, &progress);
+            if stats.step % self.options.checkpoint_every == 0 {
+                self.save(observer)?;
+            }
+            let o = &self.options;
+            if o.sample_every > 0 && stats.step % o.sample_every == 0 && o.sample_count > 0 {
+                let path = self.sample_grid()?;
+                observer.event(&RunEvent::Sampled(path));
+            }
+        };
+        let checkpoint = self.save(observer)?;
+        let final_samples = match reason {
+            StopReason::Requested(_) => None,
+            StopReason::StepsReached | StopReason::TimeUp if self.options.sample_count > 0 => {
+                let path = self.sample_grid()?;
+                observer.event(&RunEvent::Sampled(path.clone()));
+                Some(path)
+            }
+            StopReason::StepsReached | StopReason::TimeUp => None,
+        };
+        Ok(RunOutcome {
+            checkpoint,
+            steps: self.trainer.step_count(),
+            skipped_steps: self.trainer.state().skipped_steps,
+            reason,
+            final_samples,
+        })
+    }
+
+    /// Writes the checkpoint (keeping the previous one) and the loss curve. Skipped when the
+    /// checkpoint already holds this step.
+    fn save(&mut self, observer: &mut dyn Observer) -> Result<PathBuf> {
+        let path = self.dir.join(CHECKPOINT);
+        let step = self.trainer.step_count();
+        if self.last_saved_step == Some(step) && path.is_file() {
+            return Ok(path);
+        }
+        let state = self.trainer.state();
+        if let Some(name) = state.first_non_finite() {
+            return Err(self.with_checkpoint_note(Error::Diverged {
+                step,
+                what: format!("`{name}` became non-finite"),
+                consecutive: 0,
+                checkpoint: String::new(),
+            }));
+        }
+        checkpoint::save_keeping_previous(&path, &self.dir.join(PREVIOUS_CHECKPOINT), state)?;
+        self.last_saved_step = Some(step);
+        let history = self.metrics.history();
+        if history.len() >= 2 {
+            let (steps, losses): (Vec<u64>, Vec<f64>) = history.iter().copied().unzip();
+            crate::io::plot::save_loss_curve(&self.dir.join(LOSS_PLOT), &steps, &losses)?;
+        }
+        observer.event(&RunEvent::Saved { path: path.clone(), step });
+        Ok(path)
+    }
+
+    /// Adds where the last good checkpoint is to a [`Error::Diverged`].
+    fn with_checkpoint_note(&self, e: Error) -> Error {
+        match e {
+            Error::Diverged { step, what, consecutive, .. } => Error::Diverged {
+                step,
+                what,
+                consecutive,
+                checkpoint: match self.last_saved_step {
+                    Some(s) => format!(" (step {s}, in {})", self.dir.join(CHECKPOINT).display()),
+                    None => " (none was written yet)".into(),
+                },
+            },
+            other => other,
+        }
+    }
+
+    /// A grid of samples from the EMA weights with DDIM (η = 0), seeded by the step, written to
+    /// `samples/step_NNNNNN.png`.
+    fn sample_grid(&self) -> Result<PathBuf> {
+        let t = &self.trainer;
+        let n = self.options.sample_count;
+        let cfg = SampleConfig {
+            sampler: Sampler::Ddim { eta: 0.0 },
+            steps: Some(self.options.sample_steps.min(t.config().diffusion.timesteps)),
+            clip_x0: true,
+            trajectory_frames: 0,
+        };
+        let mut rng = crate::rng_from_seed(t.step_count());
+        let param = t.config().diffusion.parameterization();
+        let s = sample(t.net(), &t.ema_params(), t.schedule(), &param, n, &cfg, &mut rng, |_, _| {})?;
+        let dir = self.dir.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("step_{:06}.png", t.step_count()));
+        let cols = (n as f64).sqrt().ceil() as usize;
+        let view = s.images.view().into_dimensionality::<ndarray::Ix4>().expect("samples are [N, C, H, W]");
+        crate::io::png::save_grid(&path, view, cols)?;
+        Ok(path)
+    }
+}
+
+/// Creates `dir` if needed, locks it, and removes temporaries a killed run left there.
+fn lock_dir(dir: &Path) -> Result<DirLock> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let lock = DirLock::acquire(dir, "ddpm train")?;
+    crate::files::remove_stale_temporaries(dir)?;
+    Ok(lock)
+}
