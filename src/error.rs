@@ -49,7 +49,9 @@ pub enum Error {
     /// steps in a row ending at attempt `step` had a non-finite loss or gradient norm, or the
     /// weights themselves became non-finite. Nothing was saved after the last good checkpoint.
     #[error(
-        "training diverged: {what} at step {step} ({consecutive} non-finite step(s) in a row);          nothing was saved after the last good checkpoint{checkpoint}. Lower the learning rate          (--lr), keep gradient clipping on (--grad-clip), or resume from the checkpoint"
+        "training diverged: {what} at step {step} ({consecutive} non-finite step(s) in a row); \
+         nothing was saved after the last good checkpoint{checkpoint}. Lower the learning rate \
+         (--lr), keep gradient clipping on (--grad-clip), or resume from the checkpoint"
     )]
     Diverged {
         /// The step (1-based, counting applied steps, plus one) at which the run stopped.

@@ -91,11 +91,14 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
 /// A new temporary file beside `path` holding `bytes`, synced to disk.
 fn write_temporary(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
     let dir = parent_of(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", file_name(path)))
-        .suffix(TEMP_SUFFIX)
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(path, e))?;
+    let prefix = format!(".{}.", file_name(path));
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(TEMP_SUFFIX);
+    // tempfile creates private (0600) files; the files written here are ordinary outputs, made
+    // as `File::create` would make them: 0666 less the umask.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
     Ok(tmp)
@@ -181,10 +184,10 @@ impl DirLock {
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
         }
         let line = format!(
-            "{what} (pid {}, host {}, since {} s after the Unix epoch)\n",
+            "{what} (pid {} on {}, started {})\n",
             std::process::id(),
             host_name(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         );
         file.set_len(0).map_err(|e| Error::io(&path, e))?;
         file.write_all(line.as_bytes()).map_err(|e| Error::io(&path, e))?;
@@ -253,8 +256,15 @@ pub fn check_declared_size(source: &Path, what: &str, declared: u64, cap: u64) -
 /// Reads `path` whole if its length is at most `cap`.
 ///
 /// # Errors
-/// [`Error::Io`] if it cannot be read; [`Error::BadFile`] if it is longer than `cap`.
+/// [`Error::Io`] if it cannot be read; [`Error::BadFile`] if it is longer than `cap` or is not a
+/// regular file (a folder, a device such as `/dev/zero`, a FIFO).
 pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    // Checked before opening: opening a FIFO blocks, and a device such as /dev/zero has no end.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a folder" } else { "not a regular file (a device, FIFO or socket)" };
+        return Err(Error::bad_file(path, format!("{what}; give the path of a file")));
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     check_declared_size(path, "the file", len, cap)?;
@@ -318,7 +328,8 @@ pub fn check_npy(bytes: &[u8], source: &Path) -> Result<()> {
         return Err(Error::bad_file(
             source,
             format!(
-                "the .npy header declares shape {:?} of {size}-byte elements ({declared} bytes) but                  {data} bytes follow it; the file is truncated or corrupt",
+                "the .npy header declares shape {:?} of {size}-byte elements ({declared} bytes) but \
+                 {data} bytes follow it; the file is truncated or corrupt",
                 header.shape
             ),
         ));
@@ -426,5 +437,9 @@ mod tests {
         std::fs::write(&f, [7u8; 100]).expect("write");
         assert_eq!(read_capped(&f, 100).expect("fits").len(), 100);
         assert!(matches!(read_capped(&f, 99), Err(Error::BadFile { .. })));
+        for special in [Path::new("/dev/zero"), dir.path()] {
+            let e = read_capped(special, 1 << 20).expect_err("not a regular file");
+            assert!(matches!(e, Error::BadFile { .. }) && e.to_string().contains("file"), "{e}");
+        }
     }
 }

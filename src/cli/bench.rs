@@ -12,7 +12,7 @@ use rand::Rng as _;
 use rand_distr::StandardNormal;
 use serde_json::json;
 
-use super::common::{report_gpu_use, select_device, set_threads, DeviceArgs};
+use super::common::{count, report_gpu_use, select_device, set_threads, DeviceArgs};
 use super::train::PresetArg;
 
 /// `ddpm bench` arguments.
@@ -21,22 +21,22 @@ pub struct BenchArgs {
     /// Network preset (mnist = the peer's mnist-small; cifar10 = its cifar-ddpm).
     #[arg(long, value_enum, default_value = "mnist")]
     pub preset: PresetArg,
-    /// Images per training step.
-    #[arg(long, default_value_t = 64)]
+    /// Images per training step (1 to 4096).
+    #[arg(long, default_value_t = 64, value_parser = count(1..=4096))]
     pub batch: usize,
-    /// Images per sampling step (default: --batch).
-    #[arg(long)]
+    /// Images per sampling step (default: --batch; 1 to 4096).
+    #[arg(long, value_parser = count(1..=4096))]
     pub sample_batch: Option<usize>,
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Untimed steps first.
-    #[arg(long, default_value_t = 1)]
+    /// Untimed steps first (0 to 10000).
+    #[arg(long, default_value_t = 1, value_parser = count(0..=10_000))]
     pub warmup: usize,
-    /// Timed steps; the median is reported.
-    #[arg(long, default_value_t = 5)]
+    /// Timed steps; the median is reported (1 to 10000).
+    #[arg(long, default_value_t = 5, value_parser = count(1..=10_000))]
     pub reps: usize,
     /// What to time.
     #[arg(long, value_parser = ["train", "sample", "both"], default_value = "both")]

@@ -12,8 +12,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// The checkpoint file name inside a run directory.
 pub use ddpm::train::run::CHECKPOINT;
 
+/// The most worker threads allowed per core: more only adds switching.
+const THREADS_PER_CORE_MAX: usize = 8;
+
 /// Sizes rayon's global pool (0 = one thread per core).
 pub fn set_threads(threads: usize) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads > THREADS_PER_CORE_MAX * cores {
+        bail!(
+            "--threads {threads} is more than {THREADS_PER_CORE_MAX} per core on this machine's {cores}; \
+             use 0 (one per core) or at most {}",
+            THREADS_PER_CORE_MAX * cores
+        );
+    }
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -89,6 +100,12 @@ pub fn load_data(spec: &DataSpec) -> anyhow::Result<Dataset> {
     Ok(d)
 }
 
+/// A clap parser for a count in `range`, e.g. `value_parser = count(1..=4096)`: out-of-range
+/// values are refused at parsing, naming the flag and the range.
+pub fn count(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(range)
+}
+
 /// Parses `--minutes`: a finite number of minutes above 0 and at most ten years.
 pub fn parse_minutes(s: &str) -> Result<f64, String> {
     const MAX: f64 = 10.0 * 365.25 * 24.0 * 60.0;
@@ -106,6 +123,20 @@ pub fn parse_unit_interval(s: &str) -> Result<f64, String> {
         return Err(format!("{s} is outside [0, 1]"));
     }
     Ok(v)
+}
+
+/// Refuses an output file whose folder does not exist, before any work is done.
+pub fn check_out_folder(out: &Path) -> anyhow::Result<()> {
+    match out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            bail!(
+                "{}: the folder {} does not exist; create it or choose another --out",
+                out.display(),
+                dir.display()
+            )
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A checkpoint file, or the checkpoint inside a run directory.
@@ -177,10 +208,24 @@ pub fn load_model(path: &Path, no_ema: bool) -> anyhow::Result<Model> {
             // DDPMScheduler's defaults, as diffusers would use them.
             None => diffusers::SchedulerSettings::from_json(&serde_json::json!({}), path)?,
         };
+        let diffusion = scheduler.diffusion_config();
+        // The network and the scheduler must fit together (e.g. a learned variance needs twice
+        // the image channels out), as `ddpm import` checks.
+        let config = ddpm::train::TrainConfig {
+            unet: m.unet.clone(),
+            diffusion: diffusion.clone(),
+            optim: Default::default(),
+            batch_size: 1,
+            random_flip: false,
+            seed: 0,
+        };
+        config.validate().with_context(|| {
+            format!("{}: the UNet2DModel and the scheduler do not fit together", path.display())
+        })?;
         return Ok(Model {
             net: ddpm::nn::UNet::new(m.unet)?,
             params: m.params,
-            diffusion: scheduler.diffusion_config(),
+            diffusion,
             clip_x0: scheduler.clip_sample,
         });
     }

@@ -37,11 +37,15 @@ pub struct CompareArgs {
 
 /// Reads both files, prints the table, fails on any mismatch.
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {
-    if !(args.rtol >= 0.0 && args.atol >= 0.0) {
-        bail!("--rtol and --atol must be non-negative numbers, got {} and {}", args.rtol, args.atol);
+    let ok = |v: f64| v.is_finite() && v >= 0.0;
+    if !(ok(args.rtol) && ok(args.atol)) {
+        bail!("--rtol and --atol must be finite numbers ≥ 0, got {} and {}", args.rtol, args.atol);
     }
     let reference = read_named_arrays(&args.reference)
         .with_context(|| format!("reading the reference {}", args.reference.display()))?;
+    if reference.is_empty() {
+        bail!("{}: the reference holds no arrays, so nothing would be compared", args.reference.display());
+    }
     let candidate = read_named_arrays(&args.candidate)
         .with_context(|| format!("reading the candidate {}", args.candidate.display()))?;
     let tolerance = Tolerance { rtol: args.rtol, atol: args.atol };

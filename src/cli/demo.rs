@@ -88,7 +88,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         allow_different_data: false,
     };
     let stop = install_signal_handlers()?;
-    let outcome = train(&train_args, &stop).context("demo training")?;
+    let outcome = train(&train_args, &[], &stop).context("demo training")?;
     if let Some(sig) = outcome.signal {
         eprintln!(
             "stopped by {} at step {} after saving; continue with `ddpm demo --resume --out {}`",
@@ -101,6 +101,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let sample_args = SampleArgs {
         checkpoint: outcome.checkpoint,
         num: 64,
+        batch: 256,
         sampler: SamplerArg::Ddpm,
         steps: None,
         eta: 0.0,

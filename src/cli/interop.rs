@@ -51,6 +51,8 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
         format!("{}: the UNet2DModel and the scheduler do not fit together", dir.display())
     })?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    // A run may be training into OUT: its lock keeps the import from replacing its checkpoint.
+    let _lock = ddpm::files::DirLock::acquire(&args.out, "ddpm import")?;
     let path = args.out.join(CHECKPOINT);
     if path.exists() && !args.force {
         bail!("{} exists; pass --force to replace it or choose another --out", path.display());
@@ -87,10 +89,19 @@ pub struct ExportArgs {
     /// Write clip_sample = false (default: the checkpoint's setting, else true as `ddpm sample`).
     #[arg(long)]
     pub no_clip: bool,
+    /// Replace the files of an existing diffusers folder.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `ddpm export --diffusers`.
 pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
+    if diffusers::is_diffusers_folder(&args.diffusers) && !args.force {
+        bail!(
+            "{} already holds a diffusers model; pass --force to replace it or choose another folder",
+            args.diffusers.display()
+        );
+    }
     let path = resolve_checkpoint(&args.checkpoint)?;
     let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let clip = !args.no_clip && ck.clip_x0.unwrap_or(true);

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 
 /// Denoising Diffusion Probabilistic Models (Ho et al. 2020) on the CPU.
 #[derive(Parser, Debug)]
-#[command(name = "ddpm", version, about, long_about = None)]
+#[command(name = "ddpm", version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,12 +52,32 @@ enum Command {
     Export(interop::ExportArgs),
 }
 
+/// What the exit status means, shown by `ddpm --help`.
+const EXIT_CODES: &str =
+    "Exit status: 0 success; 1 an error (a bad file, flag or path: the message names it and \
+the fix); 2 a usage error; 3 training diverged (non-finite loss or weights; the last good checkpoint is \
+kept); 4 the output directory is in use by another run; 128+N stopped by signal N (2 Ctrl-C, 15 SIGTERM, \
+1 SIGHUP) after saving a checkpoint.";
+
+/// Exit status for an error whose cause is a training divergence.
+const EXIT_DIVERGED: u8 = 3;
+/// Exit status for an error whose cause is another process holding the directory.
+const EXIT_LOCKED: u8 = 4;
+
 /// Parses the command line, runs the command, prints any error chain on one line.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result: anyhow::Result<()> = match cli.command {
         Command::Demo(args) => demo::run(args),
-        Command::Train(args) => train::run(*args),
+        Command::Train(args) => {
+            let given = matches.subcommand_matches("train").map(train::explicit_flags).unwrap_or_default();
+            train::run(*args, &given)
+        }
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
@@ -72,7 +92,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.chain().find_map(|c| c.downcast_ref::<ddpm::Error>()) {
+                Some(ddpm::Error::Diverged { .. }) => ExitCode::from(EXIT_DIVERGED),
+                Some(ddpm::Error::Locked { .. }) => ExitCode::from(EXIT_LOCKED),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

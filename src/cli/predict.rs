@@ -8,7 +8,7 @@ use ddpm::diffusion::NoiseSchedule;
 use ddpm::io::npz::{read_npy_f32, write_npy_f32};
 use ddpm::Var;
 
-use super::common::{load_model, set_threads};
+use super::common::{check_out_folder, load_model, set_threads};
 
 /// `ddpm predict` arguments.
 #[derive(Args, Debug, Clone)]
@@ -37,6 +37,7 @@ pub struct PredictArgs {
 /// `ddpm predict`.
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
+    check_out_folder(&args.out)?;
     let model = load_model(&args.model, args.no_ema)?;
     let x = read_npy_f32(&args.x).with_context(|| format!("reading --x {}", args.x.display()))?;
     let c = &model.net.config;
@@ -51,6 +52,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         );
     }
     let d = &model.diffusion;
+    if args.t >= d.timesteps as u64 {
+        bail!("--t {}: this model has T = {}, so t runs over 0..={}", args.t, d.timesteps, d.timesteps - 1);
+    }
     let schedule = NoiseSchedule::new(&d.schedule, d.timesteps, d.convention.settings())?;
     let model_t = schedule.model_timestep(args.t as usize) as f32;
     let n = s[0];

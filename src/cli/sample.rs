@@ -12,7 +12,7 @@ use ddpm::Tensor;
 use ndarray::{Axis, Ix4};
 
 use super::common::{
-    parse_unit_interval, progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads,
+    count, parse_unit_interval, progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads,
     DeviceArgs,
 };
 
@@ -31,9 +31,13 @@ pub struct SampleArgs {
     /// A checkpoint file, or a run directory holding checkpoint.safetensors.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Number of images.
-    #[arg(long, default_value_t = 64)]
+    /// Number of images (1 to 1000000).
+    #[arg(long, default_value_t = 64, value_parser = count(1..=1_000_000))]
     pub num: usize,
+    /// Images sampled at once (1 to 4096): memory grows with it. Batch k draws from the seed's
+    /// stream k, so the first --batch images do not depend on --num.
+    #[arg(long, default_value_t = 256, value_parser = count(1..=4096))]
+    pub batch: usize,
     /// Sampler.
     #[arg(long, value_enum, default_value = "ddpm")]
     pub sampler: SamplerArg,
@@ -58,8 +62,8 @@ pub struct SampleArgs {
     /// Also write trajectory.png: x_t from x_T to x_0 (rows = images, columns = time).
     #[arg(long)]
     pub trajectory: bool,
-    /// Snapshots per trajectory row.
-    #[arg(long, default_value_t = 10)]
+    /// Snapshots per trajectory row (2 to 1000, at most the sampling steps + 1).
+    #[arg(long, default_value_t = 10, value_parser = count(2..=1000), requires = "trajectory")]
     pub trajectory_frames: usize,
     /// Skip the individual NNNNNN.png files.
     #[arg(long)]
@@ -83,8 +87,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
 
 /// Samples per `args` and writes the files; returns the grid's path.
 pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
-    if args.num == 0 {
-        bail!("--num must be at least 1");
+    if args.eta != 0.0 && matches!(args.sampler, SamplerArg::Ddpm) {
+        bail!("--eta {} applies to --sampler ddim; ancestral sampling (ddpm) has no η", args.eta);
     }
     let path = resolve_checkpoint(&args.checkpoint)?;
     let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
@@ -100,17 +104,47 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
         steps: args.steps,
         // An imported checkpoint carries its scheduler's clip_sample.
         clip_x0: !args.no_clip && ck.clip_x0.unwrap_or(true),
-        trajectory_frames: if args.trajectory { args.trajectory_frames.max(2) } else { 0 },
+        trajectory_frames: if args.trajectory { args.trajectory_frames } else { 0 },
     };
     let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);
-    let bar = progress_bar(k as u64, "sample");
-    let mut rng = ddpm::rng_from_seed(args.seed);
-    let s = sample(&net, params, &schedule, &param, args.num, &cfg, &mut rng, |done, _| {
-        bar.set_position(done as u64)
-    })
-    .context("sampling")?;
+    if args.trajectory && args.trajectory_frames > k + 1 {
+        bail!(
+            "--trajectory-frames {} is more than the {} states of {k} steps",
+            args.trajectory_frames,
+            k + 1
+        );
+    }
+    let chunks = args.num.div_ceil(args.batch);
+    let bar = progress_bar((k * chunks) as u64, "sample (steps)");
+    let mut parts = Vec::with_capacity(chunks);
+    for chunk in 0..chunks {
+        let n = args.batch.min(args.num - chunk * args.batch);
+        let mut rng = ddpm::rng_from_seed(args.seed);
+        rng.set_stream(chunk as u64);
+        // The trajectory is drawn from the first batch only.
+        let cfg = SampleConfig {
+            trajectory_frames: if chunk == 0 { cfg.trajectory_frames } else { 0 },
+            ..cfg.clone()
+        };
+        let s = sample(&net, params, &schedule, &param, n, &cfg, &mut rng, |done, _| {
+            bar.set_position((chunk * k + done) as u64)
+        })
+        .context("sampling")?;
+        parts.push(s);
+    }
     bar.finish_and_clear();
+    let s = join_batches(parts);
     write_samples(&s, &args.out, !args.grid_only)
+}
+
+/// The batches' images in order, with the first batch's trajectory.
+fn join_batches(mut parts: Vec<Samples>) -> Samples {
+    if parts.len() == 1 {
+        return parts.remove(0);
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.images.view()).collect();
+    let images = ndarray::concatenate(Axis(0), &views).expect("batches of one image shape");
+    Samples { images, trajectory: std::mem::take(&mut parts[0].trajectory) }
 }
 
 /// Writes grid.png (and NNNNNN.png per image, trajectory.png if present) into `out`.

@@ -8,7 +8,7 @@ use ddpm::io::npz::{write_npz, NpzArray};
 use ddpm::sample::trace;
 use ndarray::Array1;
 
-use super::common::{load_model, progress_bar, set_threads};
+use super::common::{check_out_folder, count, load_model, progress_bar, set_threads};
 
 /// Write the intermediates of one seeded ancestral sampling run (Ho et al. Algorithm 2, all T
 /// steps) to an .npz, for comparing another implementation step by step with `ddpm compare`.
@@ -27,7 +27,7 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Number of images N.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count(1..=1024))]
     pub num: usize,
     /// Steps to keep: comma-separated 0-based timesteps (e.g. 999,500,0), or `all`.
     #[arg(long)]
@@ -49,9 +49,7 @@ pub struct TraceArgs {
 /// `ddpm trace`.
 pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
-    if args.num == 0 {
-        bail!("--num must be at least 1");
-    }
+    check_out_folder(&args.out)?;
     let model = load_model(&args.checkpoint, args.no_ema)?;
     let d = &model.diffusion;
     let big_t = d.timesteps;

@@ -16,7 +16,7 @@ use ddpm::train::{DiffusionConfig, OptimConfig, StepStats, TrainConfig, Trainer}
 use indicatif::ProgressBar;
 
 use super::common::{
-    load_data, parse_list, parse_minutes, progress_bar, report_gpu_use, select_device, set_threads,
+    count, load_data, parse_list, parse_minutes, progress_bar, report_gpu_use, select_device, set_threads,
     DeviceArgs, SizeList,
 };
 
@@ -174,8 +174,8 @@ pub struct TrainArgs {
     /// Stop after this many minutes of this invocation (a checkpoint is written at the end).
     #[arg(long, value_parser = parse_minutes)]
     pub minutes: Option<f64>,
-    /// Images per step.
-    #[arg(long, default_value_t = 64)]
+    /// Images per step (1 to 65536, and at most the number of training images).
+    #[arg(long, default_value_t = 64, value_parser = count(1..=65_536))]
     pub batch: usize,
     /// Seed of the weights, timesteps, noise, dropout and batch order.
     #[arg(long, default_value_t = 0)]
@@ -206,8 +206,8 @@ pub struct TrainArgs {
     /// β schedule: linear, cosine, quadratic, sigmoid, constant, or file:PATH.
     #[arg(long, default_value = "linear")]
     pub schedule: BetaSchedule,
-    /// Diffusion steps T.
-    #[arg(long, default_value_t = 1000)]
+    /// Diffusion steps T (2 to 1000000).
+    #[arg(long, default_value_t = 1000, value_parser = count(2..=1_000_000))]
     pub timesteps: usize,
     /// Conventions where references disagree: ho2020, improved-diffusion, diffusers.
     #[arg(long, default_value = "ho2020")]
@@ -224,22 +224,23 @@ pub struct TrainArgs {
     /// How t is drawn.
     #[arg(long, value_enum, default_value = "uniform")]
     pub timestep_sampling: TimestepArg,
-    /// Write a checkpoint every N steps (and always at the end).
-    #[arg(long, default_value_t = 500)]
+    /// Write a checkpoint every N steps (and always at the end); the previous one is kept as
+    /// checkpoint.prev.safetensors.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: u64,
     /// Write a grid of samples (EMA weights, DDIM) every N steps; 0 for only at the end.
     #[arg(long, default_value_t = 0)]
     pub sample_every: u64,
-    /// Images in the periodic sample grids (0 for none).
-    #[arg(long, default_value_t = 16)]
+    /// Images in the periodic sample grids (0 for none; at most 4096).
+    #[arg(long, default_value_t = 16, value_parser = count(0..=4096))]
     pub sample_count: usize,
-    /// DDIM steps for the periodic sample grids.
-    #[arg(long, default_value_t = 50)]
+    /// DDIM steps for the periodic sample grids (at least 2; capped at T).
+    #[arg(long, default_value_t = 50, value_parser = count(2..=1_000_000))]
     pub sample_steps: usize,
     /// Stop (exit code 3) after this many steps in a row whose loss or gradient norm is NaN or
     /// infinite; each is skipped without touching the weights, and nothing is saved after the
     /// last good checkpoint.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_bad_steps: u64,
 }
 
@@ -364,12 +365,70 @@ pub fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// `ddpm train`.
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+/// The ids of the arguments given on the command line itself (not defaults or environment).
+pub fn explicit_flags(m: &clap::ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
+/// The part of a configuration that each recipe flag sets, as text to compare: a resume may
+/// repeat the original command, but a flag that would change the checkpoint's recipe is refused.
+fn recipe_value(flag: &str, c: &TrainConfig) -> Option<String> {
+    let (u, d, o) = (&c.unet, &c.diffusion, &c.optim);
+    Some(match flag {
+        "preset" => format!("{u:?}"),
+        "ch" => u.ch.to_string(),
+        "ch_mult" => format!("{:?}", u.ch_mult),
+        "num_res_blocks" => u.num_res_blocks.to_string(),
+        "attn_res" => format!("{:?}", u.attn_resolutions),
+        "downsample_padding" => format!("{:?}", u.downsample_padding),
+        "embedding_order" => format!("{:?}", u.embedding_order),
+        "gn_groups" => u.gn_groups.to_string(),
+        "dropout" => u.dropout.to_string(),
+        "batch" => c.batch_size.to_string(),
+        "seed" => c.seed.to_string(),
+        "random_flip" => c.random_flip.to_string(),
+        "lr" => o.lr.to_string(),
+        "warmup" => o.warmup_steps.to_string(),
+        "grad_clip" => format!("{:?}", o.grad_clip),
+        "ema_decay" => o.ema_decay.to_string(),
+        "no_ema_warmup" => (!o.ema_warmup).to_string(),
+        // A file schedule is stored as its values; the file itself is never read again.
+        "schedule" => match &d.schedule {
+            BetaSchedule::File(_) | BetaSchedule::Custom(_) => "a schedule from a file".into(),
+            other => other.to_string(),
+        },
+        "timesteps" => d.timesteps.to_string(),
+        "convention" => d.convention.to_string(),
+        "mean_type" => format!("{:?}", d.mean_type),
+        "variance" => format!("{:?}", d.variance_type),
+        "loss" => format!("{:?}", d.loss),
+        "timestep_sampling" => format!("{:?}", d.timestep_sampling),
+        _ => return None,
+    })
+}
+
+/// On --resume, the recipe flags given on the command line whose values differ from the
+/// checkpoint's (`flag: given vs stored`).
+fn changed_recipe(args: &TrainArgs, given: &[String], stored: &TrainConfig) -> Vec<String> {
+    let wanted = args.config(stored.unet.in_channels, stored.unet.resolution);
+    given
+        .iter()
+        .filter_map(|id| {
+            let (a, b) = (recipe_value(id, &wanted)?, recipe_value(id, stored)?);
+            (a != b).then(|| format!("--{} ({a}, the checkpoint has {b})", id.replace('_', "-")))
+        })
+        .collect()
+}
+
+/// `ddpm train`; `given` lists the flags given on the command line.
+pub fn run(args: TrainArgs, given: &[String]) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     select_device(args.device)?;
     let stop = install_signal_handlers()?;
-    let outcome = train(&args, &stop)?;
+    let outcome = train(&args, given, &stop)?;
     report_gpu_use();
     if let Some(sig) = outcome.signal {
         eprintln!(
@@ -383,8 +442,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Trains per `args` until done or `stop` is raised; the demo calls this too.
-pub fn train(args: &TrainArgs, stop: &StopFlag) -> anyhow::Result<TrainOutcome> {
+/// Trains per `args` until done or `stop` is raised; the demo calls this too. `given` lists the
+/// flags given on the command line: on --resume, those that would change the checkpoint's
+/// recipe are refused.
+pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Result<TrainOutcome> {
     let options = RunOptions {
         steps: args.steps,
         duration: args.minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
@@ -412,8 +473,17 @@ pub fn train(args: &TrainArgs, stop: &StopFlag) -> anyhow::Result<TrainOutcome> 
                 allow_different: args.allow_different_data,
             },
         };
-        Run::resume(&args.out, data, options)
-            .with_context(|| format!("cannot resume the run in {}", args.out.display()))?
+        let run = Run::resume(&args.out, data, options)
+            .with_context(|| format!("cannot resume the run in {}", args.out.display()))?;
+        let changed = changed_recipe(args, given, run.trainer().config());
+        if !changed.is_empty() {
+            bail!(
+                "{} cannot change when resuming: the architecture and recipe come from the checkpoint; \
+                 drop the flag or start a new run in another --out",
+                changed.join(", ")
+            );
+        }
+        run
     } else {
         let data = load_data(&spec)?;
         let [_, c, h, w] = data.shape();
@@ -453,6 +523,12 @@ pub fn train(args: &TrainArgs, stop: &StopFlag) -> anyhow::Result<TrainOutcome> 
     Ok(TrainOutcome { checkpoint: outcome.checkpoint, steps: outcome.steps, signal })
 }
 
+/// Prints a line on stderr above the bar, or plainly when the bar is hidden (stderr is not a
+/// terminal: a log file, a batch scheduler), where `ProgressBar::println` would drop it.
+fn println_above(bar: &ProgressBar, line: String) {
+    bar.suspend(|| eprintln!("{line}"));
+}
+
 /// Shows a run on the terminal: a progress bar with the smoothed loss and the rate, and one
 /// line per notable event.
 struct BarObserver {
@@ -475,18 +551,21 @@ impl Observer for BarObserver {
     fn started(&mut self, t: &Trainer) {
         let cfg = t.config();
         let data = t.dataset();
-        self.bar.println(format!(
-            "training on {} ({} images of {}x{}x{}), {} parameters, batch {}, T = {}, from step {}",
-            data.source().display(),
-            data.len(),
-            cfg.unet.in_channels,
-            cfg.unet.resolution,
-            cfg.unet.resolution,
-            t.state().params.num_scalars(),
-            cfg.batch_size,
-            cfg.diffusion.timesteps,
-            t.step_count()
-        ));
+        println_above(
+            &self.bar,
+            format!(
+                "training on {} ({} images of {}x{}x{}), {} parameters, batch {}, T = {}, from step {}",
+                data.source().display(),
+                data.len(),
+                cfg.unet.in_channels,
+                cfg.unet.resolution,
+                cfg.unet.resolution,
+                t.state().params.num_scalars(),
+                cfg.batch_size,
+                cfg.diffusion.timesteps,
+                t.step_count()
+            ),
+        );
         if self.by_steps {
             self.bar.set_position(t.step_count());
         }
@@ -501,12 +580,12 @@ impl Observer for BarObserver {
 
     fn event(&mut self, e: &RunEvent) {
         match e {
-            RunEvent::DataNotice(m) => self.bar.println(format!("note: {m}")),
-            RunEvent::Skipped { step, loss, grad_norm, consecutive } => self.bar.println(format!(
+            RunEvent::DataNotice(m) => println_above(&self.bar, format!("note: {m}")),
+            RunEvent::Skipped { step, loss, grad_norm, consecutive } => println_above(&self.bar, format!(
                 "warning: step {step} skipped: loss {loss}, gradient norm {grad_norm} ({consecutive} in a row); \
                  the weights were not changed"
             )),
-            RunEvent::Stopping(sig) => self.bar.println(format!(
+            RunEvent::Stopping(sig) => println_above(&self.bar, format!(
                 "{}: saving a checkpoint at this step, then exiting (send it again to exit at once without saving)",
                 signal_name(i32::try_from(*sig).unwrap_or(0))
             )),

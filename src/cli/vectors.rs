@@ -7,6 +7,8 @@ use ddpm::diffusion::convention::{Convention, NormalCdf};
 use ddpm::diffusion::schedule::{read_betas_file, BetaSchedule};
 use ddpm::diffusion::vectors::{ReferenceVectors, VectorsConfig, CASE_ENTRIES, TABLE_ENTRIES};
 
+use super::common::check_out_folder;
+
 /// Write float64 reference vectors of the diffusion math to an .npz file.
 ///
 /// The file holds the schedule tables under improved-diffusion's names and one seeded batch of
@@ -67,6 +69,17 @@ pub fn run(args: VectorsArgs) -> anyhow::Result<()> {
         [c, h, w] => [c, h, w],
         _ => bail!("--shape takes three numbers C,H,W, got {:?}", args.shape),
     };
+    check_out_folder(&args.out)?;
+    // The case arrays hold a dozen float64 arrays of the batch's shape.
+    let elements = [args.batch, c, h, w].iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    let cap = ddpm::files::memory_cap() / (16 * 8);
+    if args.batch == 0 || c == 0 || h == 0 || w == 0 || elements.is_none_or(|e| e > cap) {
+        bail!(
+            "--batch {} with --shape {c},{h},{w}: every size must be at least 1 and the batch at most {cap} \
+             numbers in all",
+            args.batch
+        );
+    }
     let timesteps = match (&args.schedule, args.timesteps) {
         (_, Some(t)) => t,
         (BetaSchedule::File(path), None) => {

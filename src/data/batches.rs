@@ -184,7 +184,7 @@ impl Batches {
     /// [`Batches::position`] always says where the next batch really starts.
     fn roll_over_if_done(&mut self) {
         if self.position.index + self.config.batch_size > self.data.len() {
-            self.position = BatchPosition { epoch: self.position.epoch + 1, index: 0 };
+            self.position = BatchPosition { epoch: self.position.epoch.wrapping_add(1), index: 0 };
             (self.order, self.flips) = epoch_plan(self.data.len(), self.config, self.position.epoch);
         }
     }

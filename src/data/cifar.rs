@@ -143,6 +143,23 @@ fn batch_files_in(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
         }
     }
     found.sort();
+    // `x.bin` and `x.bin.gz` are one batch (the plain file is read); two spellings of one number
+    // (`data_batch_1.bin`, `data_batch_01.bin`) are ambiguous, and reading one would silently
+    // drop the other.
+    for pair in found.windows(2) {
+        let [(a, _, pa), (b, _, pb)] = pair else { continue };
+        let plain = |p: &Path| p.with_extension("").with_extension("").file_name().map(|n| n.to_os_string());
+        if a == b && plain(pa) != plain(pb) {
+            return Err(Error::bad_file(
+                dir,
+                format!(
+                    "{} and {} are both batch {a}; remove or rename one of them",
+                    pa.display(),
+                    pb.display()
+                ),
+            ));
+        }
+    }
     found.dedup_by_key(|(number, _, _)| *number);
     Ok(found.into_iter().map(|(_, _, path)| path).collect())
 }

@@ -42,7 +42,8 @@ const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 const MAX_IMAGE_SIZE: usize = 4096;
 
 /// Every PNG/JPEG file under `dir`, recursively, sorted by path. Hidden names (starting with
-/// `.`) are skipped and symbolic links to folders are not followed.
+/// `.`) are skipped and symbolic links to folders are not followed; a link that leads nowhere
+/// is listed (and then refused by the loader, naming it).
 ///
 /// # Errors
 /// [`Error::Io`] naming the folder if it, or a folder under it, cannot be listed.
@@ -59,7 +60,9 @@ pub fn find_images(dir: &Path) -> Result<Vec<PathBuf>> {
             let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
             if kind.is_dir() {
                 pending.push(path);
-            } else if has_image_extension(&path) && path.is_file() {
+            } else if has_image_extension(&path) && !path.is_dir() {
+                // Files, and links that do not lead to a folder: a dangling or looping link is
+                // kept, so that loading reports it instead of silently dropping an image.
                 found.push(path);
             }
         }

@@ -827,8 +827,9 @@ pub fn is_diffusers_folder(dir: &Path) -> bool {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))
+    // A configuration is a few kilobytes; this cap only stops a wrong path from filling memory.
+    let bytes = crate::files::read_capped(path, 16 << 20)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))
 }
 
 /// Reads a diffusers folder: `DIR/config.json` + `DIR/diffusion_pytorch_model.safetensors`, or the

@@ -337,6 +337,11 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     let importance: Option<ImportanceSampler> =
         if meta.contains_key("importance") { Some(parse_json(source, &meta, "importance")?) } else { None };
     if let Some(imp) = &importance {
+        if config.diffusion.timestep_sampling == crate::diffusion::TimestepSampling::Uniform {
+            return Err(bad(
+                "importance-sampling state in a checkpoint configured for uniform timesteps".into()
+            ));
+        }
         imp.validate(config.diffusion.timesteps).map_err(|e| bad(e.to_string()))?;
     }
     let (skipped_steps, data, source_text) = if v2 {

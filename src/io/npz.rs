@@ -132,7 +132,7 @@ pub fn read_npz_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<Vec<NpzEn
         Error::bad_file(source, format!("not a valid npz archive, or corrupt/truncated ({e})"))
     };
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| corrupt(&e))?;
-    let mut entries = Vec::with_capacity(archive.len().min(1 << 16));
+    let mut entries: Vec<NpzEntry> = Vec::with_capacity(archive.len().min(1 << 16));
     for index in 0..archive.len() {
         let mut file = archive.by_index(index).map_err(|e| corrupt(&e))?;
         let file_name = file.name().to_string();
@@ -162,6 +162,9 @@ pub fn read_npz_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<Vec<NpzEn
             ),
             other => corrupt(&format!("array `{name}`: {other}")),
         })?;
+        if entries.iter().any(|e| e.name == name) {
+            return Err(corrupt(&format!("two arrays are named `{name}`")));
+        }
         entries.push(NpzEntry { name, dtype, values });
     }
     Ok(entries)

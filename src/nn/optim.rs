@@ -60,10 +60,12 @@ impl Adam {
             grads.len(),
             self.m.len()
         );
-        self.step += 1;
+        self.step = self.step.saturating_add(1);
         let c = &self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        // β^t for t past i32::MAX is 0 to f64 precision for any β < 1: saturating is exact.
+        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
         // 1 − β computed in f64: 1 − (0.999 as f32) would be off by 1.3e-5 relative.
         let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
         let (one_minus_b1, one_minus_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);

@@ -194,6 +194,26 @@ impl UNetConfig {
         if !self.embedding_freq_shift.is_finite() {
             return bad(format!("embedding_freq_shift {} is not finite", self.embedding_freq_shift));
         }
+        // The timestep embedding has ch sinusoids: at least one sin/cos pair, and a frequency
+        // denominator ch/2 − freq_shift that is not zero.
+        if self.ch < 2 || (self.ch / 2) as f64 == self.embedding_freq_shift {
+            return bad(format!(
+                "ch {} gives a timestep embedding of {} sin/cos pairs with frequency shift {}; \
+                 use ch ≥ 2 with ch/2 ≠ the shift",
+                self.ch,
+                self.ch / 2,
+                self.embedding_freq_shift
+            ));
+        }
+        let mut level_res = vec![self.resolution];
+        for _ in 1..self.ch_mult.len() {
+            level_res.push(level_res[level_res.len() - 1] / 2);
+        }
+        if let Some(r) = self.attn_resolutions.iter().find(|r| !level_res.contains(r)) {
+            return bad(format!(
+                "attention at resolution {r}, which no level has (the levels run at {level_res:?})"
+            ));
+        }
         let mut widths = vec![self.ch];
         widths.extend(self.ch_mult.iter().map(|m| m * self.ch));
         for (c_in, _) in self.up_blocks() {
@@ -652,6 +672,15 @@ mod tests {
             ("dropout", Box::new(|c| c.dropout = 1.0)),
             ("epsilon", Box::new(|c| c.gn_eps = 0.0)),
             ("freq_shift", Box::new(|c| c.embedding_freq_shift = f64::INFINITY)),
+            (
+                "embedding",
+                Box::new(|c| {
+                    c.ch = 2;
+                    c.gn_groups = 1;
+                }),
+            ),
+            ("embedding", Box::new(|c| c.embedding_freq_shift = 16.0)),
+            ("attention", Box::new(|c| c.attn_resolutions = vec![3])),
             (
                 "parameters",
                 Box::new(|c| {
