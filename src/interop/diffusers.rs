@@ -587,15 +587,14 @@ pub fn unet_config_from_json(v: &Value, path: &Path) -> Result<UNetConfig> {
 
 /// The channel count of every group norm of the U-Net.
 fn group_widths(c: &UNetConfig) -> Vec<usize> {
-    let net = UNet { config: c.clone() };
-    let template = net.init_params(&mut crate::rng_from_seed(0));
-    template
-        .iter()
+    UNet { config: c.clone() }
+        .param_shapes()
+        .into_iter()
         .filter(|(name, _)| {
             let layer = name.rsplit('.').nth(1).unwrap_or("");
             name.ends_with(".weight") && matches!(layer, "norm1" | "norm2" | "norm" | "norm_out")
         })
-        .map(|(_, t)| t.len())
+        .map(|(_, shape)| shape.iter().product())
         .collect()
 }
 
@@ -740,10 +739,10 @@ pub fn params_from_tensors(
     mut tensors: BTreeMap<String, Tensor>,
     path: &Path,
 ) -> Result<ParamStore> {
-    let template = net.init_params(&mut crate::rng_from_seed(0));
     let levels = net.config.ch_mult.len();
     let mut store = ParamStore::new();
-    for (name, want) in template.iter() {
+    for (name, want) in &net.param_shapes() {
+        let want_len: usize = want.iter().product();
         let key = diffusers_name(name, levels);
         let t = match tensors.remove(&key) {
             Some(t) => t,
@@ -754,22 +753,21 @@ pub fn params_from_tensors(
                 )
             })?,
         };
-        let t = if t.shape() != want.shape() && is_attention_linear(&key) && t.len() == want.len() {
-            t.into_shape_with_order(want.shape()).expect("same element count")
+        let t = if t.shape() != want.as_slice() && is_attention_linear(&key) && t.len() == want_len {
+            t.into_shape_with_order(want.as_slice()).expect("same element count")
         } else {
             t
         };
-        if t.shape() != want.shape() {
+        if t.shape() != want.as_slice() {
             return Err(Error::bad_file(
                 path,
                 format!(
-                    "tensor `{key}` has shape {:?}; config.json needs {:?} for ddpm `{name}`",
-                    t.shape(),
-                    want.shape()
+                    "tensor `{key}` has shape {:?}; config.json needs {want:?} for ddpm `{name}`",
+                    t.shape()
                 ),
             ));
         }
-        store.insert(name, t.as_standard_layout().into_owned());
+        store.insert(name.as_str(), t.as_standard_layout().into_owned());
     }
     if !tensors.is_empty() {
         let extra: Vec<&str> = tensors.keys().take(5).map(String::as_str).collect();

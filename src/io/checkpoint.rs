@@ -95,9 +95,9 @@ impl TrainState {
         clip_x0: Option<bool>,
     ) -> Result<Self> {
         config.validate()?;
-        let template = template(&config)?;
-        let same = template.len() == params.len()
-            && template.iter().all(|(n, t)| params.get(n).is_some_and(|p| p.shape() == t.shape()));
+        let shapes = shapes(&config)?;
+        let same = shapes.len() == params.len()
+            && shapes.iter().all(|(n, shape)| params.get(n).is_some_and(|p| p.shape() == shape.as_slice()));
         if !same {
             return Err(Error::config(
                 "checkpoint",
@@ -290,17 +290,16 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     config.validate().map_err(|e| bad(format!("stored config is invalid: {e}")))?;
     let step: u64 = parse(source, &meta, "step")?;
     // The expected names and shapes come from the configuration.
-    let template = template(&config).map_err(|e| bad(format!("stored config is invalid: {e}")))?;
+    let shapes = shapes(&config).map_err(|e| bad(format!("stored config is invalid: {e}")))?;
     let mut take = |prefix: &str| -> Result<Vec<(String, Tensor)>> {
-        let mut out = Vec::with_capacity(template.len());
-        for (name, want) in template.iter() {
+        let mut out = Vec::with_capacity(shapes.len());
+        for (name, want) in &shapes {
             let key = format!("{prefix}.{name}");
             let t = tensors.remove(&key).ok_or_else(|| bad(format!("tensor `{key}` is missing")))?;
-            if t.shape() != want.shape() {
+            if t.shape() != want.as_slice() {
                 return Err(bad(format!(
-                    "tensor `{key}` has shape {:?}, the config needs {:?}",
-                    t.shape(),
-                    want.shape()
+                    "tensor `{key}` has shape {:?}, the config needs {want:?}",
+                    t.shape()
                 )));
             }
             out.push((name.to_string(), t));
@@ -376,9 +375,9 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     })
 }
 
-/// The parameter names and shapes of the configuration's U-Net (initialised with seed 0).
-fn template(config: &TrainConfig) -> Result<ParamStore> {
-    Ok(UNet::new(config.unet.clone())?.init_params(&mut crate::rng_from_seed(0)))
+/// The parameter names and shapes of the configuration's U-Net (nothing is allocated).
+fn shapes(config: &TrainConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    Ok(UNet::new(config.unet.clone())?.param_shapes())
 }
 
 fn meta_get<'a>(path: &Path, meta: &'a BTreeMap<String, String>, key: &str) -> Result<&'a str> {

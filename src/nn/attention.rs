@@ -8,19 +8,19 @@
 //! out = x + proj_out(o)                            proj_out starts at ~zero
 //! ```
 
-use super::layers::{conv, conv_params, conv_plus, group_norm, group_norm_params, Init};
+use super::layers::{conv, conv_params, conv_plus, group_norm, group_norm_params, Init, ParamSink};
 use super::resblock::groups_for;
-use super::{Bound, ParamStore};
+use super::Bound;
 use crate::ops::Padding;
-use crate::{Rng, Var};
+use crate::Var;
 
-/// Registers `norm`, `q`, `k`, `v`, `proj_out` for `c` channels under `prefix`.
-pub fn attention_params(store: &mut ParamStore, prefix: &str, c: usize, rng: &mut Rng) {
-    group_norm_params(store, &format!("{prefix}.norm"), c);
+/// Declares `norm`, `q`, `k`, `v`, `proj_out` for `c` channels under `prefix`.
+pub fn attention_params(sink: &mut dyn ParamSink, prefix: &str, c: usize) {
+    group_norm_params(sink, &format!("{prefix}.norm"), c);
     for name in ["q", "k", "v"] {
-        conv_params(store, &format!("{prefix}.{name}"), c, c, 1, Init::Default, rng);
+        conv_params(sink, &format!("{prefix}.{name}"), c, c, 1, Init::Default);
     }
-    conv_params(store, &format!("{prefix}.proj_out"), c, c, 1, Init::Zero, rng);
+    conv_params(sink, &format!("{prefix}.proj_out"), c, c, 1, Init::Zero);
 }
 
 /// Runs the attention block on x `[N, C, H, W]`.

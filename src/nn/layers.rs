@@ -1,6 +1,7 @@
 //! The U-Net's building layers as functions of a [`Bound`] parameter set and a name prefix:
-//! convolution, linear, group norm. Each `*_params` function registers the tensors under
-//! PyTorch's names (`{prefix}.weight`, `{prefix}.bias`) with the DDPM initialisation.
+//! convolution, linear, group norm. Each `*_params` function declares the tensors to a
+//! [`ParamSink`] under PyTorch's names (`{prefix}.weight`, `{prefix}.bias`), with the DDPM
+//! initialisation.
 
 use rand::Rng as _;
 
@@ -41,33 +42,79 @@ impl Init {
     }
 }
 
-/// Registers a conv's `weight [C_out, C_in, k, k]` and `bias [C_out]` (bias zero).
-pub fn conv_params(
-    store: &mut ParamStore,
-    prefix: &str,
-    c_in: usize,
-    c_out: usize,
-    k: usize,
-    init: Init,
-    rng: &mut Rng,
-) {
+/// How one parameter tensor starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ParamInit {
+    /// [`variance_scaling_uniform`] with these fans and scale (draws from the RNG).
+    VarianceScaling {
+        /// Fan in (channels × kh × kw).
+        fan_in: usize,
+        /// Fan out.
+        fan_out: usize,
+        /// Scale.
+        scale: f64,
+    },
+    /// All zeros (biases, β of a norm).
+    Zeros,
+    /// All ones (γ of a norm).
+    Ones,
+}
+
+/// Receives a network's parameters as they are declared, in order: a name, a shape and how
+/// it starts. [`Initialise`] creates the tensors; a `Vec<(String, Vec<usize>)>` only records the
+/// shapes, so a configuration can be checked without allocating its weights.
+pub trait ParamSink {
+    /// Declares one parameter.
+    fn declare(&mut self, name: String, shape: &[usize], init: ParamInit);
+}
+
+impl ParamSink for Vec<(String, Vec<usize>)> {
+    fn declare(&mut self, name: String, shape: &[usize], _init: ParamInit) {
+        self.push((name, shape.to_vec()));
+    }
+}
+
+/// A [`ParamSink`] that creates each tensor with the DDPM initialisation, drawing from `rng` in
+/// declaration order.
+pub struct Initialise<'a> {
+    /// Where the tensors go.
+    pub store: ParamStore,
+    /// The RNG of the variance-scaling draws.
+    pub rng: &'a mut Rng,
+}
+
+impl ParamSink for Initialise<'_> {
+    fn declare(&mut self, name: String, shape: &[usize], init: ParamInit) {
+        let t = match init {
+            ParamInit::VarianceScaling { fan_in, fan_out, scale } => {
+                variance_scaling_uniform(shape, fan_in, fan_out, scale, self.rng)
+            }
+            ParamInit::Zeros => Tensor::zeros(shape.to_vec()),
+            ParamInit::Ones => Tensor::ones(shape.to_vec()),
+        };
+        self.store.insert(name, t);
+    }
+}
+
+/// Declares a conv's `weight [C_out, C_in, k, k]` and `bias [C_out]` (bias zero).
+pub fn conv_params(sink: &mut dyn ParamSink, prefix: &str, c_in: usize, c_out: usize, k: usize, init: Init) {
     let rf = k * k;
-    let w = variance_scaling_uniform(&[c_out, c_in, k, k], c_in * rf, c_out * rf, init.scale(), rng);
-    store.insert(format!("{prefix}.weight"), w);
-    store.insert(format!("{prefix}.bias"), Tensor::zeros(vec![c_out]));
+    let weight = ParamInit::VarianceScaling { fan_in: c_in * rf, fan_out: c_out * rf, scale: init.scale() };
+    sink.declare(format!("{prefix}.weight"), &[c_out, c_in, k, k], weight);
+    sink.declare(format!("{prefix}.bias"), &[c_out], ParamInit::Zeros);
 }
 
-/// Registers a linear layer's `weight [out, in]` and `bias [out]` (bias zero).
-pub fn linear_params(store: &mut ParamStore, prefix: &str, d_in: usize, d_out: usize, rng: &mut Rng) {
-    let w = variance_scaling_uniform(&[d_out, d_in], d_in, d_out, 1.0, rng);
-    store.insert(format!("{prefix}.weight"), w);
-    store.insert(format!("{prefix}.bias"), Tensor::zeros(vec![d_out]));
+/// Declares a linear layer's `weight [out, in]` and `bias [out]` (bias zero).
+pub fn linear_params(sink: &mut dyn ParamSink, prefix: &str, d_in: usize, d_out: usize) {
+    let weight = ParamInit::VarianceScaling { fan_in: d_in, fan_out: d_out, scale: 1.0 };
+    sink.declare(format!("{prefix}.weight"), &[d_out, d_in], weight);
+    sink.declare(format!("{prefix}.bias"), &[d_out], ParamInit::Zeros);
 }
 
-/// Registers a group norm's `weight` (γ = 1) and `bias` (β = 0), both `[C]`.
-pub fn group_norm_params(store: &mut ParamStore, prefix: &str, c: usize) {
-    store.insert(format!("{prefix}.weight"), Tensor::ones(vec![c]));
-    store.insert(format!("{prefix}.bias"), Tensor::zeros(vec![c]));
+/// Declares a group norm's `weight` (γ = 1) and `bias` (β = 0), both `[C]`.
+pub fn group_norm_params(sink: &mut dyn ParamSink, prefix: &str, c: usize) {
+    sink.declare(format!("{prefix}.weight"), &[c], ParamInit::Ones);
+    sink.declare(format!("{prefix}.bias"), &[c], ParamInit::Zeros);
 }
 
 /// `conv2d` with the parameters `{prefix}.weight`, `{prefix}.bias`.

@@ -9,9 +9,9 @@
 //! ```
 
 use super::layers::{
-    conv, conv_params, conv_plus, group_norm_params, group_norm_silu, linear, linear_params, Init,
+    conv, conv_params, conv_plus, group_norm_params, group_norm_silu, linear, linear_params, Init, ParamSink,
 };
-use super::{Bound, ParamStore};
+use super::Bound;
 use crate::ops::Padding;
 use crate::{Rng, Var};
 
@@ -34,22 +34,14 @@ pub fn groups_for(c: usize, max_groups: usize) -> usize {
 impl ResBlockSpec {
     /// Registers the block's parameters under `prefix` (`norm1`, `conv1`, `temb_proj`, `norm2`,
     /// `conv2`, and `nin_shortcut` when the width changes).
-    pub fn params(&self, store: &mut ParamStore, prefix: &str, rng: &mut Rng) {
-        group_norm_params(store, &format!("{prefix}.norm1"), self.c_in);
-        conv_params(store, &format!("{prefix}.conv1"), self.c_in, self.c_out, 3, Init::Default, rng);
-        linear_params(store, &format!("{prefix}.temb_proj"), self.temb_ch, self.c_out, rng);
-        group_norm_params(store, &format!("{prefix}.norm2"), self.c_out);
-        conv_params(store, &format!("{prefix}.conv2"), self.c_out, self.c_out, 3, Init::Zero, rng);
+    pub fn params(&self, sink: &mut dyn ParamSink, prefix: &str) {
+        group_norm_params(sink, &format!("{prefix}.norm1"), self.c_in);
+        conv_params(sink, &format!("{prefix}.conv1"), self.c_in, self.c_out, 3, Init::Default);
+        linear_params(sink, &format!("{prefix}.temb_proj"), self.temb_ch, self.c_out);
+        group_norm_params(sink, &format!("{prefix}.norm2"), self.c_out);
+        conv_params(sink, &format!("{prefix}.conv2"), self.c_out, self.c_out, 3, Init::Zero);
         if self.c_in != self.c_out {
-            conv_params(
-                store,
-                &format!("{prefix}.nin_shortcut"),
-                self.c_in,
-                self.c_out,
-                1,
-                Init::Default,
-                rng,
-            );
+            conv_params(sink, &format!("{prefix}.nin_shortcut"), self.c_in, self.c_out, 1, Init::Default);
         }
     }
 

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{attention, attention_params};
 use super::embedding::{timestep_embedding, EmbeddingOrder};
-use super::layers::{conv, conv_params, group_norm_params, group_norm_silu, linear, linear_params, Init};
+use super::layers::{
+    conv, conv_params, group_norm_params, group_norm_silu, linear, linear_params, Init, Initialise, ParamSink,
+};
 use super::resblock::{groups_for, ResBlockSpec};
 use super::{Bound, ParamStore};
 use crate::ops::Padding;
@@ -246,69 +248,16 @@ impl UNetConfig {
     /// largest model has 114 million).
     pub const MAX_PARAMS: u64 = 1 << 30;
 
-    /// The number of parameters [`UNet::init_params`] creates, computed from the shapes alone
+    /// The number of parameters [`UNet::init_params`] creates, from [`UNet::param_shapes`]
     /// (saturating instead of overflowing), so a configuration can be refused before anything
-    /// is allocated.
+    /// is allocated. Needs the level and block counts within their limits (checked first by
+    /// [`UNetConfig::validate`]).
     pub fn num_params(&self) -> u64 {
-        let u = |v: usize| v as u64;
-        let conv = |cin: usize, cout: usize, k: usize| {
-            u(cout).saturating_mul(u(cin)).saturating_mul(u(k * k)).saturating_add(u(cout))
-        };
-        let linear = |cin: usize, cout: usize| u(cout).saturating_mul(u(cin)).saturating_add(u(cout));
-        let norm = |c: usize| u(c).saturating_mul(2);
-        let temb = self.temb_ch();
-        let res_block = |cin: usize, cout: usize| {
-            let mut n = norm(cin)
-                .saturating_add(conv(cin, cout, 3))
-                .saturating_add(linear(temb, cout))
-                .saturating_add(norm(cout))
-                .saturating_add(conv(cout, cout, 3));
-            if cin != cout {
-                n = n.saturating_add(conv(cin, cout, 1));
-            }
-            n
-        };
-        let attn = |c: usize| norm(c).saturating_add(conv(c, c, 1).saturating_mul(4));
-        let mut n = linear(self.ch, temb).saturating_add(linear(temb, temb)).saturating_add(conv(
-            self.in_channels,
-            self.ch,
-            3,
-        ));
-        let mut res = self.resolution;
-        let mut block_in = self.ch;
-        for (i, m) in self.ch_mult.iter().enumerate() {
-            for _ in 0..self.num_res_blocks {
-                n = n.saturating_add(res_block(block_in, self.ch * m));
-                block_in = self.ch * m;
-                if self.attn_resolutions.contains(&res) {
-                    n = n.saturating_add(attn(block_in));
-                }
-            }
-            if i + 1 != self.ch_mult.len() {
-                n = n.saturating_add(conv(block_in, block_in, 3));
-                res /= 2;
-            }
-        }
-        n = n.saturating_add(res_block(block_in, block_in).saturating_mul(2)).saturating_add(attn(block_in));
-        let mut up = self.up_blocks().into_iter();
-        for (i, m) in self.ch_mult.iter().enumerate().rev() {
-            for _ in 0..=self.num_res_blocks {
-                let Some((cin, cout)) = up.next() else { break };
-                n = n.saturating_add(res_block(cin, cout));
-                if self.attn_resolutions.contains(&res) {
-                    n = n.saturating_add(attn(cout));
-                }
-            }
-            if i != 0 {
-                n = n.saturating_add(conv(self.ch * m, self.ch * m, 3));
-                res *= 2;
-            }
-        }
-        n.saturating_add(norm(self.ch * self.ch_mult[0])).saturating_add(conv(
-            self.ch * self.ch_mult[0],
-            self.out_channels,
-            3,
-        ))
+        UNet { config: self.clone() }
+            .param_shapes()
+            .iter()
+            .map(|(_, shape)| shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64)))
+            .fold(0u64, u64::saturating_add)
     }
 
     /// Widths of the skip connections pushed on the way down, in push order.
@@ -424,66 +373,64 @@ impl UNet {
 
     /// Creates every parameter with the DDPM initialisation, in the reference model's order.
     pub fn init_params(&self, rng: &mut Rng) -> ParamStore {
+        let mut init = Initialise { store: ParamStore::new(), rng };
+        self.declare_params(&mut init);
+        init.store
+    }
+
+    /// Every parameter's name and shape, in [`UNet::init_params`]' order, without allocating
+    /// any weight.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut shapes = Vec::new();
+        self.declare_params(&mut shapes);
+        shapes
+    }
+
+    /// Declares every parameter to `s`, in the reference model's order (which is also the
+    /// order the initialisation draws from the RNG).
+    fn declare_params(&self, s: &mut dyn ParamSink) {
         let c = &self.config;
-        let mut s = ParamStore::new();
         let temb_ch = c.temb_ch();
-        linear_params(&mut s, "temb.dense.0", c.ch, temb_ch, rng);
-        linear_params(&mut s, "temb.dense.1", temb_ch, temb_ch, rng);
-        conv_params(&mut s, "conv_in", c.in_channels, c.ch, 3, Init::Default, rng);
+        linear_params(s, "temb.dense.0", c.ch, temb_ch);
+        linear_params(s, "temb.dense.1", temb_ch, temb_ch);
+        conv_params(s, "conv_in", c.in_channels, c.ch, 3, Init::Default);
         let mut res = c.resolution;
         let mut block_in = c.ch;
         for (i, m) in c.ch_mult.iter().enumerate() {
             let block_out = c.ch * m;
             for j in 0..c.num_res_blocks {
                 let spec = ResBlockSpec { c_in: block_in, c_out: block_out, temb_ch };
-                spec.params(&mut s, &format!("down.{i}.block.{j}"), rng);
+                spec.params(s, &format!("down.{i}.block.{j}"));
                 block_in = block_out;
                 if c.attn_resolutions.contains(&res) {
-                    attention_params(&mut s, &format!("down.{i}.attn.{j}"), block_in, rng);
+                    attention_params(s, &format!("down.{i}.attn.{j}"), block_in);
                 }
             }
             if i + 1 != c.ch_mult.len() {
-                conv_params(
-                    &mut s,
-                    &format!("down.{i}.downsample.conv"),
-                    block_in,
-                    block_in,
-                    3,
-                    Init::Default,
-                    rng,
-                );
+                conv_params(s, &format!("down.{i}.downsample.conv"), block_in, block_in, 3, Init::Default);
                 res /= 2;
             }
         }
         let mid = ResBlockSpec { c_in: block_in, c_out: block_in, temb_ch };
-        mid.params(&mut s, "mid.block_1", rng);
-        attention_params(&mut s, "mid.attn_1", block_in, rng);
-        mid.params(&mut s, "mid.block_2", rng);
+        mid.params(s, "mid.block_1");
+        attention_params(s, "mid.attn_1", block_in);
+        mid.params(s, "mid.block_2");
         let mut up = c.up_blocks().into_iter();
         for (i, m) in c.ch_mult.iter().enumerate().rev() {
             for j in 0..=c.num_res_blocks {
                 let (c_in, c_out) = up.next().expect("up_blocks has one entry per block");
-                ResBlockSpec { c_in, c_out, temb_ch }.params(&mut s, &format!("up.{i}.block.{j}"), rng);
+                ResBlockSpec { c_in, c_out, temb_ch }.params(s, &format!("up.{i}.block.{j}"));
                 if c.attn_resolutions.contains(&res) {
-                    attention_params(&mut s, &format!("up.{i}.attn.{j}"), c_out, rng);
+                    attention_params(s, &format!("up.{i}.attn.{j}"), c_out);
                 }
             }
             if i != 0 {
-                conv_params(
-                    &mut s,
-                    &format!("up.{i}.upsample.conv"),
-                    c.ch * m,
-                    c.ch * m,
-                    3,
-                    Init::Default,
-                    rng,
-                );
+                conv_params(s, &format!("up.{i}.upsample.conv"), c.ch * m, c.ch * m, 3, Init::Default);
                 res *= 2;
             }
         }
-        group_norm_params(&mut s, "norm_out", c.ch * c.ch_mult[0]);
-        conv_params(&mut s, "conv_out", c.ch * c.ch_mult[0], c.out_channels, 3, Init::Zero, rng);
-        s
+        group_norm_params(s, "norm_out", c.ch * c.ch_mult[0]);
+        conv_params(s, "conv_out", c.ch * c.ch_mult[0], c.out_channels, 3, Init::Zero);
     }
 
     /// The network's output for x `[N, C_in, R, R]` at timesteps `t` (one per image, fed as-is),
@@ -642,7 +589,11 @@ mod tests {
                 c.resolution = 8 << mult.len();
                 c.ch_mult = mult;
                 c.num_res_blocks = nrb;
-                c.attn_resolutions = if attn { vec![c.resolution / 2, c.resolution] } else { vec![] };
+                c.attn_resolutions = match (attn, c.ch_mult.len()) {
+                    (false, _) => vec![],
+                    (true, 1) => vec![c.resolution],
+                    (true, _) => vec![c.resolution / 2, c.resolution],
+                };
                 c
             });
         proptest!(ProptestConfig::with_cases(24), |(c in config)| {
