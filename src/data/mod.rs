@@ -466,7 +466,19 @@ fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
 
 /// The file branch of [`load`].
 fn load_file(path: &Path) -> Result<Dataset> {
-    let bytes = read_maybe_gzip(path)?;
+    let cap = crate::files::memory_cap();
+    let bytes = crate::files::read_capped(path, cap)?;
+    parse_file_bytes(&bytes, path, cap)
+}
+
+/// A dataset file's bytes, as [`load`] reads a file at `path` (IDX or CIFAR, gzip or not; the
+/// name decides only between CIFAR and an unknown format), with `cap` the most the gzip data
+/// may inflate to. `path` names the data in errors and is not read.
+///
+/// # Errors
+/// As [`load`] for a file, without the I/O.
+pub fn parse_file_bytes(raw: &[u8], path: &Path, cap: u64) -> Result<Dataset> {
+    let bytes = gunzip_if_needed(raw, path, cap)?;
     let cifar_length = !bytes.is_empty() && bytes.len() % CIFAR_RECORD_BYTES == 0;
     if idx::looks_like_idx(&bytes) {
         // A CIFAR record starting with label 0 and pixels 0, 8, 3 also looks like IDX: only a

@@ -234,9 +234,17 @@ pub fn read_betas_file(path: &Path) -> Result<Vec<f64>> {
     let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
     // A schedule of MAX_TIMESTEPS values fits in far less than this, as text or .npy.
     const MAX_BYTES: u64 = 64 << 20;
-    let bytes = crate::files::read_capped(path, MAX_BYTES)?;
+    parse_betas(&crate::files::read_capped(path, MAX_BYTES)?, is_npy, path)
+}
+
+/// [`read_betas_file`] for bytes in memory: a float64 `.npy` if `is_npy`, else text. `path`
+/// names them in errors and is not read.
+///
+/// # Errors
+/// [`Error::BadFile`] as [`read_betas_file`].
+pub fn parse_betas(bytes: &[u8], is_npy: bool, path: &Path) -> Result<Vec<f64>> {
     if is_npy {
-        let arr: ndarray::ArrayD<f64> = crate::files::parse_npy(&bytes, path)?;
+        let arr: ndarray::ArrayD<f64> = crate::files::parse_npy(bytes, path)?;
         if arr.ndim() != 1 {
             return Err(Error::bad_file(
                 path,
@@ -248,7 +256,7 @@ pub fn read_betas_file(path: &Path) -> Result<Vec<f64>> {
         }
         return Ok(arr.iter().copied().collect());
     }
-    let text = String::from_utf8(bytes).map_err(|_| {
+    let text = std::str::from_utf8(bytes).map_err(|_| {
         Error::bad_file(path, "not UTF-8 text (write one number per line, or a float64 .npy)")
     })?;
     let mut betas = Vec::new();
@@ -262,6 +270,12 @@ pub fn read_betas_file(path: &Path) -> Result<Vec<f64>> {
                 )
             })?;
             betas.push(value);
+            if betas.len() > NoiseSchedule::MAX_TIMESTEPS {
+                return Err(Error::bad_file(
+                    path,
+                    format!("more than {} betas; no schedule is that long", NoiseSchedule::MAX_TIMESTEPS),
+                ));
+            }
         }
     }
     if betas.is_empty() {

@@ -1,0 +1,220 @@
+//! The fuzz targets of ddpm's parsers, shared by the coverage-guided harness (`fuzz/`, libFuzzer)
+//! and the structured-mutation test that runs in the suite (`tests/fuzz_parsers.rs`).
+//!
+//! Each target feeds bytes to one parser that reads users' files, through the library's public
+//! in-memory entry point, and accepts any `Ok` or `Err`: the only failure is a panic, an abort
+//! (e.g. an allocation sized by a header) or a hang. Each also has seeds: small valid files of
+//! its format, made here, that mutations start from.
+
+#![allow(dead_code)] // each including crate uses its own subset
+
+use std::path::Path;
+
+use ndarray_npy::WriteNpyExt;
+
+/// The most a gzip stream may inflate to under fuzzing (a bomb is refused at this size).
+pub const FUZZ_CAP: u64 = 64 << 20;
+
+/// One parser of user files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A dataset file: IDX or CIFAR-10 batch, gzip or not (`data::parse_file_bytes`).
+    Dataset,
+    /// One entry of an image folder: PNG or JPEG, decoded and prepared (`data::folder`).
+    Image,
+    /// A ddpm checkpoint: safetensors, metadata and every consistency check
+    /// (`io::checkpoint::from_file_bytes`).
+    Checkpoint,
+    /// A diffusers `config.json` (`UNet2DModel`) and `scheduler_config.json` (`DDPMScheduler`).
+    DiffusersConfig,
+    /// A float32 `.npy` (`ddpm predict --x`).
+    Npy,
+    /// An `.npz` archive (`ddpm compare`).
+    Npz,
+    /// A β schedule file, text or float64 `.npy` (`--schedule file:PATH`).
+    Betas,
+}
+
+/// Every target, in a fixed order.
+pub const TARGETS: [Target; 7] = [
+    Target::Dataset,
+    Target::Image,
+    Target::Checkpoint,
+    Target::DiffusersConfig,
+    Target::Npy,
+    Target::Npz,
+    Target::Betas,
+];
+
+impl Target {
+    /// The target's name (the libFuzzer binary's, and the corpus folder's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Dataset => "dataset",
+            Target::Image => "image",
+            Target::Checkpoint => "checkpoint",
+            Target::DiffusersConfig => "diffusers_config",
+            Target::Npy => "npy",
+            Target::Npz => "npz",
+            Target::Betas => "betas",
+        }
+    }
+}
+
+/// Feeds `data` to the target's parser. Returns whether the parser accepted it.
+pub fn run(target: Target, data: &[u8]) -> bool {
+    let src = Path::new("fuzz-input");
+    match target {
+        Target::Dataset => {
+            // The name decides only between CIFAR and "unknown": try both spellings.
+            let a = ddpm::data::parse_file_bytes(data, Path::new("data_batch_1.bin"), FUZZ_CAP).is_ok();
+            let b = ddpm::data::parse_file_bytes(data, Path::new("images-idx3-ubyte"), FUZZ_CAP).is_ok();
+            a || b
+        }
+        Target::Image => match ddpm::data::folder::decode_image(data, src) {
+            Ok(image) => {
+                for channels in [1, 3] {
+                    let out = ddpm::data::folder::prepare_image(&image, 8, channels);
+                    assert_eq!(out.len(), channels * 64, "prepare_image's output size");
+                }
+                true
+            }
+            Err(_) => false,
+        },
+        Target::Checkpoint => match ddpm::io::checkpoint::from_file_bytes(data, src) {
+            Ok(state) => {
+                // An accepted checkpoint must be usable: the weights fit the network.
+                let net = ddpm::nn::UNet::new(state.config.unet.clone()).expect("validated on load");
+                assert_eq!(net.param_shapes().len(), state.params.len());
+                state.config.diffusion.schedule().expect("validated on load");
+                true
+            }
+            Err(_) => false,
+        },
+        Target::DiffusersConfig => {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return false };
+            let unet = ddpm::interop::diffusers::unet_config_from_json(&v, src).is_ok();
+            let scheduler = match ddpm::interop::diffusers::SchedulerSettings::from_json(&v, src) {
+                Ok(s) => s.diffusion_config().schedule().is_ok(),
+                Err(_) => false,
+            };
+            unet || scheduler
+        }
+        Target::Npy => ddpm::io::npz::parse_npy_f32(data, src).is_ok(),
+        Target::Npz => ddpm::io::npz::read_npz_bytes(data, src, FUZZ_CAP).is_ok(),
+        Target::Betas => {
+            let text = ddpm::diffusion::schedule::parse_betas(data, false, src).is_ok();
+            let npy = ddpm::diffusion::schedule::parse_betas(data, true, src).is_ok();
+            text || npy
+        }
+    }
+}
+
+/// Small valid inputs of the target's format, for mutations to start from.
+pub fn seeds(target: Target) -> Vec<Vec<u8>> {
+    match target {
+        Target::Dataset => {
+            let idx = idx_file(3, 4, 5);
+            let mut cifar = vec![7u8];
+            cifar.extend((0..3072).map(|i| (i * 31 % 251) as u8));
+            vec![gzip(&idx), idx, gzip(&cifar), cifar]
+        }
+        Target::Image => {
+            let mut out = vec![];
+            let gray = image::GrayImage::from_fn(5, 3, |x, y| image::Luma([(x * 40 + y * 7) as u8]));
+            let rgba =
+                image::RgbaImage::from_fn(4, 6, |x, y| image::Rgba([x as u8 * 60, y as u8 * 40, 9, 128]));
+            for (img, format) in [
+                (image::DynamicImage::ImageLuma8(gray.clone()), image::ImageFormat::Png),
+                (image::DynamicImage::ImageRgba8(rgba), image::ImageFormat::Png),
+                (image::DynamicImage::ImageLuma8(gray), image::ImageFormat::Jpeg),
+            ] {
+                let mut bytes = std::io::Cursor::new(Vec::new());
+                img.write_to(&mut bytes, format).expect("encoding to memory");
+                out.push(bytes.into_inner());
+            }
+            out
+        }
+        Target::Checkpoint => vec![checkpoint_file()],
+        // The configs of the small model made by diffusers 0.42.1 (tests/fixtures/diffusers).
+        Target::DiffusersConfig => vec![
+            include_bytes!("../tests/fixtures/diffusers/small/config.json").to_vec(),
+            include_bytes!("../tests/fixtures/diffusers/small/scheduler_config.json").to_vec(),
+        ],
+        Target::Npy => vec![npy_f32(&[2, 1, 2, 2])],
+        Target::Npz => {
+            let a = ndarray::Array2::from_shape_fn((2, 3), |(i, j)| (i * 3 + j) as f64);
+            let b = ndarray::Array1::from_vec(vec![1i64, -2, 3]);
+            let mut z = ndarray_npy::NpzWriter::new(std::io::Cursor::new(Vec::new()));
+            z.add_array("a", &a).expect("npz");
+            z.add_array("b", &b).expect("npz");
+            vec![z.finish().expect("npz").into_inner()]
+        }
+        Target::Betas => {
+            let text = b"# betas\n0.0001\n0.002, 0.02\n0.5\n".to_vec();
+            let mut npy = Vec::new();
+            ndarray::Array1::from_vec(vec![1e-4f64, 0.01, 0.02]).write_npy(&mut npy).expect("npy");
+            vec![text, npy]
+        }
+    }
+}
+
+/// Writes the target's seeds into `dir` (created), as `seed-N`.
+///
+/// # Panics
+/// If `dir` cannot be written.
+pub fn write_seeds(target: Target, dir: &Path) {
+    std::fs::create_dir_all(dir).expect("the seed folder can be created");
+    for (i, seed) in seeds(target).iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i}")), seed).expect("the seed folder is writable");
+    }
+}
+
+fn idx_file(n: u32, rows: u32, cols: u32) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, 3];
+    for d in [n, rows, cols] {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    b.extend((0..n * rows * cols).map(|i| (i * 37 % 256) as u8));
+    b
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).expect("writing to memory");
+    e.finish().expect("writing to memory")
+}
+
+fn npy_f32(shape: &[usize]) -> Vec<u8> {
+    let n: usize = shape.iter().product();
+    let a = ndarray::ArrayD::from_shape_vec(shape.to_vec(), (0..n).map(|i| i as f32 * 0.25).collect())
+        .expect("shape");
+    let mut npy = Vec::new();
+    a.write_npy(&mut npy).expect("npy");
+    npy
+}
+
+/// A real checkpoint of a very small network (a 4x4 single-level U-Net), so that mutations
+/// reach every check of the loader.
+fn checkpoint_file() -> Vec<u8> {
+    let mut unet = ddpm::nn::Preset::Tiny.config(1, 4);
+    unet.ch = 4;
+    unet.ch_mult = vec![1];
+    unet.gn_groups = 2;
+    unet.attn_resolutions = vec![];
+    let config = ddpm::train::TrainConfig {
+        unet,
+        diffusion: ddpm::train::DiffusionConfig { timesteps: 10, ..Default::default() },
+        optim: Default::default(),
+        batch_size: 2,
+        random_flip: false,
+        seed: 3,
+    };
+    let net = ddpm::nn::UNet::new(config.unet.clone()).expect("valid");
+    let params = net.init_params(&mut ddpm::rng_from_seed(1));
+    let mut state = ddpm::io::checkpoint::TrainState::from_weights(config, params, "fuzz seed", Some(true))
+        .expect("state");
+    state.step = 7;
+    ddpm::io::checkpoint::to_file_bytes(&state).expect("bytes")
+}
