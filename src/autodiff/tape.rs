@@ -16,6 +16,15 @@ fn standard_layout(t: Tensor) -> Tensor {
     }
 }
 
+/// [`standard_layout`] for a shared value: the same `Rc` when it is already row-major.
+fn shared_standard(value: Rc<Tensor>) -> Rc<Tensor> {
+    if value.is_standard_layout() {
+        value
+    } else {
+        Rc::new(value.as_standard_layout().into_owned())
+    }
+}
+
 /// A node's backward step: given the gradient of its output, accumulate into its inputs.
 type BackwardFn = Box<dyn FnOnce(Tensor, &mut Grads)>;
 
@@ -61,8 +70,10 @@ impl Tape {
         self.var_shared(Rc::new(standard_layout(value)))
     }
 
-    /// Like [`Tape::var`], sharing an existing value instead of copying it.
+    /// Like [`Tape::var`], sharing an existing value instead of copying it (a value not in
+    /// standard layout is copied into it, as every value on a tape is).
     pub fn var_shared(&self, value: Rc<Tensor>) -> Var {
+        let value = shared_standard(value);
         let id = self.push(None);
         Var { value, node: Some((self.clone(), id)) }
     }
@@ -104,9 +115,10 @@ impl Var {
         Var { value: Rc::new(standard_layout(value)), node: None }
     }
 
-    /// Like [`Var::constant`], sharing an existing value instead of copying it.
+    /// Like [`Var::constant`], sharing an existing value instead of copying it (a value not in
+    /// standard layout is copied into it).
     pub fn constant_shared(value: Rc<Tensor>) -> Var {
-        Var { value, node: None }
+        Var { value: shared_standard(value), node: None }
     }
 
     /// The value.
@@ -274,6 +286,8 @@ impl Var {
     /// # Panics
     /// If `grad_out`'s shape differs from the value's, or `self` is not on a tape.
     pub fn backward_with(&self, grad_out: Tensor) -> Grads {
+        // A documented precondition (# Panics), not a run-time condition: the crate calls this
+        // only on a loss computed from parameters bound to a tape.
         let (tape, root) = self.node.as_ref().expect("backward: value is not on a tape");
         assert_eq!(grad_out.shape(), self.shape(), "backward_with: seed shape differs from value");
         let mut nodes = std::mem::take(&mut *tape.nodes.borrow_mut());

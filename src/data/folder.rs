@@ -106,7 +106,7 @@ pub fn load_image_folder(dir: &Path, image_size: usize, channels: usize) -> Resu
         total,
         crate::files::memory_cap(),
     )?;
-    let size = u32::try_from(image_size).expect("image_size was checked to be at most 4096");
+    let size = u32::try_from(image_size).expect("check_target above caps it at MAX_IMAGE_SIZE (4096)");
     let prepared: Vec<Result<Vec<u8>>> =
         paths.par_iter().map(|path| read_and_prepare(path, size, channels)).collect();
     let failures: Vec<String> = prepared

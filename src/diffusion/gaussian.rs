@@ -165,7 +165,7 @@ fn coef(schedule: &NoiseSchedule, which: Table, t: &[usize], x: &ArrayD<f64>) ->
 
 /// `c` (shape `[N, 1, …]`) broadcast to the full shape of `x`.
 fn full(c: &ArrayD<f64>, x: &ArrayD<f64>) -> ArrayD<f64> {
-    c.broadcast(x.raw_dim()).expect("[N, 1, …] broadcasts to [N, …]").to_owned()
+    c.broadcast(x.raw_dim()).expect("coef shaped c [N, 1, …] with x's ndim and N checked").to_owned()
 }
 
 fn assert_same_shape(a: &ArrayD<f64>, b: &ArrayD<f64>, what: &str) {
@@ -326,6 +326,8 @@ pub fn p_mean_variance(
     let log_variance = match param.variance_type {
         VarianceType::FixedSmall => full(&coef(schedule, Table::LogBetaTildeClipped, t, x_t), x_t),
         VarianceType::FixedLarge => full(&coef(schedule, Table::FixedLargeLogVariance, t, x_t), x_t),
+        // A documented precondition (# Panics), not a run-time condition: ModelOutput::split,
+        // which p_sample_loop uses, sets variance_values for both learned types.
         VarianceType::Learned => {
             let v = output.variance_values.as_ref().expect("a learned variance needs variance_values");
             assert_same_shape(x_t, v, "p_mean_variance (variance values)");

@@ -36,7 +36,7 @@ impl OracleDenoiser {
             .as_standard_layout()
             .into_owned()
             .into_shape_with_order((k, d))
-            .expect("[K, …] flattens to [K, D]");
+            .expect("a row-major copy of K·D elements, as d = len / K");
         OracleDenoiser { points }
     }
 
@@ -76,7 +76,9 @@ impl OracleDenoiser {
     /// As [`OracleDenoiser::posterior_weights`].
     pub fn x0_mean(&self, schedule: &NoiseSchedule, x_t: &ArrayD<f64>, t: &[usize]) -> ArrayD<f64> {
         let w = self.posterior_weights(schedule, x_t, t);
-        w.dot(&self.points).into_shape_with_order(x_t.raw_dim()).expect("[N, D] has the shape of x_t")
+        w.dot(&self.points)
+            .into_shape_with_order(x_t.raw_dim())
+            .expect("a fresh [N, D] array; flatten checked N·D == x_t.len()")
     }
 
     /// E[ε ∣ x_t] = (x_t − √ᾱ_t E[x_0 ∣ x_t])/√(1 − ᾱ_t), the optimal ε-prediction, shape like `x_t`.
@@ -99,7 +101,7 @@ impl OracleDenoiser {
         x.as_standard_layout()
             .into_owned()
             .into_shape_with_order((n, self.points.ncols()))
-            .expect("checked size")
+            .expect("a row-major copy whose size is asserted above")
     }
 }
 

@@ -67,13 +67,16 @@ fn mean_flat(x: &Var) -> Var {
 /// A schedule table at the batch's timesteps, broadcast to `shape` (a constant).
 fn coef(s: &NoiseSchedule, which: Table, t: &[usize], shape: &[usize]) -> Var {
     let c = s.extract_broadcast_f32(which, t, shape.len());
+    // Cannot fail when t has one timestep per batch item, a precondition of training_losses_tape
+    // (# Panics: mismatched shapes): c is then [N, 1, …] with shape's ndim.
     Var::constant(c.broadcast(shape).expect("[N, 1, …] broadcasts").to_owned())
 }
 
 /// A constant per-sample mask `[N] → [N]`: 1 where `f(t)` holds.
 fn mask(t: &[usize], f: impl Fn(usize) -> bool) -> Var {
     Var::constant(
-        Tensor::from_shape_vec(vec![t.len()], t.iter().map(|&ti| f(ti) as u8 as f32).collect()).expect("[N]"),
+        Tensor::from_shape_vec(vec![t.len()], t.iter().map(|&ti| f(ti) as u8 as f32).collect())
+            .expect("one value per timestep"),
     )
 }
 
@@ -141,6 +144,7 @@ pub fn training_losses_tape(
                 k(Table::PosteriorMeanCoef1).mul(&x0_pred).add(&k(Table::PosteriorMeanCoef2).mul(&xtc))
             }
         };
+        // The expects cannot fail: var_values is Some exactly when the variance is learned (above).
         let model_log_var = match param.variance_type {
             VarianceType::FixedSmall => k(Table::LogBetaTildeClipped),
             VarianceType::FixedLarge => k(Table::FixedLargeLogVariance),

@@ -203,7 +203,7 @@ impl ReferenceVectors {
             .map(|&table| {
                 let name = table
                     .improved_diffusion_name()
-                    .expect("every exported table has an improved-diffusion name");
+                    .expect("TABLE_ENTRIES lists only tables with an improved-diffusion name");
                 (name, self.schedule.table(table).view().into())
             })
             .collect();

@@ -254,6 +254,8 @@ impl Job {
     /// A pooled buffer of at least `bytes` bytes; its index in `held`.
     fn take(&mut self, usage: Usage, bytes: u64) -> usize {
         let size = bytes.next_power_of_two().max(256);
+        // Cannot fail: nothing that can panic runs while the pool lock is held (a map lookup,
+        // a pop or a push), so it is never poisoned.
         let reused = self
             .gpu
             .pool
@@ -377,14 +379,20 @@ impl Job {
                 // The receiver waits below; it is gone only if this thread panicked.
                 let _ = tx.send(r);
             });
+            // Can fail at run time (device lost, driver error). Not recovered: falling back to
+            // the CPU would need every entry point to report the failure; this panics with it.
             gpu.device.poll(wgpu::PollType::Wait).expect("gpu: waiting for the device failed (device lost?)");
+            // Cannot fail: recv waits for the send, and wgpu calls every map_async callback (with
+            // an error if the map failed), so the sender is never dropped unsent.
             rx.recv()
                 .expect("gpu: the read-back callback did not run")
+                // Can fail at run time like the poll above (device lost).
                 .expect("gpu: mapping the read-back buffer failed");
             out.copy_from_slice(bytemuck::cast_slice(&slice.get_mapped_range()[..]));
             held[staging].2.unmap();
         }
         CALLS.fetch_add(1, Ordering::Relaxed);
+        // Cannot fail: see Job::take; only pushes run under this lock.
         let mut pool = gpu.pool.lock().expect("gpu buffer pool lock poisoned by a panicking thread");
         for (usage, size, buffer) in held {
             pool.free.entry((usage, size)).or_default().push(buffer);
@@ -517,7 +525,7 @@ pub(crate) fn bmm(a: ArrayView3<'_, f32>, b: ArrayView3<'_, f32>) -> Option<Arra
     };
     job.gemm(p, batch, ab, bb, cb, None);
     let mut c = Array3::zeros((batch, m, n));
-    job.finish(cb, c.as_slice_mut().expect("a new array is contiguous"));
+    job.finish(cb, c.as_slice_mut().expect("Array3::zeros is in standard layout"));
     Some(c)
 }
 

@@ -669,7 +669,7 @@ pub fn unet_config_to_json(c: &UNetConfig) -> Result<Value> {
 
 /// An f32 as the shortest decimal that reads back to it (0.1, not 0.10000000149011612).
 fn short(x: f32) -> f64 {
-    x.to_string().parse().expect("an f32 prints as a number")
+    x.to_string().parse().expect("f32's Display output, inf and NaN included, parses as f64")
 }
 
 /// The diffusers name of ddpm parameter `name` in a U-Net with `levels` levels (module docs).
@@ -691,6 +691,7 @@ pub fn diffusers_name(name: &str, levels: usize) -> String {
         "proj_out" => "to_out.0",
         other => panic!("diffusers_name: unknown attention layer {other} in {name}"),
     };
+    // A documented precondition (# Panics): init_params names have a number in this place.
     let up_index = |i: &str| levels - 1 - i.parse::<usize>().expect("level index");
     match parts.as_slice() {
         ["temb", "dense", "0", p] => format!("time_embedding.linear_1.{p}"),
@@ -754,7 +755,10 @@ pub fn params_from_tensors(
             })?,
         };
         let t = if t.shape() != want.as_slice() && is_attention_linear(&key) && t.len() == want_len {
-            t.into_shape_with_order(want.as_slice()).expect("same element count")
+            // Row-major first: into_shape_with_order reshapes only a C-contiguous array.
+            let t = if t.is_standard_layout() { t } else { t.as_standard_layout().into_owned() };
+            t.into_shape_with_order(want.as_slice())
+                .expect("row-major, and t.len() == want_len checked above")
         } else {
             t
         };
@@ -795,6 +799,7 @@ pub fn params_to_tensors(net: &UNet, params: &ParamStore) -> Vec<(String, Tensor
             let key = diffusers_name(name, levels);
             let t = if is_attention_linear(&key) && t.ndim() == 4 {
                 let s = t.shape();
+                // A documented precondition (# Panics): params has net's shapes, [C, C, 1, 1] here.
                 t.to_shape((s[0], s[1])).expect("[C, C, 1, 1] holds C x C").into_dyn().into_owned()
             } else {
                 t.clone()
@@ -877,7 +882,8 @@ pub fn load_folder(dir: &Path) -> Result<DiffusersModel> {
 /// `UNet2DModel.from_pretrained(dir)` and `DDPMPipeline.from_pretrained(dir)` load it.
 ///
 /// # Errors
-/// [`Error::InvalidConfig`] as [`unet_config_to_json`]; [`Error::Io`] if a file cannot be written.
+/// [`Error::InvalidConfig`] as [`unet_config_to_json`], or if `params` does not match `unet`
+/// (a missing or extra name, another shape); [`Error::Io`] if a file cannot be written.
 pub fn write_folder(
     dir: &Path,
     unet: &UNetConfig,
@@ -886,6 +892,15 @@ pub fn write_folder(
 ) -> Result<()> {
     let config = unet_config_to_json(unet)?;
     let net = UNet::new(unet.clone())?;
+    let shapes = net.param_shapes();
+    let fits = shapes.len() == params.len()
+        && shapes.iter().all(|(n, shape)| params.get(n).is_some_and(|p| p.shape() == shape.as_slice()));
+    if !fits {
+        return Err(Error::config(
+            "diffusers export",
+            "the weights do not match the U-Net of the configuration",
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = params_to_tensors(&net, params);
     let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
@@ -900,7 +915,7 @@ pub fn write_folder(
     for (file, value) in
         [(CONFIG_FILE, &config), (SCHEDULER_FILE, &scheduler.to_json()), (MODEL_INDEX_FILE, &index)]
     {
-        let text = serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n";
+        let text = serde_json::to_string_pretty(value).expect("a serde_json::Value always serialises") + "\n";
         crate::files::write_atomic(&dir.join(file), text.as_bytes())?;
     }
     Ok(())

@@ -126,7 +126,7 @@ pub fn softmax_columns_in_place(s: &mut [f32], rows: usize, ld: usize) {
     );
     for c0 in (0..ld).step_by(LANES) {
         let lane = |s: &[f32], r: usize| -> [f32; LANES] {
-            s[r * ld + c0..r * ld + c0 + LANES].try_into().expect("16 lanes")
+            s[r * ld + c0..r * ld + c0 + LANES].try_into().expect("the range is exactly LANES long")
         };
         let mut max = [f32::NEG_INFINITY; LANES];
         for r in 0..rows {

@@ -281,6 +281,8 @@ impl UNetConfig {
         let mut out = vec![];
         for m in self.ch_mult.iter().rev() {
             for _ in 0..=self.num_res_blocks {
+                // Cannot fail: skip_widths pushes ch_mult.len()·(num_res_blocks + 1) widths, one
+                // per iteration of these loops.
                 let skip = hs.pop().expect("one skip per up block");
                 out.push((block_in + skip, self.ch * m));
                 block_in = self.ch * m;
@@ -331,7 +333,7 @@ impl UNetConfig {
         let mut up = self.up_blocks().into_iter();
         for (i, m) in self.ch_mult.iter().enumerate().rev() {
             for _ in 0..=self.num_res_blocks {
-                let (cin, cout) = up.next().expect("one entry per up block");
+                let (cin, cout) = up.next().expect("up_blocks yields one entry per iteration of these loops");
                 f += res_block(cin, cout, res);
                 if self.attn_resolutions.contains(&res) {
                     f += attn(cout, res);
@@ -418,7 +420,8 @@ impl UNet {
         let mut up = c.up_blocks().into_iter();
         for (i, m) in c.ch_mult.iter().enumerate().rev() {
             for j in 0..=c.num_res_blocks {
-                let (c_in, c_out) = up.next().expect("up_blocks has one entry per block");
+                let (c_in, c_out) =
+                    up.next().expect("up_blocks yields one entry per iteration of these loops");
                 ResBlockSpec { c_in, c_out, temb_ch }.params(s, &format!("up.{i}.block.{j}"));
                 if c.attn_resolutions.contains(&res) {
                     attention_params(s, &format!("up.{i}.attn.{j}"), c_out);
@@ -469,7 +472,7 @@ impl UNet {
         for (i, m) in c.ch_mult.iter().enumerate() {
             for j in 0..c.num_res_blocks {
                 let spec = ResBlockSpec { c_in: block_in, c_out: c.ch * m, temb_ch };
-                let last = hs.last().expect("hs starts non-empty");
+                let last = hs.last().expect("hs starts with conv_in's output and only grows here");
                 let mut h = res_block(spec, &format!("down.{i}.block.{j}"), last);
                 block_in = c.ch * m;
                 if c.attn_resolutions.contains(&res) {
@@ -478,7 +481,7 @@ impl UNet {
                 hs.push(h);
             }
             if i + 1 != c.ch_mult.len() {
-                let last = hs.last().expect("hs starts non-empty");
+                let last = hs.last().expect("hs starts with conv_in's output and only grows here");
                 let d =
                     conv(p, &format!("down.{i}.downsample.conv"), last, 2, c.downsample_padding.padding());
                 hs.push(d);
@@ -486,13 +489,16 @@ impl UNet {
             }
         }
         let mid = ResBlockSpec { c_in: block_in, c_out: block_in, temb_ch };
-        let mut h = res_block(mid, "mid.block_1", hs.last().expect("hs starts non-empty"));
+        let mut h =
+            res_block(mid, "mid.block_1", hs.last().expect("hs starts with conv_in's output and only grew"));
         h = attention(p, "mid.attn_1", &h, g, eps);
         h = res_block(mid, "mid.block_2", &h);
         let mut up = c.up_blocks().into_iter();
         for (i, _) in c.ch_mult.iter().enumerate().rev() {
             for j in 0..=c.num_res_blocks {
-                let (c_in, c_out) = up.next().expect("up_blocks has one entry per block");
+                // Cannot fail: up_blocks, like the down path's pushes onto hs (see skip_widths),
+                // has ch_mult.len()·(num_res_blocks + 1) entries, one per iteration of these loops.
+                let (c_in, c_out) = up.next().expect("one up_blocks entry per iteration");
                 let skip = hs.pop().expect("one skip per up block");
                 let cat = Var::concat(&[&h, &skip], 1);
                 h = res_block(ResBlockSpec { c_in, c_out, temb_ch }, &format!("up.{i}.block.{j}"), &cat);

@@ -76,9 +76,9 @@ impl Var {
         );
         let plane: usize = shape[2..].iter().product();
         let x = self.value().as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
+        let xs = x.as_slice().expect("as_standard_layout above");
         let ts = t.value().as_standard_layout();
-        let ts = ts.as_slice().expect("standard layout");
+        let ts = ts.as_slice().expect("as_standard_layout above");
         // Whole planes per task, about FILL_CHUNK elements; y = x + t[plane] written once.
         let planes = (FILL_CHUNK / plane.max(1)).max(1);
         // SAFETY: write_with covers each whole plane, and the planes cover the chunk.
@@ -91,18 +91,18 @@ impl Var {
                 }
             })
         };
-        let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("same size as x");
+        let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("y holds one value per element of x");
         let t_shape = t.shape().to_vec();
         Var::record_owned([self, t], y, move |g, needs| {
             let dt = needs[1].then(|| {
                 let gs = g.as_standard_layout();
-                let gs = gs.as_slice().expect("standard layout");
+                let gs = gs.as_slice().expect("as_standard_layout above");
                 let sums: Vec<f32> = if plane == 0 {
                     vec![0.0; t_shape.iter().product()]
                 } else {
                     gs.par_chunks(plane).map(|p| sum_f64_lanes(p, |v| v as f64) as f32).collect()
                 };
-                Tensor::from_shape_vec(t_shape.as_slice(), sums).expect("[N, C]")
+                Tensor::from_shape_vec(t_shape.as_slice(), sums).expect("one sum per plane of g: N·C values")
             });
             [needs[0].then_some(g), dt]
         })

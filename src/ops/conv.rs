@@ -120,7 +120,8 @@ impl Var {
             // SAFETY: conv2d_forward_plus writes every output element.
             unsafe { written_by(out_shape.iter().product(), |y| conv2d_forward_plus(&g, &x, &w, plus, y)) }
         };
-        let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("output size from geometry");
+        let y = Tensor::from_shape_vec(out_shape.as_slice(), y)
+            .expect("written_by filled out_shape's element count");
         let (xv, wv) = (self.value_rc(), weight.value_rc());
         // Inputs: x, weight, then those of bias, image bias and residual that are given.
         let inputs: Vec<&Var> =
@@ -132,7 +133,7 @@ impl Var {
                 let w = contiguous(&wv);
                 // SAFETY: conv2d_backward_input_uninit writes every element of dx.
                 let dx = unsafe { written_by(xv.len(), |dx| conv2d_backward_input_uninit(&g, &dy, &w, dx)) };
-                Tensor::from_shape_vec(xv.shape(), dx).expect("input size")
+                Tensor::from_shape_vec(xv.shape(), dx).expect("dx holds xv.len() values")
             });
             let want_b = has_b && needs[2];
             let (dw, db) = if needs[1] || want_b {
@@ -145,10 +146,10 @@ impl Var {
                     &mut dw,
                     want_b.then_some(db.as_mut_slice()),
                 );
-                let dw = Tensor::from_shape_vec(wv.shape(), dw).expect("weight size");
+                let dw = Tensor::from_shape_vec(wv.shape(), dw).expect("dw holds wv.len() values");
                 (
                     needs[1].then_some(dw),
-                    want_b.then(|| Tensor::from_shape_vec(vec![g.c_out], db).expect("bias size")),
+                    want_b.then(|| Tensor::from_shape_vec(vec![g.c_out], db).expect("db holds c_out values")),
                 )
             } else {
                 (None, None)
@@ -166,7 +167,8 @@ impl Var {
                     } else {
                         dy.par_chunks(plane).map(|p| sum_f64_lanes(p, |v| v as f64) as f32).collect()
                     };
-                    Tensor::from_shape_vec(vec![g.n, g.c_out], sums).expect("[N, C_out]")
+                    Tensor::from_shape_vec(vec![g.n, g.c_out], sums)
+                        .expect("one sum per output plane: N·C_out values")
                 });
                 out.push(dt);
             }
@@ -207,7 +209,7 @@ impl Var {
                 upsample2x_conv3x3_forward_uninit(n, c_in, c_out, (h, w), &x, &wt, b.as_deref(), y)
             })
         };
-        Var::constant(Tensor::from_shape_vec(vec![n, c_out, 2 * h, 2 * w], y).expect("output size"))
+        Var::constant(Tensor::from_shape_vec(vec![n, c_out, 2 * h, 2 * w], y).expect("y has len elements"))
     }
 
     /// Nearest-neighbour 2x upsampling: `[N, C, H, W] -> [N, C, 2H, 2W]`, each value copied to
@@ -222,11 +224,11 @@ impl Var {
         let x = contiguous(self.value());
         // SAFETY: the kernel writes every element of `y`.
         let y = unsafe { written_by(nc * 4 * h * w, |y| upsample_nearest2x_uninit(nc, h, w, &x, y)) };
-        let y = Tensor::from_shape_vec(vec![s[0], s[1], 2 * h, 2 * w], y).expect("4x the input");
+        let y = Tensor::from_shape_vec(vec![s[0], s[1], 2 * h, 2 * w], y).expect("y holds nc·4·h·w values");
         Var::record([self], y, move |g, _| {
             let mut dx = zeroed(nc * h * w);
             upsample_nearest2x_backward(nc, h, w, &contiguous(g), &mut dx);
-            [Some(Tensor::from_shape_vec(s.as_slice(), dx).expect("input size"))]
+            [Some(Tensor::from_shape_vec(s.as_slice(), dx).expect("dx holds nc·h·w values"))]
         })
     }
 }

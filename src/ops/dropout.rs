@@ -23,7 +23,7 @@ impl Var {
         // seed, so chunks fill in parallel and the mask does not depend on the thread count.
         let seed: u64 = rng.random();
         let x = self.value().as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
+        let xs = x.as_slice().expect("as_standard_layout above");
         let (mut y, mut mask) = (zeroed(xs.len()), zeroed(xs.len()));
         y.par_chunks_mut(MASK_CHUNK)
             .zip(mask.par_chunks_mut(MASK_CHUNK))
@@ -37,9 +37,9 @@ impl Var {
                     *y = x * *m;
                 }
             });
-        let y = Tensor::from_shape_vec(self.shape(), y).expect("same size as input");
+        let y = Tensor::from_shape_vec(self.shape(), y).expect("y holds one value per element of x");
         Var::record_owned([self], y, move |mut g, _| {
-            let gs = g.as_slice_mut().expect("gradients are contiguous");
+            let gs = g.as_slice_mut().expect("the tape keeps gradients in standard layout");
             gs.par_chunks_mut(MASK_CHUNK).zip(mask.par_chunks(MASK_CHUNK)).for_each(|(g, m)| {
                 g.iter_mut().zip(m).for_each(|(g, &m)| *g *= m);
             });

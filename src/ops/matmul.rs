@@ -81,16 +81,20 @@ impl Var {
         let mut c = zeroed(batch * m * n);
         {
             let (a_data, b_data) = (av.as_standard_layout(), bv.as_standard_layout());
-            let (a_data, b_data) =
-                (a_data.as_slice().expect("standard"), b_data.as_slice().expect("standard"));
+            let (a_data, b_data) = (
+                a_data.as_slice().expect("as_standard_layout above"),
+                b_data.as_slice().expect("as_standard_layout above"),
+            );
             kernels::sgemm_batched(batch, trans_a, trans_b, m, k, n, alpha, a_data, b_data, 0.0, &mut c);
         }
-        let y = Tensor::from_shape_vec(vec![batch, m, n], c).expect("[B, M, N]");
+        let y = Tensor::from_shape_vec(vec![batch, m, n], c).expect("c holds batch·m·n values");
         Var::record([self, other], y, move |g, needs| {
-            let g = g.as_slice().expect("gradients are contiguous");
+            let g = g.as_slice().expect("the tape keeps gradients in standard layout");
             let (a_data, b_data) = (av.as_standard_layout(), bv.as_standard_layout());
-            let (a_data, b_data) =
-                (a_data.as_slice().expect("standard"), b_data.as_slice().expect("standard"));
+            let (a_data, b_data) = (
+                a_data.as_slice().expect("as_standard_layout above"),
+                b_data.as_slice().expect("as_standard_layout above"),
+            );
             let out = |rows: usize, inner: usize, cols: usize, x: (&[f32], bool), y: (&[f32], bool)| {
                 let mut d = zeroed(batch * rows * cols);
                 kernels::sgemm_batched(batch, x.1, y.1, rows, inner, cols, alpha, x.0, y.0, 0.0, &mut d);
@@ -103,7 +107,7 @@ impl Var {
                 } else {
                     out(m, n, k, (g, false), (b_data, !trans_b))
                 };
-                Tensor::from_shape_vec(sa.as_slice(), d).expect("A's shape")
+                Tensor::from_shape_vec(sa.as_slice(), d).expect("d holds batch·m·k values: A's size")
             });
             // dB in B's stored orientation: [K, N] = op(A)ᵀ G, or [N, K] = Gᵀ op(A).
             let db = needs[1].then(|| {
@@ -112,7 +116,7 @@ impl Var {
                 } else {
                     out(k, m, n, (a_data, !trans_a), (g, false))
                 };
-                Tensor::from_shape_vec(sb.as_slice(), d).expect("B's shape")
+                Tensor::from_shape_vec(sb.as_slice(), d).expect("d holds batch·k·n values: B's size")
             });
             [da, db]
         })
@@ -135,7 +139,7 @@ impl Var {
                 b.shape(),
                 weight.shape()
             );
-            y += &b.value().view().into_dimensionality::<ndarray::Ix1>().expect("checked 1-D");
+            y += &b.value().view().into_dimensionality::<ndarray::Ix1>().expect("asserted [out] above");
         }
         let (xs, ws) = (self.value_rc(), weight.value_rc());
         let inputs: Vec<&Var> = std::iter::once(self).chain(std::iter::once(weight)).chain(bias).collect();
@@ -187,11 +191,11 @@ impl Var {
             scale,
             &mut o,
         );
-        let y = Tensor::from_shape_vec(s.as_slice(), o).expect("[N, C, HW]");
+        let y = Tensor::from_shape_vec(s.as_slice(), o).expect("o holds one value per element of q");
         Var::record([q, k, v], y, move |g, _| {
             let g = g.as_standard_layout();
             let (mut dq, mut dk, mut dv) = (zeroed(qv.len()), zeroed(qv.len()), zeroed(qv.len()));
-            let g = g.as_slice().expect("standard layout");
+            let g = g.as_slice().expect("as_standard_layout above");
             kernels::attention_backward(
                 n,
                 c,
@@ -205,7 +209,7 @@ impl Var {
                 &mut dk,
                 &mut dv,
             );
-            let t = |d: Vec<f32>| Some(Tensor::from_shape_vec(s.as_slice(), d).expect("[N, C, HW]"));
+            let t = |d: Vec<f32>| Some(Tensor::from_shape_vec(s.as_slice(), d).expect("d has q's size"));
             [t(dq), t(dk), t(dv)]
         })
     }
@@ -213,7 +217,7 @@ impl Var {
 
 /// The elements of a standard-layout value.
 fn contiguous(t: &Tensor) -> &[f32] {
-    t.as_slice().expect("standard layout")
+    t.as_slice().expect("attention passes only values made standard by its `standard` closure")
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
     let keep = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
     let silu = act == Activation::Silu;
 
+    // Cannot fail: every Var's value is kept in standard layout (autodiff::tape).
     let xs = x.value().as_slice().expect("values are contiguous");
     let (gs, bs) =
         (gamma.value().as_slice().expect("contiguous"), beta.value().as_slice().expect("contiguous"));
@@ -73,6 +74,7 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
 
     let (gam, bet) = (gamma.value_rc(), beta.value_rc());
     Var::record([x, gamma, beta], y, move |g, needs| {
+        // Cannot fail: the tape keeps values and gradients in standard layout (autodiff::tape).
         let gs = g.as_slice().expect("gradients are contiguous");
         let (gam, bet) = (gam.as_slice().expect("contiguous"), bet.as_slice().expect("contiguous"));
         let mut dx = zeroed(gs.len());
@@ -89,8 +91,8 @@ fn group_norm_act(x: &Var, gamma: &Var, beta: &Var, groups: usize, eps: f32, act
             &mut dgamma,
             &mut dbeta,
         );
-        let vec_c = |v: Vec<f32>| Tensor::from_shape_vec(vec![c], v).expect("[C]");
-        let dx = needs[0].then(|| Tensor::from_shape_vec(g.shape(), dx).expect("same size"));
+        let vec_c = |v: Vec<f32>| Tensor::from_shape_vec(vec![c], v).expect("dgamma and dbeta hold c values");
+        let dx = needs[0].then(|| Tensor::from_shape_vec(g.shape(), dx).expect("dx holds g.len() values"));
         [dx, needs[1].then(|| vec_c(dgamma)), needs[2].then(|| vec_c(dbeta))]
     })
 }

@@ -31,6 +31,7 @@ impl Var {
         let shape = self.shape().to_vec();
         Var::record([self], y, move |g, _| {
             let g = if keep_dim { g.clone() } else { g.clone().insert_axis(Axis(axis)) };
+            // Cannot fail: g has y's shape, whose reduced axis has size 1 and broadcasts back.
             let full = g.broadcast(IxDyn(&shape)).expect("the reduced axis broadcasts back").to_owned();
             [Some(full)]
         })

@@ -8,7 +8,8 @@ use crate::{Tensor, Var};
 /// A row-major copy in the given logical order.
 fn standard(x: ndarray::ArrayViewD<'_, f32>) -> Tensor {
     match x.as_slice() {
-        Some(s) => Tensor::from_shape_vec(x.raw_dim(), copied(s)).expect("same shape"),
+        Some(s) => Tensor::from_shape_vec(x.raw_dim(), copied(s))
+            .expect("copied(s) holds one value per element of x"),
         None => x.as_standard_layout().into_owned(),
     }
 }
@@ -33,7 +34,8 @@ impl Var {
             .unwrap_or_else(|_| panic!("reshape: {:?} has a different size from {:?}", self.shape(), shape));
         let in_shape = self.shape().to_vec();
         Var::record_owned([self], y, move |g, _| {
-            // Gradients are kept in standard layout, so this reuses g's buffer.
+            // Gradients are kept in standard layout, so this reuses g's buffer. Cannot fail: the
+            // result is row-major and in_shape has y's element count (the forward reshape checked).
             let g = standard_owned(g).into_shape_with_order(IxDyn(&in_shape)).expect("same element count");
             [Some(g)]
         })
@@ -90,7 +92,8 @@ impl Var {
         let inner: usize = out_shape[axis + 1..].iter().product();
         let blocks: Vec<usize> = shapes.iter().map(|s| s[axis] * inner).collect();
         let values: Vec<_> = vars.iter().map(|v| v.value().as_standard_layout()).collect();
-        let slices: Vec<&[f32]> = values.iter().map(|v| v.as_slice().expect("standard layout")).collect();
+        let slices: Vec<&[f32]> =
+            values.iter().map(|v| v.as_slice().expect("as_standard_layout above")).collect();
         let total: usize = blocks.iter().sum();
         // SAFETY: the blocks, one after another, cover each chunk of `total` elements.
         let y = unsafe {
@@ -102,10 +105,11 @@ impl Var {
                 }
             })
         };
-        let y = Tensor::from_shape_vec(out_shape.as_slice(), y).expect("sizes add up");
+        let y = Tensor::from_shape_vec(out_shape.as_slice(), y)
+            .expect("y holds outer·total values: out_shape's size");
         Var::record_many(vars, y, move |g, needs| {
             let g = g.as_standard_layout();
-            let g = g.as_slice().expect("standard layout");
+            let g = g.as_slice().expect("as_standard_layout above");
             let mut offset = 0;
             shapes
                 .iter()
@@ -120,7 +124,8 @@ impl Var {
                                 write_from(out, &g[start..start + len]);
                             })
                         };
-                        Tensor::from_shape_vec(shape.as_slice(), d).expect("piece shape")
+                        Tensor::from_shape_vec(shape.as_slice(), d)
+                            .expect("d holds outer·len values: this input's size")
                     });
                     offset += len;
                     piece

@@ -21,7 +21,7 @@ impl Var {
             return Var::record([self], y, |g, _| [Some(g.clone())]);
         }
         let x = self.value().as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
+        let xs = x.as_slice().expect("as_standard_layout above");
         // Whole rows per task, about FILL_CHUNK elements.
         let chunk = n * (FILL_CHUNK / n).max(1);
         // SAFETY: write_from covers each whole row, and the rows cover the chunk.
@@ -32,11 +32,11 @@ impl Var {
                 }
             })
         };
-        let y = Tensor::from_shape_vec(self.shape(), y).expect("same size as input");
+        let y = Tensor::from_shape_vec(self.shape(), y).expect("y holds one value per element of x");
         Var::record_with_output([self], y, move |g, ys, _| {
             let mut dx = g.as_standard_layout().into_owned();
-            let ys = ys.as_slice().expect("standard layout");
-            let d_rows = dx.as_slice_mut().expect("standard layout");
+            let ys = ys.as_slice().expect("record_with_output keeps the output in standard layout");
+            let d_rows = dx.as_slice_mut().expect("dx is an owned as_standard_layout copy");
             let body = |(d, y): (&mut [f32], &[f32])| softmax_backward_in_place(d, y);
             if d_rows.len() >= PAR_MIN {
                 d_rows.par_chunks_mut(n).zip(ys.par_chunks(n)).for_each(body);
