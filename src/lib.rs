@@ -8,18 +8,28 @@
 //! losses need, each with its backward pass side by side and a finite-difference check.
 //!
 //! ## Module map
+//! Floors from the ground up; a module imports only from the floors below it.
+//!
 //! | module        | owns                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
+//! | [`error`], [`files`] | the error type; atomic writes, rotation, the directory lock, bounded reads |
 //! | [`autodiff`]  | the tape (Wengert list), [`Var`] handles, [`Grads`], gradient checks   |
-//! | [`ops`]       | differentiable ops, one file per family, forward and backward together |
 //! | [`kernels`]   | hot loops with no tape: gemm, conv2d (im2col), rayon                   |
 //! | [`device`]    | CPU or GPU for the large products: `--device`, the one dispatch point  |
 //! | `gpu`         | (feature `wgpu`) the products as wgpu compute shaders, docs/gpu.md     |
+//! | [`ops`]       | differentiable ops, one file per family, forward and backward together |
 //! | [`nn`]        | parameter store, layers, the U-Net, Adam, EMA                          |
-//! | [`diffusion`] | schedules, q(x_t given x_0), posteriors, p_θ, losses, bits/dim, samplers |
-//! | [`data`]      | image folders, IDX, CIFAR-10 binaries, seeded batches                  |
-//! | [`io`]        | checkpoints (safetensors), PNG grids, npz                              |
+//! | [`diffusion`] | schedules, q(x_t given x_0), posteriors, p_θ, losses, bits/dim         |
+//! | [`sample`]    | the reverse process: ancestral and DDIM sampling, respacing, traces    |
+//! | [`config`]    | what a training run depends on, and its validation                    |
+//! | [`data`]      | image folders, IDX, CIFAR-10 binaries, seeded batches, fingerprints    |
+//! | [`io`]        | checkpoints (the [`io::checkpoint::TrainState`] record), PNG grids, npz |
+//! | [`train`]     | one step of Algorithm 1; [`train::run::Run`], a whole run in a directory |
 //! | [`interop`]   | diffusers checkpoints in and out, counter-based weights for fixtures   |
+//!
+//! docs/reliability.md says what a run guarantees (atomic, rotated checkpoints; the lock;
+//! signals; non-finite steps; exact resume; bounded parsing of every file) and how each is
+//! tested.
 //!
 //! Randomness is always passed in explicitly as a seeded [`Rng`]; the library has no thread-local
 //! or global random state.
