@@ -39,7 +39,7 @@ use super::safetensors::{from_bytes, to_bytes};
 use crate::config::TrainConfig;
 use crate::data::{BatchPosition, DataRecord};
 use crate::diffusion::ImportanceSampler;
-use crate::nn::{Adam, Ema, ParamStore, UNet};
+use crate::nn::{all_finite, Adam, Ema, ParamStore, UNet};
 use crate::{Error, Result, Rng, Tensor};
 
 /// The value of the `format` metadata key written now.
@@ -144,7 +144,7 @@ impl TrainState {
         ];
         for (prefix, tensors) in groups {
             for (name, t) in names.iter().zip(tensors) {
-                if !t.iter().all(|v| v.is_finite()) {
+                if !all_finite(t) {
                     return Some(format!("{prefix}.{name}"));
                 }
             }
@@ -311,7 +311,7 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     let m = take("adam.m")?;
     let v = take("adam.v")?;
     for (prefix, group) in [("model", &model), ("ema", &ema_values)] {
-        if let Some((name, _)) = group.iter().find(|(_, t)| !t.iter().all(|x| x.is_finite())) {
+        if let Some((name, _)) = group.iter().find(|(_, t)| !all_finite(t)) {
             return Err(bad(format!(
                 "tensor `{prefix}.{name}` holds NaN or infinite values; use another checkpoint (a \
                  run keeps the one before as checkpoint.prev.safetensors)"

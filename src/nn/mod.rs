@@ -22,5 +22,5 @@ mod unet;
 pub use ema::Ema;
 pub use embedding::{timestep_embedding, EmbeddingOrder};
 pub use optim::{clip_grad_norm, warmup_lr, Adam, AdamConfig};
-pub use params::{Bound, ParamStore};
+pub use params::{all_finite, Bound, ParamStore};
 pub use unet::{DownsamplePadding, Preset, UNet, UNetConfig};

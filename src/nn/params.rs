@@ -6,6 +6,16 @@ use std::rc::Rc;
 
 use crate::{Tape, Tensor, Var};
 
+/// Whether every value of `t` is finite (no NaN, no ±∞). Branch-free over memory order: the sum
+/// of `x · 0` is 0 when every `x` is finite and NaN otherwise, which vectorises where an early
+/// exit would not (a whole U-Net's weights are checked after every optimiser step).
+pub fn all_finite(t: &Tensor) -> bool {
+    match t.as_slice_memory_order() {
+        Some(s) => s.chunks(4096).all(|c| c.iter().fold(0.0f32, |acc, &x| acc + x * 0.0) == 0.0),
+        None => t.iter().all(|x| x.is_finite()),
+    }
+}
+
 /// Named parameters, in insertion order (the order layers created them).
 #[derive(Clone, Debug, Default)]
 pub struct ParamStore {
@@ -115,5 +125,32 @@ impl Bound {
     /// The gradient of every parameter in store order, zeros where the loss did not depend on it.
     pub fn grads(&self, grads: &crate::Grads) -> Vec<Tensor> {
         self.vars.iter().map(|v| grads.get_or_zeros(v)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_finite_finds_a_nan_or_infinity_anywhere_in_any_layout() {
+        let base = Tensor::from_shape_fn(vec![3, 5000], |i| (i[0] * 7 + i[1]) as f32 * 1e30);
+        assert!(all_finite(&base), "large finite values are finite");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [[0, 0], [1, 4095], [2, 4999]] {
+                let mut t = base.clone();
+                t[at] = bad;
+                assert!(!all_finite(&t), "{bad} at {at:?}");
+                // Transposed: the same memory in another order, still one slice.
+                assert!(!all_finite(&t.clone().reversed_axes()), "transposed");
+            }
+        }
+        // Strided over owned memory: not one slice, so the element-wise path.
+        let mut t = base.clone();
+        t[[1, 3]] = f32::NAN;
+        let every_third = t.slice_move(ndarray::s![.., ..;3]).into_dyn();
+        assert!(every_third.as_slice_memory_order().is_none());
+        assert!(!all_finite(&every_third));
+        assert!(all_finite(&base.slice_move(ndarray::s![.., ..;3]).into_dyn()));
     }
 }

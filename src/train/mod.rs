@@ -28,7 +28,7 @@ use crate::diffusion::tape_losses::training_losses_tape;
 use crate::diffusion::timesteps::sample_uniform;
 use crate::diffusion::{BetaSchedule, ImportanceSampler, NoiseSchedule, TimestepSampling};
 pub use crate::io::checkpoint::TrainState;
-use crate::nn::{clip_grad_norm, warmup_lr, Adam, Ema, ParamStore, UNet, UNetConfig};
+use crate::nn::{all_finite, clip_grad_norm, warmup_lr, Adam, Ema, ParamStore, UNet, UNetConfig};
 use crate::{rng_from_seed, Error, Result, Tape, Tensor, Var};
 
 /// What one step reports.
@@ -233,7 +233,7 @@ impl Trainer {
         s.step += 1;
         s.adam.update(&mut s.params, &grads, lr);
         s.ema.update(&s.params);
-        if let Some((name, _)) = s.params.iter().find(|(_, v)| !v.iter().all(|x| x.is_finite())) {
+        if let Some((name, _)) = s.params.iter().find(|(_, v)| !all_finite(v)) {
             return Err(Error::Diverged {
                 step: s.step,
                 what: format!("the Adam update made `{name}` non-finite (learning rate {lr})"),
