@@ -143,7 +143,7 @@ fn join_batches(mut parts: Vec<Samples>) -> Samples {
         return parts.remove(0);
     }
     let views: Vec<_> = parts.iter().map(|p| p.images.view()).collect();
-    let images = ndarray::concatenate(Axis(0), &views).expect("batches of one image shape");
+    let images = ndarray::concatenate(Axis(0), &views).expect("every batch is [n, C, H, W] of the one model");
     Samples { images, trajectory: std::mem::take(&mut parts[0].trajectory) }
 }
 

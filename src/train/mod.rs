@@ -202,7 +202,7 @@ impl Trainer {
         let param = d.parameterization();
         let per_item = training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t.t, &eps, &out).loss;
         let weights = Tensor::from_shape_vec(vec![n], t.weights.iter().map(|&w| w as f32).collect())
-            .expect("one weight per item");
+            .expect("both samplers return one weight per item of the batch");
         let loss = per_item.mul(&Var::constant(weights)).mean();
         let loss_value = loss.value()[[]] as f64;
         let o = &s.config.optim;
