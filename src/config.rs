@@ -65,8 +65,8 @@ impl DiffusionConfig {
         Parameterization { mean_type: self.mean_type, variance_type: self.variance_type }
     }
 
-    /// Checks T and the β schedule without reading any file (a `file:` schedule is checked when
-    /// it is read, by [`DiffusionConfig::schedule`]).
+    /// Checks T and builds the β schedule to check it, without reading any file (a `file:`
+    /// schedule is checked when it is read, by [`DiffusionConfig::schedule`]).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] if T is 0 or above [`NoiseSchedule::MAX_TIMESTEPS`], or a
@@ -78,7 +78,9 @@ impl DiffusionConfig {
                 format!("T = {} is outside 1..={}", self.timesteps, NoiseSchedule::MAX_TIMESTEPS),
             ));
         }
-        if let BetaSchedule::Custom(_) = &self.schedule {
+        // The schedule itself (T ≥ 2, every β in (0, 1), ᾱ decreasing); a `file:` schedule is
+        // checked when it is read.
+        if !matches!(self.schedule, BetaSchedule::File(_)) {
             self.schedule()?;
         }
         Ok(())

@@ -76,6 +76,9 @@ pub enum Error {
         /// What was found.
         found: String,
     },
+    /// Long work (sampling) stopped because a stop was requested (a signal).
+    #[error("stopped on request before the work was done")]
+    Interrupted,
     /// `--device gpu` was asked for but no GPU can be used (no adapter, no Vulkan / Metal / DX12
     /// driver, or a binary built without the `wgpu` feature). Build with `--features wgpu`,
     /// install a driver (on Debian, `mesa-vulkan-drivers` gives a software one), or run with

@@ -31,8 +31,10 @@ const TEMP_SUFFIX: &str = ".tmp";
 /// The folder must exist; it is not created.
 ///
 /// # Errors
-/// [`Error::Io`] naming the file that could not be created, written or renamed.
+/// [`Error::Io`] naming the file that could not be created, written or renamed;
+/// [`Error::BadFile`] if `path` exists and is not a regular file (e.g. `/dev/null`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    refuse_special(path)?;
     let tmp = write_temporary(path, bytes)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     sync_parent(path);
@@ -49,6 +51,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// [`Error::Io`] naming the file that could not be written, linked or renamed; `path` is then
 /// unchanged.
 pub fn write_atomic_keeping_previous(path: &Path, previous: &Path, bytes: &[u8]) -> Result<()> {
+    refuse_special(path)?;
+    refuse_special(previous)?;
     let tmp = write_temporary(path, bytes)?;
     if path.exists() {
         let keep = temporary_name(previous);
@@ -86,6 +90,19 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Refuses to replace anything but a regular file (or nothing): renaming over a device such as
+/// `/dev/null`, a FIFO or a socket would destroy it, and over a folder fails anyway.
+fn refuse_special(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(Error::bad_file(
+            path,
+            "exists and is not a regular file (a folder, device, FIFO or socket); ddpm replaces only files, \
+             so choose another output path",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A new temporary file beside `path` holding `bytes`, synced to disk.
@@ -209,29 +226,62 @@ fn host_name() -> String {
 }
 
 /// The most bytes the library will allocate for anything whose size a file declares (a dataset,
-/// a decompressed stream, an array): `DDPM_MAX_DATA_MIB` MiB if that is set to a positive
-/// integer, otherwise half of the machine's physical memory (or 8 GiB where that cannot be
-/// read). A file declaring more is refused before anything is allocated, naming the cap and the
-/// variable that raises it.
+/// a decompressed stream, an array, a decoded image): `DDPM_MAX_DATA_MIB` MiB if that is set,
+/// otherwise half of the memory this process may use: the least of the machine's physical
+/// memory, its cgroup's limit (a container's) and its address-space limit (8 GiB where none
+/// can be read). A file declaring more is refused before anything is allocated, naming the cap
+/// and the variable that raises it. (An invalid value of the variable is ignored here; the
+/// `ddpm` binary refuses it at start with [`memory_cap_setting`].)
 pub fn memory_cap() -> u64 {
-    if let Some(mib) = std::env::var("DDPM_MAX_DATA_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-        if mib > 0 {
-            return mib.saturating_mul(1 << 20);
-        }
+    match memory_cap_setting() {
+        Ok(Some(cap)) => cap,
+        _ => memory_limit().map_or(8 << 30, |m| m / 2),
     }
-    physical_memory().map_or(8 << 30, |m| m / 2)
 }
 
-fn physical_memory() -> Option<u64> {
+/// `DDPM_MAX_DATA_MIB` in bytes, if set.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] if it is set to anything but a whole number of MiB above 0.
+pub fn memory_cap_setting() -> Result<Option<u64>> {
+    let Some(v) = std::env::var_os("DDPM_MAX_DATA_MIB") else { return Ok(None) };
+    match v.to_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(mib) if mib > 0 => Ok(Some(mib.saturating_mul(1 << 20))),
+        _ => Err(Error::config(
+            "DDPM_MAX_DATA_MIB",
+            format!("{v:?} is not a whole number of MiB above 0 (e.g. 4096); unset it for the default"),
+        )),
+    }
+}
+
+/// The least of physical memory, the cgroup's memory limit and RLIMIT_AS, where readable.
+fn memory_limit() -> Option<u64> {
     #[cfg(unix)]
     {
+        let mut limits = Vec::new();
         // SAFETY: sysconf reads a system constant and has no preconditions.
         let (pages, size) =
             unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
         if pages > 0 && size > 0 {
-            return Some((pages as u64).saturating_mul(size as u64));
+            limits.push((pages as u64).saturating_mul(size as u64));
         }
+        // cgroup v2, then v1; "max" (no limit) does not parse and is skipped.
+        for file in ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"] {
+            if let Some(n) = std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse::<u64>().ok()) {
+                limits.push(n);
+            }
+        }
+        let mut rlim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct it is given and nothing else.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rlim) } == 0 && rlim.rlim_cur != libc::RLIM_INFINITY
+        {
+            // rlim_t is u64 here but not on every target.
+            #[allow(clippy::unnecessary_cast)]
+            limits.push(rlim.rlim_cur as u64);
+        }
+        limits.into_iter().min()
     }
+    #[cfg(not(unix))]
     None
 }
 
@@ -299,20 +349,45 @@ pub fn parse_npy<T: ndarray_npy::ReadableElement>(bytes: &[u8], source: &Path) -
 /// # Errors
 /// [`Error::BadFile`] naming `source` otherwise.
 pub fn check_npy(bytes: &[u8], source: &Path) -> Result<()> {
-    use ndarray_npy::npy::header::Header;
     let mut cursor = std::io::Cursor::new(bytes);
-    let header = Header::from_reader(&mut cursor)
-        .map_err(|e| Error::bad_file(source, format!("not a valid .npy file ({e})")))?;
-    let data = bytes.len() as u64 - cursor.position();
+    let header = read_npy_header(&mut cursor, source)?;
+    check_npy_header(&header, bytes.len() as u64 - cursor.position(), source).map(|_| ())
+}
+
+/// Reads a `.npy` header from `reader` (which is left at the first data byte).
+///
+/// # Errors
+/// [`Error::BadFile`] naming `source` if it is not a valid header.
+pub fn read_npy_header(reader: &mut impl Read, source: &Path) -> Result<ndarray_npy::npy::header::Header> {
+    ndarray_npy::npy::header::Header::from_reader(reader)
+        .map_err(|e| Error::bad_file(source, format!("not a valid .npy file ({})", folded(&e))))
+}
+
+/// Checks that a `.npy` header's shape and plain element type account for exactly `data`
+/// bytes; returns the element's kind (`f`, `i`, `u`, `b`, `c`) and size in bytes.
+///
+/// # Errors
+/// [`Error::BadFile`] naming `source` otherwise.
+pub fn check_npy_header(
+    header: &ndarray_npy::npy::header::Header,
+    data: u64,
+    source: &Path,
+) -> Result<(char, u64)> {
     let descr = header.type_descriptor.to_string();
     // A simple dtype is a string such as '<f4' or '|u1': byte order, kind, size in bytes.
     let plain = descr.trim_matches(|c| c == '\'' || c == '"');
+    let kind = plain.chars().nth(1).filter(|k| "fiubc".contains(*k));
     let size = plain
         .get(2..)
-        .filter(|_| plain.get(1..2).is_some_and(|kind| "fiubc".contains(kind)))
+        .filter(|_| kind.is_some())
         .and_then(|n| n.parse::<u64>().ok())
-        .filter(|&n| (1..=16).contains(&n))
-        .ok_or_else(|| Error::bad_file(source, format!("element type {descr} is not a plain number type")))?;
+        .filter(|&n| (1..=16).contains(&n));
+    let (Some(kind), Some(size)) = (kind, size) else {
+        return Err(Error::bad_file(
+            source,
+            format!("element type {} is not a plain number type", folded(&descr)),
+        ));
+    };
     // ndarray needs the product of the non-zero axes to fit in isize, even for an empty array.
     let mut nonzero: u64 = 1;
     let mut len: u64 = 1;
@@ -334,7 +409,19 @@ pub fn check_npy(bytes: &[u8], source: &Path) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok((kind, size))
+}
+
+/// A foreign error's text on one line and at most 300 characters (a parser's message can span
+/// lines and quote the whole input).
+pub fn folded(e: &dyn std::fmt::Display) -> String {
+    let mut text = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.len() > 300 {
+        let cut = (0..=300).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        text.truncate(cut);
+        text.push_str(" …");
+    }
+    text
 }
 
 #[cfg(test)]
@@ -437,6 +524,13 @@ mod tests {
         std::fs::write(&f, [7u8; 100]).expect("write");
         assert_eq!(read_capped(&f, 100).expect("fits").len(), 100);
         assert!(matches!(read_capped(&f, 99), Err(Error::BadFile { .. })));
+        for special in [Path::new("/dev/null"), dir.path()] {
+            let e = write_atomic(special, b"x").expect_err("a device or folder is never replaced");
+            assert!(
+                matches!(e, Error::BadFile { .. }) && e.to_string().contains("not a regular file"),
+                "{e}"
+            );
+        }
         for special in [Path::new("/dev/zero"), dir.path()] {
             let e = read_capped(special, 1 << 20).expect_err("not a regular file");
             assert!(matches!(e, Error::BadFile { .. }) && e.to_string().contains("file"), "{e}");

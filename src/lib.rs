@@ -12,7 +12,7 @@
 //!
 //! | module        | owns                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
-//! | [`error`], [`files`] | the error type; atomic writes, rotation, the directory lock, bounded reads |
+//! | [`error`], [`files`], [`stop`] | the error type; atomic writes, rotation, the directory lock, bounded reads; the stop flag |
 //! | [`autodiff`]  | the tape (Wengert list), [`Var`] handles, [`Grads`], gradient checks   |
 //! | [`kernels`]   | hot loops with no tape: gemm, conv2d (im2col), rayon                   |
 //! | [`device`]    | CPU or GPU for the large products: `--device`, the one dispatch point  |
@@ -54,6 +54,7 @@ pub mod kernels;
 pub mod nn;
 pub mod ops;
 pub mod sample;
+pub mod stop;
 pub mod train;
 
 pub use alloc::{keep_freed_memory, HugePageHeap};

@@ -17,6 +17,7 @@ use rand_distr::StandardNormal;
 use crate::diffusion::gaussian::predict_eps_from_x0;
 use crate::diffusion::{p_mean_variance, p_sample, ModelOutput, NoiseSchedule, Parameterization, Table};
 use crate::nn::{ParamStore, UNet};
+use crate::stop::StopFlag;
 use crate::{Error, Result, Rng, Tensor, Var};
 
 /// Which reverse process to run.
@@ -42,6 +43,8 @@ pub struct SampleConfig {
     pub clip_x0: bool,
     /// Keep this many snapshots of x_t, evenly spaced from x_T to x_0 (0 for none).
     pub trajectory_frames: usize,
+    /// Checked before every step: when raised, sampling ends with [`Error::Interrupted`].
+    pub stop: Option<StopFlag>,
 }
 
 /// One snapshot of the reverse process.
@@ -105,7 +108,7 @@ pub fn respace(schedule: &NoiseSchedule, timesteps: &[usize]) -> Result<NoiseSch
 /// `progress(done, total)` is called after every step.
 ///
 /// # Errors
-/// An invalid step count for this schedule.
+/// An invalid step count for this schedule; [`Error::Interrupted`] if `config.stop` is raised.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     net: &UNet,
@@ -133,6 +136,9 @@ pub fn sample(
     };
     let mut trajectory = vec![];
     for (done, i) in (0..k).rev().enumerate() {
+        if config.stop.as_ref().is_some_and(|s| s.requested().is_some()) {
+            return Err(Error::Interrupted);
+        }
         if frame_at.contains(&done) {
             trajectory.push(Frame { t: Some(steps[i]), x: x.mapv(|v| v as f32) });
         }
@@ -300,8 +306,13 @@ mod tests {
         let params = net.init_params(&mut crate::rng_from_seed(4));
         let s = NoiseSchedule::new(&BetaSchedule::Linear, 6, Conventions::default()).unwrap();
         let param = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedSmall };
-        let cfg =
-            SampleConfig { sampler: Sampler::Ancestral, steps: None, clip_x0: true, trajectory_frames: 0 };
+        let cfg = SampleConfig {
+            sampler: Sampler::Ancestral,
+            steps: None,
+            clip_x0: true,
+            trajectory_frames: 0,
+            stop: None,
+        };
         let sampled =
             sample(&net, &params, &s, &param, 2, &cfg, &mut crate::rng_from_seed(9), |_, _| {}).unwrap();
         let tr =

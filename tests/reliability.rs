@@ -83,6 +83,13 @@ fn train_args(data: &Path, out: &Path, steps: u64, every: u64) -> Vec<String> {
     v
 }
 
+/// Sets `flag`'s value in `args` (which must hold it).
+fn set(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let i = args.iter().position(|a| a == flag).expect("the flag is there") + 1;
+    args[i] = value.into();
+    args
+}
+
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -209,12 +216,25 @@ fn a_second_run_into_the_same_directory_is_refused_and_the_first_is_unharmed() {
 fn sigterm_and_sighup_save_at_the_step_reached_and_the_resume_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let data = write_squares_idx(dir.path(), 32);
-    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGHUP, 129), (libc::SIGINT, 130)] {
-        let out = dir.path().join(format!("sig{sig}"));
+    // GNU `timeout` sends its SIGTERM twice at once (to the process, then to its group): still
+    // one request.
+    for (sig, code, twice) in [
+        (libc::SIGTERM, 143, false),
+        (libc::SIGHUP, 129, false),
+        (libc::SIGINT, 130, false),
+        (libc::SIGTERM, 143, true),
+    ] {
+        let out = dir.path().join(format!("sig{sig}{twice}"));
         // No periodic checkpoint: only the signal makes one.
         let child = spawn(&refs(&train_args(&data, &out, 100_000, 100_000)));
         wait_for(|| metrics_rows(&out) >= 5);
         signal(&child, sig);
+        if twice {
+            // Soon enough to be the same request, late enough not to merge with the first
+            // while it is pending.
+            std::thread::sleep(Duration::from_millis(15));
+            signal(&child, sig);
+        }
         let o = child.wait_with_output().unwrap();
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(code), "signal {sig}: {e}");
@@ -224,7 +244,7 @@ fn sigterm_and_sighup_save_at_the_step_reached_and_the_resume_is_exact() {
         let target = reached + 4;
         let r = ddpm(&refs(&with(train_args(&data, &out, target, 100_000), &["--resume"])));
         assert!(r.status.success(), "{}", stderr(&r));
-        let fresh = dir.path().join(format!("fresh{sig}"));
+        let fresh = dir.path().join(format!("fresh{sig}{twice}"));
         assert!(ddpm(&refs(&train_args(&data, &fresh, target, 100_000))).status.success());
         assert!(
             std::fs::read(ckpt(&out)).unwrap() == std::fs::read(ckpt(&fresh)).unwrap(),
@@ -360,9 +380,132 @@ fn a_corrupt_checkpoint_is_refused_naming_the_previous_one() {
     assert_clean_failure(&o, "corrupt checkpoint");
     let e = stderr(&o);
     assert!(e.contains("checkpoint.prev.safetensors") && e.contains("rename"), "{e}");
+    // With the checkpoint gone, the previous one is named, and a fresh run does not overwrite it.
+    std::fs::remove_file(ckpt(&out)).unwrap();
+    let o = ddpm(&refs(&with(train_args(&data, &out, 8, 2), &["--resume"])));
+    assert_clean_failure(&o, "only the previous checkpoint");
+    assert!(
+        stderr(&o).contains("rename") && stderr(&o).contains("checkpoint.prev.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ddpm(&refs(&train_args(&data, &out, 8, 2)));
+    assert_clean_failure(&o, "a fresh run over a previous checkpoint");
+    assert_eq!(checkpoint::load(&prev).unwrap().step, 4, "the previous checkpoint is untouched");
     std::fs::rename(&prev, ckpt(&out)).unwrap();
     let o = ddpm(&refs(&with(train_args(&data, &out, 8, 2), &["--resume"])));
     assert!(o.status.success(), "after rolling back by hand: {}", stderr(&o));
+}
+
+#[test]
+fn the_same_command_plus_resume_works_for_any_float_and_from_any_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_squares_idx(dir.path(), 32);
+    let out = dir.path().join("run");
+    // A learning rate whose shortest decimal form reads back only with exact float parsing.
+    let args = |steps: u64| {
+        let mut a = train_args(Path::new("squares-idx3-ubyte"), Path::new("run"), steps, 2);
+        let lr = a.iter().position(|x| x == "--lr").unwrap() + 1;
+        a[lr] = "0.00019999999999999998".into();
+        a
+    };
+    let o = command(&refs(&args(2))).current_dir(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = command(&refs(&with(args(4), &["--resume"]))).current_dir(dir.path()).output().unwrap();
+    assert!(o.status.success(), "the same command plus --resume: {}", stderr(&o));
+    // The recorded data path is absolute: a resume from elsewhere finds it.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let o = command(&["train", "--out", out.to_str().unwrap(), "--steps", "6", "--threads", "1", "--resume"])
+        .current_dir(&elsewhere)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "resume from another folder: {}", stderr(&o));
+    let recorded = checkpoint::load(&ckpt(&out)).unwrap().data.unwrap().spec.path.unwrap();
+    assert!(recorded.is_absolute() && recorded == data.canonicalize().unwrap(), "{recorded:?}");
+    // A path that is not UTF-8 cannot be recorded: refused before any training.
+    use std::os::unix::ffi::OsStrExt;
+    let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"bad\xff-idx3-ubyte"));
+    std::fs::copy(&data, &odd).unwrap();
+    let t0 = Instant::now();
+    let odd_out = dir.path().join("odd");
+    let o = command(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--ch",
+        "8",
+        "--gn-groups",
+        "4",
+        "--batch",
+        "8",
+        "--timesteps",
+        "50",
+    ])
+    .args([
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "50000",
+        "--threads",
+        "1",
+        "--out",
+        odd_out.to_str().unwrap(),
+    ])
+    .arg("--data")
+    .arg(&odd)
+    .output()
+    .unwrap();
+    assert_clean_failure(&o, "non-UTF-8 path");
+    assert!(stderr(&o).contains("UTF-8") && t0.elapsed() < Duration::from_secs(20), "{}", stderr(&o));
+}
+
+#[test]
+fn a_stop_request_interrupts_a_sample_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_squares_idx(dir.path(), 32);
+    let out = dir.path().join("run");
+    // A grid after every 2 steps, long enough (256 images, 1000 steps) to outlast any grace period.
+    let args =
+        set(set(train_args(&data, &out, 100_000, 100_000), "--timesteps", "1000"), "--sample-count", "256");
+    let args = with(args, &["--sample-every", "2", "--sample-steps", "1000"]);
+    let child = spawn(&refs(&args));
+    wait_for(|| metrics_rows(&out) >= 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    assert!(t0.elapsed() < Duration::from_secs(10), "the grid was not interrupted: {:?}", t0.elapsed());
+    assert!(checkpoint::load(&ckpt(&out)).unwrap().step >= 2);
+}
+
+#[test]
+fn outputs_never_replace_special_files_and_a_failed_stdout_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let o = ddpm(&["vectors", "--timesteps", "10", "--out", fifo.to_str().unwrap()]);
+    assert_clean_failure(&o, "vectors into a FIFO");
+    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO is still a FIFO");
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let v = dir.path().join("v.npz");
+    let o = command(&["vectors", "--timesteps", "10", "--out", v.to_str().unwrap()])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "stdout on /dev/full");
+    assert!(stderr(&o).contains("standard output"), "{}", stderr(&o));
+    let o = command(&["vectors", "--timesteps", "10", "--out", v.to_str().unwrap()])
+        .env("DDPM_MAX_DATA_MIB", "16MiB")
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "a malformed memory cap");
+    assert!(stderr(&o).contains("DDPM_MAX_DATA_MIB"), "{}", stderr(&o));
 }
 
 /// Rewrites the JSON header of a safetensors file with `edit`.
@@ -462,6 +605,21 @@ fn crafted_files_and_flags_get_one_clear_line_and_no_crash() {
         }),
     ];
     checkpoints.push(("truncated", good[..good.len() - 7].to_vec()));
+    checkpoints.push((
+        "step counter",
+        edit_header(&good, |h| h["__metadata__"]["step"] = u64::MAX.to_string().into()),
+    ));
+    checkpoints.push(("RNG position", {
+        edit_meta(&good, "rng", |r| r["word_pos"] = (1u128 << 68).to_string().into())
+    }));
+    checkpoints.push(("infinite moment", {
+        let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&good[8..8 + n]).unwrap();
+        let at = 8 + n + header["adam.v.conv_in.bias"]["data_offsets"][0].as_u64().unwrap() as usize;
+        let mut b = good.clone();
+        b[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        b
+    }));
     for (what, bytes) in &checkpoints {
         let f = p("bad.safetensors");
         std::fs::write(&f, bytes).unwrap();
@@ -550,6 +708,8 @@ fn crafted_files_and_flags_get_one_clear_line_and_no_crash() {
     std::fs::create_dir(p("images")).unwrap();
     std::fs::write(p("images/huge.png"), png_declaring(100_000, 100_000)).unwrap();
     std::fs::write(p("images/zero.png"), b"").unwrap();
+    std::fs::create_dir(p("wide")).unwrap();
+    std::fs::write(p("wide/w.png"), png_declaring(16_384, 16_384)).unwrap();
     let fifo = p("fifo");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
@@ -557,6 +717,7 @@ fn crafted_files_and_flags_get_one_clear_line_and_no_crash() {
     for (what, path, env_cap) in [
         ("lying gzip header", p("lying-idx3-ubyte.gz"), None),
         ("gzip bomb", p("bomb_batch.bin.gz"), Some("16")),
+        ("image over the cap", p("wide"), Some("16")),
         ("image folder", p("images"), None),
         ("/dev/zero", PathBuf::from("/dev/zero"), None),
         ("fifo", fifo.clone(), None),
@@ -611,6 +772,16 @@ fn crafted_files_and_flags_get_one_clear_line_and_no_crash() {
         p("s").to_str().unwrap(),
     ]);
     assert_clean_failure(&o, "diffusers groups 0");
+    // A one-step scheduler cannot be imported (a process needs T ≥ 2).
+    std::fs::copy(fixture.join("config.json"), df.join("config.json")).unwrap();
+    let mut sched: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(df.join("scheduler_config.json")).unwrap()).unwrap();
+    sched["num_train_timesteps"] = 1.into();
+    std::fs::write(df.join("scheduler_config.json"), sched.to_string()).unwrap();
+    let imported = p("imported");
+    let o = ddpm(&["import", "--diffusers", df.to_str().unwrap(), "--out", imported.to_str().unwrap()]);
+    assert_clean_failure(&o, "diffusers T = 1");
+    assert!(!ckpt(&imported).exists());
 
     // Flags.
     let d = data.to_str().unwrap();
@@ -660,6 +831,9 @@ fn crafted_files_and_flags_get_one_clear_line_and_no_crash() {
         vec!["bench", "--preset", "tiny", "--warmup", "18446744073709551615"],
         vec!["bench", "--preset", "tiny", "--batch", "0"],
         vec!["train", "--data", d, "--out", o, "--steps", "1", "--threads", "100000"],
+        vec!["train", "--data", d, "--out", o, "--steps", "1", "--grad-clip", "nan"],
+        vec!["train", "--data", d, "--out", o, "--steps", "1", "--schedule", "file:"],
+        vec!["demo", "--out", o, "--minutes", "nan"],
     ];
     for args in cases {
         let out = ddpm(&args);

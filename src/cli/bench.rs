@@ -86,10 +86,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rng = rng_from_seed(0);
     let mut params = net.init_params(&mut rng);
     let base = json!({"impl": "ddpm", "config": name, "params": params.num_scalars(), "device": device});
-    let emit = |v: serde_json::Value| {
+    let emit = |v: serde_json::Value| -> anyhow::Result<()> {
         let mut m = base.as_object().cloned().unwrap_or_default();
         m.extend(v.as_object().cloned().unwrap_or_default());
-        println!("{}", serde_json::Value::Object(m));
+        out!("{}", serde_json::Value::Object(m));
+        Ok(())
     };
     let d = DiffusionConfig::default();
     let schedule = d.schedule()?;
@@ -123,9 +124,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "images_per_s": (b as f64 / med * 100.0).round() / 100.0, "train_flops_per_step": flops,
             "gflops_achieved": (flops / med / 1e7).round() / 100.0, "maxrss_mib": peak_rss_mib()});
         if args.json {
-            emit(v);
+            emit(v)?;
         } else {
-            eprintln!("train step  {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {}",
+            say!("train step  {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {}",
                 med * 1e3, min * 1e3, max * 1e3, b as f64 / med, flops / med / 1e9, rss_text());
         }
     }
@@ -155,9 +156,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "gflops_achieved": (flops / med / 1e7).round() / 100.0,
             "projected_sample_1000_steps_s": (med * 1000.0 * 10.0).round() / 10.0, "maxrss_mib": peak_rss_mib()});
         if args.json {
-            emit(v);
+            emit(v)?;
         } else {
-            eprintln!("sample step {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} GFLOP/s, 1000 steps ≈ {:.0} s",
+            say!("sample step {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} GFLOP/s, 1000 steps ≈ {:.0} s",
                 med * 1e3, min * 1e3, max * 1e3, flops / med / 1e9, med * 1000.0);
         }
     }

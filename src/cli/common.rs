@@ -65,10 +65,10 @@ pub fn select_device(args: DeviceArgs) -> anyhow::Result<()> {
     };
     let selected = ddpm::device::select(choice).with_context(|| format!("--device {choice}"))?;
     if let Some(notice) = &selected.notice {
-        eprintln!("{notice}");
+        say!("{notice}");
     }
     if let Some(adapter) = &selected.adapter {
-        eprintln!(
+        say!(
             "device: gpu, {adapter}; products of at least {} multiply-adds run there",
             ddpm::device::gpu_min_macs()
         );
@@ -79,7 +79,7 @@ pub fn select_device(args: DeviceArgs) -> anyhow::Result<()> {
 /// One line on stderr saying how much ran on the GPU (nothing when the CPU was selected).
 pub fn report_gpu_use() {
     if ddpm::device::current() == Device::Gpu {
-        eprintln!("gpu: {} products and convolutions ran on the GPU", ddpm::device::gpu_calls());
+        say!("gpu: {} products and convolutions ran on the GPU", ddpm::device::gpu_calls());
     }
 }
 

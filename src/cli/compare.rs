@@ -50,16 +50,16 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading the candidate {}", args.candidate.display()))?;
     let tolerance = Tolerance { rtol: args.rtol, atol: args.atol };
     let report = compare(&reference, &candidate, tolerance, args.only.as_deref());
-    println!("reference: {}", args.reference.display());
-    println!("candidate: {}", args.candidate.display());
-    println!("tolerance: |cand - ref| <= {:e} + {:e} * |ref|", tolerance.atol, tolerance.rtol);
-    println!();
-    print!("{}", format_table(&report));
+    out!("reference: {}", args.reference.display());
+    out!("candidate: {}", args.candidate.display());
+    out!("tolerance: |cand - ref| <= {:e} + {:e} * |ref|", tolerance.atol, tolerance.rtol);
+    out!();
+    out!("{}", format_table(&report).trim_end_matches('\n'));
     let failed: Vec<&str> =
         report.entries.iter().filter(|e| !e.status.passed()).map(|e| e.name.as_str()).collect();
-    println!();
+    out!();
     if failed.is_empty() {
-        println!("all {} arrays match", report.entries.len());
+        out!("all {} arrays match", report.entries.len());
         Ok(())
     } else {
         bail!("{} of {} arrays do not match: {}", failed.len(), report.entries.len(), failed.join(", "))

@@ -10,7 +10,7 @@ use clap::Args;
 use ddpm::data::Split;
 use ddpm::diffusion::{BetaSchedule, Convention};
 
-use super::common::{set_threads, DeviceArg, DeviceArgs};
+use super::common::{parse_minutes, set_threads, DeviceArg, DeviceArgs};
 use super::sample::{sample_to_dir, SampleArgs, SamplerArg};
 use super::train::{
     install_signal_handlers, signal_name, train, LossArg, MeanArg, PresetArg, TimestepArg, TrainArgs,
@@ -25,7 +25,7 @@ pub struct DemoArgs {
     pub out: PathBuf,
     /// Training time budget in minutes (sampling 64 digits with all 1000 steps takes about 2
     /// more on 2 cores).
-    #[arg(long, default_value_t = DEMO_MINUTES)]
+    #[arg(long, default_value_t = DEMO_MINUTES, value_parser = parse_minutes)]
     pub minutes: f64,
     /// Seed.
     #[arg(long, default_value_t = 0)]
@@ -90,7 +90,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stop = install_signal_handlers()?;
     let outcome = train(&train_args, &[], &stop).context("demo training")?;
     if let Some(sig) = outcome.signal {
-        eprintln!(
+        say!(
             "stopped by {} at step {} after saving; continue with `ddpm demo --resume --out {}`",
             signal_name(sig),
             outcome.steps,
@@ -116,7 +116,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         device: DeviceArgs { device: DeviceArg::Cpu },
     };
     let grid = sample_to_dir(&sample_args).context("demo sampling")?;
-    eprintln!(
+    say!(
         "done in {:.1} min: samples {} (and one PNG per image beside it), trajectory {}, loss curve {}",
         start.elapsed().as_secs_f64() / 60.0,
         grid.display(),

@@ -128,13 +128,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         total_bpd: total / k,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("plain data serialises"));
+        out!("{}", serde_json::to_string_pretty(&report).expect("plain data serialises"));
     } else {
-        println!("bits/dim of {} on {} images of {}", report.checkpoint, n, report.data);
-        println!("  L_T (prior)        {:>10.5}", report.prior_bpd);
-        println!("  sum L_(t-1) (KL)   {:>10.5}", report.kl_sum_bpd);
-        println!("  L_0 (decoder)      {:>10.5}", report.decoder_bpd);
-        println!("  total              {:>10.5}", report.total_bpd);
+        out!("bits/dim of {} on {} images of {}", report.checkpoint, n, report.data);
+        out!("  L_T (prior)        {:>10.5}", report.prior_bpd);
+        out!("  sum L_(t-1) (KL)   {:>10.5}", report.kl_sum_bpd);
+        out!("  L_0 (decoder)      {:>10.5}", report.decoder_bpd);
+        out!("  total              {:>10.5}", report.total_bpd);
     }
     Ok(())
 }

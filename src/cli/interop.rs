@@ -35,7 +35,7 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
     let scheduler = match m.scheduler {
         Some(s) => s,
         None => {
-            eprintln!("note: no scheduler_config.json; using DDPMScheduler's defaults (linear, T = 1000, fixed_small, clip)");
+            say!("note: no scheduler_config.json; using DDPMScheduler's defaults (linear, T = 1000, fixed_small, clip)");
             SchedulerSettings::from_json(&serde_json::json!({}), dir)?
         }
     };
@@ -60,7 +60,7 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
     let source = format!("imported from diffusers {}", dir.display());
     save_weights(&path, &config, &m.params, &source, Some(scheduler.clip_sample))
         .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!(
+    say!(
         "wrote {} ({} parameters; {} T = {}, {:?}, {:?}, clip {}; convention diffusers)",
         path.display(),
         m.params.num_scalars(),
@@ -112,11 +112,11 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("exporting {} to {}", path.display(), args.diffusers.display()))?;
     let convention = ck.config.diffusion.convention;
     if convention != ddpm::diffusion::Convention::Diffusers {
-        eprintln!(
+        say!(
             "note: the checkpoint uses the {convention} convention; DDPMScheduler samples with diffusers' \
              (docs/conventions.md lists the differences)"
         );
     }
-    eprintln!("wrote {}", args.diffusers.display());
+    say!("wrote {}", args.diffusers.display());
     Ok(())
 }

@@ -1,5 +1,24 @@
 //! Argument parsing and dispatch for the `ddpm` binary: args -> validated configs -> library calls.
 
+/// `eprintln!` for status lines that ignores a failed write: a closed or full stderr must not
+/// end (or panic) a run that is otherwise fine.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` for a command's results on stdout, in a function returning `anyhow::Result`: a
+/// failed write (a full disk, a closed pipe) is that command's error, not a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+            .map_err(|e| anyhow::anyhow!("writing to standard output: {e}"))?;
+    }};
+}
+
 mod bench;
 mod common;
 mod compare;
@@ -72,6 +91,11 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // Refused here, once, rather than ignored wherever the cap is read.
+    if let Err(e) = ddpm::files::memory_cap_setting() {
+        say!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result: anyhow::Result<()> = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Train(args) => {
@@ -91,12 +115,51 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say!("error: {}", one_line(&e));
             match e.chain().find_map(|c| c.downcast_ref::<ddpm::Error>()) {
                 Some(ddpm::Error::Diverged { .. }) => ExitCode::from(EXIT_DIVERGED),
                 Some(ddpm::Error::Locked { .. }) => ExitCode::from(EXIT_LOCKED),
                 _ => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+/// The error chain on one line, `outer: inner: …`, leaving out a cause whose text the line
+/// already ends with (the library's errors say what their source said) and folding any line
+/// breaks a foreign error carries.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    const MAX: usize = 2000;
+    if line.len() > MAX {
+        let cut = (0..=MAX).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
+        line.truncate(cut);
+        line.push_str(" …");
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_is_one_line_without_repeats() {
+        let io = std::io::Error::other("File exists (os error 17)");
+        let lib = ddpm::Error::io("/x/afile", io);
+        let e = anyhow::Error::from(lib).context("writing\nthe output");
+        assert_eq!(one_line(&e), "writing the output: /x/afile: File exists (os error 17)");
+        let long = anyhow::anyhow!("{}", "é".repeat(3000));
+        assert!(one_line(&long).chars().count() < 1100);
     }
 }

@@ -60,6 +60,6 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let n = s[0];
     let out = model.net.forward(&model.params.bind_constant(), &Var::constant(x), &vec![model_t; n], None);
     write_npy_f32(&args.out, out.value()).with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("wrote {} ({:?})", args.out.display(), out.shape());
+    say!("wrote {} ({:?})", args.out.display(), out.shape());
     Ok(())
 }

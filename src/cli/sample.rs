@@ -81,7 +81,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     select_device(args.device)?;
     let written = sample_to_dir(&args)?;
     report_gpu_use();
-    eprintln!("wrote {}", written.display());
+    say!("wrote {}", written.display());
     Ok(())
 }
 
@@ -105,6 +105,7 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
         // An imported checkpoint carries its scheduler's clip_sample.
         clip_x0: !args.no_clip && ck.clip_x0.unwrap_or(true),
         trajectory_frames: if args.trajectory { args.trajectory_frames } else { 0 },
+        stop: None,
     };
     let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);
     if args.trajectory && args.trajectory_frames > k + 1 {

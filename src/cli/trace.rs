@@ -101,7 +101,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
     }
     write_npz(&args.out, &arrays).with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!(
+    say!(
         "wrote {} ({} steps kept of {big_t}, {} image(s), clip {clip}, {} convention)",
         args.out.display(),
         tr.steps.len(),

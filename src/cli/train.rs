@@ -1,5 +1,6 @@
 //! `ddpm train`: train a U-Net on a dataset, with checkpoints, metrics, plots and samples.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -192,7 +193,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 5000)]
     pub warmup: u64,
     /// Clip gradients to this global norm (0 disables).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_grad_clip)]
     pub grad_clip: f64,
     /// EMA decay of the weights used for sampling.
     #[arg(long, default_value_t = 0.9999)]
@@ -336,21 +337,44 @@ pub struct TrainOutcome {
     pub signal: Option<i32>,
 }
 
+/// A second request sooner than this after the first is the same request delivered twice: GNU
+/// `timeout` sends SIGTERM to the process and then to its process group, and a terminal's Ctrl-C
+/// reaches every process of the foreground group.
+const REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
 /// SIGINT, SIGTERM and SIGHUP raise the returned flag (the run finishes its step, saves and
-/// stops); a second one of them ends the process at once with 128 + its number.
+/// stops). A second one, more than [`REPEAT_WINDOW`] after the first, ends the process at once
+/// without saving, with 128 + its number. The signals are received on a thread of their own
+/// (`signal_hook::iterator`), so the handling itself is ordinary code.
 pub fn install_signal_handlers() -> anyhow::Result<StopFlag> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    use std::sync::atomic::AtomicBool;
     let stop = StopFlag::new();
-    let seen = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        // Registered first, so it sees the flag as it was before this signal set it.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&seen))
-            .context("installing the signal handlers")?;
-        signal_hook::flag::register(sig, Arc::clone(&seen)).context("installing the signal handlers")?;
-        signal_hook::flag::register_usize(sig, stop.handle(), sig as usize)
-            .context("installing the signal handlers")?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing the signal handlers")?;
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut first: Option<Instant> = None;
+            for sig in signals.forever() {
+                match first {
+                    None => {
+                        first = Some(Instant::now());
+                        flag.request(usize::try_from(sig).unwrap_or(1));
+                    }
+                    Some(t) if t.elapsed() < REPEAT_WINDOW => {}
+                    Some(_) => {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "\n{} again: exiting at once, without saving",
+                            signal_name(sig)
+                        );
+                        std::process::exit(128 + sig);
+                    }
+                }
+            }
+        })
+        .context("starting the signal thread")?;
     Ok(stop)
 }
 
@@ -378,6 +402,7 @@ pub fn explicit_flags(m: &clap::ArgMatches) -> Vec<String> {
 fn recipe_value(flag: &str, c: &TrainConfig) -> Option<String> {
     let (u, d, o) = (&c.unet, &c.diffusion, &c.optim);
     Some(match flag {
+        // The whole network: repeating the original flags gives the same one.
         "preset" => format!("{u:?}"),
         "ch" => u.ch.to_string(),
         "ch_mult" => format!("{:?}", u.ch_mult),
@@ -392,7 +417,7 @@ fn recipe_value(flag: &str, c: &TrainConfig) -> Option<String> {
         "random_flip" => c.random_flip.to_string(),
         "lr" => o.lr.to_string(),
         "warmup" => o.warmup_steps.to_string(),
-        "grad_clip" => format!("{:?}", o.grad_clip),
+        "grad_clip" => o.grad_clip.map_or_else(|| "0 (off)".into(), |c| c.to_string()),
         "ema_decay" => o.ema_decay.to_string(),
         "no_ema_warmup" => (!o.ema_warmup).to_string(),
         // A file schedule is stored as its values; the file itself is never read again.
@@ -418,9 +443,22 @@ fn changed_recipe(args: &TrainArgs, given: &[String], stored: &TrainConfig) -> V
         .iter()
         .filter_map(|id| {
             let (a, b) = (recipe_value(id, &wanted)?, recipe_value(id, stored)?);
-            (a != b).then(|| format!("--{} ({a}, the checkpoint has {b})", id.replace('_', "-")))
+            let flag = id.replace('_', "-");
+            (a != b).then(|| match id.as_str() {
+                "preset" => format!("--{flag} (a network other than the checkpoint's)"),
+                _ => format!("--{flag} ({a}, the checkpoint has {b})"),
+            })
         })
         .collect()
+}
+
+/// Parses `--grad-clip`: 0 (no clipping) or a finite norm above 0.
+fn parse_grad_clip(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(v == 0.0 || (v.is_finite() && v > 0.0)) {
+        return Err(format!("{s}: give 0 (no clipping) or a finite norm above 0"));
+    }
+    Ok(v)
 }
 
 /// `ddpm train`; `given` lists the flags given on the command line.
@@ -431,7 +469,7 @@ pub fn run(args: TrainArgs, given: &[String]) -> anyhow::Result<()> {
     let outcome = train(&args, given, &stop)?;
     report_gpu_use();
     if let Some(sig) = outcome.signal {
-        eprintln!(
+        say!(
             "stopped by {} at step {} after saving {}; resume with the same command plus --resume",
             signal_name(sig),
             outcome.steps,
@@ -502,9 +540,9 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
     observer.bar.finish_and_clear();
     let outcome = outcome?;
     if let Some(p) = &outcome.final_samples {
-        eprintln!("wrote {}", p.display());
+        say!("wrote {}", p.display());
     }
-    eprintln!(
+    say!(
         "step {} in {:.1} min{}; checkpoint {}, metrics {}, loss curve {}",
         outcome.steps,
         start.elapsed().as_secs_f64() / 60.0,
@@ -526,7 +564,7 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
 /// Prints a line on stderr above the bar, or plainly when the bar is hidden (stderr is not a
 /// terminal: a log file, a batch scheduler), where `ProgressBar::println` would drop it.
 fn println_above(bar: &ProgressBar, line: String) {
-    bar.suspend(|| eprintln!("{line}"));
+    bar.suspend(|| say!("{line}"));
 }
 
 /// Shows a run on the terminal: a progress bar with the smoothed loss and the rate, and one
@@ -586,7 +624,7 @@ impl Observer for BarObserver {
                  the weights were not changed"
             )),
             RunEvent::Stopping(sig) => println_above(&self.bar, format!(
-                "{}: saving a checkpoint at this step, then exiting (send it again to exit at once without saving)",
+                "{}: saving a checkpoint at this step, then exiting (send it again, a second or more later, to exit at once without saving)",
                 signal_name(i32::try_from(*sig).unwrap_or(0))
             )),
             RunEvent::Saved { .. } | RunEvent::Sampled(_) => {}

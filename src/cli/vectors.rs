@@ -106,7 +106,7 @@ pub fn run(args: VectorsArgs) -> anyhow::Result<()> {
         format!("building reference vectors for schedule {} with T = {timesteps}", args.schedule)
     })?;
     vectors.write_npz(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
+    out!(
         "wrote {}: {} schedule tables (T = {timesteps}, schedule {}, convention {}) and {} case arrays \
          (N = {}, x0 [{}, {c}, {h}, {w}], t = {:?})",
         args.out.display(),

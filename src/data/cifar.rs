@@ -32,6 +32,31 @@ const CIFAR_SUBFOLDER: &str = "cifar-10-batches-bin";
 /// [`Error::BadFile`] if the data is empty or its length is not a multiple of 3073 bytes
 /// (truncated, or another format such as the python/pickle version of CIFAR-10).
 pub fn parse_cifar(bytes: &[u8], source: &Path) -> Result<Dataset> {
+    let n = cifar_records(bytes, source)?;
+    let mut pixels = Vec::with_capacity(n * CIFAR_IMAGE_BYTES);
+    for record in bytes.chunks_exact(CIFAR_RECORD_BYTES) {
+        pixels.extend_from_slice(&record[1..]);
+    }
+    Dataset::new(pixels, n, 3, 32, 32, source)
+}
+
+/// [`parse_cifar`] taking the bytes: the labels are squeezed out in place, so the records
+/// become the dataset's pixels without a second buffer.
+pub(crate) fn parse_cifar_owned(mut bytes: Vec<u8>, source: &Path) -> Result<Dataset> {
+    let n = cifar_records(&bytes, source)?;
+    for i in 0..n {
+        // Image i moves left by i + 1 bytes (the labels before it and its own), never over
+        // bytes not yet moved.
+        let from = i * CIFAR_RECORD_BYTES + 1;
+        bytes.copy_within(from..from + CIFAR_IMAGE_BYTES, i * CIFAR_IMAGE_BYTES);
+    }
+    bytes.truncate(n * CIFAR_IMAGE_BYTES);
+    bytes.shrink_to_fit();
+    Dataset::new(bytes, n, 3, 32, 32, source)
+}
+
+/// Every check of [`parse_cifar`]: the number of records of a valid batch.
+fn cifar_records(bytes: &[u8], source: &Path) -> Result<usize> {
     if bytes.is_empty() {
         return Err(Error::bad_file(source, "the file is empty; get it again"));
     }
@@ -48,12 +73,7 @@ pub fn parse_cifar(bytes: &[u8], source: &Path) -> Result<Dataset> {
             ),
         ));
     }
-    let n = bytes.len() / CIFAR_RECORD_BYTES;
-    let mut pixels = Vec::with_capacity(n * CIFAR_IMAGE_BYTES);
-    for record in bytes.chunks_exact(CIFAR_RECORD_BYTES) {
-        pixels.extend_from_slice(&record[1..]);
-    }
-    Dataset::new(pixels, n, 3, 32, 32, source)
+    Ok(bytes.len() / CIFAR_RECORD_BYTES)
 }
 
 /// Loads one CIFAR-10 binary batch file, gzip-compressed or not (detected by its first bytes),
@@ -63,8 +83,7 @@ pub fn parse_cifar(bytes: &[u8], source: &Path) -> Result<Dataset> {
 /// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] for corrupt gzip data or any
 /// refusal of [`parse_cifar`].
 pub fn load_cifar(path: &Path) -> Result<Dataset> {
-    let bytes = read_maybe_gzip(path)?;
-    parse_cifar(&bytes, path)
+    parse_cifar_owned(read_maybe_gzip(path)?, path)
 }
 
 /// Loads one split from a folder of CIFAR-10 batches: train = every `data_batch_<k>.bin`

@@ -206,7 +206,22 @@ pub fn decode_image(bytes: &[u8], source: &Path) -> Result<DynamicImage> {
     limits.max_image_height = Some(MAX_DECODED_SIDE);
     limits.max_alloc = Some(MAX_DECODE_ALLOC);
     reader.limits(limits);
-    let image = reader.decode().map_err(|e| bad(&e))?;
+    let decoder = reader.into_decoder().map_err(|e| bad(&e))?;
+    // Decoding takes up to 8 bytes a pixel (16-bit RGBA), and the conversions to 8-bit RGBA and
+    // RGB up to 7 more; images decode in parallel, one per thread.
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    let need = u64::from(w) * u64::from(h) * 16;
+    let cap = crate::files::memory_cap() / rayon::current_num_threads().max(1) as u64;
+    if need > cap {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "{w}x{h} pixels need about {need} bytes to decode and convert, more than this process's \
+                 share of the memory cap ({cap} bytes; DDPM_MAX_DATA_MIB raises it); shrink the image"
+            ),
+        ));
+    }
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| bad(&e))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(Error::bad_file(source, "the image has no pixels"));
     }

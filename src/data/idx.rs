@@ -47,6 +47,19 @@ pub(crate) fn declared_file_len(head: &[u8]) -> Option<u64> {
 /// IDX type apart from a non-IDX file), a dimension is zero, or the byte count differs from what
 /// the header promises (truncated file, or trailing bytes).
 pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
+    let (count, rows, cols) = idx_dims(bytes, source)?;
+    Dataset::new(bytes[IDX_IMAGES_HEADER..].to_vec(), count, 1, rows, cols, source)
+}
+
+/// [`parse_idx`] taking the bytes, which become the dataset's pixels without a copy.
+pub(crate) fn parse_idx_owned(mut bytes: Vec<u8>, source: &Path) -> Result<Dataset> {
+    let (count, rows, cols) = idx_dims(&bytes, source)?;
+    bytes.drain(..IDX_IMAGES_HEADER);
+    Dataset::new(bytes, count, 1, rows, cols, source)
+}
+
+/// Every check of [`parse_idx`]: the dimensions `(count, rows, cols)` of a valid file.
+pub(crate) fn idx_dims(bytes: &[u8], source: &Path) -> Result<(usize, usize, usize)> {
     let Some(magic) = be_u32(bytes, 0) else {
         return Err(Error::bad_file(
             source,
@@ -124,7 +137,7 @@ pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
             ),
         ));
     }
-    Dataset::new(bytes[IDX_IMAGES_HEADER..].to_vec(), count, 1, rows, cols, source)
+    Ok((count, rows, cols))
 }
 
 /// Loads an IDX image file, gzip-compressed or not (detected by its first bytes `1f 8b`), as a
@@ -134,8 +147,7 @@ pub fn parse_idx(bytes: &[u8], source: &Path) -> Result<Dataset> {
 /// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] for corrupt gzip data or any
 /// refusal of [`parse_idx`].
 pub fn load_idx(path: &Path) -> Result<Dataset> {
-    let bytes = read_maybe_gzip(path)?;
-    parse_idx(&bytes, path)
+    parse_idx_owned(read_maybe_gzip(path)?, path)
 }
 
 /// Loads one split from a folder holding the MNIST files under their standard names:

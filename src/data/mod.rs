@@ -347,6 +347,23 @@ impl DataSpec {
         }
     }
 
+    /// The spec with its path made absolute and canonical (so a resume from another working
+    /// directory finds it), which must be valid UTF-8 to be recorded in a checkpoint.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the path cannot be resolved; [`Error::BadFile`] if it is not UTF-8.
+    pub fn canonical(&self) -> Result<DataSpec> {
+        let Some(p) = &self.path else { return Ok(self.clone()) };
+        let full = std::fs::canonicalize(p).map_err(|e| Error::io(p, e))?;
+        if full.to_str().is_none() {
+            return Err(Error::bad_file(
+                p,
+                "the path is not valid UTF-8, so a checkpoint cannot record it; rename or link it to a UTF-8 path",
+            ));
+        }
+        Ok(DataSpec { path: Some(full), ..self.clone() })
+    }
+
     /// A short description for messages: the path (or `the embedded MNIST`) and the split.
     pub fn describe(&self) -> String {
         match &self.path {
@@ -467,8 +484,7 @@ fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
 /// The file branch of [`load`].
 fn load_file(path: &Path) -> Result<Dataset> {
     let cap = crate::files::memory_cap();
-    let bytes = crate::files::read_capped(path, cap)?;
-    parse_file_bytes(&bytes, path, cap)
+    decode_file(crate::files::read_capped(path, cap)?, path, cap)
 }
 
 /// A dataset file's bytes, as [`load`] reads a file at `path` (IDX or CIFAR, gzip or not; the
@@ -478,13 +494,19 @@ fn load_file(path: &Path) -> Result<Dataset> {
 /// # Errors
 /// As [`load`] for a file, without the I/O.
 pub fn parse_file_bytes(raw: &[u8], path: &Path, cap: u64) -> Result<Dataset> {
-    let bytes = gunzip_if_needed(raw, path, cap)?;
+    decode_file(raw.to_vec(), path, cap)
+}
+
+/// [`parse_file_bytes`] taking the bytes: plain data becomes the dataset without a copy, and
+/// gzip data is dropped once inflated, so a dataset is held once in memory, not twice.
+fn decode_file(raw: Vec<u8>, path: &Path, cap: u64) -> Result<Dataset> {
+    let bytes = if is_gzip(&raw) { gunzip_if_needed(&raw, path, cap)? } else { raw };
     let cifar_length = !bytes.is_empty() && bytes.len() % CIFAR_RECORD_BYTES == 0;
     if idx::looks_like_idx(&bytes) {
         // A CIFAR record starting with label 0 and pixels 0, 8, 3 also looks like IDX: only a
         // header that fails to parse on a CIFAR-sized file sends it on to the CIFAR branch.
-        match idx::parse_idx(&bytes, path) {
-            Ok(dataset) => return Ok(dataset),
+        match idx::idx_dims(&bytes, path) {
+            Ok(_) => return idx::parse_idx_owned(bytes, path),
             Err(e) if !cifar_length => return Err(e),
             Err(_) => {}
         }
@@ -498,7 +520,7 @@ pub fn parse_file_bytes(raw: &[u8], path: &Path, cap: u64) -> Result<Dataset> {
     let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     let cifar_like_name = name.contains(".bin") || name.contains("batch");
     if cifar_length || cifar_like_name {
-        return cifar::parse_cifar(&bytes, path);
+        return cifar::parse_cifar_owned(bytes, path);
     }
     Err(Error::bad_file(
         path,
@@ -579,7 +601,7 @@ pub fn mnist_embedded(split: Split) -> Result<Dataset> {
     };
     let source = Path::new(name);
     let raw = gunzip_if_needed(bytes, source, crate::files::memory_cap())?;
-    idx::parse_idx(&raw, source)
+    idx::parse_idx_owned(raw, source)
 }
 
 /// Whether `bytes` start with the gzip magic `1f 8b`.
@@ -592,7 +614,11 @@ pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
 pub(crate) fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
     let cap = crate::files::memory_cap();
     let bytes = crate::files::read_capped(path, cap)?;
-    gunzip_if_needed(&bytes, path, cap)
+    if is_gzip(&bytes) {
+        gunzip_if_needed(&bytes, path, cap)
+    } else {
+        Ok(bytes)
+    }
 }
 
 /// The most a deflate stream inflates per input byte (RFC 1951: a 258-byte match costs at

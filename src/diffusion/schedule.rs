@@ -89,6 +89,9 @@ impl FromStr for BetaSchedule {
     /// [`Error::InvalidConfig`] listing the accepted names.
     fn from_str(s: &str) -> Result<Self> {
         if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(Error::config("schedule", "file: needs a path, e.g. file:betas.txt"));
+            }
             return Ok(BetaSchedule::File(PathBuf::from(path)));
         }
         match s.trim().to_ascii_lowercase().as_str() {

@@ -164,10 +164,13 @@ fn rng_state(rng: &Rng) -> RngState {
     RngState { seed: rng.get_seed(), stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
 }
 
+/// The RNG of a saved state; `None` if the word position is not a number below 2^68, the
+/// length of a ChaCha stream (beyond it, the position would wrap).
 fn rng_restore(s: &RngState) -> Option<Rng> {
+    let word_pos: u128 = s.word_pos.parse().ok().filter(|&w: &u128| w < 1 << 68)?;
     let mut rng = Rng::from_seed(s.seed);
     rng.set_stream(s.stream);
-    rng.set_word_pos(s.word_pos.parse().ok()?);
+    rng.set_word_pos(word_pos);
     Some(rng)
 }
 
@@ -310,7 +313,7 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     let ema_values = take("ema")?;
     let m = take("adam.m")?;
     let v = take("adam.v")?;
-    for (prefix, group) in [("model", &model), ("ema", &ema_values)] {
+    for (prefix, group) in [("model", &model), ("ema", &ema_values), ("adam.m", &m), ("adam.v", &v)] {
         if let Some((name, _)) = group.iter().find(|(_, t)| !all_finite(t)) {
             return Err(bad(format!(
                 "tensor `{prefix}.{name}` holds NaN or infinite values; use another checkpoint (a \
@@ -330,9 +333,29 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     let mut ema = Ema::new(&params, o.ema_decay, o.ema_warmup);
     ema.updates = parse(source, &meta, "ema_updates")?;
     ema.shadow = ema_values.into_iter().map(|(_, t)| t).collect();
+    // Counters far beyond any run (2^48 steps is 9000 years at a million steps a second) come
+    // only from corrupt files, and would wrap.
+    const MAX_COUNT: u64 = 1 << 48;
+    let skipped: u64 = if v2 { parse(source, &meta, "skipped_steps")? } else { 0 };
+    for (key, value) in
+        [("step", step), ("adam_step", adam.step), ("ema_updates", ema.updates), ("skipped_steps", skipped)]
+    {
+        if value > MAX_COUNT {
+            return Err(bad(format!("checkpoint metadata `{key}` is {value}, beyond any run")));
+        }
+    }
+    if adam.step > step || ema.updates > step {
+        return Err(bad(format!(
+            "Adam's step ({}) or the EMA's updates ({}) exceed the run's step ({step})",
+            adam.step, ema.updates
+        )));
+    }
     let rng_s: RngState = parse_json(source, &meta, "rng")?;
     let rng = rng_restore(&rng_s).ok_or_else(|| bad("checkpoint RNG state is malformed".into()))?;
     let batch_position: BatchPosition = parse_json(source, &meta, "batch_position")?;
+    if batch_position.epoch > MAX_COUNT {
+        return Err(bad(format!("the batch stream's epoch {} is beyond any run", batch_position.epoch)));
+    }
     let importance: Option<ImportanceSampler> =
         if meta.contains_key("importance") { Some(parse_json(source, &meta, "importance")?) } else { None };
     if let Some(imp) = &importance {
@@ -346,9 +369,9 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     let (skipped_steps, data, source_text) = if v2 {
         let data: Option<DataRecord> =
             if meta.contains_key("data") { Some(parse_json(source, &meta, "data")?) } else { None };
-        (parse(source, &meta, "skipped_steps")?, data, meta.get("source").cloned().unwrap_or_default())
+        (skipped, data, meta.get("source").cloned().unwrap_or_default())
     } else {
-        (0, None, meta.get("data").cloned().unwrap_or_default())
+        (skipped, None, meta.get("data").cloned().unwrap_or_default())
     };
     let clip_x0 = match meta.get("clip_x0").map(String::as_str) {
         None => None,

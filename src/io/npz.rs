@@ -129,45 +129,85 @@ pub fn read_npz(path: &Path) -> Result<Vec<NpzEntry>> {
 pub fn read_npz_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<Vec<NpzEntry>> {
     use std::io::Read;
     let corrupt = |e: &dyn std::fmt::Display| {
-        Error::bad_file(source, format!("not a valid npz archive, or corrupt/truncated ({e})"))
+        Error::bad_file(
+            source,
+            format!("not a valid npz archive, or corrupt/truncated ({})", crate::files::folded(e)),
+        )
     };
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| corrupt(&e))?;
+    // The zip crate indexes members by name, so a second member of one name would silently
+    // replace the first: compare with the count the archive's end record declares.
+    if let Some(declared) = declared_entries(bytes) {
+        if declared != archive.len() {
+            return Err(corrupt(&format!(
+                "{declared} members are listed but only {} distinct names: two members share a name",
+                archive.len()
+            )));
+        }
+    }
     let mut entries: Vec<NpzEntry> = Vec::with_capacity(archive.len().min(1 << 16));
     for index in 0..archive.len() {
         let mut file = archive.by_index(index).map_err(|e| corrupt(&e))?;
         let file_name = file.name().to_string();
         let name = file_name.strip_suffix(".npy").unwrap_or(&file_name).to_string();
         let declared = file.size();
-        let member = Path::new(&file_name);
-        crate::files::check_declared_size(source, &format!("array `{name}`"), declared, cap)?;
-        let mut npy = Vec::with_capacity(declared.min(bytes.len() as u64 * 2) as usize);
-        (&mut file).take(declared.saturating_add(1)).read_to_end(&mut npy).map_err(|e| corrupt(&e))?;
-        if npy.len() as u64 != declared {
-            return Err(corrupt(&format!(
-                "array `{name}` holds {} bytes, not the {declared} its entry declares",
-                npy.len()
-            )));
-        }
-        crate::files::check_npy(&npy, member).map_err(|e| match e {
-            Error::BadFile { reason, .. } => Error::bad_file(source, format!("array `{name}`: {reason}")),
-            other => other,
+        let member = |reason: String| Error::bad_file(source, format!("array `{name}`: {reason}"));
+        // The header is read first and checked against the member's declared size; only then is
+        // the array read, straight from the (decompressing) member into its one allocation.
+        let mut head = Vec::new();
+        let header = crate::files::read_npy_header(
+            &mut TeeReader { inner: &mut file, copy: &mut head },
+            Path::new(&name),
+        )
+        .map_err(|e| member(e.to_string()))?;
+        let data = declared
+            .checked_sub(head.len() as u64)
+            .ok_or_else(|| member("shorter than its header".into()))?;
+        let (kind, size) = crate::files::check_npy_header(&header, data, Path::new(&name))
+            .map_err(|e| member(e.to_string()))?;
+        // Every array becomes f64: count that size against the cap.
+        let as_f64 = data / size * 8;
+        crate::files::check_declared_size(
+            source,
+            &format!("array `{name}` (as float64)"),
+            as_f64.max(declared),
+            cap,
+        )?;
+        let reader = Cursor::new(head).chain((&mut file).take(data.saturating_add(1)));
+        let (dtype, values) = read_as_f64(reader, kind, size).map_err(|e| match e {
+            ReadNpyError::WrongDescriptor(descr) => member(format!(
+                "element type {}; only f64, f32, i64, i32, u8 and bool can be read",
+                crate::files::folded(&descr)
+            )),
+            other => member(crate::files::folded(&other)),
         })?;
-        let (dtype, values) = read_any(&npy).map_err(|e| match e {
-            ReadNpyError::WrongDescriptor(descr) => Error::bad_file(
-                source,
-                format!(
-                    "array `{name}` has element type {descr}; only f64, f32, i64, i32, u8 and bool \
-                     can be read"
-                ),
-            ),
-            other => corrupt(&format!("array `{name}`: {other}")),
-        })?;
-        if entries.iter().any(|e| e.name == name) {
-            return Err(corrupt(&format!("two arrays are named `{name}`")));
-        }
         entries.push(NpzEntry { name, dtype, values });
     }
     Ok(entries)
+}
+
+/// The number of members the zip's end-of-central-directory record declares, when the archive
+/// has one within its last 64 KiB (and is not zip64, where the field saturates).
+fn declared_entries(bytes: &[u8]) -> Option<usize> {
+    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
+    let start = bytes.len().saturating_sub(22 + 65535);
+    let at = bytes[start..].windows(4).rposition(|w| w == EOCD)? + start;
+    let count = u16::from_le_bytes([*bytes.get(at + 10)?, *bytes.get(at + 11)?]);
+    (count != u16::MAX).then_some(usize::from(count))
+}
+
+/// A reader that keeps a copy of what it reads (the `.npy` header, re-read by the array parser).
+struct TeeReader<'a, R> {
+    inner: &'a mut R,
+    copy: &'a mut Vec<u8>,
+}
+
+impl<R: std::io::Read> std::io::Read for TeeReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// Reads a float32 `.npy` file (`np.save(path, x.astype(np.float32))`), any shape.
@@ -209,34 +249,29 @@ pub fn write_npy_f32(path: &Path, array: &ArrayD<f32>) -> Result<()> {
     crate::files::write_atomic(path, &bytes)
 }
 
-/// Reads a checked `.npy` as the first element type that matches its descriptor.
-fn read_any(npy: &[u8]) -> Result<(NpzDtype, ArrayD<f64>), ReadNpyError> {
-    /// Tries one element type; `Ok(None)` when the descriptor names another type.
-    fn attempt<T: ndarray_npy::ReadableElement>(npy: &[u8]) -> Result<Option<ArrayD<T>>, ReadNpyError> {
-        match ArrayD::<T>::read_npy(Cursor::new(npy)) {
-            Ok(array) => Ok(Some(array)),
-            Err(ReadNpyError::WrongDescriptor(_)) => Ok(None),
-            Err(e) => Err(e),
+/// Reads a checked `.npy` (its header's element `kind` and `size`) as `f64` in C order, keeping
+/// an `f64` array that is already in C order as it is.
+fn read_as_f64(
+    reader: impl std::io::Read,
+    kind: char,
+    size: u64,
+) -> Result<(NpzDtype, ArrayD<f64>), ReadNpyError> {
+    fn c_order(a: ArrayD<f64>) -> ArrayD<f64> {
+        if a.is_standard_layout() {
+            a
+        } else {
+            a.as_standard_layout().into_owned()
         }
     }
-    if let Some(a) = attempt::<f64>(npy)? {
-        return Ok((NpzDtype::F64, a.as_standard_layout().into_owned()));
-    }
-    if let Some(a) = attempt::<f32>(npy)? {
-        return Ok((NpzDtype::F32, a.mapv(f64::from).as_standard_layout().into_owned()));
-    }
-    if let Some(a) = attempt::<i64>(npy)? {
-        return Ok((NpzDtype::I64, a.mapv(|v| v as f64).as_standard_layout().into_owned()));
-    }
-    if let Some(a) = attempt::<i32>(npy)? {
-        return Ok((NpzDtype::I32, a.mapv(f64::from).as_standard_layout().into_owned()));
-    }
-    if let Some(a) = attempt::<u8>(npy)? {
-        return Ok((NpzDtype::U8, a.mapv(f64::from).as_standard_layout().into_owned()));
-    }
-    // The last type reports the descriptor if it does not match either.
-    let a = ArrayD::<bool>::read_npy(Cursor::new(npy))?;
-    Ok((NpzDtype::Bool, a.mapv(|v| f64::from(u8::from(v))).as_standard_layout().into_owned()))
+    Ok(match (kind, size) {
+        ('f', 8) => (NpzDtype::F64, c_order(ArrayD::<f64>::read_npy(reader)?)),
+        ('f', 4) => (NpzDtype::F32, c_order(ArrayD::<f32>::read_npy(reader)?.mapv(f64::from))),
+        ('i', 8) => (NpzDtype::I64, c_order(ArrayD::<i64>::read_npy(reader)?.mapv(|v| v as f64))),
+        ('i', 4) => (NpzDtype::I32, c_order(ArrayD::<i32>::read_npy(reader)?.mapv(f64::from))),
+        ('u', 1) => (NpzDtype::U8, c_order(ArrayD::<u8>::read_npy(reader)?.mapv(f64::from))),
+        // Anything else is read as bool, whose parser names the descriptor if it is not one.
+        _ => (NpzDtype::Bool, c_order(ArrayD::<bool>::read_npy(reader)?.mapv(|v| f64::from(u8::from(v))))),
+    })
 }
 
 #[cfg(test)]
@@ -323,5 +358,38 @@ mod tests {
         assert!(matches!(write_npz(&path, &dup), Err(Error::InvalidConfig { .. })));
         assert!(matches!(write_npz(&path, &[("", a.view().into())]), Err(Error::InvalidConfig { .. })));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_archive_with_two_members_of_one_name_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("two.npz");
+        let (zeros, fives) = (arr1(&[0.0f64; 3]), arr1(&[5.0f64; 3]));
+        write_npz(&path, &[("a", zeros.view().into()), ("b", fives.view().into())]).expect("write");
+        let mut bytes = std::fs::read(&path).expect("read");
+        // Rename member `b.npy` to `a.npy` wherever the name is stored (local and central headers).
+        let mut renamed = 0;
+        for i in 0..bytes.len() - 5 {
+            if &bytes[i..i + 5] == b"b.npy" {
+                bytes[i] = b'a';
+                renamed += 1;
+            }
+        }
+        assert_eq!(renamed, 2);
+        let err = read_npz_bytes(&bytes, Path::new("two.npz"), 1 << 20).expect_err("two members named a");
+        assert!(err.to_string().contains("share a name"), "{err}");
+    }
+
+    #[test]
+    fn a_member_is_read_once_and_its_declared_size_counts_against_the_cap() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("big.npz");
+        let a = ndarray::Array1::from_elem(1000, 0.5f32);
+        write_npz(&path, &[("a", a.view().into())]).expect("write");
+        let bytes = std::fs::read(&path).expect("read");
+        // 1000 f32 become 8000 bytes of f64.
+        assert!(read_npz_bytes(&bytes, Path::new("big.npz"), 8000).is_ok());
+        let err = read_npz_bytes(&bytes, Path::new("big.npz"), 7999).expect_err("over the cap");
+        assert!(err.to_string().contains("DDPM_MAX_DATA_MIB"), "{err}");
     }
 }

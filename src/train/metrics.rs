@@ -16,6 +16,54 @@ use crate::{Error, Result};
 /// The header line.
 pub const HEADER: &str = "step,loss,grad_norm,lr,images_per_sec,elapsed_s,skipped_steps";
 
+/// The rows of the metrics file at `path` for steps up to `step`, with strictly increasing steps
+/// and a finite loss, and their (step, loss). Read line by line, any line longer than a row
+/// can be skipped, so a huge or corrupt file costs no more memory than the rows kept; a file
+/// that cannot be read gives no rows.
+fn rows_up_to(path: &Path, step: u64) -> (Vec<String>, Vec<(u64, f64)>) {
+    use std::io::{BufRead, BufReader, Read};
+    const MAX_LINE: u64 = 1024;
+    let (mut kept, mut history) = (vec![], vec![]);
+    // Only a regular file: opening a FIFO would block.
+    let Ok(file) = std::fs::metadata(path).and_then(|m| {
+        if m.is_file() {
+            File::open(path)
+        } else {
+            Err(std::io::Error::other("not a regular file"))
+        }
+    }) else {
+        return (kept, history);
+    };
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    let mut last = 0;
+    loop {
+        line.clear();
+        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if !line.ends_with(b"\n") && line.len() as u64 == MAX_LINE {
+            // Longer than any row: skip the rest of it.
+            if reader.skip_until(b'\n').is_err() {
+                break;
+            }
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(&line) else { continue };
+        let text = text.trim_end();
+        let mut f = text.split(',');
+        let (Some(s), Some(l)) = (f.next(), f.next()) else { continue };
+        let (Ok(s), Ok(l)) = (s.parse::<u64>(), l.parse::<f64>()) else { continue };
+        if s > last && s <= step && l.is_finite() {
+            last = s;
+            kept.push(text.to_string());
+            history.push((s, l));
+        }
+    }
+    (kept, history)
+}
+
 /// An open metrics.csv and the (step, loss) history it holds.
 #[derive(Debug)]
 pub struct Metrics {
@@ -32,22 +80,8 @@ impl Metrics {
     /// # Errors
     /// [`Error::Io`] if the file cannot be written or opened.
     pub fn open_at(path: &Path, step: u64) -> Result<Self> {
-        let mut kept = vec![HEADER.to_string()];
-        let mut history = vec![];
-        if step > 0 {
-            // A file that cannot be read (missing, or absurdly large) only loses its history.
-            if let Ok(bytes) = crate::files::read_capped(path, crate::files::memory_cap()) {
-                for line in String::from_utf8_lossy(&bytes).lines().skip(1) {
-                    let mut f = line.split(',');
-                    let (Some(s), Some(l)) = (f.next(), f.next()) else { continue };
-                    let (Ok(s), Ok(l)) = (s.parse::<u64>(), l.parse::<f64>()) else { continue };
-                    if s <= step && l.is_finite() {
-                        kept.push(line.to_string());
-                        history.push((s, l));
-                    }
-                }
-            }
-        }
+        let (mut kept, history) = if step > 0 { rows_up_to(path, step) } else { (vec![], vec![]) };
+        kept.insert(0, HEADER.to_string());
         let mut text = kept.join("\n");
         text.push('\n');
         crate::files::write_atomic(path, text.as_bytes())?;
@@ -107,7 +141,11 @@ mod tests {
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
-            .and_then(|mut f| f.write_all(b"garbage,line\n6,nan\n"))
+            .and_then(|mut f| {
+                f.write_all(b"garbage,line\n6,nan\n2,9.0\n")?;
+                f.write_all(&[b'7'; 5000])?;
+                f.write_all(b",1.0\n")
+            })
             .expect("append junk");
         let m = Metrics::open_at(&path, 3).expect("reopen");
         assert_eq!(m.history(), &[(1, 1.0), (2, 2.0), (3, 3.0)]);

@@ -18,7 +18,6 @@
 //! The guarantees, and the tests that check them, are listed in docs/reliability.md.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use crate::data::{DataRecord, DataSpec, Dataset};
 use crate::files::DirLock;
 use crate::io::checkpoint;
 use crate::sample::{sample, SampleConfig, Sampler};
+pub use crate::stop::StopFlag;
 use crate::{Error, Result};
 
 /// The checkpoint's file name in a run directory.
@@ -39,37 +39,6 @@ pub const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
 pub const METRICS: &str = "metrics.csv";
 /// The loss curve's file name.
 pub const LOSS_PLOT: &str = "loss.png";
-
-/// A request to stop, shared between whoever asks (a signal handler, another thread) and the
-/// run, which checks it between steps. It holds the number of the signal that asked (any
-/// non-zero value), or 0.
-#[derive(Clone, Debug, Default)]
-pub struct StopFlag(Arc<AtomicUsize>);
-
-impl StopFlag {
-    /// A flag that nobody has raised.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The shared value, for a signal handler to store into (e.g. `signal_hook::flag::register_usize`).
-    pub fn handle(&self) -> Arc<AtomicUsize> {
-        Arc::clone(&self.0)
-    }
-
-    /// Asks the run to stop, recording `code` (e.g. a signal number; 0 is taken as 1).
-    pub fn request(&self, code: usize) {
-        self.0.store(code.max(1), Ordering::SeqCst);
-    }
-
-    /// The code of the request, if one was made.
-    pub fn requested(&self) -> Option<usize> {
-        match self.0.load(Ordering::SeqCst) {
-            0 => None,
-            code => Some(code),
-        }
-    }
-}
 
 /// When a run stops and what it writes on the way.
 #[derive(Clone, Debug, PartialEq)]
@@ -266,13 +235,19 @@ impl Run {
     ) -> Result<Self> {
         options.validate()?;
         let lock = lock_dir(dir)?;
-        let ckpt = dir.join(CHECKPOINT);
-        if ckpt.exists() {
-            return Err(Error::config(
-                "output directory",
-                format!("{} already exists: resume that run, or choose another directory", ckpt.display()),
-            ));
+        for name in [CHECKPOINT, PREVIOUS_CHECKPOINT] {
+            let path = dir.join(name);
+            if path.exists() {
+                return Err(Error::config(
+                    "output directory",
+                    format!(
+                        "{} already exists: resume that run, or choose another directory",
+                        path.display()
+                    ),
+                ));
+            }
         }
+        let spec = spec.canonical()?;
         let fingerprint = dataset.fingerprint();
         let mut trainer = Trainer::new(config, dataset)?;
         trainer.state_mut().data = Some(DataRecord { spec, fingerprint });
@@ -302,10 +277,15 @@ impl Run {
         let ckpt = dir.join(CHECKPOINT);
         let prev = dir.join(PREVIOUS_CHECKPOINT);
         if !ckpt.is_file() {
-            return Err(Error::bad_file(
-                &ckpt,
-                "no checkpoint to resume from; start the run without resuming",
-            ));
+            let reason = if prev.is_file() {
+                format!(
+                    "missing, but the checkpoint before it is there: rename {} to {CHECKPOINT} to resume from it",
+                    prev.display()
+                )
+            } else {
+                "no checkpoint to resume from; start the run without resuming".into()
+            };
+            return Err(Error::bad_file(&ckpt, reason));
         }
         let mut state = checkpoint::load(&ckpt).map_err(|e| match e {
             Error::BadFile { path, reason } if prev.is_file() => Error::bad_file(
@@ -349,6 +329,7 @@ impl Run {
                 Arc::new(dataset)
             }
             (ResumeData::Given { spec, dataset, allow_different }, recorded) => {
+                let spec = spec.canonical()?;
                 let found = dataset.fingerprint();
                 match recorded {
                     Some(r) if r.fingerprint != found && !allow_different => {
@@ -468,17 +449,28 @@ impl Run {
             }
             let o = &self.options;
             if o.sample_every > 0 && stats.step % o.sample_every == 0 && o.sample_count > 0 {
-                let path = self.sample_grid()?;
-                observer.event(&RunEvent::Sampled(path));
+                // A stop requested while the grid is drawn ends the grid at once (a batch
+                // scheduler's grace period is short) and the loop at its next check.
+                if let Some(path) = self.sample_grid(stop)? {
+                    observer.event(&RunEvent::Sampled(path));
+                }
             }
         };
         let checkpoint = self.save(observer)?;
+        let mut reason = reason;
         let final_samples = match reason {
             StopReason::Requested(_) => None,
             StopReason::StepsReached | StopReason::TimeUp if self.options.sample_count > 0 => {
-                let path = self.sample_grid()?;
-                observer.event(&RunEvent::Sampled(path.clone()));
-                Some(path)
+                let path = self.sample_grid(stop)?;
+                match (&path, stop.requested()) {
+                    (Some(p), _) => observer.event(&RunEvent::Sampled(p.clone())),
+                    (None, Some(code)) => {
+                        observer.event(&RunEvent::Stopping(code));
+                        reason = StopReason::Requested(code);
+                    }
+                    (None, None) => {}
+                }
+                path
             }
             StopReason::StepsReached | StopReason::TimeUp => None,
         };
@@ -536,8 +528,8 @@ impl Run {
     }
 
     /// A grid of samples from the EMA weights with DDIM (η = 0), seeded by the step, written to
-    /// `samples/step_NNNNNN.png`.
-    fn sample_grid(&self) -> Result<PathBuf> {
+    /// `samples/step_NNNNNN.png`; `None` if `stop` was raised before it was done.
+    fn sample_grid(&self, stop: &StopFlag) -> Result<Option<PathBuf>> {
         let t = &self.trainer;
         let n = self.options.sample_count;
         let cfg = SampleConfig {
@@ -545,17 +537,21 @@ impl Run {
             steps: Some(self.options.sample_steps.min(t.config().diffusion.timesteps)),
             clip_x0: true,
             trajectory_frames: 0,
+            stop: Some(stop.clone()),
         };
         let mut rng = crate::rng_from_seed(t.step_count());
         let param = t.config().diffusion.parameterization();
-        let s = sample(t.net(), &t.ema_params(), t.schedule(), &param, n, &cfg, &mut rng, |_, _| {})?;
+        let s = match sample(t.net(), &t.ema_params(), t.schedule(), &param, n, &cfg, &mut rng, |_, _| {}) {
+            Err(Error::Interrupted) => return Ok(None),
+            other => other?,
+        };
         let dir = self.dir.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let path = dir.join(format!("step_{:06}.png", t.step_count()));
         let cols = (n as f64).sqrt().ceil() as usize;
         let view = s.images.view().into_dimensionality::<ndarray::Ix4>().expect("samples are [N, C, H, W]");
         crate::io::png::save_grid(&path, view, cols)?;
-        Ok(path)
+        Ok(Some(path))
     }
 }
 
