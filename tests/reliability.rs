@@ -656,32 +656,16 @@ fn crafted_files_and_flags_get_one_clear_line_and_no_crash() {
     // Arrays: predict reads .npy, compare reads .npz.
     let huge_npy = npy_header("<f4", "(1099511627776, 1, 8, 8)");
     std::fs::write(p("huge.npy"), &huge_npy).unwrap();
-    let o = ddpm(&[
-        "predict",
-        "--model",
-        run.to_str().unwrap(),
-        "--x",
-        p("huge.npy").to_str().unwrap(),
-        "--t",
-        "3",
-        "--out",
-        p("y.npy").to_str().unwrap(),
-    ]);
+    let predict = |x: &Path| {
+        let (r, x, y) = (run.to_str().unwrap(), x.to_str().unwrap(), p("y.npy"));
+        ddpm(&["predict", "--model", r, "--x", x, "--t", "3", "--out", y.to_str().unwrap()])
+    };
+    let o = predict(&p("huge.npy"));
     assert_clean_failure(&o, "huge .npy");
     assert!(stderr(&o).contains("huge.npy"), "{}", stderr(&o));
     let empty_axis = npy_header("<f4", "(0, 4611686018427387904, 4)");
     std::fs::write(p("empty.npy"), &empty_axis).unwrap();
-    let o = ddpm(&[
-        "predict",
-        "--model",
-        run.to_str().unwrap(),
-        "--x",
-        p("empty.npy").to_str().unwrap(),
-        "--t",
-        "3",
-        "--out",
-        p("y.npy").to_str().unwrap(),
-    ]);
+    let o = predict(&p("empty.npy"));
     assert_clean_failure(&o, "overflowing empty .npy");
     {
         use std::io::Write;

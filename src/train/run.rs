@@ -251,16 +251,7 @@ impl Run {
         let fingerprint = dataset.fingerprint();
         let mut trainer = Trainer::new(config, dataset)?;
         trainer.state_mut().data = Some(DataRecord { spec, fingerprint });
-        let metrics = Metrics::open_at(&dir.join(METRICS), 0)?;
-        Ok(Run {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-            trainer,
-            metrics,
-            options,
-            notices: vec![],
-            last_saved_step: None,
-        })
+        Run::assemble(dir, lock, trainer, options, vec![], None)
     }
 
     /// Continues the run in `dir` from its checkpoint, on the data `data` says. The directory
@@ -357,16 +348,20 @@ impl Run {
         };
         let trainer = Trainer::from_state(state, dataset)?;
         let step = trainer.step_count();
-        let metrics = Metrics::open_at(&dir.join(METRICS), step)?;
-        Ok(Run {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-            trainer,
-            metrics,
-            options,
-            notices,
-            last_saved_step: Some(step),
-        })
+        Run::assemble(dir, lock, trainer, options, notices, Some(step))
+    }
+
+    /// The run over its parts, with metrics.csv cut back to the trainer's step.
+    fn assemble(
+        dir: &Path,
+        lock: DirLock,
+        trainer: Trainer,
+        options: RunOptions,
+        notices: Vec<String>,
+        last_saved_step: Option<u64>,
+    ) -> Result<Self> {
+        let metrics = Metrics::open_at(&dir.join(METRICS), trainer.step_count())?;
+        Ok(Run { dir: dir.to_path_buf(), _lock: lock, trainer, metrics, options, notices, last_saved_step })
     }
 
     /// The trainer.
