@@ -76,7 +76,9 @@ const EXIT_CODES: &str =
     "Exit status: 0 success; 1 an error (a bad file, flag or path: the message names it and \
 the fix); 2 a usage error; 3 training diverged (non-finite loss or weights; the last good checkpoint is \
 kept); 4 the output directory is in use by another run; 128+N stopped by signal N (2 Ctrl-C, 15 SIGTERM, \
-1 SIGHUP) after saving a checkpoint.";
+1 SIGHUP) after saving a checkpoint (a second signal, a second or more after the first, exits at \
+once without saving). DDPM_MAX_DATA_MIB caps what a file may make ddpm allocate (default: half \
+the memory the process may use). docs/reliability.md lists the guarantees.";
 
 /// Exit status for an error whose cause is a training divergence.
 const EXIT_DIVERGED: u8 = 3;

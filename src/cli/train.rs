@@ -129,7 +129,8 @@ pub struct TrainArgs {
     /// Channels to load image folders as (1 = grayscale, 3 = RGB).
     #[arg(long)]
     pub channels: Option<usize>,
-    /// Output directory: checkpoint, metrics.csv, loss.png, samples/.
+    /// Output directory: checkpoint.safetensors (and the one before it,
+    /// checkpoint.prev.safetensors), metrics.csv, loss.png, samples/; locked while a run uses it.
     #[arg(long)]
     pub out: PathBuf,
     /// Continue the run in --out from its checkpoint: architecture, recipe and data come from
