@@ -235,7 +235,11 @@ fn host_name() -> String {
 pub fn memory_cap() -> u64 {
     match memory_cap_setting() {
         Ok(Some(cap)) => cap,
-        _ => memory_limit().map_or(8 << 30, |m| m / 2),
+        // The system's limits do not change while a process runs: read them once.
+        _ => {
+            static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+            LIMIT.get_or_init(memory_limit).map_or(8 << 30, |m| m / 2)
+        }
     }
 }
 
