@@ -40,7 +40,10 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::diffusion::{BetaSchedule, Convention, LossType, MeanType, TimestepSampling, VarianceType};
-use crate::nn::{DownsamplePadding, EmbeddingOrder, ParamStore, UNet, UNetConfig};
+use crate::nn::{
+    AttnHeads, AttnNorm, DownsamplePadding, EmbeddingOrder, ParamStore, Resample, TimeConditioning, UNet,
+    UNetConfig,
+};
 use crate::train::DiffusionConfig;
 use crate::{Error, Result, Tensor};
 
@@ -572,6 +575,14 @@ pub fn unet_config_from_json(v: &Value, path: &Path) -> Result<UNetConfig> {
         downsample_padding,
         embedding_order,
         embedding_freq_shift: keys.f64_or("freq_shift", 0.0)?,
+        attn_heads: AttnHeads::Count(1),
+        attn_heads_up: None,
+        time_conditioning: TimeConditioning::Add,
+        downsample: Resample::Conv,
+        upsample: Resample::Conv,
+        mid_attention: true,
+        mid_attn_norm: AttnNorm::Inherit,
+        num_classes: None,
     };
     config.validate().map_err(|e| {
         Error::bad_file(path, format!("the UNet2DModel config maps to an invalid U-Net: {e}"))

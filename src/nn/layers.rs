@@ -58,6 +58,8 @@ pub enum ParamInit {
     Zeros,
     /// All ones (γ of a norm).
     Ones,
+    /// Standard normal draws (an embedding table, as PyTorch's `nn.Embedding` starts).
+    StandardNormal,
 }
 
 /// Receives a network's parameters as they are declared, in order: a name, a shape and how
@@ -91,6 +93,9 @@ impl ParamSink for Initialise<'_> {
             }
             ParamInit::Zeros => Tensor::zeros(shape.to_vec()),
             ParamInit::Ones => Tensor::ones(shape.to_vec()),
+            ParamInit::StandardNormal => {
+                Tensor::from_shape_simple_fn(shape, || self.rng.sample(rand_distr::StandardNormal))
+            }
         };
         self.store.insert(name, t);
     }

@@ -5,8 +5,8 @@
 //! | `params`      | [`ParamStore`] (named tensors) and [`Bound`] (them as `Var`s)   |
 //! | `layers`      | conv / linear / group-norm helpers and the DDPM initialiser     |
 //! | `embedding`   | the sinusoidal timestep embedding                               |
-//! | `resblock`    | the residual block with its timestep projection                 |
-//! | `attention`   | single-head spatial self-attention                              |
+//! | `resblock`    | the residual block: timestep added or scale-shift, optional resampling |
+//! | `attention`   | multi-head spatial self-attention                               |
 //! | `unet`        | [`UNetConfig`], [`Preset`], [`UNet`]                            |
 //! | `optim`, `ema`| Adam, clipping, warm-up; the parameter EMA                      |
 
@@ -23,4 +23,6 @@ pub use ema::Ema;
 pub use embedding::{timestep_embedding, EmbeddingOrder};
 pub use optim::{clip_grad_norm, warmup_lr, Adam, AdamConfig};
 pub use params::{all_finite, Bound, ParamStore};
-pub use unet::{DownsamplePadding, Preset, UNet, UNetConfig};
+pub use unet::{
+    AttnHeads, AttnNorm, DownsamplePadding, Preset, Resample, TimeConditioning, UNet, UNetConfig,
+};

@@ -122,6 +122,17 @@ impl Bound {
         &self.vars[*i]
     }
 
+    /// This binding with the parameter `name` replaced by `var` (e.g. a leaf of a gradient
+    /// check while the rest stay constants).
+    ///
+    /// # Panics
+    /// If there is no parameter called `name`.
+    pub fn with_var(mut self, name: &str, var: Var) -> Bound {
+        let i = *self.index.get(name).unwrap_or_else(|| panic!("no parameter named {name}"));
+        self.vars[i] = var;
+        self
+    }
+
     /// The gradient of every parameter in store order, zeros where the loss did not depend on it.
     pub fn grads(&self, grads: &crate::Grads) -> Vec<Tensor> {
         self.vars.iter().map(|v| grads.get_or_zeros(v)).collect()

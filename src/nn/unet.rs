@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 use super::attention::{attention, attention_params};
 use super::embedding::{timestep_embedding, EmbeddingOrder};
 use super::layers::{
-    conv, conv_params, group_norm_params, group_norm_silu, linear, linear_params, Init, Initialise, ParamSink,
+    conv, conv_params, group_norm_params, group_norm_silu, linear, linear_params, Init, Initialise,
+    ParamInit, ParamSink,
 };
-use super::resblock::{groups_for, ResBlockSpec};
+use super::resblock::{groups_for, ResBlockSpec, Resampling};
 use super::{Bound, ParamStore};
 use crate::ops::Padding;
 use crate::{Error, Result, Rng, Var};
@@ -44,6 +45,73 @@ impl DownsamplePadding {
             DownsamplePadding::Symmetric => Padding::same(1),
         }
     }
+}
+
+/// How an attention block splits its channels into heads (the channels of head h are
+/// `h·d .. (h+1)·d`, `d` the head width, in every family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttnHeads {
+    /// A fixed number of heads (improved-diffusion's `num_heads`); 1 is Ho et al.'s attention.
+    Count(usize),
+    /// Heads of a fixed width, as many as the block's channels allow (guided-diffusion's
+    /// `num_head_channels`, diffusers' `attention_head_dim`).
+    Width(usize),
+}
+
+impl Default for AttnHeads {
+    fn default() -> Self {
+        AttnHeads::Count(1)
+    }
+}
+
+impl AttnHeads {
+    /// The number of heads for a block of `c` channels, if they divide it.
+    pub fn heads_for(self, c: usize) -> Option<usize> {
+        match self {
+            AttnHeads::Count(h) if h > 0 && c.is_multiple_of(h) => Some(h),
+            AttnHeads::Width(d) if d > 0 && c.is_multiple_of(d) && c >= d => Some(c / d),
+            _ => None,
+        }
+    }
+}
+
+/// How a residual block takes in the timestep embedding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeConditioning {
+    /// `h = conv1(…) + temb_proj(SiLU(temb))` (Ho et al.).
+    #[default]
+    Add,
+    /// `[s, b] = temb_proj(SiLU(temb))` (2·C wide), `h = norm2(h)·(1 + s) + b` before the
+    /// second SiLU (improved-diffusion's `use_scale_shift_norm`, diffusers' `scale_shift`).
+    ScaleShift,
+}
+
+/// How the U-Net changes resolution between levels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resample {
+    /// Down: a stride-2 3x3 conv; up: nearest 2x, then a 3x3 conv (Ho et al.).
+    #[default]
+    Conv,
+    /// A residual block that average-pools (down) or nearest-upsamples (up) both its branch
+    /// after the first SiLU and its shortcut (guided-diffusion's `resblock_updown`, diffusers'
+    /// `downsample_type`/`upsample_type = "resnet"`).
+    ResBlock,
+}
+
+/// The group norm in front of the middle block's attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttnNorm {
+    /// `min(gn_groups, C)` groups, like every other norm.
+    #[default]
+    Inherit,
+    /// This many groups (diffusers' `attn_norm_num_groups`).
+    Groups(usize),
+    /// No norm (diffusers' mid block with `scale_shift` and no `attn_norm_num_groups`).
+    Off,
 }
 
 /// Every architectural choice of the U-Net.
@@ -75,6 +143,36 @@ pub struct UNetConfig {
     pub embedding_order: EmbeddingOrder,
     /// `freq_shift` of the timestep embedding (1 in Ho et al.'s code).
     pub embedding_freq_shift: f64,
+    /// Heads of the attention blocks on the way down and in the middle.
+    #[serde(default)]
+    pub attn_heads: AttnHeads,
+    /// Heads of the attention blocks on the way up, if different (improved-diffusion's
+    /// `num_heads_upsample`).
+    #[serde(default)]
+    pub attn_heads_up: Option<AttnHeads>,
+    /// How the residual blocks take in the timestep embedding.
+    #[serde(default)]
+    pub time_conditioning: TimeConditioning,
+    /// How the down path halves the resolution.
+    #[serde(default)]
+    pub downsample: Resample,
+    /// How the up path doubles it.
+    #[serde(default)]
+    pub upsample: Resample,
+    /// Whether the middle block has attention between its residual blocks.
+    #[serde(default = "yes")]
+    pub mid_attention: bool,
+    /// The norm in front of the middle block's attention.
+    #[serde(default)]
+    pub mid_attn_norm: AttnNorm,
+    /// Class conditioning: a table of `num_classes` embeddings added to the timestep embedding
+    /// (improved-diffusion's `class_cond`, diffusers' `num_class_embeds`).
+    #[serde(default)]
+    pub num_classes: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The named architectures.
@@ -113,6 +211,14 @@ impl Preset {
             downsample_padding: DownsamplePadding::TfSame,
             embedding_order: EmbeddingOrder::SinCos,
             embedding_freq_shift: 1.0,
+            attn_heads: AttnHeads::Count(1),
+            attn_heads_up: None,
+            time_conditioning: TimeConditioning::Add,
+            downsample: Resample::Conv,
+            upsample: Resample::Conv,
+            mid_attention: true,
+            mid_attn_norm: AttnNorm::Inherit,
+            num_classes: None,
         };
         match self {
             Preset::Mnist => base(32, &[1, 2, 2], 1, &[resolution / 2], 0.1),
@@ -226,6 +332,27 @@ impl UNetConfig {
                 return bad(format!("{} groups do not divide {c} channels", groups_for(c, self.gn_groups)));
             }
         }
+        for (c, up) in self.attention_blocks() {
+            let heads = if up { self.attn_heads_up.unwrap_or(self.attn_heads) } else { self.attn_heads };
+            if heads.heads_for(c).is_none() {
+                return bad(format!(
+                    "attention heads ({heads:?}) do not divide the {c} channels of an attention block"
+                ));
+            }
+        }
+        if let (true, AttnNorm::Groups(g)) = (self.mid_attention, self.mid_attn_norm) {
+            let c = self.ch * self.ch_mult[self.ch_mult.len() - 1];
+            if g == 0 || !c.is_multiple_of(g) {
+                return bad(format!(
+                    "mid_attn_norm: {g} groups do not divide the middle block's {c} channels"
+                ));
+            }
+        }
+        if let Some(k) = self.num_classes {
+            if k == 0 || k > Self::MAX_CLASSES {
+                return bad(format!("num_classes {k} is not in 1..={}", Self::MAX_CLASSES));
+            }
+        }
         if self.num_params() > Self::MAX_PARAMS {
             return bad(format!(
                 "{} parameters, more than the {} supported",
@@ -236,6 +363,8 @@ impl UNetConfig {
         Ok(())
     }
 
+    /// The most classes of a class-conditional model (ImageNet-21k has 21,841).
+    pub const MAX_CLASSES: usize = 1 << 20;
     /// The most levels (entries of `ch_mult`).
     pub const MAX_LEVELS: usize = 16;
     /// The most residual blocks per level.
@@ -293,6 +422,61 @@ impl UNetConfig {
 }
 
 impl UNetConfig {
+    /// The channels of every attention block and whether it is on the way up, in the order
+    /// they run (the middle block's counts as down).
+    fn attention_blocks(&self) -> Vec<(usize, bool)> {
+        let mut out = vec![];
+        let mut res = self.resolution;
+        for (i, m) in self.ch_mult.iter().enumerate() {
+            if self.attn_resolutions.contains(&res) {
+                out.extend(std::iter::repeat_n((self.ch * m, false), self.num_res_blocks));
+            }
+            if i + 1 != self.ch_mult.len() {
+                res /= 2;
+            }
+        }
+        if self.mid_attention {
+            out.push((self.ch * self.ch_mult[self.ch_mult.len() - 1], false));
+        }
+        for (i, m) in self.ch_mult.iter().enumerate().rev() {
+            if self.attn_resolutions.contains(&res) {
+                out.extend(std::iter::repeat_n((self.ch * m, true), self.num_res_blocks + 1));
+            }
+            if i != 0 {
+                res *= 2;
+            }
+        }
+        out
+    }
+
+    /// Heads of an attention block of `c` channels (validated to divide it).
+    fn heads(&self, c: usize, up: bool) -> usize {
+        let heads = if up { self.attn_heads_up.unwrap_or(self.attn_heads) } else { self.attn_heads };
+        heads.heads_for(c).unwrap_or(1)
+    }
+
+    /// The group count of the middle block's attention norm, or `None` without one.
+    fn mid_attn_groups(&self, c: usize) -> Option<usize> {
+        match self.mid_attn_norm {
+            AttnNorm::Inherit => Some(groups_for(c, self.gn_groups)),
+            AttnNorm::Groups(g) => Some(g),
+            AttnNorm::Off => None,
+        }
+    }
+
+    /// A residual block of this configuration.
+    fn res_block(&self, c_in: usize, c_out: usize, resampling: Resampling) -> ResBlockSpec {
+        ResBlockSpec {
+            c_in,
+            c_out,
+            temb_ch: self.temb_ch(),
+            conditioning: self.time_conditioning,
+            resampling,
+        }
+    }
+}
+
+impl UNetConfig {
     /// Multiply-add FLOPs (2 per multiply-add) of one forward pass for one image, counting the
     /// convolutions, linear layers and attention matrix products: the quantity PyTorch's
     /// `torch.utils.flop_counter` reports (elementwise ops and norms are not counted).
@@ -303,13 +487,19 @@ impl UNetConfig {
             let hw = res * res;
             4 * conv(c, c, 1, res) + (2 * 2 * hw * hw * c) as u64
         };
+        // A residual block whose convolutions run at `res` (after any resampling).
         let res_block = |cin: usize, cout: usize, res: usize| {
+            let temb_out = self.res_block(cin, cout, Resampling::None).temb_out();
             let mut f =
-                conv(cin, cout, 3, res) + conv(cout, cout, 3, res) + (2 * self.temb_ch() * cout) as u64;
+                conv(cin, cout, 3, res) + conv(cout, cout, 3, res) + (2 * self.temb_ch() * temb_out) as u64;
             if cin != cout {
                 f += conv(cin, cout, 1, res);
             }
             f
+        };
+        let resample = |c: usize, res: usize, kind: Resample| match kind {
+            Resample::Conv => conv(c, c, 3, res),
+            Resample::ResBlock => res_block(c, c, res),
         };
         let temb = self.temb_ch();
         let mut f = (2 * self.ch * temb + 2 * temb * temb) as u64
@@ -326,10 +516,13 @@ impl UNetConfig {
             }
             if i + 1 != self.ch_mult.len() {
                 res /= 2;
-                f += conv(block_in, block_in, 3, res);
+                f += resample(block_in, res, self.downsample);
             }
         }
-        f += 2 * res_block(block_in, block_in, res) + attn(block_in, res);
+        f += 2 * res_block(block_in, block_in, res);
+        if self.mid_attention {
+            f += attn(block_in, res);
+        }
         let mut up = self.up_blocks().into_iter();
         for (i, m) in self.ch_mult.iter().enumerate().rev() {
             for _ in 0..=self.num_res_blocks {
@@ -341,7 +534,7 @@ impl UNetConfig {
             }
             if i != 0 {
                 res *= 2;
-                f += conv(self.ch * m, self.ch * m, 3, res);
+                f += resample(self.ch * m, res, self.upsample);
             }
         }
         f + conv(self.ch * self.ch_mult[0], self.out_channels, 3, self.resolution)
@@ -395,40 +588,64 @@ impl UNet {
         let temb_ch = c.temb_ch();
         linear_params(s, "temb.dense.0", c.ch, temb_ch);
         linear_params(s, "temb.dense.1", temb_ch, temb_ch);
+        if let Some(k) = c.num_classes {
+            s.declare("label_emb.weight".into(), &[k, temb_ch], ParamInit::StandardNormal);
+        }
         conv_params(s, "conv_in", c.in_channels, c.ch, 3, Init::Default);
         let mut res = c.resolution;
         let mut block_in = c.ch;
         for (i, m) in c.ch_mult.iter().enumerate() {
             let block_out = c.ch * m;
             for j in 0..c.num_res_blocks {
-                let spec = ResBlockSpec { c_in: block_in, c_out: block_out, temb_ch };
-                spec.params(s, &format!("down.{i}.block.{j}"));
+                c.res_block(block_in, block_out, Resampling::None).params(s, &format!("down.{i}.block.{j}"));
                 block_in = block_out;
                 if c.attn_resolutions.contains(&res) {
-                    attention_params(s, &format!("down.{i}.attn.{j}"), block_in);
+                    attention_params(s, &format!("down.{i}.attn.{j}"), block_in, true);
                 }
             }
             if i + 1 != c.ch_mult.len() {
-                conv_params(s, &format!("down.{i}.downsample.conv"), block_in, block_in, 3, Init::Default);
+                match c.downsample {
+                    Resample::Conv => conv_params(
+                        s,
+                        &format!("down.{i}.downsample.conv"),
+                        block_in,
+                        block_in,
+                        3,
+                        Init::Default,
+                    ),
+                    Resample::ResBlock => c
+                        .res_block(block_in, block_in, Resampling::Down)
+                        .params(s, &format!("down.{i}.downsample")),
+                }
                 res /= 2;
             }
         }
-        let mid = ResBlockSpec { c_in: block_in, c_out: block_in, temb_ch };
+        let mid = c.res_block(block_in, block_in, Resampling::None);
         mid.params(s, "mid.block_1");
-        attention_params(s, "mid.attn_1", block_in);
+        if c.mid_attention {
+            attention_params(s, "mid.attn_1", block_in, c.mid_attn_groups(block_in).is_some());
+        }
         mid.params(s, "mid.block_2");
         let mut up = c.up_blocks().into_iter();
         for (i, m) in c.ch_mult.iter().enumerate().rev() {
             for j in 0..=c.num_res_blocks {
                 let (c_in, c_out) =
                     up.next().expect("up_blocks yields one entry per iteration of these loops");
-                ResBlockSpec { c_in, c_out, temb_ch }.params(s, &format!("up.{i}.block.{j}"));
+                c.res_block(c_in, c_out, Resampling::None).params(s, &format!("up.{i}.block.{j}"));
                 if c.attn_resolutions.contains(&res) {
-                    attention_params(s, &format!("up.{i}.attn.{j}"), c_out);
+                    attention_params(s, &format!("up.{i}.attn.{j}"), c_out, true);
                 }
             }
             if i != 0 {
-                conv_params(s, &format!("up.{i}.upsample.conv"), c.ch * m, c.ch * m, 3, Init::Default);
+                let w = c.ch * m;
+                match c.upsample {
+                    Resample::Conv => {
+                        conv_params(s, &format!("up.{i}.upsample.conv"), w, w, 3, Init::Default)
+                    }
+                    Resample::ResBlock => {
+                        c.res_block(w, w, Resampling::Up).params(s, &format!("up.{i}.upsample"))
+                    }
+                }
                 res *= 2;
             }
         }
@@ -437,12 +654,30 @@ impl UNet {
     }
 
     /// The network's output for x `[N, C_in, R, R]` at timesteps `t` (one per image, fed as-is),
-    /// `[N, C_out, R, R]`. `dropout_rng` is `Some` in training (dropout active) and `None` for
-    /// evaluation and sampling.
+    /// `[N, C_out, R, R]`, for an unconditional model. `dropout_rng` is `Some` in training
+    /// (dropout active) and `None` for evaluation and sampling.
     ///
     /// # Panics
-    /// If x's shape does not match the configuration or `t.len()` differs from N.
-    pub fn forward(&self, p: &Bound, x: &Var, t: &[f32], mut dropout_rng: Option<&mut Rng>) -> Var {
+    /// If x's shape does not match the configuration, `t.len()` differs from N, or the model is
+    /// class-conditional (use [`UNet::forward_labelled`]).
+    pub fn forward(&self, p: &Bound, x: &Var, t: &[f32], dropout_rng: Option<&mut Rng>) -> Var {
+        self.forward_labelled(p, x, t, None, dropout_rng)
+    }
+
+    /// [`UNet::forward`] with one class label per image for a class-conditional model (its
+    /// embedding is added to the timestep embedding), `None` for an unconditional one.
+    ///
+    /// # Panics
+    /// As [`UNet::forward`]; also if labels are given to an unconditional model, missing for a
+    /// conditional one, not one per image, or not below `num_classes`.
+    pub fn forward_labelled(
+        &self,
+        p: &Bound,
+        x: &Var,
+        t: &[f32],
+        labels: Option<&[usize]>,
+        mut dropout_rng: Option<&mut Rng>,
+    ) -> Var {
         let c = &self.config;
         let s = x.shape();
         assert!(
@@ -454,9 +689,25 @@ impl UNet {
         );
         assert_eq!(t.len(), s[0], "U-Net: {} timesteps for a batch of {}", t.len(), s[0]);
         let (g, eps) = (c.gn_groups, c.gn_eps);
-        let temb_ch = c.temb_ch();
         let emb = Var::constant(timestep_embedding(t, c.ch, c.embedding_order, c.embedding_freq_shift));
-        let temb = linear(p, "temb.dense.1", &linear(p, "temb.dense.0", &emb).silu());
+        let mut temb = linear(p, "temb.dense.1", &linear(p, "temb.dense.0", &emb).silu());
+        match (c.num_classes, labels) {
+            (None, None) => {}
+            (Some(k), Some(y)) => {
+                assert_eq!(y.len(), s[0], "U-Net: {} labels for a batch of {}", y.len(), s[0]);
+                // The table's rows picked by a one-hot product (whose gradient is the scatter).
+                let mut one_hot = crate::Tensor::zeros(vec![y.len(), k]);
+                for (n, &label) in y.iter().enumerate() {
+                    assert!(label < k, "U-Net: class label {label} of a {k}-class model");
+                    one_hot[[n, label]] = 1.0;
+                }
+                temb = temb.add(&Var::constant(one_hot).matmul(p.get("label_emb.weight")));
+            }
+            (None, Some(_)) => panic!("U-Net: class labels given to an unconditional model"),
+            (Some(k), None) => {
+                panic!("U-Net: the model is conditioned on {k} classes and needs a label per image")
+            }
+        }
 
         let mut res_block = |spec: ResBlockSpec, prefix: &str, h: &Var| -> Var {
             let drop = match dropout_rng.as_deref_mut() {
@@ -471,27 +722,44 @@ impl UNet {
         let mut block_in = c.ch;
         for (i, m) in c.ch_mult.iter().enumerate() {
             for j in 0..c.num_res_blocks {
-                let spec = ResBlockSpec { c_in: block_in, c_out: c.ch * m, temb_ch };
+                let spec = c.res_block(block_in, c.ch * m, Resampling::None);
                 let last = hs.last().expect("hs starts with conv_in's output and only grows here");
                 let mut h = res_block(spec, &format!("down.{i}.block.{j}"), last);
                 block_in = c.ch * m;
                 if c.attn_resolutions.contains(&res) {
-                    h = attention(p, &format!("down.{i}.attn.{j}"), &h, g, eps);
+                    let groups = Some(groups_for(block_in, g));
+                    h = attention(
+                        p,
+                        &format!("down.{i}.attn.{j}"),
+                        &h,
+                        groups,
+                        eps,
+                        c.heads(block_in, false),
+                    );
                 }
                 hs.push(h);
             }
             if i + 1 != c.ch_mult.len() {
                 let last = hs.last().expect("hs starts with conv_in's output and only grows here");
-                let d =
-                    conv(p, &format!("down.{i}.downsample.conv"), last, 2, c.downsample_padding.padding());
+                let d = match c.downsample {
+                    Resample::Conv => {
+                        conv(p, &format!("down.{i}.downsample.conv"), last, 2, c.downsample_padding.padding())
+                    }
+                    Resample::ResBlock => {
+                        let spec = c.res_block(block_in, block_in, Resampling::Down);
+                        res_block(spec, &format!("down.{i}.downsample"), last)
+                    }
+                };
                 hs.push(d);
                 res /= 2;
             }
         }
-        let mid = ResBlockSpec { c_in: block_in, c_out: block_in, temb_ch };
+        let mid = c.res_block(block_in, block_in, Resampling::None);
         let mut h =
             res_block(mid, "mid.block_1", hs.last().expect("hs starts with conv_in's output and only grew"));
-        h = attention(p, "mid.attn_1", &h, g, eps);
+        if c.mid_attention {
+            h = attention(p, "mid.attn_1", &h, c.mid_attn_groups(block_in), eps, c.heads(block_in, false));
+        }
         h = res_block(mid, "mid.block_2", &h);
         let mut up = c.up_blocks().into_iter();
         for (i, _) in c.ch_mult.iter().enumerate().rev() {
@@ -501,15 +769,24 @@ impl UNet {
                 let (c_in, c_out) = up.next().expect("one up_blocks entry per iteration");
                 let skip = hs.pop().expect("one skip per up block");
                 let cat = Var::concat(&[&h, &skip], 1);
-                h = res_block(ResBlockSpec { c_in, c_out, temb_ch }, &format!("up.{i}.block.{j}"), &cat);
+                h = res_block(c.res_block(c_in, c_out, Resampling::None), &format!("up.{i}.block.{j}"), &cat);
                 if c.attn_resolutions.contains(&res) {
-                    h = attention(p, &format!("up.{i}.attn.{j}"), &h, g, eps);
+                    let groups = Some(groups_for(c_out, g));
+                    h = attention(p, &format!("up.{i}.attn.{j}"), &h, groups, eps, c.heads(c_out, true));
                 }
             }
             if i != 0 {
-                let prefix = format!("up.{i}.upsample.conv");
-                let (w, b) = (p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")));
-                h = h.upsample2x_conv3x3(w, Some(b));
+                match c.upsample {
+                    Resample::Conv => {
+                        let prefix = format!("up.{i}.upsample.conv");
+                        let (w, b) = (p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")));
+                        h = h.upsample2x_conv3x3(w, Some(b));
+                    }
+                    Resample::ResBlock => {
+                        let w = h.shape()[1];
+                        h = res_block(c.res_block(w, w, Resampling::Up), &format!("up.{i}.upsample"), &h);
+                    }
+                }
                 res *= 2;
             }
         }

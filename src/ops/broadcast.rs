@@ -107,6 +107,70 @@ impl Var {
             [needs[0].then_some(g), dt]
         })
     }
+
+    /// `x[n, c, …] · (1 + s[n, c]) + b[n, c]`: the scale-shift ("FiLM") time conditioning of
+    /// improved-diffusion's `use_scale_shift_norm` and diffusers' `scale_shift` residual blocks,
+    /// one scale and one shift per (sample, channel). Backward: `dx = g·(1 + s)`,
+    /// `ds[n, c] = Σ g·x`, `db[n, c] = Σ g` over the positions (summed in f64).
+    ///
+    /// # Panics
+    /// If `x` has fewer than 2 axes or `s`, `b` are not `[N, C]`.
+    pub fn scale_shift_per_channel(&self, s: &Var, b: &Var) -> Var {
+        let shape = self.shape().to_vec();
+        assert!(
+            shape.len() >= 2 && s.shape() == &shape[..2] && b.shape() == &shape[..2],
+            "scale_shift_per_channel: s {:?}, b {:?} for x {shape:?}; expected [N, C]",
+            s.shape(),
+            b.shape()
+        );
+        let plane: usize = shape[2..].iter().product::<usize>().max(1);
+        let x = self.value().as_standard_layout().into_owned();
+        let ss = s.value().as_standard_layout().into_owned();
+        let bs = b.value().as_standard_layout().into_owned();
+        let (xs, sv, bv) = (
+            x.as_slice().expect("owned standard layout"),
+            ss.as_slice().expect("owned standard layout"),
+            bs.as_slice().expect("owned standard layout"),
+        );
+        let mut y = vec![0f32; xs.len()];
+        y.par_chunks_mut(plane).zip(xs.par_chunks(plane)).enumerate().for_each(|(i, (o, xp))| {
+            let (m, a) = (1.0 + sv[i], bv[i]);
+            for (o, &v) in o.iter_mut().zip(xp) {
+                *o = v * m + a;
+            }
+        });
+        let y = Tensor::from_shape_vec(shape.as_slice(), y).expect("y holds one value per element of x");
+        let nc_shape = s.shape().to_vec();
+        Var::record([self, s, b], y, move |g, needs| {
+            let g = g.as_standard_layout();
+            let gs = g.as_slice().expect("as_standard_layout above");
+            let xs = x.as_slice().expect("owned standard layout");
+            let sv = ss.as_slice().expect("owned standard layout");
+            let dx = needs[0].then(|| {
+                let mut dx = vec![0f32; gs.len()];
+                dx.par_chunks_mut(plane).zip(gs.par_chunks(plane)).enumerate().for_each(|(i, (d, gp))| {
+                    let m = 1.0 + sv[i];
+                    for (d, &gv) in d.iter_mut().zip(gp) {
+                        *d = gv * m;
+                    }
+                });
+                Tensor::from_shape_vec(x.shape(), dx).expect("dx has x's size")
+            });
+            let per_plane = |f: &(dyn Fn(usize, f32) -> f64 + Sync)| -> Tensor {
+                let sums: Vec<f32> = gs
+                    .par_chunks(plane)
+                    .enumerate()
+                    .map(|(i, gp)| {
+                        gp.iter().enumerate().map(|(k, &gv)| f(i * plane + k, gv)).sum::<f64>() as f32
+                    })
+                    .collect();
+                Tensor::from_shape_vec(nc_shape.as_slice(), sums).expect("one sum per plane: N·C values")
+            };
+            let ds = needs[1].then(|| per_plane(&|k, gv| gv as f64 * xs[k] as f64));
+            let db = needs[2].then(|| per_plane(&|_, gv| gv as f64));
+            [dx, ds, db]
+        })
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +192,8 @@ mod tests {
             check(&[randn(&[n, c, h], seed)], seed, |v| v[0].sum_to(&[n, c, h]));
             check(&[randn(&[n, c, h, h + 1], seed), randn(&[n, c], seed + 1)], seed,
                 |v| v[0].add_per_channel(&v[1]));
+            check(&[randn(&[n, c, h, h + 1], seed), randn(&[n, c], seed + 1), randn(&[n, c], seed + 2)], seed,
+                |v| v[0].scale_shift_per_channel(&v[1], &v[2]));
         }
     }
 
@@ -148,5 +214,17 @@ mod tests {
         let (x, t) = (crate::Var::constant(randn(&[2, 3, 4, 5], 3)), crate::Var::constant(randn(&[2, 3], 4)));
         let want = x.add(&t.reshape(&[2, 3, 1, 1]).broadcast_to(&[2, 3, 4, 5]));
         assert_eq!(x.add_per_channel(&t).value(), want.value());
+    }
+
+    #[test]
+    fn scale_shift_per_channel_equals_the_broadcast_expression() {
+        let x = crate::Var::constant(randn(&[2, 3, 4, 5], 3));
+        let (s, b) = (crate::Var::constant(randn(&[2, 3], 4)), crate::Var::constant(randn(&[2, 3], 5)));
+        let full = |t: &crate::Var| t.reshape(&[2, 3, 1, 1]).broadcast_to(&[2, 3, 4, 5]);
+        let want = x.mul(&full(&s.add_scalar(1.0))).add(&full(&b));
+        let got = x.scale_shift_per_channel(&s, &b);
+        for (g, w) in got.value().iter().zip(want.value().iter()) {
+            assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
+        }
     }
 }

@@ -231,6 +231,54 @@ impl Var {
             [Some(Tensor::from_shape_vec(s.as_slice(), dx).expect("dx holds nc·h·w values"))]
         })
     }
+
+    /// 2x2 average pooling with stride 2: `[N, C, H, W] -> [N, C, H/2, W/2]`, a trailing odd
+    /// row or column dropped (PyTorch's `avg_pool2d(kernel_size=2, stride=2)`, the resampling
+    /// of improved-diffusion's and diffusers' residual down-blocks). Backward: each input of a
+    /// window gets a quarter of the window's gradient.
+    ///
+    /// # Panics
+    /// If the input is not 4-D.
+    pub fn avg_pool2x(&self) -> Var {
+        let s = self.shape().to_vec();
+        assert_eq!(s.len(), 4, "avg_pool2x: input {s:?} is not [N, C, H, W]");
+        let (nc, h, w) = (s[0] * s[1], s[2], s[3]);
+        let (ho, wo) = (h / 2, w / 2);
+        let x = contiguous(self.value()).into_owned();
+        let mut y = vec![0f32; nc * ho * wo];
+        if ho * wo > 0 {
+            y.par_chunks_mut(ho * wo).enumerate().for_each(|(p, out)| {
+                let xp = &x[p * h * w..(p + 1) * h * w];
+                for i in 0..ho {
+                    for j in 0..wo {
+                        let (a, b) = (2 * i * w + 2 * j, (2 * i + 1) * w + 2 * j);
+                        out[i * wo + j] = 0.25 * ((xp[a] + xp[a + 1]) + (xp[b] + xp[b + 1]));
+                    }
+                }
+            });
+        }
+        let y = Tensor::from_shape_vec(vec![s[0], s[1], ho, wo], y).expect("y holds nc·ho·wo values");
+        Var::record([self], y, move |g, _| {
+            let g = contiguous(g);
+            let mut dx = vec![0f32; nc * h * w];
+            if ho * wo > 0 {
+                dx.par_chunks_mut(h * w).enumerate().for_each(|(p, d)| {
+                    let gp = &g[p * ho * wo..(p + 1) * ho * wo];
+                    for i in 0..ho {
+                        for j in 0..wo {
+                            let v = 0.25 * gp[i * wo + j];
+                            let (a, b) = (2 * i * w + 2 * j, (2 * i + 1) * w + 2 * j);
+                            d[a] = v;
+                            d[a + 1] = v;
+                            d[b] = v;
+                            d[b + 1] = v;
+                        }
+                    }
+                });
+            }
+            [Some(Tensor::from_shape_vec(s.as_slice(), dx).expect("dx holds nc·h·w values"))]
+        })
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +365,25 @@ mod tests {
         ) {
             check(&[randn(&[n, c, h, w], seed)], seed, |v| v[0].upsample_nearest2x());
         }
+
+        #[test]
+        fn avg_pool_backward_matches_finite_differences(
+            n in 1usize..3, c in 1usize..3, h in 1usize..7, w in 1usize..7, seed in 0u64..1000
+        ) {
+            check(&[randn(&[n, c, h, w], seed)], seed, |v| v[0].avg_pool2x());
+        }
+    }
+
+    #[test]
+    fn avg_pool_averages_each_window_and_drops_an_odd_edge() {
+        // 3x5 plane: windows (0..2)x(0..2) and (0..2)x(2..4); row 2 and column 4 are dropped.
+        let x = crate::Tensor::from_shape_fn(vec![1, 1, 3, 5], |ix| (ix[2] * 5 + ix[3]) as f32);
+        let y = crate::Var::constant(x).avg_pool2x();
+        assert_eq!(y.shape(), &[1, 1, 1, 2]);
+        assert_eq!(
+            y.value().iter().copied().collect::<Vec<_>>(),
+            vec![(0. + 1. + 5. + 6.) / 4., (2. + 3. + 7. + 8.) / 4.]
+        );
     }
 
     #[test]
