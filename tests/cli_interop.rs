@@ -70,7 +70,7 @@ fn unmappable_diffusers_config_is_refused_naming_the_key() {
     }
     let config = std::fs::read_to_string(small().join("config.json")).unwrap();
     let changed = config
-        .replace("\"resnet_time_scale_shift\": \"default\"", "\"resnet_time_scale_shift\": \"scale_shift\"");
+        .replace("\"resnet_time_scale_shift\": \"default\"", "\"resnet_time_scale_shift\": \"spatial\"");
     assert_ne!(changed, config);
     std::fs::write(folder.join("config.json"), changed).unwrap();
     let out = ddpm(&[
