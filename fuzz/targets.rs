@@ -33,10 +33,14 @@ pub enum Target {
     Npz,
     /// A β schedule file, text or float64 `.npy` (`--schedule file:PATH`).
     Betas,
+    /// A PyTorch `.pt` state dict (`interop::torch_pt::parse_bytes`): the file as given, and the
+    /// same bytes as the `data.pkl` of an archive holding [`PT_STORAGES`], since the checksums of
+    /// a zip refuse almost every mutation of the pickle inside it.
+    TorchPt,
 }
 
 /// Every target, in a fixed order.
-pub const TARGETS: [Target; 7] = [
+pub const TARGETS: [Target; 8] = [
     Target::Dataset,
     Target::Image,
     Target::Checkpoint,
@@ -44,6 +48,7 @@ pub const TARGETS: [Target; 7] = [
     Target::Npy,
     Target::Npz,
     Target::Betas,
+    Target::TorchPt,
 ];
 
 impl Target {
@@ -57,6 +62,7 @@ impl Target {
             Target::Npy => "npy",
             Target::Npz => "npz",
             Target::Betas => "betas",
+            Target::TorchPt => "torch_pt",
         }
     }
 }
@@ -107,6 +113,23 @@ pub fn run(target: Target, data: &[u8]) -> bool {
             let npy = ddpm::diffusion::schedule::parse_betas(data, true, src).is_ok();
             text || npy
         }
+        Target::TorchPt => {
+            let check = |bytes: &[u8]| match ddpm::interop::torch_pt::parse_bytes(bytes, src, FUZZ_CAP) {
+                Ok(state) => {
+                    let mut names: Vec<&str> = state.tensors.iter().map(|(n, _)| n.as_str()).collect();
+                    names.sort_unstable();
+                    assert!(names.windows(2).all(|w| w[0] != w[1]), "an accepted state dict repeats a name");
+                    true
+                }
+                Err(e) => {
+                    assert!(!e.to_string().contains('\n'), "a refusal spans lines: {e}");
+                    false
+                }
+            };
+            let file = check(data);
+            let pickle = !data.starts_with(b"PK") && check(&pt_archive(data));
+            file || pickle
+        }
     }
 }
 
@@ -156,6 +179,16 @@ pub fn seeds(target: Target) -> Vec<Vec<u8>> {
             ndarray::Array1::from_vec(vec![1e-4f64, 0.01, 0.02]).write_npy(&mut npy).expect("npy");
             vec![text, npy]
         }
+        // Files torch 2.15.0 wrote (tests/fixtures/make_torch_pt_fixture.py), and pickles
+        // shaped like torch's for the archive of PT_STORAGES.
+        Target::TorchPt => vec![
+            include_bytes!("../tests/fixtures/torch_pt/state_dict.pt").to_vec(),
+            include_bytes!("../tests/fixtures/torch_pt/state_dict_proto4.pt").to_vec(),
+            include_bytes!("../tests/fixtures/torch_pt/nested.pt").to_vec(),
+            include_bytes!("../tests/fixtures/torch_pt/f64.pt").to_vec(),
+            state_dict_pickle(false),
+            state_dict_pickle(true),
+        ],
     }
 }
 
@@ -217,4 +250,142 @@ fn checkpoint_file() -> Vec<u8> {
         .expect("state");
     state.step = 7;
     ddpm::io::checkpoint::to_file_bytes(&state).expect("bytes")
+}
+
+/// The storages of the archive that [`Target::TorchPt`] wraps a bare pickle in: key, bytes
+/// (6 float32, 4 float64, 1 float32).
+pub const PT_STORAGES: [(&str, usize); 3] = [("0", 24), ("1", 32), ("2", 4)];
+
+/// A `.pt` archive holding `pickle` as `archive/data.pkl` and [`PT_STORAGES`], stored, laid out
+/// as torch lays it out (without its alignment padding).
+pub fn pt_archive(pickle: &[u8]) -> Vec<u8> {
+    let mut members = vec![("archive/data.pkl".to_string(), pickle.to_vec())];
+    members.push(("archive/byteorder".into(), b"little".to_vec()));
+    for (key, len) in PT_STORAGES {
+        members.push((format!("archive/data/{key}"), (0..len).map(|i| (i * 29 % 61) as u8).collect()));
+    }
+    stored_zip(&members)
+}
+
+/// A zip archive of stored (uncompressed) members: local headers, data, central directory.
+fn stored_zip(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let (mut out, mut central) = (Vec::new(), Vec::new());
+    let le16 = |v: &mut Vec<u8>, x: usize| v.extend_from_slice(&(x as u16).to_le_bytes());
+    let le32 = |v: &mut Vec<u8>, x: usize| v.extend_from_slice(&(x as u32).to_le_bytes());
+    for (name, data) in members {
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let offset = out.len();
+        // Local header: version 2.0, no flags, stored, no time; crc, sizes, name.
+        out.extend_from_slice(b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x00\x00\x00\x00");
+        le32(&mut out, crc.sum() as usize);
+        le32(&mut out, data.len());
+        le32(&mut out, data.len());
+        le16(&mut out, name.len());
+        le16(&mut out, 0);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        central.extend_from_slice(b"PK\x01\x02\x14\x00\x14\x00\x00\x00\x00\x00\x00\x00\x00\x00");
+        le32(&mut central, crc.sum() as usize);
+        le32(&mut central, data.len());
+        le32(&mut central, data.len());
+        le16(&mut central, name.len());
+        central.extend_from_slice(&[0; 12]); // extra and comment lengths, disk, attributes
+        le32(&mut central, offset);
+        central.extend_from_slice(name.as_bytes());
+    }
+    let start = out.len();
+    out.extend_from_slice(&central);
+    out.extend_from_slice(b"PK\x05\x06\x00\x00\x00\x00");
+    le16(&mut out, members.len());
+    le16(&mut out, members.len());
+    le32(&mut out, central.len());
+    le32(&mut out, start);
+    le16(&mut out, 0);
+    out
+}
+
+/// A pickle of the shape torch.save writes (protocol 2, every value memoized and fetched again
+/// when repeated) viewing [`PT_STORAGES`]: an OrderedDict with a float32 matrix, a view of its
+/// second row, a float64 matrix, a saved `nn.Parameter` and a `_metadata` BUILD; `nested`
+/// puts it under "state_dict" in a checkpoint dict beside an int and a float.
+fn state_dict_pickle(nested: bool) -> Vec<u8> {
+    let mut p = Pickler::default();
+    p.raw(b"\x80\x02");
+    if nested {
+        p.raw(b"}").put().raw(b"(").str("step").int(100_000).str("lr").raw(b"G?\x1a6\xe2\xeb\x1cC-").put();
+        p.str("state_dict");
+    }
+    let dict = p.memo as u8;
+    p.raw(b"ccollections\nOrderedDict\n").put().raw(b")R").put().raw(b"(");
+    let tensor = |p: &mut Pickler, key: &str, class: &str, numel: u32, offset: u32, size: &[u32]| {
+        p.raw(b"ctorch._utils\n_rebuild_tensor_v2\n").put().raw(b"((").str("storage");
+        p.raw(format!("ctorch\n{class}\n").as_bytes()).put().str(key).str("cpu").int(numel).raw(b"t").put();
+        p.raw(b"Q").int(offset);
+        let strides = (0..size.len()).map(|i| size[i + 1..].iter().product()).collect();
+        for dims in [size.to_vec(), strides] {
+            p.raw(b"(");
+            for d in dims {
+                p.int(d);
+            }
+            p.raw(b"t").put();
+        }
+        p.raw(b"\x89").get(dict).raw(b")R").put().raw(b"t").put().raw(b"R").put();
+    };
+    p.str("w");
+    tensor(&mut p, "0", "FloatStorage", 6, 0, &[2, 3]);
+    p.str("row");
+    tensor(&mut p, "0", "FloatStorage", 6, 3, &[3]);
+    p.str("d");
+    tensor(&mut p, "1", "DoubleStorage", 4, 0, &[2, 2]);
+    p.str("p").raw(b"ctorch._utils\n_rebuild_parameter\n").put().raw(b"(");
+    tensor(&mut p, "2", "FloatStorage", 1, 0, &[]);
+    p.raw(b"\x88").get(dict).raw(b")R").raw(b"t").put().raw(b"R").put();
+    // The attributes: {'_metadata': OrderedDict({'': {'version': 1}})}.
+    p.raw(b"u}").put().str("_metadata").get(dict).raw(b")R").put().str("").raw(b"}").put();
+    p.str("version").int(1).raw(b"sssb");
+    if nested {
+        p.raw(b"u");
+    }
+    p.raw(b".");
+    p.out
+}
+
+/// Writes pickle opcodes, memoizing with BINPUT as it goes.
+#[derive(Default)]
+struct Pickler {
+    out: Vec<u8>,
+    memo: u32,
+}
+
+impl Pickler {
+    fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.out.extend_from_slice(bytes);
+        self
+    }
+    /// BINPUT (LONG_BINPUT past 255) of the top of the stack.
+    fn put(&mut self) -> &mut Self {
+        let memo = self.memo;
+        match u8::try_from(memo) {
+            Ok(i) => self.raw(&[b'q', i]),
+            Err(_) => self.raw(b"r").raw(&memo.to_le_bytes()),
+        };
+        self.memo += 1;
+        self
+    }
+    /// BINGET.
+    fn get(&mut self, index: u8) -> &mut Self {
+        self.raw(&[b'h', index])
+    }
+    fn str(&mut self, s: &str) -> &mut Self {
+        self.raw(b"X").raw(&(s.len() as u32).to_le_bytes()).raw(s.as_bytes()).put()
+    }
+    /// BININT1, BININT2 or BININT, the smallest that holds `v`, as pickle chooses.
+    fn int(&mut self, v: u32) -> &mut Self {
+        match v {
+            0..=0xff => self.raw(&[b'K', v as u8]),
+            0x100..=0xffff => self.raw(b"M").raw(&(v as u16).to_le_bytes()),
+            _ => self.raw(b"J").raw(&v.to_le_bytes()),
+        }
+    }
 }

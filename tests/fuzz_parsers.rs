@@ -239,3 +239,8 @@ fn fuzz_npz() {
 fn fuzz_betas() {
     fuzz(Target::Betas);
 }
+
+#[test]
+fn fuzz_torch_pt() {
+    fuzz(Target::TorchPt);
+}

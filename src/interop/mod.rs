@@ -4,6 +4,7 @@
 //! | file            | owns                                                                              |
 //! |-----------------|-----------------------------------------------------------------------------------|
 //! | [`diffusers`]   | diffusers' `UNet2DModel` folders (config.json + safetensors) and `DDPMScheduler` configs ↔ ddpm's U-Net and [`crate::train::DiffusionConfig`] |
+//! | [`torch_pt`]    | PyTorch `.pt` state dicts (`torch.save`'s zip of a pickle), read without running the pickle |
 //! | [`counter`]     | counter-based weights (splitmix64 of tensor and element index), as the fixtures use |
 //!
 //! The diffusion math of diffusers' `DDPMScheduler` is the `diffusers`
@@ -12,3 +13,4 @@
 
 pub mod counter;
 pub mod diffusers;
+pub mod torch_pt;
