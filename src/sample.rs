@@ -45,6 +45,9 @@ pub struct SampleConfig {
     pub trajectory_frames: usize,
     /// Checked before every step: when raised, sampling ends with [`Error::Interrupted`].
     pub stop: Option<StopFlag>,
+    /// The class of every image, for a class-conditional network (`None` for an unconditional
+    /// one).
+    pub class: Option<usize>,
 }
 
 /// One snapshot of the reverse process.
@@ -108,7 +111,9 @@ pub fn respace(schedule: &NoiseSchedule, timesteps: &[usize]) -> Result<NoiseSch
 /// `progress(done, total)` is called after every step.
 ///
 /// # Errors
-/// An invalid step count for this schedule; [`Error::Interrupted`] if `config.stop` is raised.
+/// An invalid step count for this schedule; a class missing for a class-conditional network or
+/// given to an unconditional one ([`crate::nn::UNetConfig::check_class`]); [`Error::Interrupted`]
+/// if `config.stop` is raised.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     net: &UNet,
@@ -127,6 +132,8 @@ pub fn sample(
     let shape = [n, c.in_channels, c.resolution, c.resolution];
     let mut x: ArrayD<f64> =
         ArrayD::from_shape_simple_fn(shape.as_slice(), || rng.sample::<f64, _>(StandardNormal));
+    net.config.check_class(config.class)?;
+    let labels = config.class.map(|c| vec![c; n]);
     let bound = params.bind_constant();
     let k = steps.len();
     let frame_at: Vec<usize> = match config.trajectory_frames {
@@ -144,7 +151,13 @@ pub fn sample(
         }
         let t_orig = steps[i];
         let model_t = vec![schedule.model_timestep(t_orig) as f32; n];
-        let out = net.forward(&bound, &Var::constant(x.mapv(|v| v as f32)), &model_t, None);
+        let out = net.forward_labelled(
+            &bound,
+            &Var::constant(x.mapv(|v| v as f32)),
+            &model_t,
+            labels.as_deref(),
+            None,
+        );
         let output = ModelOutput::split(out.value().mapv(|v| v as f64), param.variance_type);
         let t = vec![i; n];
         x = match config.sampler {
@@ -195,7 +208,11 @@ pub struct Trace {
 
 /// Ancestral sampling (Algorithm 2) over all T steps, keeping every intermediate of the steps for
 /// which `keep(t)` holds. It draws exactly what [`sample`] with [`Sampler::Ancestral`] and all
-/// steps draws from `rng`, so its x_0 equals that of `ddpm sample` with the same seed.
+/// steps draws from `rng`, so its x_0 equals that of `ddpm sample` with the same seed. `class`
+/// labels every image of a class-conditional network.
+///
+/// # Panics
+/// If `class` does not fit the network ([`crate::nn::UNetConfig::check_class`] says why).
 #[allow(clippy::too_many_arguments)]
 pub fn trace(
     net: &UNet,
@@ -204,6 +221,7 @@ pub fn trace(
     param: &Parameterization,
     n: usize,
     clip_x0: bool,
+    class: Option<usize>,
     keep: impl Fn(usize) -> bool,
     rng: &mut Rng,
     mut progress: impl FnMut(usize, usize),
@@ -213,12 +231,19 @@ pub fn trace(
     let x_start: ArrayD<f64> =
         ArrayD::from_shape_simple_fn(shape.as_slice(), || rng.sample::<f64, _>(StandardNormal));
     let bound = params.bind_constant();
+    let labels = class.map(|c| vec![c; n]);
     let big_t = schedule.num_timesteps();
     let mut x = x_start.clone();
     let mut steps = vec![];
     for (done, i) in (0..big_t).rev().enumerate() {
         let model_t = vec![schedule.model_timestep(i) as f32; n];
-        let out = net.forward(&bound, &Var::constant(x.mapv(|v| v as f32)), &model_t, None);
+        let out = net.forward_labelled(
+            &bound,
+            &Var::constant(x.mapv(|v| v as f32)),
+            &model_t,
+            labels.as_deref(),
+            None,
+        );
         let eps = out.value().mapv(|v| v as f64);
         let output = ModelOutput::split(eps.clone(), param.variance_type);
         let t = vec![i; n];
@@ -312,11 +337,22 @@ mod tests {
             clip_x0: true,
             trajectory_frames: 0,
             stop: None,
+            class: None,
         };
         let sampled =
             sample(&net, &params, &s, &param, 2, &cfg, &mut crate::rng_from_seed(9), |_, _| {}).unwrap();
-        let tr =
-            trace(&net, &params, &s, &param, 2, true, |t| t != 3, &mut crate::rng_from_seed(9), |_, _| {});
+        let tr = trace(
+            &net,
+            &params,
+            &s,
+            &param,
+            2,
+            true,
+            None,
+            |t| t != 3,
+            &mut crate::rng_from_seed(9),
+            |_, _| {},
+        );
         assert_eq!(tr.x0.mapv(|v| v as f32), sampled.images);
         assert_eq!(tr.steps.iter().map(|st| st.t).collect::<Vec<_>>(), vec![5, 4, 2, 1, 0]);
         let last = tr.steps.last().unwrap();

@@ -175,3 +175,14 @@ fn configs_written_before_the_options_existed_still_load() {
     let back: UNetConfig = serde_json::from_value(v).expect("old configs deserialise");
     assert_eq!(back, Preset::Mnist.config(1, 28));
 }
+
+#[test]
+fn no_residual_blocks_on_the_way_down_keeps_the_stem_width_to_the_middle() {
+    // improved-diffusion's num_res_blocks 0: the down path only resamples, the middle runs at ch.
+    let c = UNetConfig { num_res_blocks: 0, ch_mult: vec![1, 2], ..base() };
+    assert_eq!(c.mid_width(), 8);
+    let shapes = UNet::new(c.clone()).expect("valid").param_shapes();
+    assert!(shapes.contains(&("mid.attn_1.q.weight".to_string(), vec![8, 8, 1, 1])));
+    assert!(shapes.contains(&("up.1.block.0.conv1.weight".to_string(), vec![16, 16, 3, 3])));
+    check("no down blocks", c, &["mid.block_1.conv1.weight", "up.0.block.0.nin_shortcut.weight"]);
+}

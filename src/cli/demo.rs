@@ -100,6 +100,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let sample_args = SampleArgs {
         checkpoint: outcome.checkpoint,
+        class: None,
         num: 64,
         batch: 256,
         sampler: SamplerArg::Ddpm,

@@ -67,6 +67,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     let path = resolve_checkpoint(&args.checkpoint)?;
     let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(k) = ck.config.unet.num_classes {
+        bail!(
+            "{}: the model is conditioned on {k} classes; bits/dim needs each image's label, which ddpm's datasets do not carry yet",
+            path.display()
+        );
+    }
     let data = load_data(&ddpm::data::DataSpec {
         path: args.data.clone(),
         split: args.split,

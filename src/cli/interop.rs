@@ -1,10 +1,12 @@
-//! `ddpm import --diffusers` and `ddpm export --diffusers`: checkpoints to and from diffusers.
+//! `ddpm import` (diffusers folders; improved-/guided-diffusion `.pt` files with their flags)
+//! and `ddpm export --diffusers`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use ddpm::interop::diffusers::{self, SchedulerSettings};
+use ddpm::interop::openai::{self, Family};
 use ddpm::io::checkpoint::{self, save_weights};
 use ddpm::train::{OptimConfig, TrainConfig};
 
@@ -12,11 +14,25 @@ use super::common::{resolve_checkpoint, CHECKPOINT};
 
 /// `ddpm import` arguments.
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["diffusers", "improved_diffusion", "guided_diffusion"])))]
 pub struct ImportArgs {
     /// A diffusers folder: config.json + diffusion_pytorch_model.safetensors (+ scheduler_config.json),
     /// flat or in unet/ and scheduler/ subfolders, as save_pretrained writes them.
-    #[arg(long)]
-    pub diffusers: PathBuf,
+    #[arg(long, value_name = "DIR")]
+    pub diffusers: Option<PathBuf>,
+    /// An openai/improved-diffusion checkpoint (`model*.pt` or `ema_*.pt`, a torch.save'd state
+    /// dict); needs --flags.
+    #[arg(long, value_name = "MODEL.pt", requires = "flags")]
+    pub improved_diffusion: Option<PathBuf>,
+    /// An openai/guided-diffusion checkpoint (a torch.save'd state dict); needs --flags.
+    #[arg(long, value_name = "MODEL.pt", requires = "flags")]
+    pub guided_diffusion: Option<PathBuf>,
+    /// The flags the model was trained and sampled with, as one string, e.g. "--image_size 64
+    /// --num_channels 128 --num_res_blocks 3 --learn_sigma True --diffusion_steps 4000
+    /// --noise_schedule cosine". Read with the repository's own defaults and argparse rules;
+    /// training-only flags (--lr, --batch_size, …) are ignored.
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
+    pub flags: Option<String>,
     /// The run directory to create; the checkpoint goes to OUT/checkpoint.safetensors.
     #[arg(long)]
     pub out: PathBuf,
@@ -28,9 +44,79 @@ pub struct ImportArgs {
     pub force: bool,
 }
 
-/// `ddpm import --diffusers`.
+/// `ddpm import`.
 pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
-    let dir = &args.diffusers;
+    let (pt, family) = match (&args.improved_diffusion, &args.guided_diffusion) {
+        (Some(p), _) => (p, Family::Improved),
+        (None, Some(p)) => (p, Family::Guided),
+        (None, None) => return import_diffusers(&args),
+    };
+    if args.flags.is_none() && args.diffusers.is_some() {
+        bail!("--diffusers and --{} are two sources; give one", family.name());
+    }
+    let flags = args.flags.as_deref().unwrap_or_default();
+    let m = openai::load(pt, flags, family).with_context(|| format!("importing {}", pt.display()))?;
+    for note in &m.notes {
+        say!("note: {note}");
+    }
+    let config = TrainConfig {
+        unet: m.unet,
+        diffusion: m.diffusion,
+        optim: OptimConfig::default(),
+        batch_size: 128,
+        random_flip: false,
+        seed: args.seed,
+    };
+    config
+        .validate()
+        .with_context(|| format!("{}: the flags describe no model ddpm can run", pt.display()))?;
+    let (path, _lock) = prepare_out(&args)?;
+    let source = format!("imported from {} {} with flags {flags:?}", family.name(), pt.display());
+    // Their samplers clip x̂_0 (clip_denoised=True in their sampling script).
+    save_weights(&path, &config, &m.params, &source, Some(true))
+        .with_context(|| format!("writing {}", path.display()))?;
+    say!(
+        "wrote {} ({} parameters; {} T = {}, {:?}, {:?}; convention {})",
+        path.display(),
+        m.params.num_scalars(),
+        config.diffusion.schedule,
+        config.diffusion.timesteps,
+        config.diffusion.mean_type,
+        config.diffusion.variance_type,
+        config.diffusion.convention
+    );
+    if !m.timestep_respacing.is_empty() {
+        say!(
+            "note: --timestep_respacing {:?} chose their sampler's steps; it is not part of the model (sample with `ddpm sample --steps K`)",
+            m.timestep_respacing
+        );
+    }
+    if let Some(k) = config.unet.num_classes {
+        say!("note: the model is class-conditional ({k} classes): give `--class` to predict and sample");
+    }
+    Ok(())
+}
+
+/// Creates OUT, takes its lock (a run may be training into it: the lock keeps the import from
+/// replacing its checkpoint) and returns the checkpoint path to write.
+fn prepare_out(args: &ImportArgs) -> anyhow::Result<(PathBuf, ddpm::files::DirLock)> {
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let lock = ddpm::files::DirLock::acquire(&args.out, "ddpm import")?;
+    let path = args.out.join(CHECKPOINT);
+    if path.exists() && !args.force {
+        bail!("{} exists; pass --force to replace it or choose another --out", path.display());
+    }
+    Ok((path, lock))
+}
+
+/// `ddpm import --diffusers`.
+fn import_diffusers(args: &ImportArgs) -> anyhow::Result<()> {
+    let Some(dir) = &args.diffusers else {
+        bail!("give --diffusers, --improved-diffusion or --guided-diffusion")
+    };
+    if args.flags.is_some() {
+        bail!("--flags belongs to --improved-diffusion and --guided-diffusion; a diffusers folder has its config.json");
+    }
     let m = diffusers::load_folder(dir).with_context(|| format!("importing {}", dir.display()))?;
     let scheduler = match m.scheduler {
         Some(s) => s,
@@ -50,13 +136,7 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
     config.validate().with_context(|| {
         format!("{}: the UNet2DModel and the scheduler do not fit together", dir.display())
     })?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    // A run may be training into OUT: its lock keeps the import from replacing its checkpoint.
-    let _lock = ddpm::files::DirLock::acquire(&args.out, "ddpm import")?;
-    let path = args.out.join(CHECKPOINT);
-    if path.exists() && !args.force {
-        bail!("{} exists; pass --force to replace it or choose another --out", path.display());
-    }
+    let (path, _lock) = prepare_out(args)?;
     let source = format!("imported from diffusers {}", dir.display());
     save_weights(&path, &config, &m.params, &source, Some(scheduler.clip_sample))
         .with_context(|| format!("writing {}", path.display()))?;

@@ -65,7 +65,8 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Every intermediate of a seeded ancestral sampling run at chosen steps, as an .npz.
     Trace(trace::TraceArgs),
-    /// Read a diffusers UNet2DModel (+ DDPMScheduler) folder into a ddpm checkpoint.
+    /// Read another implementation's model into a ddpm checkpoint: a diffusers UNet2DModel
+    /// (+ DDPMScheduler) folder, or an improved-/guided-diffusion .pt with its flags.
     Import(interop::ImportArgs),
     /// Write a ddpm checkpoint as a diffusers folder (UNet2DModel and DDPMPipeline load it).
     Export(interop::ExportArgs),

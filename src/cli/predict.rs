@@ -13,7 +13,8 @@ use super::common::{check_out_folder, load_model, set_threads};
 /// `ddpm predict` arguments.
 #[derive(Args, Debug, Clone)]
 pub struct PredictArgs {
-    /// A ddpm checkpoint (file or run directory) or a diffusers UNet2DModel folder.
+    /// A ddpm checkpoint (file or run directory; `ddpm import` makes one from diffusers,
+    /// improved-diffusion and guided-diffusion models) or a diffusers UNet2DModel folder.
     #[arg(long)]
     pub model: PathBuf,
     /// The input batch x_t: a float32 .npy of shape [N, C, H, W].
@@ -23,7 +24,11 @@ pub struct PredictArgs {
     /// network sees it unchanged except under the improved-diffusion convention (t·1000/T).
     #[arg(long)]
     pub t: u64,
-    /// Where to write the output, a float32 .npy [N, C_out, H, W] (ε_θ for ε-prediction).
+    /// The class of every image, for a class-conditional model (0-based label).
+    #[arg(long)]
+    pub class: Option<usize>,
+    /// Where to write the output, a float32 .npy [N, C_out, H, W] (ε_θ for ε-prediction, and
+    /// the variance values in the second half of the channels when the variance is learned).
     #[arg(long)]
     pub out: PathBuf,
     /// Use a ddpm checkpoint's raw trained weights instead of their EMA.
@@ -58,7 +63,15 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let schedule = NoiseSchedule::new(&d.schedule, d.timesteps, d.convention.settings())?;
     let model_t = schedule.model_timestep(args.t as usize) as f32;
     let n = s[0];
-    let out = model.net.forward(&model.params.bind_constant(), &Var::constant(x), &vec![model_t; n], None);
+    model.net.config.check_class(args.class).context("--class")?;
+    let labels = args.class.map(|c| vec![c; n]);
+    let out = model.net.forward_labelled(
+        &model.params.bind_constant(),
+        &Var::constant(x),
+        &vec![model_t; n],
+        labels.as_deref(),
+        None,
+    );
     write_npy_f32(&args.out, out.value()).with_context(|| format!("writing {}", args.out.display()))?;
     say!("wrote {} ({:?})", args.out.display(), out.shape());
     Ok(())

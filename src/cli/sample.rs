@@ -31,6 +31,9 @@ pub struct SampleArgs {
     /// A checkpoint file, or a run directory holding checkpoint.safetensors.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// The class of every image, for a class-conditional model (0-based label).
+    #[arg(long)]
+    pub class: Option<usize>,
     /// Number of images (1 to 1000000).
     #[arg(long, default_value_t = 64, value_parser = count(1..=1_000_000))]
     pub num: usize,
@@ -106,7 +109,9 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
         clip_x0: !args.no_clip && ck.clip_x0.unwrap_or(true),
         trajectory_frames: if args.trajectory { args.trajectory_frames } else { 0 },
         stop: None,
+        class: args.class,
     };
+    net.config.check_class(args.class).context("--class")?;
     let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);
     if args.trajectory && args.trajectory_frames > k + 1 {
         bail!(

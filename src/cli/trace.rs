@@ -23,6 +23,9 @@ pub struct TraceArgs {
     /// A ddpm checkpoint (file or run directory) or a diffusers UNet2DModel folder.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// The class of every image, for a class-conditional model (0-based label).
+    #[arg(long)]
+    pub class: Option<usize>,
     /// Seed of x_T and of the sampling noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -65,6 +68,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
         bail!("--steps: timestep {t} is out of range; this model has T = {big_t} (steps 0..={})", big_t - 1);
     }
     let schedule = d.schedule()?;
+    model.net.config.check_class(args.class).context("--class")?;
     let clip = !args.no_clip && model.clip_x0;
     let bar = progress_bar(big_t as u64, "trace");
     let mut rng = ddpm::rng_from_seed(args.seed);
@@ -75,6 +79,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
         &d.parameterization(),
         args.num,
         clip,
+        args.class,
         |t| keep.contains(&t),
         &mut rng,
         |done, _| bar.set_position(done as u64),

@@ -211,7 +211,7 @@ pub struct TrainArgs {
     /// Diffusion steps T (2 to 1000000).
     #[arg(long, default_value_t = 1000, value_parser = count(2..=1_000_000))]
     pub timesteps: usize,
-    /// Conventions where references disagree: ho2020, improved-diffusion, diffusers.
+    /// Conventions where references disagree: ho2020, improved-diffusion, guided-diffusion, diffusers.
     #[arg(long, default_value = "ho2020")]
     pub convention: Convention,
     /// What the network predicts.

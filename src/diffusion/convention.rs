@@ -6,14 +6,17 @@
 //! so a caller can also override one of them. docs/conventions.md explains every choice and
 //! where it comes from.
 //!
-//! | setting                          | `ho2020` (default)     | `improved-diffusion`   | `diffusers`          |
-//! |----------------------------------|------------------------|------------------------|----------------------|
-//! | [`T0LogVariance`]                | `SecondStep`           | `SecondStep`           | `Floor1e20`          |
-//! | [`FixedLargeT0`]                 | `SecondStepPosterior`  | `SecondStepPosterior`  | `Beta`               |
-//! | [`NormalCdf`]                    | `TanhApprox`           | `TanhApprox`           | `Erf`                |
-//! | [`LinearRescale`]                | `None`                 | `ThousandOverT`        | `None`               |
-//! | [`ModelTimestep`]                | `Index`                | `ScaledTo1000`         | `Index`              |
-//! | [`TablePrecision`]               | `Float64`              | `Float64`              | `Float32`            |
+//! | setting              | `ho2020` (default)    | `improved-diffusion`  | `guided-diffusion`    | `diffusers` |
+//! |----------------------|-----------------------|-----------------------|-----------------------|-------------|
+//! | [`T0LogVariance`]    | `SecondStep`          | `SecondStep`          | `SecondStep`          | `Floor1e20` |
+//! | [`FixedLargeT0`]     | `SecondStepPosterior` | `SecondStepPosterior` | `SecondStepPosterior` | `Beta`      |
+//! | [`NormalCdf`]        | `TanhApprox`          | `TanhApprox`          | `TanhApprox`          | `Erf`       |
+//! | [`LinearRescale`]    | `None`                | `ThousandOverT`       | `ThousandOverT`       | `None`      |
+//! | [`ModelTimestep`]    | `Index`               | `ScaledTo1000`        | `Index`               | `Index`     |
+//! | [`TablePrecision`]   | `Float64`             | `Float64`             | `Float64`             | `Float32`   |
+//!
+//! `guided-diffusion` is improved-diffusion's code with `rescale_timesteps=False`, the default of
+//! openai/guided-diffusion's scripts (and of improved-diffusion run with that flag).
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,20 +34,29 @@ pub enum Convention {
     /// openai/improved-diffusion, `gaussian_diffusion.py` with the defaults of `script_util.py`
     /// (Nichol & Dhariwal 2021, arXiv:2102.09672).
     ImprovedDiffusion,
+    /// openai/guided-diffusion (Dhariwal & Nichol 2021, arXiv:2105.05233): improved-diffusion's
+    /// math with the network given the timestep index itself (`rescale_timesteps=False`).
+    GuidedDiffusion,
     /// huggingface/diffusers, `DDPMScheduler` (no likelihood code there; the exact CDF is used).
     Diffusers,
 }
 
 impl Convention {
     /// Every convention, in the order of the table in the module docs.
-    pub const ALL: [Convention; 3] =
-        [Convention::Ho2020, Convention::ImprovedDiffusion, Convention::Diffusers];
+    pub const ALL: [Convention; 4] = [
+        Convention::Ho2020,
+        Convention::ImprovedDiffusion,
+        Convention::GuidedDiffusion,
+        Convention::Diffusers,
+    ];
 
-    /// The name used on the command line and in docs: `ho2020`, `improved-diffusion`, `diffusers`.
+    /// The name used on the command line and in docs: `ho2020`, `improved-diffusion`,
+    /// `guided-diffusion`, `diffusers`.
     pub fn name(self) -> &'static str {
         match self {
             Convention::Ho2020 => "ho2020",
             Convention::ImprovedDiffusion => "improved-diffusion",
+            Convention::GuidedDiffusion => "guided-diffusion",
             Convention::Diffusers => "diffusers",
         }
     }
@@ -68,6 +80,10 @@ impl Convention {
                 model_timestep: ModelTimestep::ScaledTo1000,
                 table_precision: TablePrecision::Float64,
             },
+            Convention::GuidedDiffusion => Conventions {
+                model_timestep: ModelTimestep::Index,
+                ..Convention::ImprovedDiffusion.settings()
+            },
             Convention::Diffusers => Conventions {
                 t0_log_variance: T0LogVariance::Floor1e20,
                 fixed_large_t0: FixedLargeT0::Beta,
@@ -89,7 +105,7 @@ impl fmt::Display for Convention {
 impl FromStr for Convention {
     type Err = Error;
 
-    /// Parses `ho2020`, `improved-diffusion` or `diffusers` (case-insensitive, `_` allowed for `-`).
+    /// Parses a [`Convention::name`] (case-insensitive, `_` allowed for `-`).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the accepted values.
@@ -98,7 +114,7 @@ impl FromStr for Convention {
         Convention::ALL.into_iter().find(|c| c.name() == wanted).ok_or_else(|| {
             Error::config(
                 "convention",
-                format!("unknown convention {s:?}; expected one of ho2020, improved-diffusion, diffusers"),
+                format!("unknown convention {s:?}; expected one of ho2020, improved-diffusion, guided-diffusion, diffusers"),
             )
         })
     }

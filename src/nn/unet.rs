@@ -249,7 +249,6 @@ impl UNetConfig {
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
             ("ch (base width)", self.ch),
-            ("num_res_blocks", self.num_res_blocks),
             ("gn_groups (group-norm groups)", self.gn_groups),
         ] {
             if v == 0 {
@@ -341,7 +340,7 @@ impl UNetConfig {
             }
         }
         if let (true, AttnNorm::Groups(g)) = (self.mid_attention, self.mid_attn_norm) {
-            let c = self.ch * self.ch_mult[self.ch_mult.len() - 1];
+            let c = self.mid_width();
             if g == 0 || !c.is_multiple_of(g) {
                 return bad(format!(
                     "mid_attn_norm: {g} groups do not divide the middle block's {c} channels"
@@ -361,6 +360,28 @@ impl UNetConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Checks that `class` fits the network: given (and below `num_classes`) exactly when it is
+    /// class-conditional.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] saying which, with the range of classes.
+    pub fn check_class(&self, class: Option<usize>) -> Result<()> {
+        match (self.num_classes, class) {
+            (None, None) => Ok(()),
+            (Some(k), Some(c)) if c < k => Ok(()),
+            (Some(k), Some(c)) => {
+                Err(Error::config("class", format!("class {c} of a model with {k} classes (0..={})", k - 1)))
+            }
+            (Some(k), None) => Err(Error::config(
+                "class",
+                format!("the model is class-conditional ({k} classes): give a class in 0..={}", k - 1),
+            )),
+            (None, Some(c)) => {
+                Err(Error::config("class", format!("class {c} given to an unconditional model")))
+            }
+        }
     }
 
     /// The most classes of a class-conditional model (ImageNet-21k has 21,841).
@@ -389,24 +410,37 @@ impl UNetConfig {
             .fold(0u64, u64::saturating_add)
     }
 
-    /// Widths of the skip connections pushed on the way down, in push order.
+    /// Widths of the skip connections pushed on the way down, in push order. Without residual
+    /// blocks on the way down (`num_res_blocks` 0, as improved-diffusion allows) the width
+    /// stays `ch` all the way to the middle.
     fn skip_widths(&self) -> Vec<usize> {
         let mut hs = vec![self.ch];
+        let mut w = self.ch;
         for (i, m) in self.ch_mult.iter().enumerate() {
             for _ in 0..self.num_res_blocks {
-                hs.push(self.ch * m);
+                w = self.ch * m;
+                hs.push(w);
             }
             if i + 1 != self.ch_mult.len() {
-                hs.push(self.ch * m);
+                hs.push(w);
             }
         }
         hs
     }
 
+    /// The width of the middle block.
+    pub fn mid_width(&self) -> usize {
+        if self.num_res_blocks == 0 {
+            self.ch
+        } else {
+            self.ch * self.ch_mult.last().copied().unwrap_or(1)
+        }
+    }
+
     /// (input, output) channels of every up-path block, in the order they run.
     fn up_blocks(&self) -> Vec<(usize, usize)> {
         let mut hs = self.skip_widths();
-        let mut block_in = self.ch * self.ch_mult.last().copied().unwrap_or(1);
+        let mut block_in = self.mid_width();
         let mut out = vec![];
         for m in self.ch_mult.iter().rev() {
             for _ in 0..=self.num_res_blocks {
@@ -436,7 +470,7 @@ impl UNetConfig {
             }
         }
         if self.mid_attention {
-            out.push((self.ch * self.ch_mult[self.ch_mult.len() - 1], false));
+            out.push((self.mid_width(), false));
         }
         for (i, m) in self.ch_mult.iter().enumerate().rev() {
             if self.attn_resolutions.contains(&res) {
@@ -449,7 +483,12 @@ impl UNetConfig {
         out
     }
 
-    /// Heads of an attention block of `c` channels (validated to divide it).
+    /// Heads of an attention block of `c` channels, on the way up or not (validated to divide
+    /// `c`).
+    pub fn heads_at(&self, c: usize, up: bool) -> usize {
+        self.heads(c, up)
+    }
+
     fn heads(&self, c: usize, up: bool) -> usize {
         let heads = if up { self.attn_heads_up.unwrap_or(self.attn_heads) } else { self.attn_heads };
         heads.heads_for(c).unwrap_or(1)
@@ -860,7 +899,7 @@ mod tests {
             1usize..4,
             1usize..4,
             prop::collection::vec(1usize..4, 1..4),
-            1usize..3,
+            0usize..3,
             any::<bool>(),
             1usize..3,
         )
@@ -895,7 +934,6 @@ mod tests {
             ("ch_mult", Box::new(|c| c.ch_mult = vec![1, 0])),
             ("ch_mult", Box::new(|c| c.ch_mult = vec![])),
             ("levels", Box::new(|c| c.ch_mult = vec![1; 70])),
-            ("num_res_blocks", Box::new(|c| c.num_res_blocks = 0)),
             ("num_res_blocks", Box::new(|c| c.num_res_blocks = usize::MAX)),
             ("in_channels", Box::new(|c| c.in_channels = 0)),
             ("width", Box::new(|c| c.ch = usize::MAX / 2)),

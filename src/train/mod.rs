@@ -257,6 +257,15 @@ fn importance_for(d: &DiffusionConfig) -> Option<ImportanceSampler> {
 }
 
 fn check_data(unet: &UNetConfig, data: &Dataset) -> Result<()> {
+    if let Some(k) = unet.num_classes {
+        // Both new runs and resumes pass here, so an imported class-conditional model is caught.
+        return Err(Error::config(
+            "class-conditional training",
+            format!(
+                "the model is conditioned on {k} classes, and ddpm's datasets carry no labels yet; it can predict and sample, not train"
+            ),
+        ));
+    }
     let [_, c, h, w] = data.shape();
     if c != unet.in_channels || h != unet.resolution || w != unet.resolution {
         return Err(Error::bad_file(

@@ -533,6 +533,7 @@ impl Run {
             clip_x0: true,
             trajectory_frames: 0,
             stop: Some(stop.clone()),
+            class: None,
         };
         let mut rng = crate::rng_from_seed(t.step_count());
         let param = t.config().diffusion.parameterization();
