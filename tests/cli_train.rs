@@ -247,3 +247,56 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
         "stderr: {e}"
     );
 }
+
+/// An improved-/guided-diffusion-style network trains from the command line: heads, scale-shift,
+/// residual resampling and a learned variance end up in the checkpoint, sampling runs, and a
+/// resume cannot change them.
+#[test]
+fn improved_diffusion_style_options_train_and_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_idx(dir.path());
+    let out = dir.path().join("run");
+    let (data, out_s) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let with = |steps, heads| {
+        let mut a = train_args(data, out_s, steps);
+        a.extend([
+            "--heads",
+            heads,
+            "--scale-shift",
+            "--resblock-updown",
+            "--variance",
+            "learned-range",
+            "--loss",
+            "hybrid",
+            "--schedule",
+            "cosine",
+        ]);
+        a
+    };
+    let args = with("6", "2");
+    let o = ddpm(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = ddpm::io::checkpoint::load(&out.join("checkpoint.safetensors")).expect("loads");
+    let u = &ck.config.unet;
+    assert_eq!(u.attn_heads, ddpm::nn::AttnHeads::Count(2));
+    assert_eq!(u.time_conditioning, ddpm::nn::TimeConditioning::ScaleShift);
+    assert_eq!((u.downsample, u.upsample), (ddpm::nn::Resample::ResBlock, ddpm::nn::Resample::ResBlock));
+    assert_eq!(u.out_channels, 2);
+    assert!(ck.params.get("down.0.downsample.temb_proj.weight").is_some());
+    let s = ddpm(&[
+        "sample",
+        "--checkpoint",
+        out_s,
+        "--num",
+        "2",
+        "--steps",
+        "5",
+        "--out",
+        dir.path().join("s").to_str().unwrap(),
+    ]);
+    assert!(s.status.success(), "{}", stderr(&s));
+    let mut again = with("8", "4");
+    again.push("--resume");
+    let r = ddpm(&again);
+    assert!(!r.status.success() && stderr(&r).contains("--heads"), "{}", stderr(&r));
+}

@@ -9,7 +9,9 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use ddpm::data::{DataSpec, Split};
 use ddpm::diffusion::{BetaSchedule, Convention, LossType, MeanType, TimestepSampling, VarianceType};
-use ddpm::nn::{DownsamplePadding, EmbeddingOrder, Preset, UNetConfig};
+use ddpm::nn::{
+    AttnHeads, DownsamplePadding, EmbeddingOrder, Preset, Resample, TimeConditioning, UNetConfig,
+};
 use ddpm::train::run::{
     Observer, Progress, ResumeData, Run, RunEvent, RunOptions, StopFlag, StopReason, LOSS_PLOT, METRICS,
 };
@@ -170,6 +172,21 @@ pub struct TrainArgs {
     /// Override the dropout rate.
     #[arg(long)]
     pub dropout: Option<f32>,
+    /// Attention heads per block (improved-diffusion's --num_heads; the presets have 1).
+    #[arg(long, value_parser = count(1..=65_536), conflicts_with = "head_width")]
+    pub heads: Option<usize>,
+    /// Attention heads of this many channels each (guided-diffusion's --num_head_channels,
+    /// diffusers' attention_head_dim).
+    #[arg(long, value_parser = count(1..=65_536))]
+    pub head_width: Option<usize>,
+    /// Scale-shift ("FiLM") timestep conditioning in the residual blocks: norm2(h)·(1 + s) + b
+    /// (improved-diffusion's --use_scale_shift_norm, diffusers' "scale_shift").
+    #[arg(long)]
+    pub scale_shift: bool,
+    /// Resample between levels with residual blocks (2x2 average pool down, nearest up) instead
+    /// of convolutions (guided-diffusion's --resblock_updown, diffusers' "resnet").
+    #[arg(long)]
+    pub resblock_updown: bool,
     /// Stop after this many steps in total (counting steps before a resume).
     #[arg(long, conflicts_with = "minutes")]
     pub steps: Option<u64>,
@@ -287,6 +304,19 @@ impl TrainArgs {
         }
         if let Some(d) = self.dropout {
             unet.dropout = d;
+        }
+        if let Some(h) = self.heads {
+            unet.attn_heads = AttnHeads::Count(h);
+        }
+        if let Some(w) = self.head_width {
+            unet.attn_heads = AttnHeads::Width(w);
+        }
+        if self.scale_shift {
+            unet.time_conditioning = TimeConditioning::ScaleShift;
+        }
+        if self.resblock_updown {
+            unet.downsample = Resample::ResBlock;
+            unet.upsample = Resample::ResBlock;
         }
         TrainConfig {
             unet,
@@ -413,6 +443,9 @@ fn recipe_value(flag: &str, c: &TrainConfig) -> Option<String> {
         "embedding_order" => format!("{:?}", u.embedding_order),
         "gn_groups" => u.gn_groups.to_string(),
         "dropout" => u.dropout.to_string(),
+        "heads" | "head_width" => format!("{:?}", u.attn_heads),
+        "scale_shift" => format!("{:?}", u.time_conditioning),
+        "resblock_updown" => format!("{:?}", (u.downsample, u.upsample)),
         "batch" => c.batch_size.to_string(),
         "seed" => c.seed.to_string(),
         "random_flip" => c.random_flip.to_string(),

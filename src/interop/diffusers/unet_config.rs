@@ -321,7 +321,8 @@ fn group_widths(c: &UNetConfig) -> Vec<usize> {
 /// [`Error::InvalidConfig`] if diffusers cannot express it: a group norm narrower than
 /// `gn_groups` (ddpm then uses fewer groups, diffusers cannot), a head count (diffusers sets
 /// head widths), different heads on the way up, a middle attention without norm under additive
-/// conditioning, or attention at a resolution that is not one of the levels'.
+/// conditioning, no residual blocks on the way down, or attention at a resolution that is not
+/// one of the levels'.
 pub fn unet_config_to_json(c: &UNetConfig) -> Result<Value> {
     c.validate()?;
     let refuse = |reason: String| Err(Error::config("diffusers export", reason));
@@ -330,6 +331,11 @@ pub fn unet_config_to_json(c: &UNetConfig) -> Result<Value> {
             "a {w}-channel group norm uses min({}, {w}) groups in ddpm; diffusers' norm_num_groups is one count for all",
             c.gn_groups
         ));
+    }
+    if c.num_res_blocks == 0 {
+        // diffusers' down blocks change width in their residual blocks; without any, its
+        // resamplers and middle block would be built for widths the features never reach.
+        return refuse("num_res_blocks 0 (improved-diffusion allows it) has no UNet2DModel layout".into());
     }
     let levels = c.ch_mult.len();
     let level_res: Vec<usize> = (0..levels).map(|i| c.resolution >> i).collect();
@@ -518,6 +524,8 @@ mod tests {
         assert!(unet_config_to_json(&narrow).unwrap_err().to_string().contains("groups"));
         let up_heads = UNetConfig { attn_heads_up: Some(AttnHeads::Count(2)), ..tiny() };
         assert!(unet_config_to_json(&up_heads).unwrap_err().to_string().contains("num_heads_upsample"));
+        let no_blocks = UNetConfig { num_res_blocks: 0, ..tiny() };
+        assert!(unet_config_to_json(&no_blocks).unwrap_err().to_string().contains("num_res_blocks 0"));
         let no_norm = UNetConfig { mid_attn_norm: AttnNorm::Off, ..tiny() };
         assert!(unet_config_to_json(&no_norm).unwrap_err().to_string().contains("without norm"));
     }
