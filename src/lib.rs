@@ -25,7 +25,7 @@
 //! | [`data`]      | image folders, IDX, CIFAR-10 binaries, seeded batches, fingerprints    |
 //! | [`io`]        | checkpoints (the [`io::checkpoint::TrainState`] record), PNG grids, npz |
 //! | [`train`]     | one step of Algorithm 1; [`train::run::Run`], a whole run in a directory |
-//! | [`interop`]   | diffusers checkpoints in and out, counter-based weights for fixtures   |
+//! | [`interop`]   | diffusers folders in and out, improved-/guided-diffusion `.pt` files in (a safe torch reader), counter weights |
 //!
 //! docs/reliability.md says what a run guarantees (atomic, rotated checkpoints; the lock;
 //! signals; non-finite steps; exact resume; bounded parsing of every file) and how each is

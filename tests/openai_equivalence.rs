@@ -214,3 +214,26 @@ fn import_then_predict_on_the_command_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("label"), "{err}");
 }
+
+/// The diffusers configs that tests/fixtures/make_openai_export_fixture.py exported with this
+/// binary and loaded in diffusers (where the outputs matched their library's to 7e-6, its
+/// errors.json): ddpm still writes exactly these from the same flags.
+#[test]
+fn exported_diffusers_configs_are_the_ones_diffusers_was_checked_with() {
+    let export = dir().join("export");
+    for (name, family) in [
+        ("improved_export", Family::Improved),
+        ("improved_class_export", Family::Improved),
+        ("guided_export", Family::Guided),
+    ] {
+        let flags = std::fs::read_to_string(export.join(format!("{name}.flags.txt"))).unwrap();
+        let f = Flags::parse(flags.trim(), family).unwrap();
+        let mut ours = ddpm::interop::diffusers::unet_config_to_json(&f.unet_config().unwrap()).unwrap();
+        let text = std::fs::read_to_string(export.join(format!("{name}.config.json"))).unwrap();
+        let mut theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for v in [&mut ours, &mut theirs] {
+            v.as_object_mut().unwrap().remove("_diffusers_version");
+        }
+        assert_eq!(ours, theirs, "{name}");
+    }
+}

@@ -628,3 +628,86 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Words a hostile or careless flag string is made of.
+    fn word() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "--image_size",
+                "--num_channels",
+                "--num_res_blocks",
+                "--num_heads",
+                "--num_heads_upsample",
+                "--num_head_channels",
+                "--attention_resolutions",
+                "--channel_mult",
+                "--learn_sigma",
+                "--class_cond",
+                "--diffusion_steps",
+                "--noise_schedule",
+                "--timestep_respacing",
+                "--resblock_updown",
+                "--use_scale_shift_norm",
+                "--dropout",
+                "--num",
+                "--",
+                "--=",
+            ])
+            .prop_map(String::from),
+            prop::sample::select(vec![
+                "0",
+                "1",
+                "-1",
+                "2",
+                "8",
+                "16",
+                "32",
+                "64",
+                "True",
+                "false",
+                "ddim0",
+                "ddim3",
+                "1,0",
+                "4294967296",
+                "18446744073709551616",
+                "-9223372036854775808",
+                "nan",
+                "1e308",
+                ",",
+                "cosine",
+                "'",
+                "\"\"",
+                "1,2,2,2",
+            ])
+            .prop_map(String::from),
+            "[ -~]{0,8}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Any flag string is parsed, mapped and respaced without a panic or an absurd
+        /// allocation: an error or a configuration that validates.
+        #[test]
+        fn any_flag_string_is_an_error_or_a_valid_model(words in prop::collection::vec(word(), 0..12), guided in any::<bool>()) {
+            let family = if guided { Family::Guided } else { Family::Improved };
+            if let Ok(f) = Flags::parse(&words.join(" "), family) {
+                if let Ok(c) = f.unet_config() {
+                    prop_assert!(c.validate().is_ok());
+                    prop_assert!(c.num_params() <= UNetConfig::MAX_PARAMS);
+                }
+                if let Ok(d) = f.diffusion_config() {
+                    if let Ok(kept) = f.kept_timesteps(d.timesteps) {
+                        prop_assert!(kept.windows(2).all(|w| w[0] < w[1]) && kept.iter().all(|&k| k < d.timesteps));
+                    }
+                }
+            }
+        }
+    }
+}
