@@ -75,7 +75,18 @@ pub fn run(target: Target, data: &[u8]) -> bool {
             // The name decides only between CIFAR and "unknown": try both spellings.
             let a = ddpm::data::parse_file_bytes(data, Path::new("data_batch_1.bin"), FUZZ_CAP).is_ok();
             let b = ddpm::data::parse_file_bytes(data, Path::new("images-idx3-ubyte"), FUZZ_CAP).is_ok();
-            a || b
+            // The same bytes as the IDX label file of a class-conditional run: any count, and
+            // a count that is most likely wrong.
+            let label_path = Path::new("labels-idx1-ubyte");
+            let c = match ddpm::data::parse_label_file_bytes(data, label_path, FUZZ_CAP, None) {
+                Ok(labels) => {
+                    let wrong = Some(labels.len() + 1);
+                    assert!(ddpm::data::parse_label_file_bytes(data, label_path, FUZZ_CAP, wrong).is_err());
+                    true
+                }
+                Err(_) => false,
+            };
+            a || b || c
         }
         Target::Image => match ddpm::data::folder::decode_image(data, src) {
             Ok(image) => {
@@ -140,7 +151,8 @@ pub fn seeds(target: Target) -> Vec<Vec<u8>> {
             let idx = idx_file(3, 4, 5);
             let mut cifar = vec![7u8];
             cifar.extend((0..3072).map(|i| (i * 31 % 251) as u8));
-            vec![gzip(&idx), idx, gzip(&cifar), cifar]
+            let labels = ddpm::data::idx::encode_idx_labels(&[3, 1, 4]);
+            vec![gzip(&idx), idx, gzip(&cifar), cifar, gzip(&labels), labels]
         }
         Target::Image => {
             let mut out = vec![];

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{stderr, write_squares_idx};
+use common::{stderr, write_squares_idx, write_squares_labels};
 
 fn ddpm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ddpm")).args(args).output().expect("the binary runs")
@@ -299,4 +299,130 @@ fn improved_diffusion_style_options_train_and_are_kept() {
     again.push("--resume");
     let r = ddpm(&again);
     assert!(!r.status.success() && stderr(&r).contains("--heads"), "{}", stderr(&r));
+}
+
+#[test]
+fn class_conditional_train_sample_eval_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_idx(dir.path());
+    write_squares_labels(dir.path(), 64);
+    let out = dir.path().join("run");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = train_args(d, o, "6");
+    args.push("--class-cond");
+    let r = ddpm(&args);
+    assert!(r.status.success(), "train failed: {}", stderr(&r));
+    assert!(stderr(&r).contains("4 classes"), "{}", stderr(&r));
+    // 4 samples of a 4-class model: one row per class, one image each (8x8, 2-pixel borders).
+    let grid = image::open(out.join("samples/step_000006.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (10 + 2, 4 * 10 + 2));
+
+    let samples = dir.path().join("samples");
+    let s = samples.to_str().unwrap();
+    let sample = |class: Option<&str>| {
+        let mut a =
+            vec!["sample", "--checkpoint", o, "--num", "2", "--steps", "5", "--out", s, "--threads", "2"];
+        if let Some(c) = class {
+            a.extend(["--class", c]);
+        }
+        ddpm(&a)
+    };
+    let r = sample(Some("3"));
+    assert!(r.status.success(), "sample --class failed: {}", stderr(&r));
+    assert!(samples.join("grid.png").is_file());
+    assert!(!sample(None).status.success(), "a class-conditional model needs --class");
+    assert!(!sample(Some("4")).status.success(), "class 4 of a 4-class model");
+
+    let r = ddpm(&["eval", "--checkpoint", o, "--data", d, "--limit", "4", "--json", "--threads", "2"]);
+    assert!(r.status.success(), "eval failed: {}", stderr(&r));
+    let report: serde_json::Value = serde_json::from_slice(&r.stdout).expect("eval --json prints JSON");
+    assert!(report["total_bpd"].as_f64().unwrap().is_finite());
+
+    // Resume with the same command, then without --class-cond (the checkpoint decides), then
+    // from the recorded data (labels reloaded and checked).
+    let mut again = train_args(d, o, "8");
+    again.extend(["--class-cond", "--resume"]);
+    let r = ddpm(&again);
+    assert!(r.status.success(), "resume failed: {}", stderr(&r));
+    let mut again = train_args(d, o, "9");
+    again.push("--resume");
+    let r = ddpm(&again);
+    assert!(r.status.success(), "resume without --class-cond failed: {}", stderr(&r));
+    let r =
+        ddpm(&["train", "--out", o, "--resume", "--steps", "10", "--threads", "2", "--sample-count", "0"]);
+    assert!(r.status.success(), "resume from the recorded data failed: {}", stderr(&r));
+
+    // Changed labels are other data: the recorded fingerprint covers them.
+    let labels = dir.path().join("squares-idx1-ubyte");
+    let mut bytes = std::fs::read(&labels).unwrap();
+    bytes[8] = 1;
+    std::fs::write(&labels, &bytes).unwrap();
+    let r =
+        ddpm(&["train", "--out", o, "--resume", "--steps", "11", "--threads", "2", "--sample-count", "0"]);
+    assert!(!r.status.success(), "resumed on changed labels");
+    assert!(stderr(&r).contains("labels xxh3"), "{}", stderr(&r));
+
+    // Without the label file: train and eval refuse, naming the file looked for.
+    std::fs::remove_file(&labels).unwrap();
+    let other = dir.path().join("other");
+    let mut args = train_args(d, other.to_str().unwrap(), "2");
+    args.push("--class-cond");
+    let r = ddpm(&args);
+    assert!(!r.status.success(), "class-cond training without labels");
+    assert!(stderr(&r).contains("squares-idx1-ubyte"), "{}", stderr(&r));
+    let r = ddpm(&["eval", "--checkpoint", o, "--data", d, "--limit", "2", "--threads", "2"]);
+    assert!(!r.status.success(), "class-cond eval without labels");
+    assert!(stderr(&r).contains("squares-idx1-ubyte") && stderr(&r).contains("4 classes"), "{}", stderr(&r));
+}
+
+#[test]
+fn class_cond_cannot_be_added_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_idx(dir.path());
+    write_squares_labels(dir.path(), 64);
+    let out = dir.path().join("run");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let r = ddpm(&train_args(d, o, "2"));
+    assert!(r.status.success(), "train failed: {}", stderr(&r));
+    let mut again = train_args(d, o, "4");
+    again.extend(["--resume", "--class-cond"]);
+    let r = ddpm(&again);
+    assert!(!r.status.success(), "--class-cond added on resume");
+    assert!(stderr(&r).contains("--class-cond"), "{}", stderr(&r));
+}
+
+#[test]
+fn embedded_mnist_trains_class_conditionally() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = out.to_str().unwrap();
+    let r = ddpm(&[
+        "train",
+        "--class-cond",
+        "--preset",
+        "tiny",
+        "--ch",
+        "8",
+        "--out",
+        o,
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--timesteps",
+        "10",
+        "--warmup",
+        "1",
+        "--sample-count",
+        "10",
+        "--sample-steps",
+        "2",
+        "--threads",
+        "2",
+    ]);
+    assert!(r.status.success(), "train failed: {}", stderr(&r));
+    assert!(stderr(&r).contains("10 classes"), "{}", stderr(&r));
+    // Ten classes, one image each: a column of ten 28x28 images.
+    let grid = image::open(out.join("samples/step_000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (30 + 2, 10 * 30 + 2));
 }

@@ -20,7 +20,7 @@ fn mnist_folder_to_batches_to_png_grid_keeps_every_pixel() {
     let original = digits(10);
     data::write_idx(&mnist.join("t10k-images-idx3-ubyte.gz"), &original).expect("write idx");
 
-    let opts = LoadOptions { split: Split::Test, image_size: Some(28), channels: Some(1) };
+    let opts = LoadOptions { split: Split::Test, image_size: Some(28), channels: Some(1), labels: false };
     let loaded = data::load(&mnist, &opts).expect("load");
     assert_eq!(loaded.pixels(), original.pixels());
 

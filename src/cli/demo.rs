@@ -50,6 +50,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         split: Split::Train,
         image_size: None,
         channels: None,
+        class_cond: false,
         out: args.out.clone(),
         resume: args.resume,
         preset: PresetArg::Small,

@@ -67,18 +67,32 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     let path = resolve_checkpoint(&args.checkpoint)?;
     let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    if let Some(k) = ck.config.unet.num_classes {
-        bail!(
-            "{}: the model is conditioned on {k} classes; bits/dim needs each image's label, which ddpm's datasets do not carry yet",
-            path.display()
-        );
-    }
+    let classes = ck.config.unet.num_classes;
+    // A class-conditional model is evaluated on each image with its own label.
     let data = load_data(&ddpm::data::DataSpec {
         path: args.data.clone(),
         split: args.split,
         image_size: Some(ck.config.unet.resolution),
         channels: Some(ck.config.unet.in_channels),
+        labels: classes.is_some(),
+    })
+    .with_context(|| match classes {
+        Some(k) => {
+            format!("{} is conditioned on {k} classes, so the data needs a label per image", path.display())
+        }
+        None => format!("evaluating {}", path.display()),
     })?;
+    if let (Some(k), Some(found)) = (classes, data.num_classes()) {
+        if found > k {
+            bail!(
+                "{}: the labels go up to {} but {} is conditioned on {k} classes (0..={})",
+                data.source().display(),
+                found - 1,
+                path.display(),
+                k - 1
+            );
+        }
+    }
     let [_, c, h, w] = data.shape();
     let u = &ck.config.unet;
     if c != u.in_channels || h != u.resolution || w != u.resolution {
@@ -107,10 +121,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     while start < n {
         let idx: Vec<usize> = (start..(start + args.batch).min(n)).collect();
         let x0 = data.to_tensor(&idx).mapv(|v| v as f64);
+        let labels = data.labels_at(&idx).filter(|_| classes.is_some());
         let b = idx.len();
         let model = |x_t: &ndarray::ArrayD<f64>, t: &[usize]| {
             let mt: Vec<f32> = t.iter().map(|&ti| schedule.model_timestep(ti) as f32).collect();
-            let y = net.forward(&bound, &Var::constant(x_t.mapv(|v| v as f32)), &mt, None);
+            let x_t = Var::constant(x_t.mapv(|v| v as f32));
+            let y = net.forward_labelled(&bound, &x_t, &mt, labels.as_deref(), None);
             bar.inc(b as u64);
             y.value().mapv(|v| v as f64)
         };

@@ -131,6 +131,12 @@ pub struct TrainArgs {
     /// Channels to load image folders as (1 = grayscale, 3 = RGB).
     #[arg(long)]
     pub channels: Option<usize>,
+    /// Class-conditional training: load each image's class label (the IDX *-labels-idx1-ubyte
+    /// file next to the images, the CIFAR-10 label bytes, or the embedded MNIST's labels) and
+    /// condition the network on it, with as many classes as the largest label + 1. Sample grids
+    /// then show one class per row; sample with `ddpm sample --class N`.
+    #[arg(long)]
+    pub class_cond: bool,
     /// Output directory: checkpoint.safetensors (and the one before it,
     /// checkpoint.prev.safetensors), metrics.csv, loss.png, samples/; locked while a run uses it.
     #[arg(long)]
@@ -250,7 +256,8 @@ pub struct TrainArgs {
     /// Write a grid of samples (EMA weights, DDIM) every N steps; 0 for only at the end.
     #[arg(long, default_value_t = 0)]
     pub sample_every: u64,
-    /// Images in the periodic sample grids (0 for none; at most 4096).
+    /// Images in the periodic sample grids (0 for none; at most 4096). With --class-cond, one row
+    /// per class (classes 0..min(K, N)), the count rounded up to fill the rows.
     #[arg(long, default_value_t = 16, value_parser = count(0..=4096))]
     pub sample_count: usize,
     /// DDIM steps for the periodic sample grids (at least 2; capped at T).
@@ -264,7 +271,9 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn config(&self, channels: usize, resolution: usize) -> TrainConfig {
+    /// The configuration for data of `channels` × `resolution`², conditioned on `num_classes`
+    /// classes if given.
+    fn config(&self, channels: usize, resolution: usize, num_classes: Option<usize>) -> TrainConfig {
         let variance = match self.variance {
             VarianceArg::FixedSmall => VarianceType::FixedSmall,
             VarianceArg::FixedLarge => VarianceType::FixedLarge,
@@ -272,6 +281,7 @@ impl TrainArgs {
             VarianceArg::LearnedRange => VarianceType::LearnedRange,
         };
         let mut unet: UNetConfig = Preset::from(self.preset).config(channels, resolution);
+        unet.num_classes = num_classes;
         if variance.is_learned() {
             unet.out_channels = 2 * channels;
         }
@@ -446,6 +456,7 @@ fn recipe_value(flag: &str, c: &TrainConfig) -> Option<String> {
         "heads" | "head_width" => format!("{:?}", u.attn_heads),
         "scale_shift" => format!("{:?}", u.time_conditioning),
         "resblock_updown" => format!("{:?}", (u.downsample, u.upsample)),
+        "class_cond" => u.num_classes.is_some().to_string(),
         "batch" => c.batch_size.to_string(),
         "seed" => c.seed.to_string(),
         "random_flip" => c.random_flip.to_string(),
@@ -472,7 +483,9 @@ fn recipe_value(flag: &str, c: &TrainConfig) -> Option<String> {
 /// On --resume, the recipe flags given on the command line whose values differ from the
 /// checkpoint's (`flag: given vs stored`).
 fn changed_recipe(args: &TrainArgs, given: &[String], stored: &TrainConfig) -> Vec<String> {
-    let wanted = args.config(stored.unet.in_channels, stored.unet.resolution);
+    // The number of classes comes from the data: a flag can only say whether there are any.
+    let classes = if args.class_cond { stored.unet.num_classes.or(Some(1)) } else { stored.unet.num_classes };
+    let wanted = args.config(stored.unet.in_channels, stored.unet.resolution, classes);
     given
         .iter()
         .filter_map(|id| {
@@ -535,6 +548,7 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
         split: args.split,
         image_size: args.image_size,
         channels: args.channels,
+        labels: args.class_cond,
     };
     let mut run = if args.resume {
         let data = match &args.data {
@@ -565,7 +579,14 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
                 data.source().display()
             );
         }
-        Run::create(&args.out, args.config(c, h), spec, Arc::new(data), options)
+        let classes = match (args.class_cond, data.num_classes()) {
+            (false, _) => None,
+            (true, Some(k)) => Some(k),
+            (true, None) => {
+                bail!("{}: --class-cond needs class labels and none were loaded", data.source().display())
+            }
+        };
+        Run::create(&args.out, args.config(c, h, classes), spec, Arc::new(data), options)
             .with_context(|| format!("cannot start training in {}", args.out.display()))?
     };
     let start = Instant::now();
@@ -626,12 +647,13 @@ impl Observer for BarObserver {
         println_above(
             &self.bar,
             format!(
-                "training on {} ({} images of {}x{}x{}), {} parameters, batch {}, T = {}, from step {}",
+                "training on {} ({} images of {}x{}x{}{}), {} parameters, batch {}, T = {}, from step {}",
                 data.source().display(),
                 data.len(),
                 cfg.unet.in_channels,
                 cfg.unet.resolution,
                 cfg.unet.resolution,
+                cfg.unet.num_classes.map_or_else(String::new, |k| format!(", {k} classes")),
                 t.state().params.num_scalars(),
                 cfg.batch_size,
                 cfg.diffusion.timesteps,

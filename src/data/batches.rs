@@ -84,6 +84,16 @@ pub struct BatchIndices {
     pub flips: Vec<bool>,
 }
 
+/// One minibatch with the class labels of its images, as [`Batches::next_labelled`] returns it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// The images, `[B, C, H, W]` on [−1, 1].
+    pub x0: Tensor,
+    /// The class label of each image, in batch order (`B` of them); `None` when the dataset has
+    /// no labels.
+    pub labels: Option<Vec<usize>>,
+}
+
 /// An endless stream of shuffled minibatches `[B, C, H, W]` on [−1, 1]; see the module
 /// documentation for the exact stream and how to resume it.
 ///
@@ -193,6 +203,17 @@ impl Batches {
     pub fn next_batch(&mut self) -> Tensor {
         let plan = self.next_indices();
         self.data.gather(&plan.indices, Some(&plan.flips))
+    }
+
+    /// [`Batches::next_batch`] with the labels of its images, looked up by dataset index (a
+    /// flip does not change a label), so the stream and its resumption are the same with or
+    /// without labels.
+    pub fn next_labelled(&mut self) -> Batch {
+        let plan = self.next_indices();
+        Batch {
+            x0: self.data.gather(&plan.indices, Some(&plan.flips)),
+            labels: self.data.labels_at(&plan.indices),
+        }
     }
 }
 
@@ -381,5 +402,31 @@ mod tests {
         let from_iter: Vec<Tensor> = b.take(5).collect();
         let direct: Vec<Tensor> = (0..5).map(|_| a.next_batch()).collect();
         assert_eq!(from_iter, direct);
+    }
+
+    #[test]
+    fn labelled_batches_follow_the_same_stream_and_carry_each_image_s_label() {
+        // Label of image i is 10 + i; pixel 0 of image i is i, so the label can be checked
+        // against the image that was actually served.
+        let n = 12;
+        let labels: Vec<u32> = (0..n as u32).map(|i| 10 + i).collect();
+        let d = Arc::new(indexed(n).with_labels(labels).expect("one label per image"));
+        let mut plain = Batches::new(Arc::clone(&d), config(5, true, 4)).expect("valid");
+        let mut labelled = Batches::new(Arc::clone(&d), config(5, true, 4)).expect("valid");
+        for _ in 0..7 {
+            let batch = labelled.next_labelled();
+            assert_eq!(batch.x0, plain.next_batch());
+            let got = batch.labels.expect("the dataset has labels");
+            for (k, &label) in got.iter().enumerate() {
+                // A flip mirrors [i, i, 255 − i]; the middle pixel is i either way.
+                let i = ((batch.x0[[k, 0, 0, 1]] + 1.0) * 127.5).round() as usize;
+                assert_eq!(label, 10 + i);
+            }
+        }
+        let position = labelled.position();
+        let mut resumed = Batches::resume(Arc::clone(&d), config(5, true, 4), position).expect("valid");
+        assert_eq!(resumed.next_labelled(), labelled.next_labelled());
+        let mut unlabelled = Batches::new(Arc::new(indexed(n)), config(5, true, 4)).expect("valid");
+        assert_eq!(unlabelled.next_labelled().labels, None);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A batch file is a sequence of records with no header. Each record is 3073 bytes: one label
 //! byte, then 1024 bytes of red, 1024 of green and 1024 of blue, each channel 32×32 row-major, so
-//! the pixels are already CHW. The labels are dropped: a DDPM here is unconditional.
+//! the pixels are already CHW. The label bytes become the dataset's labels; [`super::load`] drops
+//! them unless [`super::LoadOptions::labels`] asks for them (class-conditional training).
 //!
 //! The emoji set in `/work/shared/data/emoji-noto` (`emoji_32x32_rgb_cifar.bin.gz`, 3786 images
 //! composited on white) uses this format and loads with [`load_cifar`].
@@ -26,7 +27,8 @@ pub const CIFAR_RECORD_BYTES: usize = 1 + CIFAR_IMAGE_BYTES;
 const CIFAR_SUBFOLDER: &str = "cifar-10-batches-bin";
 
 /// Parses the bytes of an (uncompressed) CIFAR-10 binary batch into a `[N, 3, 32, 32]` dataset,
-/// `N = bytes.len() / 3073`, dropping the labels. `source` names the file in errors.
+/// `N = bytes.len() / 3073`, with each record's label byte as its image's label. `source` names
+/// the file in errors.
 ///
 /// # Errors
 /// [`Error::BadFile`] if the data is empty or its length is not a multiple of 3073 bytes
@@ -34,16 +36,19 @@ const CIFAR_SUBFOLDER: &str = "cifar-10-batches-bin";
 pub fn parse_cifar(bytes: &[u8], source: &Path) -> Result<Dataset> {
     let n = cifar_records(bytes, source)?;
     let mut pixels = Vec::with_capacity(n * CIFAR_IMAGE_BYTES);
+    let mut labels = Vec::with_capacity(n);
     for record in bytes.chunks_exact(CIFAR_RECORD_BYTES) {
+        labels.push(u32::from(record[0]));
         pixels.extend_from_slice(&record[1..]);
     }
-    Dataset::new(pixels, n, 3, 32, 32, source)
+    Dataset::new(pixels, n, 3, 32, 32, source)?.with_labels(labels)
 }
 
 /// [`parse_cifar`] taking the bytes: the labels are squeezed out in place, so the records
 /// become the dataset's pixels without a second buffer.
 pub(crate) fn parse_cifar_owned(mut bytes: Vec<u8>, source: &Path) -> Result<Dataset> {
     let n = cifar_records(&bytes, source)?;
+    let labels: Vec<u32> = (0..n).map(|i| u32::from(bytes[i * CIFAR_RECORD_BYTES])).collect();
     for i in 0..n {
         // Image i moves left by i + 1 bytes (the labels before it and its own), never over
         // bytes not yet moved.
@@ -52,7 +57,7 @@ pub(crate) fn parse_cifar_owned(mut bytes: Vec<u8>, source: &Path) -> Result<Dat
     }
     bytes.truncate(n * CIFAR_IMAGE_BYTES);
     bytes.shrink_to_fit();
-    Dataset::new(bytes, n, 3, 32, 32, source)
+    Dataset::new(bytes, n, 3, 32, 32, source)?.with_labels(labels)
 }
 
 /// Every check of [`parse_cifar`]: the number of records of a valid batch.
@@ -106,12 +111,15 @@ pub fn load_cifar_dir(dir: &Path, split: Split) -> Result<Dataset> {
         ));
     }
     let mut pixels = Vec::new();
+    let mut labels = Vec::new();
     for file in &files {
-        pixels.extend_from_slice(load_cifar(file)?.pixels());
+        let batch = load_cifar(file)?;
+        pixels.extend_from_slice(batch.pixels());
+        labels.extend_from_slice(batch.labels().expect("parse_cifar_owned attaches the labels"));
     }
     let source = files[0].parent().map_or_else(|| dir.to_path_buf(), Path::to_path_buf);
     let n = pixels.len() / CIFAR_IMAGE_BYTES;
-    Dataset::new(pixels, n, 3, 32, 32, source)
+    Dataset::new(pixels, n, 3, 32, 32, source)?.with_labels(labels)
 }
 
 /// The names [`load_cifar_dir`] reads for `split`, for messages.
@@ -183,10 +191,11 @@ fn batch_files_in(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, _, path)| path).collect())
 }
 
-/// The CIFAR-10 binary batch of a `[N, 3, 32, 32]` dataset, every label 0.
+/// The CIFAR-10 binary batch of a `[N, 3, 32, 32]` dataset: each record's label byte is the
+/// image's label, or 0 when the dataset has no labels.
 ///
 /// # Errors
-/// [`Error::InvalidConfig`] if the dataset is not 3 × 32 × 32.
+/// [`Error::InvalidConfig`] if the dataset is not 3 × 32 × 32, or a label is above 255.
 pub fn encode_cifar(dataset: &Dataset) -> Result<Vec<u8>> {
     if dataset.channels() != 3 || dataset.height() != 32 || dataset.width() != 32 {
         return Err(Error::config(
@@ -201,14 +210,18 @@ pub fn encode_cifar(dataset: &Dataset) -> Result<Vec<u8>> {
         ));
     }
     let mut out = Vec::with_capacity(dataset.len() * CIFAR_RECORD_BYTES);
-    for image in dataset.pixels().chunks_exact(CIFAR_IMAGE_BYTES) {
-        out.push(0);
+    for (i, image) in dataset.pixels().chunks_exact(CIFAR_IMAGE_BYTES).enumerate() {
+        let label = dataset.labels().map_or(0, |l| l[i]);
+        let label = u8::try_from(label).map_err(|_| {
+            Error::config("CIFAR export", format!("label {label} of image {i} does not fit in a byte"))
+        })?;
+        out.push(label);
         out.extend_from_slice(image);
     }
     Ok(out)
 }
 
-/// Writes a `[N, 3, 32, 32]` dataset as a CIFAR-10 binary batch (labels 0), gzip-compressed when
+/// Writes a `[N, 3, 32, 32]` dataset as a CIFAR-10 binary batch (see [`encode_cifar`]), gzip-compressed when
 /// `path` ends in `.gz`, atomically (see [`crate::files::write_atomic`]).
 ///
 /// # Errors
@@ -242,13 +255,18 @@ mod tests {
     }
 
     #[test]
-    fn labels_are_dropped_and_channels_are_planar() {
+    fn label_byte_is_the_label_and_channels_are_planar() {
         let mut record = vec![9u8]; // label
         record.extend(std::iter::repeat_n(200u8, 1024)); // red
         record.extend(std::iter::repeat_n(100u8, 1024)); // green
         record.extend(std::iter::repeat_n(50u8, 1024)); // blue
         let d = parse_cifar(&record, Path::new("r")).expect("one record");
         assert_eq!(d.len(), 1);
+        assert_eq!(d.labels(), Some(&[9u32][..]));
+        assert_eq!(
+            parse_cifar_owned(record.clone(), Path::new("r")).expect("owned").labels(),
+            Some(&[9u32][..])
+        );
         let t = d.to_tensor(&[0]);
         assert_eq!(t[[0, 0, 31, 31]], crate::data::pixel_to_unit(200));
         assert_eq!(t[[0, 1, 0, 0]], crate::data::pixel_to_unit(100));
@@ -287,6 +305,18 @@ mod tests {
         assert_eq!(train.source(), sub);
         let test = load_cifar_dir(dir.path(), Split::Test).expect("test");
         assert_eq!(test.pixels(), colour(3, 7).pixels());
+    }
+
+    #[test]
+    fn folder_keeps_each_batch_s_labels_in_image_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let one = colour(2, 1).with_labels(vec![3, 4]).expect("two labels");
+        let two = colour(1, 2).with_labels(vec![9]).expect("one label");
+        write_cifar(&dir.path().join("data_batch_1.bin"), &one).expect("write");
+        write_cifar(&dir.path().join("data_batch_2.bin.gz"), &two).expect("write");
+        let train = load_cifar_dir(dir.path(), Split::Train).expect("train");
+        assert_eq!(train.labels(), Some(&[3u32, 4, 9][..]));
+        assert_eq!(train.num_classes(), Some(10));
     }
 
     #[test]

@@ -11,6 +11,18 @@
 //!
 //! Only this variant (u8, three dimensions) holds images; label files (`0x00000801`) and other
 //! element types are refused with a message saying so.
+//!
+//! Class labels (for class-conditional training) come from the IDX label file next to the
+//! images, read only when asked for ([`load_labels_for`]):
+//!
+//! | bytes   | content                                                             |
+//! |---------|---------------------------------------------------------------------|
+//! | 0..4    | magic `0x00000801`: two zero bytes, type `0x08` (u8), 1 dimension   |
+//! | 4..8    | `u32` count, which must equal the image count                       |
+//! | 8..     | `count` label bytes, one per image, in image order                  |
+//!
+//! Its name is the images file's with `images` → `labels` and `idx3` → `idx1`
+//! (`train-images-idx3-ubyte.gz` ↔ `train-labels-idx1-ubyte.gz`), gzip or not.
 
 use std::path::{Path, PathBuf};
 
@@ -21,15 +33,22 @@ use crate::error::{Error, Result};
 pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
 
 /// Magic number of an IDX file of `u8` values with 1 dimension: MNIST labels.
-const IDX_LABELS_MAGIC: u32 = 0x0000_0801;
+pub const IDX_LABELS_MAGIC: u32 = 0x0000_0801;
+
+/// Size of the header of an IDX label file: magic and one dimension.
+pub(crate) const IDX_LABELS_HEADER: usize = 8;
 
 /// Size of the header of an IDX image file: magic and three dimensions.
 pub(crate) const IDX_IMAGES_HEADER: usize = 16;
 
-/// The total length (header and pixels) that the first 16 bytes of an IDX image file declare,
-/// or `None` if they are not an IDX image header (or the size overflows).
+/// The total length (header and body) that the first bytes of an IDX image file (16 bytes) or
+/// label file (8 bytes) declare, or `None` if they are neither header (or the size overflows).
 pub(crate) fn declared_file_len(head: &[u8]) -> Option<u64> {
-    if be_u32(head, 0)? != IDX_IMAGES_MAGIC {
+    let magic = be_u32(head, 0)?;
+    if magic == IDX_LABELS_MAGIC {
+        return u64::from(be_u32(head, 4)?).checked_add(IDX_LABELS_HEADER as u64);
+    }
+    if magic != IDX_IMAGES_MAGIC {
         return None;
     }
     let (count, rows, cols) = (be_u32(head, 4)?, be_u32(head, 8)?, be_u32(head, 12)?);
@@ -148,6 +167,116 @@ pub(crate) fn idx_dims(bytes: &[u8], source: &Path) -> Result<(usize, usize, usi
 /// refusal of [`parse_idx`].
 pub fn load_idx(path: &Path) -> Result<Dataset> {
     parse_idx_owned(read_maybe_gzip(path)?, path)
+}
+
+/// Parses the bytes of an (uncompressed) IDX label file: one `u8` class label per image.
+/// `expected` is the number of images the labels belong to (`None` accepts any count).
+/// `source` names the file in errors.
+///
+/// # Errors
+/// [`Error::BadFile`] naming `source` if the magic is not `0x00000801` (an image file is told
+/// apart), the header is truncated, the count is zero or differs from `expected`, or the byte
+/// count differs from the header's.
+pub fn parse_idx_labels(bytes: &[u8], source: &Path, expected: Option<usize>) -> Result<Vec<u8>> {
+    let (Some(magic), Some(count)) = (be_u32(bytes, 0), be_u32(bytes, 4)) else {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "{} bytes is too short for an IDX label file ({IDX_LABELS_HEADER}-byte header); it \
+                 is empty or truncated, get it again",
+                bytes.len()
+            ),
+        ));
+    };
+    if magic == IDX_IMAGES_MAGIC {
+        return Err(Error::bad_file(
+            source,
+            "this is an IDX image file (magic 0x00000803), not labels; the labels are the \
+             matching *-labels-idx1-ubyte file",
+        ));
+    }
+    if magic != IDX_LABELS_MAGIC {
+        return Err(Error::bad_file(
+            source,
+            format!("not an IDX label file: it starts with 0x{magic:08x}, expected 0x00000801"),
+        ));
+    }
+    let count = count as usize;
+    if count == 0 {
+        return Err(Error::bad_file(source, "the IDX label header says 0 labels; there is nothing to load"));
+    }
+    if let Some(n) = expected.filter(|&n| n != count) {
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "holds {count} labels but the images file holds {n} images; the two files do not \
+                 belong together"
+            ),
+        ));
+    }
+    let present = bytes.len() - IDX_LABELS_HEADER;
+    if present != count {
+        let what = if present < count { "truncated" } else { "too long" };
+        return Err(Error::bad_file(
+            source,
+            format!(
+                "{what}: the header promises {count} labels but {present} bytes follow it; get the \
+                 file again"
+            ),
+        ));
+    }
+    Ok(bytes[IDX_LABELS_HEADER..].to_vec())
+}
+
+/// The label file names that belong to the IDX images file `images`, in order of preference:
+/// its name with `images` → `labels` and `idx3` → `idx1`, with and without `.gz`. Empty when the
+/// name holds no `idx3`, so no labels name can be derived from it.
+pub fn labels_paths_for(images: &Path) -> Vec<PathBuf> {
+    let Some(name) = images.file_name().and_then(|n| n.to_str()) else { return vec![] };
+    let Some(at) = name.rfind("idx3") else { return vec![] };
+    let name = format!("{}idx1{}", &name[..at], &name[at + 4..]).replacen("images", "labels", 1);
+    let base = name.strip_suffix(".gz").unwrap_or(&name).to_string();
+    [base.clone(), format!("{base}.gz")].iter().map(|n| images.with_file_name(n)).collect()
+}
+
+/// Reads the labels of the `count` images of the IDX file `images` from the label file next to
+/// it ([`labels_paths_for`]), gzip or not, within [`crate::files::memory_cap`].
+///
+/// # Errors
+/// [`Error::BadFile`] naming the file(s) looked for if none exists, or naming the label file if
+/// [`parse_idx_labels`] refuses it; [`Error::Io`] if it cannot be read.
+pub fn load_labels_for(images: &Path, count: usize) -> Result<Vec<u8>> {
+    let candidates = labels_paths_for(images);
+    let Some(path) = candidates.iter().find(|p| p.is_file()) else {
+        let looked = if candidates.is_empty() {
+            "its name holds no `idx3`, so no label file name follows from it; name the images \
+             `<x>-images-idx3-ubyte` and the labels `<x>-labels-idx1-ubyte`"
+                .to_string()
+        } else {
+            format!(
+                "looked for {}",
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")
+            )
+        };
+        return Err(Error::bad_file(
+            images,
+            format!("class labels are needed but there is no IDX label file for these images: {looked}"),
+        ));
+    };
+    parse_idx_labels(&read_maybe_gzip(path)?, path, Some(count))
+}
+
+/// Encodes labels as an IDX label file: header `0x00000801, N`, then one byte per label.
+///
+/// # Panics
+/// If there are more than `u32::MAX` labels.
+pub fn encode_idx_labels(labels: &[u8]) -> Vec<u8> {
+    let n = u32::try_from(labels.len()).expect("encode_idx_labels: more than u32::MAX labels");
+    let mut out = Vec::with_capacity(IDX_LABELS_HEADER + labels.len());
+    out.extend_from_slice(&IDX_LABELS_MAGIC.to_be_bytes());
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(labels);
+    out
 }
 
 /// Loads one split from a folder holding the MNIST files under their standard names:
@@ -348,5 +477,98 @@ mod tests {
     fn encode_refuses_rgb() {
         let d = Dataset::new(vec![0; 12], 1, 3, 2, 2, "rgb").expect("valid shape");
         assert!(matches!(encode_idx(&d), Err(Error::InvalidConfig { .. })));
+    }
+
+    #[test]
+    fn label_file_names_follow_the_images_file() {
+        let names = |p: &str| -> Vec<String> {
+            labels_paths_for(Path::new(p)).iter().map(|p| p.display().to_string()).collect()
+        };
+        assert_eq!(
+            names("/d/train-images-idx3-ubyte.gz"),
+            ["/d/train-labels-idx1-ubyte", "/d/train-labels-idx1-ubyte.gz"]
+        );
+        assert_eq!(names("t10k-images.idx3-ubyte"), ["t10k-labels.idx1-ubyte", "t10k-labels.idx1-ubyte.gz"]);
+        assert_eq!(names("squares-idx3-ubyte"), ["squares-idx1-ubyte", "squares-idx1-ubyte.gz"]);
+        assert!(names("digits.idx.gz").is_empty());
+    }
+
+    #[test]
+    fn labels_load_from_the_file_next_to_the_images_plain_or_gzip() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let images = dir.path().join("train-images-idx3-ubyte.gz");
+        write_idx(&images, &digits(4, 2, 2)).expect("write");
+        let labels = encode_idx_labels(&[7, 0, 9, 3]);
+        std::fs::write(dir.path().join("train-labels-idx1-ubyte.gz"), gzip(&labels)).expect("write");
+        assert_eq!(load_labels_for(&images, 4).expect("labels"), [7, 0, 9, 3]);
+        // The uncompressed name is preferred when both exist.
+        std::fs::write(dir.path().join("train-labels-idx1-ubyte"), encode_idx_labels(&[1, 1, 1, 1]))
+            .expect("write");
+        assert_eq!(load_labels_for(&images, 4).expect("labels"), [1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn missing_label_file_names_what_was_looked_for() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let images = dir.path().join("x-images-idx3-ubyte");
+        write_idx(&images, &digits(2, 2, 2)).expect("write");
+        let msg = message(load_labels_for(&images, 2).expect_err("no labels"));
+        assert!(msg.contains("x-labels-idx1-ubyte") && msg.contains("x-images-idx3-ubyte"), "{msg}");
+        let msg = message(load_labels_for(&dir.path().join("plain.idx"), 2).expect_err("no idx3"));
+        assert!(msg.contains("no `idx3`"), "{msg}");
+    }
+
+    #[test]
+    fn label_count_must_equal_the_image_count() {
+        let bytes = encode_idx_labels(&[1, 2, 3]);
+        let msg = message(
+            parse_idx_labels(&bytes, Path::new("/d/t10k-labels-idx1-ubyte"), Some(4)).expect_err("3 != 4"),
+        );
+        assert!(
+            msg.contains("/d/t10k-labels-idx1-ubyte") && msg.contains("3 labels") && msg.contains("4 images"),
+            "{msg}"
+        );
+        assert_eq!(parse_idx_labels(&bytes, Path::new("l"), Some(3)).expect("fits"), [1, 2, 3]);
+        assert_eq!(parse_idx_labels(&bytes, Path::new("l"), None).expect("any count"), [1, 2, 3]);
+    }
+
+    #[test]
+    fn bad_label_files_are_refused_with_the_reason() {
+        let good = encode_idx_labels(&[1, 2, 3]);
+        let msg = message(parse_idx_labels(&good[..6], Path::new("h"), None).expect_err("short header"));
+        assert!(msg.contains("too short"), "{msg}");
+        let msg = message(parse_idx_labels(&good[..10], Path::new("t"), Some(3)).expect_err("short body"));
+        assert!(msg.contains("truncated"), "{msg}");
+        let mut long = good.clone();
+        long.push(0);
+        let msg = message(parse_idx_labels(&long, Path::new("t"), None).expect_err("long"));
+        assert!(msg.contains("too long"), "{msg}");
+        let images = encode_idx(&digits(3, 2, 2)).expect("encode");
+        let msg = message(parse_idx_labels(&images, Path::new("i"), Some(3)).expect_err("images"));
+        assert!(msg.contains("image file"), "{msg}");
+        let msg = message(parse_idx_labels(b"\x89PNG\r\n\x1a\n", Path::new("p"), None).expect_err("png"));
+        assert!(msg.contains("not an IDX label file"), "{msg}");
+        let msg = message(parse_idx_labels(&encode_idx_labels(&[]), Path::new("z"), None).expect_err("zero"));
+        assert!(msg.contains("0 labels"), "{msg}");
+    }
+
+    #[test]
+    fn huge_label_headers_are_refused_before_allocating() {
+        let mut head = IDX_LABELS_MAGIC.to_be_bytes().to_vec();
+        head.extend_from_slice(&u32::MAX.to_be_bytes());
+        // Plain: the header promises 4 GiB that are not there.
+        let msg = message(parse_idx_labels(&head, Path::new("huge"), None).expect_err("truncated"));
+        assert!(msg.contains("truncated"), "{msg}");
+        // Gzip: the declared size is checked against what the compressed bytes can inflate to.
+        let gz = gzip(&head);
+        let err =
+            crate::data::parse_label_file_bytes(&gz, Path::new("huge.gz"), 1 << 30, None).expect_err("huge");
+        assert!(matches!(err, Error::BadFile { .. }), "{err:?}");
+        // A count smaller than the first gzip read (16 bytes) stops at the declared size.
+        let mut short = encode_idx_labels(&[1, 2]);
+        short.extend_from_slice(&[0; 20]);
+        let err = crate::data::parse_label_file_bytes(&gzip(&short), Path::new("s.gz"), 1 << 30, None)
+            .expect_err("more than declared");
+        assert!(matches!(err, Error::BadFile { .. }), "{err:?}");
     }
 }

@@ -4,11 +4,12 @@
 //!
 //! | file        | owns                                                                     |
 //! |-------------|--------------------------------------------------------------------------|
-//! | `mod.rs`    | [`Dataset`] (`u8`, `[N, C, H, W]`), [`load`], [`mnist_embedded`], [`pixel_to_unit`] |
-//! | [`idx`]     | MNIST-style IDX image files, gzip or not; the folder of MNIST names      |
+//! | `mod.rs`    | [`Dataset`] (`u8`, `[N, C, H, W]`, optional labels), [`load`], [`mnist_embedded`], [`pixel_to_unit`] |
+//! | [`idx`]     | MNIST-style IDX image and label files, gzip or not; the folder of MNIST names |
 //! | [`cifar`]   | CIFAR-10 binary batches (1 label byte + 3072 pixel bytes per record)     |
 //! | [`folder`]  | folders of PNG/JPEG: decode, composite, resize, centre-crop              |
 //! | [`batches`] | [`Batches`]: shuffled, seeded, resumable minibatches as `f32` tensors    |
+//! | `spec`      | [`DataSpec`], [`Fingerprint`], [`DataRecord`]: what a checkpoint records to reload and check its data |
 //!
 //! A [`Dataset`] keeps the pixels as `u8`, exactly as stored, so that a dataset costs one byte a
 //! pixel in memory and the 8-bit grid of the data is never lost. Pixels become model inputs only
@@ -16,6 +17,13 @@
 //! 255 to +1, the scaling of Ho et al. (2020, §4, "data scaled linearly to [−1, 1]") and of
 //! improved-diffusion's `image_datasets.py`. The decoder of the discretized likelihood (Eq. 13)
 //! assumes this grid: the 256 values `x` takes are spaced `2/255` apart.
+//!
+//! Class labels (for class-conditional training) are loaded only when asked for
+//! ([`LoadOptions::labels`]): from the IDX label file next to the images
+//! ([`idx::load_labels_for`]), from the label byte of each CIFAR-10 record, or from the labels
+//! embedded with MNIST. A folder of PNG/JPEG images carries none. When a dataset holds labels its
+//! [`Fingerprint`] covers them, so a resumed class-conditional run checks its labels too; a
+//! dataset loaded without them fingerprints exactly as before labels existed.
 //!
 //! Every loader refuses bad input with an [`Error`] that names the file and says what to do; no
 //! input makes it panic. Files may be gzip-compressed (detected by the magic bytes `1f 8b`, not by
@@ -25,6 +33,7 @@ pub mod batches;
 pub mod cifar;
 pub mod folder;
 pub mod idx;
+mod spec;
 
 use std::fmt;
 use std::io::Read;
@@ -35,10 +44,11 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 use crate::Tensor;
 
-pub use batches::{BatchConfig, BatchIndices, BatchPosition, Batches};
+pub use batches::{Batch, BatchConfig, BatchIndices, BatchPosition, Batches};
 pub use cifar::{load_cifar, load_cifar_dir, write_cifar, CIFAR_IMAGE_BYTES, CIFAR_RECORD_BYTES};
 pub use folder::{find_images, load_image_folder};
-pub use idx::{load_idx, load_mnist_dir, write_idx, IDX_IMAGES_MAGIC};
+pub use idx::{load_idx, load_labels_for, load_mnist_dir, parse_idx_labels, write_idx, IDX_IMAGES_MAGIC};
+pub use spec::{DataRecord, DataSpec, Fingerprint};
 
 /// Which half of a dataset that ships in two halves (MNIST, CIFAR-10) to load.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -96,6 +106,8 @@ pub struct Dataset {
     height: usize,
     width: usize,
     source: PathBuf,
+    /// One class label per image, when loaded ([`LoadOptions::labels`]).
+    labels: Option<Vec<u32>>,
 }
 
 impl fmt::Debug for Dataset {
@@ -107,6 +119,7 @@ impl fmt::Debug for Dataset {
             .field("height", &self.height)
             .field("width", &self.width)
             .field("source", &self.source)
+            .field("classes", &self.num_classes())
             .finish_non_exhaustive()
     }
 }
@@ -150,7 +163,53 @@ impl Dataset {
                 ),
             ));
         }
-        Ok(Dataset { images, n, channels, height, width, source })
+        Ok(Dataset { images, n, channels, height, width, source, labels: None })
+    }
+
+    /// The dataset with one class label per image (`labels[i]` is image `i`'s class).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the source if there is not exactly one label per image.
+    pub fn with_labels(mut self, labels: Vec<u32>) -> Result<Self> {
+        if labels.len() != self.n {
+            return Err(Error::config(
+                "dataset labels",
+                format!(
+                    "{}: {} labels for {} images; there must be one per image",
+                    self.source.display(),
+                    labels.len(),
+                    self.n
+                ),
+            ));
+        }
+        self.labels = Some(labels);
+        Ok(self)
+    }
+
+    /// The dataset without its labels (a no-op if it has none).
+    pub fn without_labels(mut self) -> Self {
+        self.labels = None;
+        self
+    }
+
+    /// The class label of each image, if the dataset was loaded with labels.
+    pub fn labels(&self) -> Option<&[u32]> {
+        self.labels.as_deref()
+    }
+
+    /// The number of classes, `max label + 1`, if the dataset has labels (a class with no image
+    /// below the largest label still counts: labels index the embedding table directly).
+    pub fn num_classes(&self) -> Option<usize> {
+        self.labels.as_ref().map(|l| l.iter().max().map_or(0, |&m| m as usize + 1))
+    }
+
+    /// The labels of the images at `indices`, in that order, as the network takes them; `None`
+    /// if the dataset has no labels.
+    ///
+    /// # Panics
+    /// If an index is `>= len()`.
+    pub fn labels_at(&self, indices: &[usize]) -> Option<Vec<usize>> {
+        self.labels.as_ref().map(|l| indices.iter().map(|&i| l[i] as usize).collect())
     }
 
     /// Number of images `N`.
@@ -208,11 +267,16 @@ impl Dataset {
         &self.images[i * len..(i + 1) * len]
     }
 
-    /// The dataset's [`Fingerprint`]: shape and the xxh3-128 hash of the pixels.
+    /// The dataset's [`Fingerprint`]: shape, the xxh3-128 hash of the pixels and, when the
+    /// dataset has labels, of the labels (as little-endian `u32`s).
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint {
             shape: self.shape(),
             xxh3: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&self.images)),
+            labels: self.labels.as_ref().map(|l| {
+                let bytes: Vec<u8> = l.iter().flat_map(|v| v.to_le_bytes()).collect();
+                format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+            }),
         }
     }
 
@@ -241,14 +305,16 @@ impl Dataset {
             ));
         }
         let len = self.image_len();
-        Dataset::new(
+        let mut subset = Dataset::new(
             self.images[range.start * len..range.end * len].to_vec(),
             range.end - range.start,
             self.channels,
             self.height,
             self.width,
             self.source.clone(),
-        )
+        )?;
+        subset.labels = self.labels.as_ref().map(|l| l[range].to_vec());
+        Ok(subset)
     }
 
     /// The images at `indices`, in that order, as a `[B, C, H, W]` tensor on [−1, 1]
@@ -313,90 +379,10 @@ pub struct LoadOptions {
     /// Channels to produce, 1 (grayscale) or 3 (RGB). For a folder of images it defaults to 3;
     /// for IDX (1 channel) and CIFAR (3 channels) it is a check, like `image_size`.
     pub channels: Option<usize>,
-}
-
-/// Where a training set comes from, complete enough to load it again: a path (or the embedded
-/// MNIST) and the [`LoadOptions`]. A checkpoint stores it so that `--resume` reloads the data
-/// the run was trained on.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DataSpec {
-    /// The file or folder; `None` for the MNIST embedded in the library.
-    pub path: Option<PathBuf>,
-    /// The split.
-    pub split: Split,
-    /// The requested image size, if any.
-    pub image_size: Option<usize>,
-    /// The requested channel count, if any.
-    pub channels: Option<usize>,
-}
-
-impl DataSpec {
-    /// The options [`load`] takes for this spec.
-    pub fn options(&self) -> LoadOptions {
-        LoadOptions { split: self.split, image_size: self.image_size, channels: self.channels }
-    }
-
-    /// Loads the dataset: [`mnist_embedded`] when there is no path, else [`load`].
-    ///
-    /// # Errors
-    /// As [`load`]; [`Error::Io`] naming the path if it does not exist.
-    pub fn load(&self) -> Result<Dataset> {
-        match &self.path {
-            None => check_stored_shape(mnist_embedded(self.split)?, &self.options()),
-            Some(p) => load(p, &self.options()),
-        }
-    }
-
-    /// The spec with its path made absolute and canonical (so a resume from another working
-    /// directory finds it), which must be valid UTF-8 to be recorded in a checkpoint.
-    ///
-    /// # Errors
-    /// [`Error::Io`] if the path cannot be resolved; [`Error::BadFile`] if it is not UTF-8.
-    pub fn canonical(&self) -> Result<DataSpec> {
-        let Some(p) = &self.path else { return Ok(self.clone()) };
-        let full = std::fs::canonicalize(p).map_err(|e| Error::io(p, e))?;
-        if full.to_str().is_none() {
-            return Err(Error::bad_file(
-                p,
-                "the path is not valid UTF-8, so a checkpoint cannot record it; rename or link it to a UTF-8 path",
-            ));
-        }
-        Ok(DataSpec { path: Some(full), ..self.clone() })
-    }
-
-    /// A short description for messages: the path (or `the embedded MNIST`) and the split.
-    pub fn describe(&self) -> String {
-        match &self.path {
-            None => format!("the embedded MNIST ({} split)", self.split),
-            Some(p) => format!("{} ({} split)", p.display(), self.split),
-        }
-    }
-}
-
-/// What identifies a dataset's content: its shape and a 128-bit hash (xxh3) of its pixels. Two
-/// datasets with equal fingerprints hold the same images in the same order.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct Fingerprint {
-    /// `[N, C, H, W]`.
-    pub shape: [usize; 4],
-    /// xxh3-128 of the NCHW pixel bytes, as 32 hex digits.
-    pub xxh3: String,
-}
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [n, c, h, w] = self.shape;
-        write!(f, "{n} images of {c}x{h}x{w}, xxh3 {}", self.xxh3)
-    }
-}
-
-/// A training set as a checkpoint records it: where it came from and what it held.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DataRecord {
-    /// How to load it again.
-    pub spec: DataSpec,
-    /// What it held.
-    pub fingerprint: Fingerprint,
+    /// Load one class label per image (class-conditional training): from the IDX label file
+    /// next to the images, the CIFAR-10 records, or the embedded MNIST labels. When false the
+    /// dataset has no labels, whatever the format holds.
+    pub labels: bool,
 }
 
 /// Loads a dataset from `path`, detecting its format:
@@ -421,7 +407,25 @@ pub struct DataRecord {
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let dataset = if meta.is_dir() { load_dir(path, opts)? } else { load_file(path)? };
-    check_stored_shape(dataset, opts)
+    let dataset = check_stored_shape(dataset, opts)?;
+    if !opts.labels {
+        return Ok(dataset.without_labels());
+    }
+    if dataset.labels().is_some() {
+        return Ok(dataset);
+    }
+    if dataset.source().is_dir() {
+        // Only a folder of PNG/JPEG images is both a folder and without labels here.
+        return Err(Error::bad_file(
+            dataset.source(),
+            "class labels are needed but a folder of PNG/JPEG images carries none (subfolders \
+             as classes are not supported); use IDX files with their *-labels-idx1-ubyte file or \
+             CIFAR-10 batches, or train without class conditioning",
+        ));
+    }
+    let n = dataset.len();
+    let labels = idx::load_labels_for(dataset.source(), n)?;
+    dataset.with_labels(labels.into_iter().map(u32::from).collect())
 }
 
 /// The folder branch of [`load`].
@@ -497,6 +501,16 @@ pub fn parse_file_bytes(raw: &[u8], path: &Path, cap: u64) -> Result<Dataset> {
     decode_file(raw.to_vec(), path, cap)
 }
 
+/// The labels of an IDX label file's bytes, gzip or not, as [`idx::load_labels_for`] reads them
+/// (`expected` images, `None` for any count), with `cap` the most the gzip data may inflate to.
+/// `path` names the data in errors and is not read.
+///
+/// # Errors
+/// [`Error::BadFile`] for corrupt gzip data or any refusal of [`idx::parse_idx_labels`].
+pub fn parse_label_file_bytes(raw: &[u8], path: &Path, cap: u64, expected: Option<usize>) -> Result<Vec<u8>> {
+    idx::parse_idx_labels(&gunzip_if_needed(raw, path, cap)?, path, expected)
+}
+
 /// [`parse_file_bytes`] taking the bytes: plain data becomes the dataset without a copy, and
 /// gzip data is dropped once inflated, so a dataset is held once in memory, not twice.
 fn decode_file(raw: Vec<u8>, path: &Path, cap: u64) -> Result<Dataset> {
@@ -543,7 +557,7 @@ fn other_split(split: Split) -> Split {
 
 /// For formats that are never resized (IDX, CIFAR), checks the requested size and channels
 /// against the stored ones, so that a model built for 32×32 RGB is not handed 28×28 MNIST.
-fn check_stored_shape(dataset: Dataset, opts: &LoadOptions) -> Result<Dataset> {
+pub(super) fn check_stored_shape(dataset: Dataset, opts: &LoadOptions) -> Result<Dataset> {
     if let Some(size) = opts.image_size {
         if dataset.height != size || dataset.width != size {
             return Err(Error::config(
@@ -585,6 +599,28 @@ const MNIST_TRAIN_GZ: &[u8] =
 /// The embedded MNIST test images (`data/mnist/t10k-images-idx3-ubyte.gz`).
 const MNIST_TEST_GZ: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist/t10k-images-idx3-ubyte.gz"));
+
+/// The embedded MNIST training labels (`data/mnist/train-labels-idx1-ubyte.gz`).
+const MNIST_TRAIN_LABELS_GZ: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist/train-labels-idx1-ubyte.gz"));
+
+/// The embedded MNIST test labels (`data/mnist/t10k-labels-idx1-ubyte.gz`).
+const MNIST_TEST_LABELS_GZ: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist/t10k-labels-idx1-ubyte.gz"));
+
+/// The class labels (digits 0–9) of [`mnist_embedded`]`(split)`, one per image in image order.
+///
+/// # Errors
+/// [`Error::BadFile`] only if the embedded bytes were corrupted at build time.
+pub fn mnist_embedded_labels(split: Split) -> Result<Vec<u8>> {
+    let (bytes, name, n) = match split {
+        Split::Train => (MNIST_TRAIN_LABELS_GZ, "embedded:data/mnist/train-labels-idx1-ubyte.gz", 60_000),
+        Split::Test => (MNIST_TEST_LABELS_GZ, "embedded:data/mnist/t10k-labels-idx1-ubyte.gz", 10_000),
+    };
+    let source = Path::new(name);
+    let raw = gunzip_if_needed(bytes, source, crate::files::memory_cap())?;
+    idx::parse_idx_labels(&raw, source, Some(n))
+}
 
 /// MNIST, embedded in the library: 60 000 training or 10 000 test images, `[N, 1, 28, 28]`,
 /// 0 = background. Pixel means: 33.32 (train), 33.79 (test). The data is CC BY-SA 3.0 (LeCun,
@@ -664,7 +700,7 @@ pub(crate) fn gunzip_if_needed(bytes: &[u8], source: &Path, cap: u64) -> Result<
                     ),
                 ));
             }
-            out.reserve(declared as usize - out.len());
+            out.reserve((declared as usize).saturating_sub(out.len()));
             declared
         }
         None => cap.min(possible),
@@ -885,5 +921,110 @@ mod tests {
         assert_eq!(test.shape(), [10000, 1, 28, 28]);
         assert!((test.mean_pixel() - 33.79).abs() < 0.005, "{}", test.mean_pixel());
         assert!(train.source().to_string_lossy().starts_with("embedded:"));
+    }
+
+    fn with_labels(opts: LoadOptions) -> LoadOptions {
+        LoadOptions { labels: true, ..opts }
+    }
+
+    #[test]
+    fn labels_are_loaded_only_when_asked_and_enter_the_fingerprint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let images = dir.path().join("train-images-idx3-ubyte.gz");
+        write_idx(&images, &tiny(3, 1, 4, 4)).expect("write idx");
+        std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx::encode_idx_labels(&[2, 0, 5]))
+            .expect("write labels");
+        let plain = load(&images, &LoadOptions::default()).expect("images only");
+        assert_eq!(plain.labels(), None);
+        assert_eq!(plain.fingerprint().labels, None);
+        let mut before = None;
+        for path in [images.as_path(), dir.path()] {
+            let labelled = load(path, &with_labels(LoadOptions::default())).expect("with labels");
+            assert_eq!(labelled.labels(), Some(&[2u32, 0, 5][..]));
+            assert_eq!(labelled.num_classes(), Some(6));
+            assert_eq!(labelled.labels_at(&[2, 0]), Some(vec![5, 2]));
+            let (a, b) = (plain.fingerprint(), labelled.fingerprint());
+            assert_eq!((&a.shape, &a.xxh3), (&b.shape, &b.xxh3));
+            assert!(b.labels.is_some() && b.to_string().contains("labels xxh3"), "{b}");
+            before = Some(b);
+        }
+        // Other labels, same images: another fingerprint.
+        std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx::encode_idx_labels(&[2, 0, 4]))
+            .expect("write labels");
+        let other = load(&images, &with_labels(LoadOptions::default())).expect("with labels");
+        assert_ne!(Some(other.fingerprint()), before);
+        assert_eq!(other.subset(1..3).expect("subset").labels(), Some(&[0u32, 4][..]));
+    }
+
+    #[test]
+    fn fingerprints_without_labels_read_and_write_as_before() {
+        let fp = tiny(2, 1, 2, 2).fingerprint();
+        let json = serde_json::to_string(&fp).expect("serialise");
+        assert!(!json.contains("labels"), "{json}");
+        let old = r#"{"shape":[2,1,2,2],"xxh3":"00"}"#;
+        let parsed: Fingerprint = serde_json::from_str(old).expect("old record");
+        assert_eq!(parsed.labels, None);
+        let spec: DataSpec =
+            serde_json::from_str(r#"{"path":null,"split":"train","image_size":null,"channels":null}"#)
+                .expect("old spec");
+        assert!(!spec.labels);
+    }
+
+    #[test]
+    fn mismatched_label_count_names_the_label_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let images = dir.path().join("x-images-idx3-ubyte");
+        write_idx(&images, &tiny(3, 1, 4, 4)).expect("write idx");
+        let labels = dir.path().join("x-labels-idx1-ubyte");
+        std::fs::write(&labels, idx::encode_idx_labels(&[1, 2])).expect("write labels");
+        let msg =
+            load(&images, &with_labels(LoadOptions::default())).expect_err("2 labels, 3 images").to_string();
+        assert!(
+            msg.contains("x-labels-idx1-ubyte") && msg.contains("2 labels") && msg.contains("3 images"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn cifar_labels_are_kept_only_when_asked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rgb = tiny(2, 3, 32, 32).with_labels(vec![4, 7]).expect("labels");
+        let path = dir.path().join("data_batch_1.bin");
+        write_cifar(&path, &rgb).expect("write cifar");
+        assert_eq!(load(&path, &LoadOptions::default()).expect("cifar").labels(), None);
+        let got = load(&path, &with_labels(LoadOptions::default())).expect("cifar");
+        assert_eq!(got.labels(), Some(&[4u32, 7][..]));
+        assert_eq!(
+            load(dir.path(), &with_labels(LoadOptions::default())).expect("dir").labels(),
+            Some(&[4u32, 7][..])
+        );
+    }
+
+    #[test]
+    fn image_folders_refuse_labels_with_a_clear_message() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30]))
+            .save(dir.path().join("a.png"))
+            .expect("png");
+        let opts = LoadOptions { image_size: Some(4), labels: true, ..Default::default() };
+        let msg = load(dir.path(), &opts).expect_err("no labels").to_string();
+        assert!(msg.contains("PNG/JPEG") && msg.contains("labels"), "{msg}");
+    }
+
+    #[test]
+    fn embedded_mnist_labels_are_the_ten_digits() {
+        let spec =
+            DataSpec { path: None, split: Split::Test, image_size: None, channels: None, labels: true };
+        let test = spec.load().expect("embedded test with labels");
+        assert_eq!(test.num_classes(), Some(10));
+        assert_eq!(test.labels().expect("labels").len(), 10_000);
+        assert!(spec.describe().contains("with labels"));
+        assert_eq!(mnist_embedded_labels(Split::Train).expect("train labels").len(), 60_000);
+    }
+
+    #[test]
+    fn with_labels_needs_one_per_image() {
+        let err = tiny(3, 1, 2, 2).with_labels(vec![1, 2]).expect_err("2 for 3");
+        assert!(matches!(err, Error::InvalidConfig { .. }));
     }
 }

@@ -182,8 +182,12 @@ impl Trainer {
     /// a finite learning rate so large that the result overflows f32): the state cannot be
     /// saved after that.
     pub fn step(&mut self) -> Result<StepStats> {
-        let x0 = self.batches.next_batch();
+        let batch = self.batches.next_labelled();
+        let x0 = batch.x0;
         self.state.batch_position = self.batches.position();
+        // An unconditional model ignores labels the data may hold; check_data made sure a
+        // class-conditional one has them, each below num_classes.
+        let labels = batch.labels.filter(|_| self.net.config.num_classes.is_some());
         let n = x0.shape()[0];
         let big_t = self.schedule.num_timesteps();
         let s = &mut self.state;
@@ -197,7 +201,8 @@ impl Trainer {
 
         let tape = Tape::new();
         let p = s.params.bind(&tape);
-        let out = self.net.forward(&p, &Var::constant(x_t.clone()), &model_t, Some(&mut s.rng));
+        let x_t_var = Var::constant(x_t.clone());
+        let out = self.net.forward_labelled(&p, &x_t_var, &model_t, labels.as_deref(), Some(&mut s.rng));
         let d = &s.config.diffusion;
         let param = d.parameterization();
         let per_item = training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t.t, &eps, &out).loss;
@@ -256,15 +261,32 @@ fn importance_for(d: &DiffusionConfig) -> Option<ImportanceSampler> {
     }
 }
 
+/// Checks that the data fits the network: its shape, and for a class-conditional network, one
+/// label per image, each below `num_classes`. Both new runs and resumes pass here.
 fn check_data(unet: &UNetConfig, data: &Dataset) -> Result<()> {
     if let Some(k) = unet.num_classes {
-        // Both new runs and resumes pass here, so an imported class-conditional model is caught.
-        return Err(Error::config(
-            "class-conditional training",
-            format!(
-                "the model is conditioned on {k} classes, and ddpm's datasets carry no labels yet; it can predict and sample, not train"
-            ),
-        ));
+        match data.num_classes() {
+            None => {
+                return Err(Error::bad_file(
+                    data.source(),
+                    format!(
+                        "the model is conditioned on {k} classes but these images were loaded without \
+                         class labels; load them with their labels (`ddpm train --class-cond`)"
+                    ),
+                ))
+            }
+            Some(found) if found > k => {
+                return Err(Error::bad_file(
+                    data.source(),
+                    format!(
+                        "the labels go up to {} but the model is conditioned on {k} classes (0..={})",
+                        found - 1,
+                        k - 1
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
     }
     let [_, c, h, w] = data.shape();
     if c != unet.in_channels || h != unet.resolution || w != unet.resolution {

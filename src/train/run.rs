@@ -247,7 +247,8 @@ impl Run {
                 ));
             }
         }
-        let spec = spec.canonical()?;
+        // A resume reloads the labels exactly when the fingerprint covers them.
+        let spec = DataSpec { labels: dataset.labels().is_some(), ..spec.canonical()? };
         let fingerprint = dataset.fingerprint();
         let mut trainer = Trainer::new(config, dataset)?;
         trainer.state_mut().data = Some(DataRecord { spec, fingerprint });
@@ -321,7 +322,20 @@ impl Run {
             }
             (ResumeData::Given { spec, dataset, allow_different }, recorded) => {
                 let spec = spec.canonical()?;
-                let found = dataset.fingerprint();
+                let conditional = state.config.unet.num_classes.is_some();
+                // A class-conditional run needs the labels even if the data was given without.
+                let (spec, dataset) = if conditional && dataset.labels().is_none() {
+                    let spec = DataSpec { labels: true, ..spec };
+                    let labelled = spec.load()?;
+                    (spec, Arc::new(labelled))
+                } else {
+                    (DataSpec { labels: conditional, ..spec }, dataset)
+                };
+                let mut found = dataset.fingerprint();
+                if !conditional {
+                    // Labels an unconditional run does not use are not part of its data.
+                    found.labels = None;
+                }
                 match recorded {
                     Some(r) if r.fingerprint != found && !allow_different => {
                         return Err(Error::DataChanged {
@@ -524,28 +538,53 @@ impl Run {
 
     /// A grid of samples from the EMA weights with DDIM (η = 0), seeded by the step, written to
     /// `samples/step_NNNNNN.png`; `None` if `stop` was raised before it was done.
+    ///
+    /// For a class-conditional model each row is one class: rows for classes `0..min(K, n)` and
+    /// `⌈n / rows⌉` images per row (so `n` is rounded up to fill the rows; 100 images of a
+    /// 10-class model are a 10 × 10 grid, class 0 on top).
     fn sample_grid(&self, stop: &StopFlag) -> Result<Option<PathBuf>> {
         let t = &self.trainer;
         let n = self.options.sample_count;
-        let cfg = SampleConfig {
+        let mut rng = crate::rng_from_seed(t.step_count());
+        let param = t.config().diffusion.parameterization();
+        let (ema, net, schedule) = (t.ema_params(), t.net(), t.schedule());
+        let cfg = |class: Option<usize>| SampleConfig {
             sampler: Sampler::Ddim { eta: 0.0 },
             steps: Some(self.options.sample_steps.min(t.config().diffusion.timesteps)),
             clip_x0: true,
             trajectory_frames: 0,
             stop: Some(stop.clone()),
-            class: None,
+            class,
         };
-        let mut rng = crate::rng_from_seed(t.step_count());
-        let param = t.config().diffusion.parameterization();
-        let s = match sample(t.net(), &t.ema_params(), t.schedule(), &param, n, &cfg, &mut rng, |_, _| {}) {
-            Err(Error::Interrupted) => return Ok(None),
-            other => other?,
+        let (images, cols) = match t.config().unet.num_classes {
+            None => {
+                let s = match sample(net, &ema, schedule, &param, n, &cfg(None), &mut rng, |_, _| {}) {
+                    Err(Error::Interrupted) => return Ok(None),
+                    other => other?,
+                };
+                (s.images, (n as f64).sqrt().ceil() as usize)
+            }
+            Some(k) => {
+                let rows = k.min(n);
+                let cols = n.div_ceil(rows);
+                let mut parts = Vec::with_capacity(rows);
+                for class in 0..rows {
+                    let c = cfg(Some(class));
+                    match sample(net, &ema, schedule, &param, cols, &c, &mut rng, |_, _| {}) {
+                        Err(Error::Interrupted) => return Ok(None),
+                        other => parts.push(other?.images),
+                    }
+                }
+                let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+                let all = ndarray::concatenate(ndarray::Axis(0), &views)
+                    .expect("every class's samples are [cols, C, H, W]");
+                (all, cols)
+            }
         };
         let dir = self.dir.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let path = dir.join(format!("step_{:06}.png", t.step_count()));
-        let cols = (n as f64).sqrt().ceil() as usize;
-        let view = s.images.view().into_dimensionality::<ndarray::Ix4>().expect("samples are [N, C, H, W]");
+        let view = images.view().into_dimensionality::<ndarray::Ix4>().expect("samples are [N, C, H, W]");
         crate::io::png::save_grid(&path, view, cols)?;
         Ok(Some(path))
     }

@@ -30,3 +30,14 @@ pub fn write_squares_idx(dir: &Path, n: u32) -> PathBuf {
     std::fs::write(&path, bytes).expect("temp dir is writable");
     path
 }
+
+/// Writes the IDX label file that belongs to [`write_squares_idx`]'s images (`squares-idx1-ubyte`
+/// next to `squares-idx3-ubyte`): image i's class is its corner, i mod 4. Returns its path.
+pub fn write_squares_labels(dir: &Path, n: u32) -> PathBuf {
+    let mut bytes = vec![0, 0, 8, 1];
+    bytes.extend_from_slice(&n.to_be_bytes());
+    bytes.extend((0..n).map(|i| (i % 4) as u8));
+    let path = dir.join("squares-idx1-ubyte");
+    std::fs::write(&path, bytes).expect("temp dir is writable");
+    path
+}
