@@ -34,7 +34,11 @@ mod scheduler;
 mod unet_config;
 
 pub use names::{diffusers_name, params_from_tensors, params_to_tensors};
-pub use scheduler::{ddpm_scheduler_step_f32, SchedulerSettings, SchedulerStep, StepVariance};
+pub use scheduler::{
+    ddpm_scheduler_step_f32, BetaSource, DdpmVarianceType, DiffusersBetaSchedule, DiffusersScheduler,
+    DiffusersSchedulerConfig, PredictionType, SchedulerClass, SchedulerSettings, SchedulerStep, StepVariance,
+    TimestepSpacing,
+};
 pub use unet_config::{unet_config_from_json, unet_config_to_json};
 
 /// The UNet2DModel arguments.

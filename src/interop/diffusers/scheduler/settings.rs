@@ -1,17 +1,24 @@
-//! diffusers' `DDPMScheduler`: its config ↔ ddpm's diffusion settings, and its `step` computed
-//! the way diffusers computes it (the reference the scheduler fixtures are checked against).
+//! The `DDPMScheduler` settings ddpm's own sampler honours ↔ ddpm's diffusion settings, and
+//! `DDPMScheduler.step` over all T steps in diffusers' f32 arithmetic (the narrow form of
+//! [`DiffusersScheduler::step`], kept for the full-chain fixtures).
 
 use std::path::Path;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::keys::Keys;
-use super::DIFFUSERS_VERSION;
+use super::config::{
+    BetaSource, DdpmVarianceType, DiffusersBetaSchedule, DiffusersSchedulerConfig, PredictionType,
+    SchedulerClass,
+};
+#[cfg(doc)]
+use super::DiffusersScheduler;
+use super::SchedulerStep;
 use crate::diffusion::{BetaSchedule, Convention, LossType, MeanType, TimestepSampling, VarianceType};
 use crate::train::DiffusionConfig;
 use crate::{Error, Result, Tensor};
 
-/// The DDPMScheduler settings ddpm can represent.
+/// The DDPMScheduler settings ddpm's sampler reproduces: what `ddpm import --diffusers` keeps.
+/// [`DiffusersSchedulerConfig`] holds every key; [`DiffusersScheduler`] steps like diffusers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerSettings {
     /// β schedule: `linear` (1e-4 … 0.02) or `squaredcos_cap_v2` ([`BetaSchedule::Cosine`]).
@@ -20,7 +27,8 @@ pub struct SchedulerSettings {
     pub timesteps: usize,
     /// `prediction_type`: epsilon, sample or v_prediction.
     pub mean_type: MeanType,
-    /// `variance_type` (the `_log` variants sample the same distribution as the plain ones).
+    /// `variance_type`: the `_log` variants map to the plain ones (the same σ; diffusers' own
+    /// step with `fixed_large_log` returns NaN, see [`DdpmVarianceType::FixedLargeLog`]).
     pub variance_type: VarianceType,
     /// `clip_sample`: clip the predicted x_0 to [−1, 1] at every step.
     pub clip_sample: bool,
@@ -97,126 +105,131 @@ impl SchedulerSettings {
         })
     }
 
-    /// Reads a `scheduler_config.json` value; missing keys take DDPMScheduler's defaults.
+    /// Reads a `scheduler_config.json` value; missing keys take DDPMScheduler's defaults. The
+    /// whole config is read by [`DiffusersSchedulerConfig::from_json`] first, so unknown keys and
+    /// values are refused the same way; then what ddpm's own sampler does not honour is refused.
     ///
     /// # Errors
-    /// [`Error::BadFile`] naming `path`, the key and the reason for anything ddpm cannot
-    /// reproduce (another scheduler class, trained_betas, thresholding, another clip range, a
-    /// steps_offset, zero-SNR rescaling, other β endpoints, the `learned` variance, an unknown key).
+    /// [`Error::BadFile`] naming `path`, the key and the reason for anything
+    /// [`DiffusersSchedulerConfig::from_json`] refuses, and for what ddpm's sampler cannot
+    /// reproduce (a DDIMScheduler, trained_betas, scaled_linear, other β endpoints, the `learned`
+    /// variance, thresholding, another clip range, a steps_offset, zero-SNR rescaling). Those
+    /// messages point to [`DiffusersScheduler`], which reproduces the scheduler's own steps.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
-        let keys = Keys::new(v, path, "scheduler config")?;
-        keys.class_name("DDPMScheduler")?;
-        keys.refuse_unknown(&[
-            "num_train_timesteps",
-            "beta_start",
-            "beta_end",
-            "beta_schedule",
-            "trained_betas",
-            "variance_type",
-            "clip_sample",
-            "prediction_type",
-            "thresholding",
-            "dynamic_thresholding_ratio",
-            "clip_sample_range",
-            "sample_max_value",
-            "timestep_spacing",
-            "steps_offset",
-            "rescale_betas_zero_snr",
-        ])?;
-        let timesteps = keys.usize_or("num_train_timesteps", 1000)?;
-        if !keys.is_null_or_absent("trained_betas") {
-            return Err(keys.bad("trained_betas", "explicit β lists are not supported; use a named schedule"));
-        }
-        let schedule = match keys.str_or("beta_schedule", "linear")? {
-            "linear" => {
-                let (start, end) = (keys.f64_or("beta_start", 1e-4)?, keys.f64_or("beta_end", 0.02)?);
-                if start != 1e-4 || end != 0.02 {
-                    return Err(keys.bad(
-                        "beta_start",
-                        &format!(
-                            "the linear schedule runs from {start} to {end}; ddpm's runs from 1e-4 to 0.02"
-                        ),
-                    ));
+        let c = DiffusersSchedulerConfig::from_json(v, path)?;
+        let refuse = |key: &str, reason: &str| {
+            Err(Error::bad_file(
+                path,
+                format!(
+                    "scheduler config key `{key}`: {reason}; ddpm's sampler does not reproduce it \
+                     (ddpm::interop::diffusers::DiffusersScheduler reproduces this scheduler's steps, \
+                     for step-by-step comparison)"
+                ),
+            ))
+        };
+        let variance_type = match c.class {
+            SchedulerClass::Ddim { .. } => {
+                return refuse("_class_name", "a DDIMScheduler; ddpm imports the training settings of a DDPMScheduler")
+            }
+            SchedulerClass::Ddpm { variance_type } => match variance_type {
+                DdpmVarianceType::FixedSmall | DdpmVarianceType::FixedSmallLog => VarianceType::FixedSmall,
+                // The variance GLIDE's `fixed_large_log` means; diffusers' own step computes
+                // √(ln β) with it and returns NaN (DdpmVarianceType::FixedLargeLog).
+                DdpmVarianceType::FixedLarge | DdpmVarianceType::FixedLargeLog => VarianceType::FixedLarge,
+                // diffusers' `learned` takes the output as σ² itself; ddpm's (improved-diffusion's)
+                // as log σ². Not the same model, so refused.
+                DdpmVarianceType::Learned => {
+                    return refuse(
+                        "variance_type",
+                        "\"learned\" reads the network output as the variance, ddpm's learned as the log-variance",
+                    )
+                }
+                DdpmVarianceType::LearnedRange => VarianceType::LearnedRange,
+            },
+        };
+        let schedule = match &c.betas {
+            BetaSource::Trained(_) => {
+                return refuse("trained_betas", "explicit β lists are not supported; use a named schedule")
+            }
+            BetaSource::Schedule { schedule: DiffusersBetaSchedule::Linear, beta_start, beta_end } => {
+                for (key, got, want) in [("beta_start", *beta_start, 1e-4), ("beta_end", *beta_end, 0.02)] {
+                    if got != want {
+                        return refuse(key, &format!("the linear schedule runs from {beta_start} to {beta_end}; ddpm's runs from 1e-4 to 0.02"));
+                    }
                 }
                 BetaSchedule::Linear
             }
-            "squaredcos_cap_v2" => BetaSchedule::Cosine,
-            other => {
-                return Err(keys.bad(
+            BetaSource::Schedule { schedule: DiffusersBetaSchedule::SquaredcosCapV2, .. } => {
+                BetaSchedule::Cosine
+            }
+            BetaSource::Schedule { schedule: DiffusersBetaSchedule::ScaledLinear, .. } => {
+                return refuse(
                     "beta_schedule",
-                    &format!("{other:?} is not supported (linear and squaredcos_cap_v2 are)"),
-                ))
+                    "\"scaled_linear\" has no ddpm schedule (linear and squaredcos_cap_v2 map)",
+                )
             }
         };
-        let variance_type = match keys.str_or("variance_type", "fixed_small")? {
-            "fixed_small" | "fixed_small_log" => VarianceType::FixedSmall,
-            "fixed_large" | "fixed_large_log" => VarianceType::FixedLarge,
-            // diffusers' `learned` takes the output as σ² itself; ddpm's (improved-diffusion's)
-            // as log σ². Not the same model, so refused.
-            "learned" => return Err(keys.bad(
-                "variance_type",
-                "\"learned\" reads the network output as the variance, ddpm's learned as the log-variance",
-            )),
-            "learned_range" => VarianceType::LearnedRange,
-            other => return Err(keys.bad("variance_type", &format!("unknown value {other:?}"))),
+        if c.thresholding {
+            return refuse("thresholding", "dynamic thresholding of x̂_0");
+        }
+        if c.clip_sample && c.clip_sample_range != 1.0 {
+            return refuse("clip_sample_range", "ddpm clips x̂_0 to [-1, 1] only");
+        }
+        if c.steps_offset != 0 {
+            return refuse(
+                "steps_offset",
+                "a non-zero offset shifts the respaced timesteps; ddpm's respacing has none",
+            );
+        }
+        if c.rescale_betas_zero_snr {
+            return refuse("rescale_betas_zero_snr", "zero terminal SNR rescaling");
+        }
+        let mean_type = match c.prediction_type {
+            PredictionType::Epsilon => MeanType::Eps,
+            PredictionType::Sample => MeanType::X0,
+            PredictionType::VPrediction => MeanType::V,
         };
-        let mean_type = match keys.str_or("prediction_type", "epsilon")? {
-            "epsilon" => MeanType::Eps,
-            "sample" => MeanType::X0,
-            "v_prediction" => MeanType::V,
-            other => return Err(keys.bad("prediction_type", &format!("unknown value {other:?}"))),
+        Ok(SchedulerSettings {
+            schedule,
+            timesteps: c.num_train_timesteps,
+            mean_type,
+            variance_type,
+            clip_sample: c.clip_sample,
+        })
+    }
+
+    /// The full DDPMScheduler config of these settings (every other key at its default).
+    pub fn diffusers_config(&self) -> DiffusersSchedulerConfig {
+        let schedule = match self.schedule {
+            BetaSchedule::Cosine => DiffusersBetaSchedule::SquaredcosCapV2,
+            _ => DiffusersBetaSchedule::Linear,
         };
-        if keys.bool_or("thresholding", false)? {
-            return Err(keys.bad("thresholding", "dynamic thresholding is not implemented in ddpm"));
+        DiffusersSchedulerConfig {
+            class: SchedulerClass::Ddpm {
+                variance_type: match self.variance_type {
+                    VarianceType::FixedSmall => DdpmVarianceType::FixedSmall,
+                    VarianceType::FixedLarge => DdpmVarianceType::FixedLarge,
+                    // Refused by from_diffusion; diffusers' "learned" is another parameterisation.
+                    VarianceType::Learned => DdpmVarianceType::Learned,
+                    VarianceType::LearnedRange => DdpmVarianceType::LearnedRange,
+                },
+            },
+            num_train_timesteps: self.timesteps,
+            betas: BetaSource::Schedule { schedule, beta_start: 1e-4, beta_end: 0.02 },
+            prediction_type: match self.mean_type {
+                // PrevX is refused by from_diffusion.
+                MeanType::Eps | MeanType::PrevX => PredictionType::Epsilon,
+                MeanType::X0 => PredictionType::Sample,
+                MeanType::V => PredictionType::VPrediction,
+            },
+            clip_sample: self.clip_sample,
+            ..DiffusersSchedulerConfig::ddpm()
         }
-        let clip_sample = keys.bool_or("clip_sample", true)?;
-        if clip_sample && keys.f64_or("clip_sample_range", 1.0)? != 1.0 {
-            return Err(keys.bad("clip_sample_range", "ddpm clips x_0 to [-1, 1] only"));
-        }
-        if keys.usize_or("steps_offset", 0)? != 0 {
-            return Err(keys.bad("steps_offset", "a non-zero offset skips t = 0; ddpm samples every step"));
-        }
-        if keys.bool_or("rescale_betas_zero_snr", false)? {
-            return Err(keys.bad("rescale_betas_zero_snr", "zero terminal SNR rescaling is not implemented"));
-        }
-        Ok(SchedulerSettings { schedule, timesteps, mean_type, variance_type, clip_sample })
     }
 
     /// The `scheduler_config.json` value, every key written.
     pub fn to_json(&self) -> Value {
-        let beta_schedule = match self.schedule {
-            BetaSchedule::Cosine => "squaredcos_cap_v2",
-            _ => "linear",
-        };
-        json!({
-            "_class_name": "DDPMScheduler",
-            "_diffusers_version": DIFFUSERS_VERSION,
-            "beta_end": 0.02,
-            "beta_schedule": beta_schedule,
-            "beta_start": 0.0001,
-            "clip_sample": self.clip_sample,
-            "clip_sample_range": 1.0,
-            "dynamic_thresholding_ratio": 0.995,
-            "num_train_timesteps": self.timesteps,
-            "prediction_type": match self.mean_type {
-                MeanType::Eps | MeanType::PrevX => "epsilon",
-                MeanType::X0 => "sample",
-                MeanType::V => "v_prediction",
-            },
-            "rescale_betas_zero_snr": false,
-            "sample_max_value": 1.0,
-            "steps_offset": 0,
-            "thresholding": false,
-            "timestep_spacing": "leading",
-            "trained_betas": null,
-            "variance_type": match self.variance_type {
-                VarianceType::FixedSmall => "fixed_small",
-                VarianceType::FixedLarge => "fixed_large",
-                // Refused by from_diffusion; diffusers' "learned" is another parameterisation.
-                VarianceType::Learned => "learned",
-                VarianceType::LearnedRange => "learned_range",
-            },
-        })
+        self.diffusers_config().to_json()
     }
 }
 
@@ -229,15 +242,6 @@ pub enum StepVariance {
     FixedSmallLog,
     /// `fixed_large`: σ = √β_t, β_t = 1 − ᾱ_t/ᾱ_{t−1}.
     FixedLarge,
-}
-
-/// What `DDPMScheduler.step` returns, `[N, C, H, W]` each.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SchedulerStep {
-    /// x_{t−1}.
-    pub prev_sample: Tensor,
-    /// x̂_0, clipped when asked.
-    pub pred_original_sample: Tensor,
 }
 
 /// diffusers' `DDPMScheduler.step` (all T steps, so the previous timestep is t − 1) computed the
@@ -302,6 +306,7 @@ pub fn ddpm_scheduler_step_f32(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn scheduler_settings_round_trip_and_refuse_what_ddpm_lacks() {
@@ -317,12 +322,19 @@ mod tests {
             ("steps_offset", json!(1)),
             ("beta_schedule", json!("scaled_linear")),
             ("variance_type", json!("learned")),
+            ("rescale_betas_zero_snr", json!(true)),
+            ("clip_sample_range", json!(2.0)),
+            ("trained_betas", json!(vec![0.01; 1000])),
+            ("_class_name", json!("DDIMScheduler")),
         ] {
-            let mut bad = s.to_json();
+            let mut bad = SchedulerSettings { clip_sample: true, ..s.clone() }.to_json();
+            if key == "_class_name" {
+                bad.as_object_mut().expect("an object").remove("variance_type");
+            }
             bad[key] = value;
             let err = SchedulerSettings::from_json(&bad, Path::new("s")).unwrap_err().to_string();
-            let named = if key == "beta_end" { "beta_start" } else { key };
-            assert!(err.contains(&format!("`{named}`")), "{key}: {err}");
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+            assert!(err.contains("DiffusersScheduler"), "{key}: {err}");
         }
     }
 }
