@@ -3,7 +3,7 @@
 //!
 //! | file            | owns                                                                              |
 //! |-----------------|-----------------------------------------------------------------------------------|
-//! | [`diffusers`]   | diffusers' `UNet2DModel` folders (config.json + safetensors) and `DDPMScheduler` configs ↔ ddpm's U-Net and [`crate::train::DiffusionConfig`] |
+//! | [`diffusers`]   | diffusers' `UNet2DModel` folders (config.json + safetensors) ↔ ddpm's U-Net; `DDPMScheduler`/`DDIMScheduler` configs and steps ↔ [`crate::train::DiffusionConfig`] |
 //! | [`openai`]      | improved-diffusion and guided-diffusion checkpoints: a `.pt` state dict and the flags of their scripts ↔ ddpm's U-Net and diffusion |
 //! | [`torch_pt`]    | PyTorch `.pt` state dicts (`torch.save`'s zip of a pickle), read without running the pickle |
 //! | [`counter`]     | counter-based weights (splitmix64 of tensor and element index), as the fixtures use |

@@ -13,7 +13,7 @@
 //! |----------------|-----------------------------------------------------------------------|
 //! | `unet_config`  | `config.json` ↔ [`UNetConfig`] (the option table is there)            |
 //! | `names`        | parameter names and layouts ↔ `state_dict` tensors                    |
-//! | `scheduler`    | `scheduler_config.json` ↔ diffusion settings; `DDPMScheduler.step`    |
+//! | `scheduler`    | `DDPMScheduler`/`DDIMScheduler` configs in full, their timesteps and `step`; the subset ddpm samples with ↔ diffusion settings |
 //! | `keys`         | reading JSON keys with diffusers' defaults, refusing them by name     |
 //!
 //! Anything ddpm cannot reproduce (a block type, option or tensor with no counterpart) is refused
