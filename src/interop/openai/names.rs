@@ -201,10 +201,12 @@ pub fn params_from_state_dict(
             }
         };
         // 1-D convs ([C_out, C_in, 1]) are ddpm's 1x1 convs ([C_out, C_in, 1, 1]): same numbers.
-        let value = if value.shape() != want.as_slice()
-            && value.len() == want.iter().product::<usize>()
-            && value.ndim() == 3
-        {
+        let conv1d_as_1x1 = value.ndim() == 3
+            && want.len() == 4
+            && want[2..] == [1, 1]
+            && value.shape()[..2] == want[..2]
+            && value.shape()[2] == 1;
+        let value = if conv1d_as_1x1 {
             value
                 .as_standard_layout()
                 .into_owned()
