@@ -204,7 +204,8 @@ fn import_then_predict_on_the_command_line() {
         f["out_f64"].index_axis(ndarray::Axis(0), 1).insert_axis(ndarray::Axis(0)).to_owned().into_dyn();
     let tol = 1e-4 * want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     assert!(max_err(&got, &want) <= tol, "{} > {tol}", max_err(&got, &want));
-    for (extra, needle) in [(&[][..], "class-conditional"), (&["--class", "1000"][..], "1000 classes")] {
+    for (extra, needle) in [(&[][..], "class-conditional"), (&["--class", "1000"][..], "has 1000 (0..=999)")]
+    {
         let o = predict(extra);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
@@ -236,4 +237,40 @@ fn exported_diffusers_configs_are_the_ones_diffusers_was_checked_with() {
         }
         assert_eq!(ours, theirs, "{name}");
     }
+}
+
+/// A model given t·1000/T (improved-diffusion's rescale_timesteps) with T ≠ 1000 cannot be a
+/// diffusers folder: UNet2DModel is given t itself, so the export would load and compute another
+/// function. Refused; the same network at T = 1000, or given t itself, exports.
+#[test]
+fn an_export_that_would_change_the_networks_timestep_is_refused() {
+    use ddpm::interop::diffusers::SchedulerSettings;
+    let m =
+        openai::load(&dir().join("improved_sigma.pt"), &flags("improved_sigma"), Family::Improved).unwrap();
+    assert_eq!(
+        (m.diffusion.timesteps, m.diffusion.convention),
+        (4000, ddpm::diffusion::Convention::ImprovedDiffusion)
+    );
+    let e = SchedulerSettings::from_diffusion(&m.diffusion, true).unwrap_err().to_string();
+    assert!(e.contains("t·1000/T") && e.contains("4000"), "{e}");
+    let guided = ddpm::train::DiffusionConfig {
+        convention: ddpm::diffusion::Convention::GuidedDiffusion,
+        ..m.diffusion.clone()
+    };
+    SchedulerSettings::from_diffusion(&guided, true).expect("t itself at T = 4000");
+    let thousand = ddpm::train::DiffusionConfig { timesteps: 1000, ..m.diffusion };
+    SchedulerSettings::from_diffusion(&thousand, true).expect("×1 at T = 1000");
+}
+
+/// `--timestep_respacing` their sampler would refuse is refused at import, naming it.
+#[test]
+fn a_respacing_their_code_refuses_is_refused_at_import() {
+    let e = openai::load(
+        &dir().join("improved_class.pt"),
+        &format!("{} --timestep_respacing banana", flags("improved_class")),
+        Family::Improved,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--timestep_respacing"), "{e}");
 }

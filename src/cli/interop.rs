@@ -31,7 +31,7 @@ pub struct ImportArgs {
     /// --num_channels 128 --num_res_blocks 3 --learn_sigma True --diffusion_steps 4000
     /// --noise_schedule cosine". Read with the repository's own defaults and argparse rules;
     /// training-only flags (--lr, --batch_size, …) are ignored.
-    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true, conflicts_with = "diffusers")]
     pub flags: Option<String>,
     /// The run directory to create; the checkpoint goes to OUT/checkpoint.safetensors.
     #[arg(long)]
@@ -51,9 +51,6 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
         (None, Some(p)) => (p, Family::Guided),
         (None, None) => return import_diffusers(&args),
     };
-    if args.flags.is_none() && args.diffusers.is_some() {
-        bail!("--diffusers and --{} are two sources; give one", family.name());
-    }
     let flags = args.flags.as_deref().unwrap_or_default();
     let m = openai::load(pt, flags, family).with_context(|| format!("importing {}", pt.display()))?;
     for note in &m.notes {
@@ -114,9 +111,6 @@ fn import_diffusers(args: &ImportArgs) -> anyhow::Result<()> {
     let Some(dir) = &args.diffusers else {
         bail!("give --diffusers, --improved-diffusion or --guided-diffusion")
     };
-    if args.flags.is_some() {
-        bail!("--flags belongs to --improved-diffusion and --guided-diffusion; a diffusers folder has its config.json");
-    }
     let m = diffusers::load_folder(dir).with_context(|| format!("importing {}", dir.display()))?;
     let scheduler = match m.scheduler {
         Some(s) => s,

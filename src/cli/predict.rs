@@ -63,7 +63,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let schedule = NoiseSchedule::new(&d.schedule, d.timesteps, d.convention.settings())?;
     let model_t = schedule.model_timestep(args.t as usize) as f32;
     let n = s[0];
-    model.net.config.check_class(args.class).context("--class")?;
+    model.net.config.check_class(args.class)?;
     let labels = args.class.map(|c| vec![c; n]);
     let out = model.net.forward_labelled(
         &model.params.bind_constant(),

@@ -111,7 +111,7 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
         stop: None,
         class: args.class,
     };
-    net.config.check_class(args.class).context("--class")?;
+    net.config.check_class(args.class)?;
     let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);
     if args.trajectory && args.trajectory_frames > k + 1 {
         bail!(

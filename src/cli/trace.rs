@@ -68,7 +68,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
         bail!("--steps: timestep {t} is out of range; this model has T = {big_t} (steps 0..={})", big_t - 1);
     }
     let schedule = d.schedule()?;
-    model.net.config.check_class(args.class).context("--class")?;
+    model.net.config.check_class(args.class)?;
     let clip = !args.no_clip && model.clip_x0;
     let bar = progress_bar(big_t as u64, "trace");
     let mut rng = ddpm::rng_from_seed(args.seed);

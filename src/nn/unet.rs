@@ -371,16 +371,21 @@ impl UNetConfig {
         match (self.num_classes, class) {
             (None, None) => Ok(()),
             (Some(k), Some(c)) if c < k => Ok(()),
-            (Some(k), Some(c)) => {
-                Err(Error::config("class", format!("class {c} of a model with {k} classes (0..={})", k - 1)))
-            }
-            (Some(k), None) => Err(Error::config(
-                "class",
-                format!("the model is class-conditional ({k} classes): give a class in 0..={}", k - 1),
+            (Some(k), Some(c)) => Err(Error::config(
+                "class (--class)",
+                format!("{c} is not a class of this model, which has {k} (0..={})", k - 1),
             )),
-            (None, Some(c)) => {
-                Err(Error::config("class", format!("class {c} given to an unconditional model")))
-            }
+            (Some(k), None) => Err(Error::config(
+                "class (--class)",
+                format!(
+                    "none given, and the model is class-conditional: give one of its {k} classes, 0..={}",
+                    k - 1
+                ),
+            )),
+            (None, Some(c)) => Err(Error::config(
+                "class (--class)",
+                format!("{c} given, but the model is unconditional: leave --class out"),
+            )),
         }
     }
 

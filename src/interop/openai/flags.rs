@@ -180,8 +180,15 @@ impl Flags {
     pub fn parse(flags: &str, family: Family) -> Result<Flags> {
         let own = defaults(family);
         let mut values: BTreeMap<&'static str, Value> = own.iter().cloned().collect();
-        let known: Vec<&'static str> =
-            own.iter().map(|(n, _)| *n).chain(SCRIPT_FLAGS.iter().copied()).collect();
+        // improved-diffusion's image_train.py has --use_fp16 as a training flag (the model is
+        // the same); guided-diffusion's is a model flag with a default.
+        let extra: &[&'static str] = if family == Family::Improved { &["use_fp16"] } else { &[] };
+        let known: Vec<&'static str> = own
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(SCRIPT_FLAGS.iter().copied())
+            .chain(extra.iter().copied())
+            .collect();
         let words = words(flags)?;
         let mut i = 0;
         while i < words.len() {
@@ -189,6 +196,11 @@ impl Flags {
             let Some(body) = word.strip_prefix("--") else {
                 return Err(bad(format!("{word:?} is not a --flag (flags are --name value)")));
             };
+            if body.is_empty() || body.starts_with('=') {
+                return Err(bad(format!(
+                    "{word:?} names no flag (a bare -- ends argparse's options; give flags only)"
+                )));
+            }
             let (given, inline) = match body.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (body, None),
@@ -554,10 +566,11 @@ mod tests {
             ("--learn_sigma", "needs a value"),
             ("--learn_sigma maybe", "boolean"),
             ("--num_head_channels 32", "guided-diffusion flag"),
-            ("--use_fp16 True", "guided-diffusion flag"),
             ("--frobnicate 1", "not a flag"),
             ("--num 3", "ambiguous"),
             ("image_size 32", "not a --flag"),
+            ("-- 3", "names no flag"),
+            ("--timestep_respacing=x --", "names no flag"),
             ("--image_size '32", "unclosed quote"),
         ] {
             let e = Flags::parse(flags, Family::Improved).map(|_| ()).unwrap_err().to_string();

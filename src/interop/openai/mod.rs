@@ -51,6 +51,8 @@ pub fn load(pt: &Path, flags: &str, family: Family) -> Result<OpenAiModel> {
     let flags = Flags::parse(flags, family)?;
     let unet = flags.unet_config()?;
     let diffusion = flags.diffusion_config()?;
+    // Their sampler would refuse a respacing it cannot lay out; so does the import.
+    flags.kept_timesteps(diffusion.timesteps)?;
     let dict = super::torch_pt::read_file(pt)?;
     let mut notes = vec![];
     if let Some(key) = &dict.nested_under {

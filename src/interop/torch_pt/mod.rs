@@ -130,7 +130,7 @@ pub fn read_file(path: &Path) -> Result<StateDict> {
 /// tensor, or one outside its storage (each naming the tensor); sizes beyond `cap`.
 pub fn parse_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<StateDict> {
     let bad = |reason: String| Error::bad_file(source, reason);
-    let mut budget = Budget { source, cap, used: 0 };
+    let mut budget = Budget { source, cap, used: 0, stored: 0, viewed: 0 };
     let mut archive = PtArchive::open(bytes, source, &mut budget)?;
     let pkl_name = archive.member("data.pkl");
     let pkl_size = archive.size_of(&pkl_name).unwrap_or(0);
@@ -164,12 +164,23 @@ pub fn parse_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<StateDict> {
     Ok(state)
 }
 
-/// A running total of the bytes a parse allocates, refused past the cap.
+/// A running total of the bytes a parse allocates, refused past the cap; and of the values the
+/// storages hold and the tensors view, so that many views of one storage cannot multiply a small
+/// file into a large allocation.
 struct Budget<'a> {
     source: &'a Path,
     cap: u64,
     used: u64,
+    /// Values in the storages read so far.
+    stored: u64,
+    /// Values in the tensors made so far.
+    viewed: u64,
 }
+
+/// How many times the values stored the tensors may view in all (a tensor saved under two names
+/// shares its storage; a state dict has no reason to go further), plus a fixed allowance.
+const MAX_VIEW_FACTOR: u64 = 4;
+const VIEW_ALLOWANCE: u64 = 1 << 20;
 
 impl Budget<'_> {
     /// Charges `bytes` for `what`.
@@ -365,9 +376,18 @@ fn read_tensor<'a, 't>(
                 .checked_mul(dtype.size())
                 .ok_or_else(|| bad("has a storage too large".into()))?;
             let member = archive.member(&format!("data/{key}"));
+            budget.stored = budget.stored.saturating_add(storage.numel);
             &e.insert((dtype, storage.numel, archive.read(&member, Some(len), budget)?)).2
         }
     };
+    budget.viewed = budget.viewed.saturating_add(numel);
+    if budget.viewed > budget.stored.saturating_mul(MAX_VIEW_FACTOR).saturating_add(VIEW_ALLOWANCE) {
+        return Err(bad(format!(
+            "makes the tensors view {} values of the {} stored, more than {MAX_VIEW_FACTOR} times over; \
+             a state dict whose tensors overlap this much is refused",
+            budget.viewed, budget.stored
+        )));
+    }
     // The output, with ndarray's shape and strides (two words per axis).
     let out_bytes = numel.saturating_mul(4).saturating_add(16 * size.len() as u64 + 64);
     budget.take(&format!("{who} as float32"), out_bytes)?;
@@ -441,6 +461,30 @@ mod tests {
     }
 
     #[test]
+    fn many_views_of_one_storage_cannot_multiply_a_small_file() {
+        // 600 names for the same 4096 values: 2.4 million values to decode from 16 KiB stored.
+        type Entry = Box<dyn Fn(&mut Writer)>;
+        let names: Vec<String> = (0..600).map(|i| format!("w{i}")).collect();
+        let entries: Vec<Entry> = names
+            .iter()
+            .map(|n| {
+                let n = n.clone();
+                Box::new(move |w: &mut Writer| {
+                    w.str(&n).tensor("FloatStorage", "0", 4096, 0, &[4096], &[1]);
+                }) as Entry
+            })
+            .collect();
+        let refs: Vec<&dyn Fn(&mut Writer)> = entries.iter().map(|b| b.as_ref()).collect();
+        let file = pt(&Writer::state_dict(&refs), &[("0", f32_bytes(&[0.5; 4096]))], b"little");
+        let e = parse_bytes(&file, Path::new("m.pt"), 1 << 34).expect_err("refused").to_string();
+        assert!(e.contains("more than 4 times over"), "{e}");
+        // Two names for one tensor (tied weights) are fine.
+        let two: Vec<&dyn Fn(&mut Writer)> = refs[..2].to_vec();
+        let file = pt(&Writer::state_dict(&two), &[("0", f32_bytes(&[0.5; 4096]))], b"little");
+        assert_eq!(parse_bytes(&file, Path::new("m.pt"), 1 << 34).expect("valid").tensors.len(), 2);
+    }
+
+    #[test]
     fn module_prefixes_are_stripped_only_when_every_name_has_one() {
         let two = |a: &'static str, b: &'static str| {
             let (fa, fb) = (
@@ -510,9 +554,10 @@ mod tests {
 
     #[test]
     fn many_views_of_one_storage_are_bounded_by_the_cap() {
-        // 100 names viewing one 256 KiB storage: 25 MiB of output from a file of 300 KiB.
+        // 5 names viewing one 256 KiB storage: 1.25 MiB of output from a file of 260 KiB (within
+        // the view factor; many_views_of_one_storage_cannot_multiply_a_small_file goes beyond).
         type Entry = Box<dyn Fn(&mut Writer)>;
-        let entries: Vec<Entry> = (0..100)
+        let entries: Vec<Entry> = (0..5)
             .map(|i| {
                 Box::new(move |w: &mut Writer| {
                     w.str(&format!("v{i}")).tensor("FloatStorage", "0", 65536, 0, &[256, 256], &[256, 1]);
@@ -522,9 +567,9 @@ mod tests {
         let refs: Vec<&dyn Fn(&mut Writer)> = entries.iter().map(|b| b.as_ref()).collect();
         let p = Writer::state_dict(&refs);
         let file = pt(&p, &[("0", f32_bytes(&[0.5; 65536]))], b"little");
-        let e = parse_bytes(&file, Path::new("m.pt"), 10 << 20).expect_err("over the cap");
+        let e = parse_bytes(&file, Path::new("m.pt"), 1 << 20).expect_err("over the cap");
         assert!(e.to_string().contains("as float32, with what was read before it"), "{e}");
-        assert_eq!(parse_bytes(&file, Path::new("m.pt"), 40 << 20).expect("fits").tensors.len(), 100);
+        assert_eq!(parse_bytes(&file, Path::new("m.pt"), 40 << 20).expect("fits").tensors.len(), 5);
     }
 
     #[test]

@@ -87,6 +87,18 @@ impl SchedulerSettings {
                 d.convention, d.timesteps
             ));
         }
+        if d.timesteps != 1000
+            && d.convention.settings().model_timestep
+                == crate::diffusion::convention::ModelTimestep::ScaledTo1000
+        {
+            // The network was trained on t·1000/T; UNet2DModel is given t itself, so the exported
+            // folder would load and compute another function.
+            return refuse(format!(
+                "the network is given t·1000/T (the {} convention, improved-diffusion's rescale_timesteps) with T = {}; \
+                 diffusers gives UNet2DModel t itself, so the export would compute another function",
+                d.convention, d.timesteps
+            ));
+        }
         if d.variance_type == VarianceType::Learned {
             return refuse(
                 "a learned log-variance has no DDPMScheduler variance_type (its \"learned\" reads the output as the variance)"
