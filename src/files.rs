@@ -416,6 +416,18 @@ pub fn check_npy_header(
     Ok((kind, size))
 }
 
+/// The number of members a zip's end-of-central-directory record declares, when the archive has
+/// one within its last 64 KiB (and is not zip64, where the field saturates). The `.npz` and `.pt`
+/// readers compare it with the members the `zip` crate lists, which keeps only the last of two
+/// members of one name, so a duplicate cannot hide.
+pub fn zip_declared_entries(bytes: &[u8]) -> Option<usize> {
+    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
+    let start = bytes.len().saturating_sub(22 + 65535);
+    let at = bytes[start..].windows(4).rposition(|w| w == EOCD)? + start;
+    let count = u16::from_le_bytes([*bytes.get(at + 10)?, *bytes.get(at + 11)?]);
+    (count != u16::MAX).then_some(usize::from(count))
+}
+
 /// A foreign error's text on one line and at most 300 characters (a parser's message can span
 /// lines and quote the whole input).
 pub fn folded(e: &dyn std::fmt::Display) -> String {

@@ -70,18 +70,7 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
     let (path, _lock) = prepare_out(&args)?;
     let source = format!("imported from {} {} with flags {flags:?}", family.name(), pt.display());
     // Their samplers clip x̂_0 (clip_denoised=True in their sampling script).
-    save_weights(&path, &config, &m.params, &source, Some(true))
-        .with_context(|| format!("writing {}", path.display()))?;
-    say!(
-        "wrote {} ({} parameters; {} T = {}, {:?}, {:?}; convention {})",
-        path.display(),
-        m.params.num_scalars(),
-        config.diffusion.schedule,
-        config.diffusion.timesteps,
-        config.diffusion.mean_type,
-        config.diffusion.variance_type,
-        config.diffusion.convention
-    );
+    save_imported(&path, &config, &m.params, &source, true)?;
     if !m.timestep_respacing.is_empty() {
         say!(
             "note: --timestep_respacing {:?} chose their sampler's steps; it is not part of the model (sample with `ddpm sample --steps K`)",
@@ -91,6 +80,30 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
     if let Some(k) = config.unet.num_classes {
         say!("note: the model is class-conditional ({k} classes): give `--class` to predict and sample");
     }
+    Ok(())
+}
+
+/// Writes an imported model's checkpoint and says what it holds.
+fn save_imported(
+    path: &std::path::Path,
+    config: &TrainConfig,
+    params: &ddpm::nn::ParamStore,
+    source: &str,
+    clip: bool,
+) -> anyhow::Result<()> {
+    save_weights(path, config, params, source, Some(clip))
+        .with_context(|| format!("writing {}", path.display()))?;
+    let d = &config.diffusion;
+    say!(
+        "wrote {} ({} parameters; {} T = {}, {:?}, {:?}, clip {clip}; convention {})",
+        path.display(),
+        params.num_scalars(),
+        d.schedule,
+        d.timesteps,
+        d.mean_type,
+        d.variance_type,
+        d.convention
+    );
     Ok(())
 }
 
@@ -132,18 +145,7 @@ fn import_diffusers(args: &ImportArgs) -> anyhow::Result<()> {
     })?;
     let (path, _lock) = prepare_out(args)?;
     let source = format!("imported from diffusers {}", dir.display());
-    save_weights(&path, &config, &m.params, &source, Some(scheduler.clip_sample))
-        .with_context(|| format!("writing {}", path.display()))?;
-    say!(
-        "wrote {} ({} parameters; {} T = {}, {:?}, {:?}, clip {}; convention diffusers)",
-        path.display(),
-        m.params.num_scalars(),
-        config.diffusion.schedule,
-        config.diffusion.timesteps,
-        config.diffusion.mean_type,
-        config.diffusion.variance_type,
-        scheduler.clip_sample
-    );
+    save_imported(&path, &config, &m.params, &source, scheduler.clip_sample)?;
     Ok(())
 }
 

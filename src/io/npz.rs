@@ -137,7 +137,7 @@ pub fn read_npz_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<Vec<NpzEn
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| corrupt(&e))?;
     // The zip crate indexes members by name, so a second member of one name would silently
     // replace the first: compare with the count the archive's end record declares.
-    if let Some(declared) = declared_entries(bytes) {
+    if let Some(declared) = crate::files::zip_declared_entries(bytes) {
         if declared != archive.len() {
             return Err(corrupt(&format!(
                 "{declared} members are listed but only {} distinct names: two members share a name",
@@ -184,16 +184,6 @@ pub fn read_npz_bytes(bytes: &[u8], source: &Path, cap: u64) -> Result<Vec<NpzEn
         entries.push(NpzEntry { name, dtype, values });
     }
     Ok(entries)
-}
-
-/// The number of members the zip's end-of-central-directory record declares, when the archive
-/// has one within its last 64 KiB (and is not zip64, where the field saturates).
-fn declared_entries(bytes: &[u8]) -> Option<usize> {
-    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
-    let start = bytes.len().saturating_sub(22 + 65535);
-    let at = bytes[start..].windows(4).rposition(|w| w == EOCD)? + start;
-    let count = u16::from_le_bytes([*bytes.get(at + 10)?, *bytes.get(at + 11)?]);
-    (count != u16::MAX).then_some(usize::from(count))
 }
 
 /// A reader that keeps a copy of what it reads (the `.npy` header, re-read by the array parser).

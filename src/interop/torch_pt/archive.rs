@@ -41,7 +41,7 @@ impl<'a> PtArchive<'a> {
         let zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| corrupt(&e))?;
         // The zip crate indexes members by name, so a second member of one name would silently
         // replace the first: compare with the count the archive's end record declares.
-        if let Some(declared) = declared_entries(bytes) {
+        if let Some(declared) = crate::files::zip_declared_entries(bytes) {
             if declared != zip.len() {
                 return Err(corrupt(&format!(
                     "{declared} members are listed but only {} distinct names: two members share a name",
@@ -175,14 +175,4 @@ fn refuse_other_formats(bytes: &[u8], source: &Path) -> Result<()> {
         "not a PyTorch .pt file (torch.save writes a zip archive, which starts with `PK`)".to_string()
     };
     Err(Error::bad_file(source, reason))
-}
-
-/// The number of members the zip's end-of-central-directory record declares, when the archive
-/// has one within its last 64 KiB (and is not zip64, where the field saturates).
-fn declared_entries(bytes: &[u8]) -> Option<usize> {
-    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
-    let start = bytes.len().saturating_sub(22 + 65535);
-    let at = bytes[start..].windows(4).rposition(|w| w == EOCD)? + start;
-    let count = u16::from_le_bytes([*bytes.get(at + 10)?, *bytes.get(at + 11)?]);
-    (count != u16::MAX).then_some(usize::from(count))
 }
