@@ -150,6 +150,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         total_bpd: total / k,
     };
     if args.json {
+        // Cannot fail: Report holds strings, integers and floats only (a non-finite float
+        // serialises as null), no map with non-string keys.
         out!("{}", serde_json::to_string_pretty(&report).expect("plain data serialises"));
     } else {
         out!("bits/dim of {} on {} images of {}", report.checkpoint, n, report.data);

@@ -115,6 +115,8 @@ pub fn load_cifar_dir(dir: &Path, split: Split) -> Result<Dataset> {
     for file in &files {
         let batch = load_cifar(file)?;
         pixels.extend_from_slice(batch.pixels());
+        // Cannot fail: load_cifar builds every dataset through parse_cifar_owned, which always
+        // attaches the label byte of each record (with_labels, one per image).
         labels.extend_from_slice(batch.labels().expect("parse_cifar_owned attaches the labels"));
     }
     let source = files[0].parent().map_or_else(|| dir.to_path_buf(), Path::to_path_buf);
