@@ -1,12 +1,14 @@
-//! Generating images: ancestral sampling (Ho et al. 2020, Algorithm 2) and DDIM (Song et al.
-//! 2021, arXiv:2010.02502, Eq. 12), on the full schedule or a respaced one, with snapshots of
-//! x_t along the way (the x_T → x_0 strip of the paper's Figure 6).
+//! Generating images with a U-Net: any sampler of [`crate::diffusion::samplers`] (ancestral,
+//! DDIM, PNDM, DPM-Solver(++), Euler/Heun) driven by the network, with snapshots of x_t along
+//! the way (the x_T → x_0 strip of the paper's Figure 6), and [`trace`], which keeps every
+//! intermediate of chosen evaluations.
 //!
-//! **Respacing** (Nichol & Dhariwal 2021, §4): for K < T steps the sampler visits the code
-//! timesteps `S = round(k·(T−1)/(K−1))`, k = 0 … K−1 (always including 0 and T−1), and runs
-//! the process whose cumulative products are ᾱ at those steps: β'_i = 1 − ᾱ_{S_i}/ᾱ_{S_{i−1}}
-//! (ᾱ before S_0 is 1). The network is still given the original timestep S_i. With K = T this
-//! is the original process.
+//! **Respacing** (Nichol & Dhariwal 2021, §4): K < T steps visit K of the T timesteps, chosen by
+//! a [`TimestepSpacing`] (linspace by default: round(linspace(0, T−1, K)) with numpy's
+//! round-half-to-even, always including T−1 and 0), or the Karras σ schedule. Ancestral sampling
+//! runs the process whose cumulative products are ᾱ at the visited steps,
+//! β'_i = 1 − ᾱ_{S_i}/ᾱ_{S_{i−1}} (ᾱ before S_0 is 1); the network is still given the original
+//! timestep S_i. With K = T this is the original process.
 //!
 //! Sampling runs the network with no tape. The diffusion arithmetic is f64 (the network f32).
 
@@ -14,47 +16,84 @@ use ndarray::ArrayD;
 use rand::Rng as _;
 use rand_distr::StandardNormal;
 
-use crate::diffusion::gaussian::predict_eps_from_x0;
-use crate::diffusion::{p_mean_variance, p_sample, ModelOutput, NoiseSchedule, Parameterization, Table};
+use crate::diffusion::samplers::{
+    self, Advance, Grid, GridPoint, GridSpec, SamplerKind, SamplerOptions, Solver, TimestepSpacing,
+};
+use crate::diffusion::{ModelOutput, NoiseSchedule, Parameterization};
 use crate::nn::{ParamStore, UNet};
 use crate::stop::StopFlag;
 use crate::{Error, Result, Rng, Tensor, Var};
 
-/// Which reverse process to run.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Sampler {
-    /// x_{t−1} ~ p_θ(x_{t−1} | x_t) with the model's variance (Algorithm 2).
-    Ancestral,
-    /// DDIM with noise scale η (0: deterministic; 1: ancestral-like variance).
-    Ddim {
-        /// η of Song et al. Eq. (16).
-        eta: f64,
-    },
-}
+pub use crate::diffusion::samplers::respaced_schedule;
 
 /// How to sample.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleConfig {
-    /// The reverse process.
-    pub sampler: Sampler,
-    /// Number of steps K (respaced); `None` runs all T.
+    /// The sampler.
+    pub sampler: SamplerKind,
+    /// Number of grid points K (respaced); `None` runs all T. A sampler may evaluate the network
+    /// more than once per point (Heun, PNDM's warm-up): [`Solver::num_evals`].
     pub steps: Option<usize>,
-    /// Clip the predicted x_0 to [−1, 1] at every step (Ho et al.'s code does).
-    pub clip_x0: bool,
+    /// Which K of the T timesteps are visited.
+    pub spacing: TimestepSpacing,
+    /// Visit the Karras et al. σ schedule (ρ = 7) instead of spaced timesteps.
+    pub karras: bool,
+    /// η, clipping of x̂_0, DPM-Solver's variant, churn.
+    pub options: SamplerOptions,
     /// Keep this many snapshots of x_t, evenly spaced from x_T to x_0 (0 for none).
     pub trajectory_frames: usize,
-    /// Checked before every step: when raised, sampling ends with [`Error::Interrupted`].
+    /// Checked before every evaluation: when raised, sampling ends with [`Error::Interrupted`].
     pub stop: Option<StopFlag>,
     /// The class of every image, for a class-conditional network (`None` for an unconditional
     /// one).
     pub class: Option<usize>,
 }
 
+impl SampleConfig {
+    /// Ancestral sampling over all T steps with x̂_0 clipped (Ho et al.'s setting).
+    pub fn ancestral() -> Self {
+        SampleConfig {
+            sampler: SamplerKind::Ancestral,
+            steps: None,
+            spacing: TimestepSpacing::Linspace,
+            karras: false,
+            options: SamplerOptions { clip_x0: true, ..SamplerOptions::default() },
+            trajectory_frames: 0,
+            stop: None,
+            class: None,
+        }
+    }
+
+    /// The grid this configuration visits on `schedule`.
+    ///
+    /// # Errors
+    /// An invalid step count or spacing for this schedule ([`Grid::from_schedule`]).
+    pub fn grid(&self, schedule: &NoiseSchedule) -> Result<Grid> {
+        let spec = GridSpec {
+            steps: self.steps.unwrap_or(schedule.num_timesteps()),
+            spacing: self.spacing,
+            steps_offset: 0,
+            karras: self.karras,
+            dpm_layout: matches!(
+                self.sampler,
+                SamplerKind::DpmSolver(_)
+                    | SamplerKind::DpmSolverMultistep(_)
+                    | SamplerKind::DpmPlusPlus2S
+                    | SamplerKind::DpmPlusPlus2M
+                    | SamplerKind::DpmPlusPlus3M
+                    | SamplerKind::DpmPlusPlus2MSde
+            ),
+            end: self.sampler.default_end(),
+        };
+        Grid::from_schedule(schedule, &spec)
+    }
+}
+
 /// One snapshot of the reverse process.
 #[derive(Clone, Debug)]
 pub struct Frame {
-    /// The original (code) timestep of x_t; `None` for the final x_0.
-    pub t: Option<usize>,
+    /// The network timestep of x_t; `None` for the final x_0.
+    pub t: Option<f64>,
     /// x_t, `[N, C, H, W]`.
     pub x: Tensor,
 }
@@ -68,25 +107,6 @@ pub struct Samples {
     pub trajectory: Vec<Frame>,
 }
 
-/// The visited timesteps for K steps out of T, increasing: `round(k·(T−1)/(K−1))`.
-///
-/// # Errors
-/// [`Error::InvalidConfig`] unless 2 ≤ K ≤ T: a respaced process of one step has no β̃ at its
-/// first step for the variance conventions to borrow, so one step is refused with that advice.
-pub fn respaced_timesteps(big_t: usize, k: usize) -> Result<Vec<usize>> {
-    if k < 2 || k > big_t {
-        let why = if k == 1 { "a respaced process needs at least 2 steps" } else { "out of range" };
-        return Err(Error::config(
-            "sampling steps (--steps)",
-            format!("{k} steps for a process of T = {big_t}: {why}; use a value in 2..={big_t}"),
-        ));
-    }
-    let mut s: Vec<usize> =
-        (0..k).map(|i| ((i as f64) * (big_t - 1) as f64 / (k - 1) as f64).round() as usize).collect();
-    s.dedup();
-    Ok(s)
-}
-
 /// The schedule of the process restricted to `timesteps` (increasing code indices), see the
 /// module docs.
 ///
@@ -94,26 +114,50 @@ pub fn respaced_timesteps(big_t: usize, k: usize) -> Result<Vec<usize>> {
 /// As [`NoiseSchedule::from_betas`].
 pub fn respace(schedule: &NoiseSchedule, timesteps: &[usize]) -> Result<NoiseSchedule> {
     let ab = schedule.alpha_bar();
-    let mut prev = 1.0;
-    let betas: Vec<f64> = timesteps
-        .iter()
-        .map(|&s| {
-            let b = 1.0 - ab[s] / prev;
-            prev = ab[s];
-            b
-        })
-        .collect();
-    NoiseSchedule::from_betas(betas, *schedule.conventions())
+    let points: Vec<GridPoint> =
+        timesteps.iter().rev().map(|&s| GridPoint::from_alpha_bar(ab[s], schedule.model_timestep(s))).collect();
+    respaced_schedule(&points, schedule)
 }
 
-/// Draws `n` images of `shape = [C, H, W]` from the model.
-///
-/// `progress(done, total)` is called after every step.
+/// The sampler of `config` on `schedule`, started from x_T ~ N(0, I) of `shape` drawn from `rng`.
 ///
 /// # Errors
-/// An invalid step count for this schedule; a class missing for a class-conditional network or
-/// given to an unconditional one ([`crate::nn::UNetConfig::check_class`]); [`Error::Interrupted`]
-/// if `config.stop` is raised.
+/// As [`SampleConfig::grid`] and [`samplers::build`].
+pub fn start(
+    schedule: &NoiseSchedule,
+    param: &Parameterization,
+    shape: &[usize],
+    config: &SampleConfig,
+    rng: &mut Rng,
+) -> Result<Box<dyn Solver>> {
+    let grid = config.grid(schedule)?;
+    let x: ArrayD<f64> = ArrayD::from_shape_simple_fn(shape, || rng.sample::<f64, _>(StandardNormal));
+    samplers::build(config.sampler, grid, schedule, *param, config.options, x)
+}
+
+/// The network as a sampler's model: its output at (x, point), split per the variance type.
+fn network<'a>(
+    net: &'a UNet,
+    bound: &'a crate::nn::Bound,
+    param: &'a Parameterization,
+    labels: Option<&'a [usize]>,
+) -> impl FnMut(&ArrayD<f64>, &GridPoint) -> Result<ModelOutput> + 'a {
+    move |x, at| {
+        let n = x.shape()[0];
+        let model_t = vec![at.model_t as f32; n];
+        let out = net.forward_labelled(bound, &Var::constant(x.mapv(|v| v as f32)), &model_t, labels, None);
+        Ok(ModelOutput::split(out.value().mapv(|v| v as f64), param.variance_type))
+    }
+}
+
+/// Draws `n` images of the network's shape from the model.
+///
+/// `progress(done, total)` is called after every network evaluation.
+///
+/// # Errors
+/// An invalid step count or sampler for this schedule and model; a class missing for a
+/// class-conditional network or given to an unconditional one
+/// ([`crate::nn::UNetConfig::check_class`]); [`Error::Interrupted`] if `config.stop` is raised.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     net: &UNet,
@@ -125,94 +169,90 @@ pub fn sample(
     rng: &mut Rng,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Samples> {
-    let big_t = schedule.num_timesteps();
-    let steps = respaced_timesteps(big_t, config.steps.unwrap_or(big_t))?;
-    let sched = if steps.len() == big_t { schedule.clone() } else { respace(schedule, &steps)? };
+    net.config.check_class(config.class)?;
     let c = &net.config;
     let shape = [n, c.in_channels, c.resolution, c.resolution];
-    let mut x: ArrayD<f64> =
-        ArrayD::from_shape_simple_fn(shape.as_slice(), || rng.sample::<f64, _>(StandardNormal));
-    net.config.check_class(config.class)?;
+    let mut solver = start(schedule, param, &shape, config, rng)?;
     let labels = config.class.map(|c| vec![c; n]);
     let bound = params.bind_constant();
-    let k = steps.len();
+    let total = solver.num_evals();
     let frame_at: Vec<usize> = match config.trajectory_frames {
         0 => vec![],
-        1 => vec![k],
-        f => (0..f).map(|i| (i as f64 * k as f64 / (f - 1) as f64).round() as usize).collect(),
+        1 => vec![total],
+        f => (0..f).map(|i| (i as f64 * total as f64 / (f - 1) as f64).round() as usize).collect(),
     };
     let mut trajectory = vec![];
-    for (done, i) in (0..k).rev().enumerate() {
+    let mut model = network(net, &bound, param, labels.as_deref());
+    let mut done = 0;
+    loop {
         if config.stop.as_ref().is_some_and(|s| s.requested().is_some()) {
             return Err(Error::Interrupted);
         }
+        let Some(eval) = solver.next_eval(rng) else { break };
         if frame_at.contains(&done) {
-            trajectory.push(Frame { t: Some(steps[i]), x: x.mapv(|v| v as f32) });
+            trajectory.push(Frame { t: Some(eval.at.model_t), x: eval.x.mapv(|v| v as f32) });
         }
-        let t_orig = steps[i];
-        let model_t = vec![schedule.model_timestep(t_orig) as f32; n];
-        let out = net.forward_labelled(
-            &bound,
-            &Var::constant(x.mapv(|v| v as f32)),
-            &model_t,
-            labels.as_deref(),
-            None,
-        );
-        let output = ModelOutput::split(out.value().mapv(|v| v as f64), param.variance_type);
-        let t = vec![i; n];
-        x = match config.sampler {
-            Sampler::Ancestral => p_sample(&sched, param, &x, &t, &output, config.clip_x0, rng).x_prev,
-            Sampler::Ddim { eta } => ddim_step(&sched, param, &x, &t, &output, config.clip_x0, eta, rng),
-        };
-        progress(done + 1, k);
+        let (x_in, at) = (eval.x.clone(), eval.at);
+        let out = model(&x_in, &at)?;
+        solver.advance(out, rng)?;
+        done += 1;
+        progress(done, total);
     }
-    let images = x.mapv(|v| v as f32);
-    if frame_at.contains(&k) {
+    let images = solver.x().mapv(|v| v as f32);
+    if frame_at.contains(&total) {
         trajectory.push(Frame { t: None, x: images.clone() });
     }
     Ok(Samples { images, trajectory })
 }
 
-/// One ancestral step of a [`trace`]: everything that went into x_{t−1}, each `[N, C, H, W]`.
+/// One network evaluation of a [`trace`]: everything that went into it and came out, each
+/// `[N, C, H, W]`.
 #[derive(Clone, Debug)]
 pub struct TraceStep {
-    /// The code timestep t (0-based).
-    pub t: usize,
-    /// x_t, the input of the step.
+    /// 0-based index of the evaluation in the run.
+    pub eval: usize,
+    /// The network timestep it was given.
+    pub t: f64,
+    /// The code timestep (0-based) of the grid point, when it is one of the table's.
+    pub index: Option<usize>,
+    /// σ = √((1 − ᾱ)/ᾱ) of the point.
+    pub sigma: f64,
+    /// x_t, the network's input.
     pub x_t: ArrayD<f64>,
-    /// The network's raw output (ε_θ(x_t, t) for ε-prediction; `[N, 2C, H, W]` when the
-    /// variance is learned).
+    /// The network's raw output (`[N, 2C, H, W]` when the variance is learned).
     pub eps: ArrayD<f64>,
     /// x̂_0 implied by the output (clipped when sampling clips).
     pub x0_pred: ArrayD<f64>,
-    /// μ_θ(x_t, t).
-    pub mean: ArrayD<f64>,
-    /// σ_t² of p_θ(x_{t−1} ∣ x_t).
-    pub variance: ArrayD<f64>,
-    /// z ~ N(0, I) of x_{t−1} = μ_θ + σ_t z; zeros at t = 0, where no noise is added.
-    pub noise: ArrayD<f64>,
-    /// x_{t−1}, the output of the step.
+    /// ε̂ implied by the output.
+    pub eps_pred: ArrayD<f64>,
+    /// μ_θ(x_t, t) (ancestral sampling only).
+    pub mean: Option<ArrayD<f64>>,
+    /// σ_t² of p_θ(x_{t−1} ∣ x_t) (ancestral sampling only).
+    pub variance: Option<ArrayD<f64>>,
+    /// The noise drawn by this evaluation's update (z ~ N(0, I); for ancestral sampling zeros
+    /// at t = 0, where none is added), if any.
+    pub noise: Option<ArrayD<f64>>,
+    /// The sampler's state after the update (x_{t−1} for one-evaluation-a-step samplers).
     pub x_prev: ArrayD<f64>,
 }
 
-/// A traced ancestral sampling run.
+/// A traced sampling run.
 #[derive(Clone, Debug)]
 pub struct Trace {
     /// x_T ~ N(0, I), the start, `[N, C, H, W]`.
     pub x_start: ArrayD<f64>,
-    /// The kept steps, from the largest t down.
+    /// The kept evaluations, in order.
     pub steps: Vec<TraceStep>,
     /// The final x_0, `[N, C, H, W]`.
     pub x0: ArrayD<f64>,
 }
 
-/// Ancestral sampling (Algorithm 2) over all T steps, keeping every intermediate of the steps for
-/// which `keep(t)` holds. It draws exactly what [`sample`] with [`Sampler::Ancestral`] and all
-/// steps draws from `rng`, so its x_0 equals that of `ddpm sample` with the same seed. `class`
-/// labels every image of a class-conditional network.
+/// A sampling run per `config`, keeping every intermediate of the evaluations for which
+/// `keep(eval_index, code_timestep)` holds. It draws exactly what [`sample`] draws from `rng`,
+/// so its x_0 equals that of `ddpm sample` with the same seed and settings.
 ///
-/// # Panics
-/// If `class` does not fit the network ([`crate::nn::UNetConfig::check_class`] says why).
+/// # Errors
+/// As [`sample`].
 #[allow(clippy::too_many_arguments)]
 pub fn trace(
     net: &UNet,
@@ -220,97 +260,62 @@ pub fn trace(
     schedule: &NoiseSchedule,
     param: &Parameterization,
     n: usize,
-    clip_x0: bool,
-    class: Option<usize>,
-    keep: impl Fn(usize) -> bool,
+    config: &SampleConfig,
+    keep: impl Fn(usize, Option<usize>) -> bool,
     rng: &mut Rng,
     mut progress: impl FnMut(usize, usize),
-) -> Trace {
+) -> Result<Trace> {
+    net.config.check_class(config.class)?;
     let c = &net.config;
     let shape = [n, c.in_channels, c.resolution, c.resolution];
-    let x_start: ArrayD<f64> =
-        ArrayD::from_shape_simple_fn(shape.as_slice(), || rng.sample::<f64, _>(StandardNormal));
+    let mut solver = start(schedule, param, &shape, config, rng)?;
+    let x_start = solver.x().clone();
+    let labels = config.class.map(|c| vec![c; n]);
     let bound = params.bind_constant();
-    let labels = class.map(|c| vec![c; n]);
-    let big_t = schedule.num_timesteps();
-    let mut x = x_start.clone();
+    let total = solver.num_evals();
+    let ab = schedule.alpha_bar();
+    let model = network(net, &bound, param, labels.as_deref());
     let mut steps = vec![];
-    for (done, i) in (0..big_t).rev().enumerate() {
-        let model_t = vec![schedule.model_timestep(i) as f32; n];
-        let out = net.forward_labelled(
-            &bound,
-            &Var::constant(x.mapv(|v| v as f32)),
-            &model_t,
-            labels.as_deref(),
-            None,
-        );
-        let eps = out.value().mapv(|v| v as f64);
-        let output = ModelOutput::split(eps.clone(), param.variance_type);
-        let t = vec![i; n];
-        let p = p_mean_variance(schedule, param, &x, &t, &output, clip_x0);
-        // The same draw as p_sample's, so the run is the one `sample` makes.
-        let z = crate::diffusion::gaussian::standard_normal(x.shape(), rng);
-        let noise = if i > 0 { z } else { ArrayD::zeros(x.raw_dim()) };
-        let x_prev = &p.mean + &(&p.log_variance.mapv(|l| (0.5 * l).exp()) * &noise);
-        if keep(i) {
+    let on_eval = |i: usize, x_in: &ArrayD<f64>, at: &GridPoint, out: &ModelOutput, adv: &Advance, x: &ArrayD<f64>| {
+        let index = ab.iter().position(|&a| a == at.alpha_bar());
+        if keep(i, index) {
+            let raw = match &out.variance_values {
+                None => out.prediction.clone(),
+                Some(v) => ndarray::concatenate(ndarray::Axis(1), &[out.prediction.view(), v.view()])
+                    .expect("both halves are [N, C, H, W]"),
+            };
             steps.push(TraceStep {
-                t: i,
-                x_t: x.clone(),
-                eps,
-                x0_pred: p.x0_pred,
-                mean: p.mean,
-                variance: p.variance,
-                noise,
-                x_prev: x_prev.clone(),
+                eval: i,
+                t: at.model_t,
+                index,
+                sigma: at.sigma(),
+                x_t: x_in.clone(),
+                eps: raw,
+                x0_pred: adv.x0_pred.clone(),
+                eps_pred: adv.eps_pred.clone(),
+                mean: adv.ancestral.as_ref().map(|a| a.mean.clone()),
+                variance: adv.ancestral.as_ref().map(|a| a.variance.clone()),
+                noise: adv.noise.clone(),
+                x_prev: x.clone(),
             });
         }
-        x = x_prev;
-        progress(done + 1, big_t);
-    }
-    Trace { x_start, steps, x0: x }
-}
-
-/// One DDIM step (Song et al. 2021, Eq. 12): with x̂_0 and ε̂ from the model,
-/// `x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z`,
-/// `σ_t = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1})` (Eq. 16); no noise at the last step.
-#[allow(clippy::too_many_arguments)]
-pub fn ddim_step(
-    schedule: &NoiseSchedule,
-    param: &Parameterization,
-    x_t: &ArrayD<f64>,
-    t: &[usize],
-    output: &ModelOutput,
-    clip_x0: bool,
-    eta: f64,
-    rng: &mut Rng,
-) -> ArrayD<f64> {
-    let x0 = p_mean_variance(schedule, param, x_t, t, output, clip_x0).x0_pred;
-    let eps = predict_eps_from_x0(schedule, x_t, t, &x0);
-    let mut out = ArrayD::zeros(x_t.raw_dim());
-    for (n, &ti) in t.iter().enumerate() {
-        let ab = schedule.table(Table::AlphaBar)[ti];
-        let ab_prev = schedule.table(Table::AlphaBarPrev)[ti];
-        let sigma = eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * (1.0 - ab / ab_prev).sqrt();
-        let dir = (1.0 - ab_prev - sigma * sigma).max(0.0).sqrt();
-        let mut row = out.index_axis_mut(ndarray::Axis(0), n);
-        let (x0n, epsn) = (x0.index_axis(ndarray::Axis(0), n), eps.index_axis(ndarray::Axis(0), n));
-        ndarray::Zip::from(&mut row).and(&x0n).and(&epsn).for_each(|o, &a, &e| {
-            let z = if ti > 0 && sigma > 0.0 { rng.sample::<f64, _>(StandardNormal) } else { 0.0 };
-            *o = ab_prev.sqrt() * a + dir * e + sigma * z;
-        });
-    }
-    out
+        progress(i + 1, total);
+        Ok(())
+    };
+    let x0 = samplers::run(solver.as_mut(), rng, model, on_eval)?;
+    Ok(Trace { x_start, steps, x0 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::{BetaSchedule, Conventions};
+    use crate::diffusion::{BetaSchedule, Conventions, MeanType, VarianceType};
 
     #[test]
-    fn respacing_keeps_the_ends_and_alpha_bar() {
+    fn respacing_keeps_alpha_bar() {
         let s = NoiseSchedule::new(&BetaSchedule::Linear, 1000, Conventions::default()).unwrap();
-        let steps = respaced_timesteps(1000, 50).unwrap();
+        let mut steps = samplers::spaced_timesteps(TimestepSpacing::Linspace, 1000, 50, 0).unwrap();
+        steps.reverse();
         assert_eq!((steps[0], *steps.last().unwrap(), steps.len()), (0, 999, 50));
         let r = respace(&s, &steps).unwrap();
         // ᾱ of the respaced process at step i is ᾱ of the original at S_i.
@@ -319,26 +324,20 @@ mod tests {
                 (r.alpha_bar()[i] - s.alpha_bar()[si]).abs() < 1e-12 * s.alpha_bar()[si].max(1e-300) + 1e-15
             );
         }
-        assert!(respaced_timesteps(1000, 0).is_err() && respaced_timesteps(10, 11).is_err());
-        let one = respaced_timesteps(1000, 1).expect_err("one step").to_string();
-        assert!(one.contains("--steps") && one.contains("2..=1000"), "{one}");
+    }
+
+    fn tiny() -> (UNet, ParamStore, Parameterization) {
+        let net = UNet::new(crate::nn::Preset::Tiny.config(1, 8)).unwrap();
+        let params = net.init_params(&mut crate::rng_from_seed(4));
+        let param = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedSmall };
+        (net, params, param)
     }
 
     #[test]
     fn trace_follows_the_same_run_as_sample() {
-        use crate::diffusion::{MeanType, VarianceType};
-        let net = UNet::new(crate::nn::Preset::Tiny.config(1, 8)).unwrap();
-        let params = net.init_params(&mut crate::rng_from_seed(4));
+        let (net, params, param) = tiny();
         let s = NoiseSchedule::new(&BetaSchedule::Linear, 6, Conventions::default()).unwrap();
-        let param = Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedSmall };
-        let cfg = SampleConfig {
-            sampler: Sampler::Ancestral,
-            steps: None,
-            clip_x0: true,
-            trajectory_frames: 0,
-            stop: None,
-            class: None,
-        };
+        let cfg = SampleConfig::ancestral();
         let sampled =
             sample(&net, &params, &s, &param, 2, &cfg, &mut crate::rng_from_seed(9), |_, _| {}).unwrap();
         let tr = trace(
@@ -347,28 +346,60 @@ mod tests {
             &s,
             &param,
             2,
-            true,
-            None,
-            |t| t != 3,
+            &cfg,
+            |_, t| t != Some(3),
             &mut crate::rng_from_seed(9),
             |_, _| {},
-        );
+        )
+        .unwrap();
         assert_eq!(tr.x0.mapv(|v| v as f32), sampled.images);
-        assert_eq!(tr.steps.iter().map(|st| st.t).collect::<Vec<_>>(), vec![5, 4, 2, 1, 0]);
+        assert_eq!(tr.steps.iter().map(|st| st.index.unwrap()).collect::<Vec<_>>(), vec![5, 4, 2, 1, 0]);
         let last = tr.steps.last().unwrap();
-        assert!(last.noise.iter().all(|&z| z == 0.0) && last.variance.iter().all(|&v| v == 0.0));
+        assert!(last.noise.as_ref().unwrap().iter().all(|&z| z == 0.0));
+        assert!(last.variance.as_ref().unwrap().iter().all(|&v| v == 0.0));
         // Each kept step: x_{t−1} = mean + σ z.
         let st = &tr.steps[1];
         let sigma = s.beta_tilde()[4].sqrt();
-        let want = &st.mean + &(st.noise.mapv(|z| z * sigma));
+        let want = st.mean.as_ref().unwrap() + &(st.noise.as_ref().unwrap().mapv(|z| z * sigma));
         assert!(st.x_prev.iter().zip(want.iter()).all(|(a, b)| (a - b).abs() < 1e-12));
     }
 
     #[test]
-    fn full_respacing_is_the_original_schedule() {
-        let s = NoiseSchedule::new(&BetaSchedule::Linear, 100, Conventions::default()).unwrap();
-        let r = respace(&s, &respaced_timesteps(100, 100).unwrap()).unwrap();
-        for (a, b) in r.betas().iter().zip(s.betas().iter()) {
+    fn every_sampler_runs_the_network_and_trace_agrees_with_sample() {
+        let (net, params, param) = tiny();
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 50, Conventions::default()).unwrap();
+        for (kind, name, _) in SamplerKind::ALL {
+            for karras in [false, true] {
+                if karras && kind == SamplerKind::Ancestral {
+                    continue;
+                }
+                let cfg = SampleConfig { sampler: kind, steps: Some(6), karras, ..SampleConfig::ancestral() };
+                let mut calls = 0;
+                let a = sample(&net, &params, &s, &param, 2, &cfg, &mut crate::rng_from_seed(3), |d, total| {
+                    calls += 1;
+                    assert!(d <= total);
+                })
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let tr = trace(&net, &params, &s, &param, 2, &cfg, |_, _| true, &mut crate::rng_from_seed(3), |_, _| {})
+                    .unwrap();
+                assert_eq!(tr.steps.len(), calls, "{name}");
+                assert_eq!(tr.x0.mapv(|v| v as f32), a.images, "{name} karras {karras}");
+                assert!(a.images.iter().all(|v| v.is_finite()), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_step_visits_t_0_alone_and_ancestral_returns_its_x0_prediction() {
+        let (net, params, param) = tiny();
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 50, Conventions::default()).unwrap();
+        let cfg = SampleConfig { steps: Some(1), ..SampleConfig::ancestral() };
+        let tr =
+            trace(&net, &params, &s, &param, 1, &cfg, |_, _| true, &mut crate::rng_from_seed(1), |_, _| {}).unwrap();
+        assert_eq!(tr.steps.len(), 1);
+        assert_eq!(tr.steps[0].index, Some(0));
+        // One step onto ᾱ = 1 with no noise: μ̃ = x̂_0.
+        for (a, b) in tr.x0.iter().zip(tr.steps[0].x0_pred.iter()) {
             assert!((a - b).abs() < 1e-12);
         }
     }

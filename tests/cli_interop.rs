@@ -31,7 +31,7 @@ fn trace_of_a_diffusers_folder_equals_the_trace_of_its_import_and_is_consistent(
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let small = small();
-    let common = ["--seed", "3", "--num", "2", "--steps", "999,500,0", "--threads", "1"];
+    let common = ["--seed", "3", "--num", "2", "--keep", "999,500,0", "--threads", "1"];
     ok(ddpm(
         &[&["trace", "--checkpoint", small.to_str().unwrap(), "--out", &p("a.npz")], &common[..]].concat(),
     ));

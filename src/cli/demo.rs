@@ -11,7 +11,8 @@ use ddpm::data::Split;
 use ddpm::diffusion::{BetaSchedule, Convention};
 
 use super::common::{parse_minutes, set_threads, DeviceArg, DeviceArgs};
-use super::sample::{sample_to_dir, SampleArgs, SamplerArg};
+use super::sample::{sample_to_dir, SampleArgs};
+use super::sampling::SamplerArgs;
 use super::train::{
     install_signal_handlers, signal_name, train, LossArg, MeanArg, PresetArg, TimestepArg, TrainArgs,
     VarianceArg,
@@ -108,9 +109,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         class: None,
         num: 64,
         batch: 256,
-        sampler: SamplerArg::Ddpm,
-        steps: None,
-        eta: 0.0,
+        sampling: SamplerArgs::ancestral(),
         seed: args.seed,
         out: args.out.join("samples"),
         no_ema: false,

@@ -27,6 +27,7 @@ mod eval;
 mod interop;
 mod predict;
 mod sample;
+mod sampling;
 mod trace;
 mod train;
 mod vectors;

@@ -4,26 +4,17 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use ddpm::io::checkpoint;
 use ddpm::nn::UNet;
-use ddpm::sample::{sample, SampleConfig, Sampler, Samples};
+use ddpm::sample::{sample, SampleConfig, Samples};
 use ddpm::Tensor;
 use ndarray::{Axis, Ix4};
 
 use super::common::{
-    count, parse_unit_interval, progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads,
-    DeviceArgs,
+    count, progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads, DeviceArgs,
 };
-
-/// The reverse process to run.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum SamplerArg {
-    /// Ancestral sampling with the model's variance (Ho et al. Algorithm 2).
-    Ddpm,
-    /// DDIM (Song et al. 2021); deterministic with --eta 0.
-    Ddim,
-}
+use super::sampling::SamplerArgs;
 
 /// `ddpm sample` arguments.
 #[derive(Args, Debug, Clone)]
@@ -41,15 +32,8 @@ pub struct SampleArgs {
     /// stream k, so the first --batch images do not depend on --num.
     #[arg(long, default_value_t = 256, value_parser = count(1..=4096))]
     pub batch: usize,
-    /// Sampler.
-    #[arg(long, value_enum, default_value = "ddpm")]
-    pub sampler: SamplerArg,
-    /// Sampling steps K ≤ T, evenly respaced over the T of training (default: all T).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// DDIM's η in [0, 1] (0 = deterministic, 1 = the ancestral variance).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_unit_interval)]
-    pub eta: f64,
+    #[command(flatten)]
+    pub sampling: SamplerArgs,
     /// Seed of x_T and of the sampling noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -90,38 +74,31 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
 
 /// Samples per `args` and writes the files; returns the grid's path.
 pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
-    if args.eta != 0.0 && matches!(args.sampler, SamplerArg::Ddpm) {
-        bail!("--eta {} applies to --sampler ddim; ancestral sampling (ddpm) has no η", args.eta);
-    }
     let path = resolve_checkpoint(&args.checkpoint)?;
     let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let net = UNet::new(ck.config.unet.clone())?;
     let schedule = ck.config.diffusion.schedule()?;
     let param = ck.config.diffusion.parameterization();
     let params = &if args.no_ema { ck.params.clone() } else { ck.ema_params() };
-    let cfg = SampleConfig {
-        sampler: match args.sampler {
-            SamplerArg::Ddpm => Sampler::Ancestral,
-            SamplerArg::Ddim => Sampler::Ddim { eta: args.eta },
-        },
-        steps: args.steps,
-        // An imported checkpoint carries its scheduler's clip_sample.
-        clip_x0: !args.no_clip && ck.clip_x0.unwrap_or(true),
-        trajectory_frames: if args.trajectory { args.trajectory_frames } else { 0 },
-        stop: None,
-        class: args.class,
-    };
+    let big_t = ck.config.diffusion.timesteps;
+    // An imported checkpoint carries its scheduler's clip_sample.
+    let mut cfg = args.sampling.config(big_t, !args.no_clip && ck.clip_x0.unwrap_or(true))?;
+    cfg.trajectory_frames = if args.trajectory { args.trajectory_frames } else { 0 };
+    cfg.class = args.class;
     net.config.check_class(args.class)?;
-    let k = args.steps.unwrap_or(ck.config.diffusion.timesteps);
-    if args.trajectory && args.trajectory_frames > k + 1 {
+    // Checks the grid (step count, spacing) before any work, and counts the evaluations.
+    let evals = ddpm::sample::start(&schedule, &param, &[1, 1, 1, 1], &cfg, &mut ddpm::rng_from_seed(0))
+?
+        .num_evals();
+    if args.trajectory && args.trajectory_frames > evals + 1 {
         bail!(
-            "--trajectory-frames {} is more than the {} states of {k} steps",
+            "--trajectory-frames {} is more than the {} states of {evals} network evaluations",
             args.trajectory_frames,
-            k + 1
+            evals + 1
         );
     }
     let chunks = args.num.div_ceil(args.batch);
-    let bar = progress_bar((k * chunks) as u64, "sample (steps)");
+    let bar = progress_bar((evals * chunks) as u64, "sample (evaluations)");
     let mut parts = Vec::with_capacity(chunks);
     for chunk in 0..chunks {
         let n = args.batch.min(args.num - chunk * args.batch);
@@ -133,7 +110,7 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
             ..cfg.clone()
         };
         let s = sample(&net, params, &schedule, &param, n, &cfg, &mut rng, |done, _| {
-            bar.set_position((chunk * k + done) as u64)
+            bar.set_position((chunk * evals + done) as u64)
         })
         .context("sampling")?;
         parts.push(s);

@@ -19,6 +19,7 @@
 //! | [`timesteps`]     | uniform and importance-sampled t (N&D Eq. 18)                             |
 //! | [`normal`]        | erf/erfc and the standard normal CDF, exact or tanh-approximated          |
 //! | [`oracle`]        | the closed-form optimal denoiser of a finite data set                     |
+//! | [`samplers`]      | every sampler as a state machine over a grid of noise levels: ancestral, DDIM, PNDM, DPM-Solver(++), Euler/Heun |
 //! | [`vectors`]       | the reference vectors written by `ddpm vectors`, compared by `ddpm compare` |
 //!
 //! Shapes: batches are `[N, …]` (`[N, D]` or `[N, C, H, W]`) of f64 with one timestep per sample.
@@ -32,6 +33,7 @@ pub mod gaussian;
 pub mod losses;
 pub mod normal;
 pub mod oracle;
+pub mod samplers;
 pub mod schedule;
 pub mod tape_losses;
 pub mod timesteps;

@@ -27,7 +27,8 @@ use crate::config::TrainConfig;
 use crate::data::{DataRecord, DataSpec, Dataset};
 use crate::files::DirLock;
 use crate::io::checkpoint;
-use crate::sample::{sample, SampleConfig, Sampler};
+use crate::diffusion::samplers::SamplerKind;
+use crate::sample::{sample, SampleConfig};
 pub use crate::stop::StopFlag;
 use crate::{Error, Result};
 
@@ -549,12 +550,11 @@ impl Run {
         let param = t.config().diffusion.parameterization();
         let (ema, net, schedule) = (t.ema_params(), t.net(), t.schedule());
         let cfg = |class: Option<usize>| SampleConfig {
-            sampler: Sampler::Ddim { eta: 0.0 },
+            sampler: SamplerKind::Ddim,
             steps: Some(self.options.sample_steps.min(t.config().diffusion.timesteps)),
-            clip_x0: true,
-            trajectory_frames: 0,
             stop: Some(stop.clone()),
             class,
+            ..SampleConfig::ancestral()
         };
         let (images, cols) = match t.config().unet.num_classes {
             None => {
