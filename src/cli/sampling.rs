@@ -18,8 +18,8 @@ fn sampler_parser() -> impl TypedValueParser<Value = SamplerKind> {
 /// `--spacing`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SpacingArg {
-    /// round(linspace(0, T-1, K)), rounded half to even: from T-1 down to 0 (improved-diffusion's
-    /// respacing, diffusers' "linspace").
+    /// round(linspace(0, T-1, K)), rounded half to even: from T-1 down to 0 (diffusers'
+    /// "linspace"; improved-diffusion's one-section respacing visits the same steps).
     Linspace,
     /// i*(T div K), i = K-1 .. 0: from 0 up, not reaching T-1 (diffusers' "leading", Stable
     /// Diffusion's default with an offset).

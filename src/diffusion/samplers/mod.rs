@@ -82,7 +82,7 @@ impl SamplerKind {
         (SamplerKind::DpmPlusPlus2M, "dpm++2m", "DPM-Solver++ order 2, multistep"),
         (SamplerKind::DpmPlusPlus3M, "dpm++3m", "DPM-Solver++ order 3, multistep"),
         (SamplerKind::DpmPlusPlus2MSde, "dpm++2m-sde", "DPM-Solver++ 2M, SDE variant (stochastic)"),
-        (SamplerKind::Euler, "euler", "Euler in sigma-space, Karras et al. 2022 (order 1; --churn)"),
+        (SamplerKind::Euler, "euler", "Euler in sigma-space, Karras et al. 2022 (order 1; --s-churn adds noise)"),
         (SamplerKind::Heun, "heun", "Heun in sigma-space, Karras et al. 2022 (order 2, 2 evaluations a step)"),
         (SamplerKind::EulerAncestral, "euler-ancestral", "Euler ancestral in sigma-space (stochastic)"),
     ];

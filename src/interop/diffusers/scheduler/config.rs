@@ -140,28 +140,9 @@ impl PredictionType {
     }
 }
 
-/// `timestep_spacing`: which K of the T training steps `set_timesteps(K)` visits (Lin et al.
-/// 2024, arXiv:2305.08891, Table 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimestepSpacing {
-    /// `leading`: i·(T div K) + `steps_offset`, i = K−1 … 0.
-    Leading,
-    /// `trailing`: round(T − i·T/K) − 1, i = 0 … K−1 (round half to even).
-    Trailing,
-    /// `linspace`: round(linspace(0, T−1, K)), descending (round half to even).
-    Linspace,
-}
-
-impl TimestepSpacing {
-    /// diffusers' name for it.
-    pub fn name(self) -> &'static str {
-        match self {
-            TimestepSpacing::Leading => "leading",
-            TimestepSpacing::Trailing => "trailing",
-            TimestepSpacing::Linspace => "linspace",
-        }
-    }
-}
+/// `timestep_spacing`: which K of the T training steps `set_timesteps(K)` visits; the sampler's
+/// own type, whose names are diffusers'.
+pub use crate::diffusion::samplers::TimestepSpacing;
 
 /// Every key of a diffusers 0.42.1 `DDPMScheduler` / `DDIMScheduler` config.
 ///

@@ -15,6 +15,7 @@
 //! significant digits in f32, so one ulp of ᾱ moves x_{t−1} by ~1e-4.
 
 use super::config::{BetaSource, DiffusersBetaSchedule, TimestepSpacing};
+use crate::diffusion::samplers::spaced_timesteps;
 use crate::diffusion::schedule::torch_linspace_f32;
 use crate::{Error, Result};
 
@@ -93,7 +94,8 @@ pub(super) fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 }
 
 /// The timesteps `set_timesteps(K)` chooses, in stepping order (descending), as numpy computes
-/// them (fixtures README fact S4).
+/// them (fixtures README fact S4): the samplers' [`spaced_timesteps`], with its errors naming
+/// diffusers' argument.
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] if K is 0 or above T (diffusers raises), if `leading` with
@@ -107,74 +109,12 @@ pub(super) fn spacing(
     k: usize,
     steps_offset: usize,
 ) -> Result<Vec<usize>> {
-    if k == 0 || k > timesteps {
-        return Err(Error::config(
-            "num_inference_steps",
-            format!("{k} steps of a {timesteps}-step diffusion; diffusers takes 1 ..= num_train_timesteps"),
-        ));
-    }
-    let t = timesteps as f64;
-    let out: Vec<i64> = match spacing {
-        TimestepSpacing::Leading => {
-            let ratio = timesteps / k;
-            (0..k).rev().map(|i| (i * ratio + steps_offset) as i64).collect()
+    spaced_timesteps(spacing, timesteps, k, steps_offset).map_err(|e| match e {
+        Error::InvalidConfig { what, reason } if what.starts_with("sampling steps") => {
+            Error::config("num_inference_steps", reason)
         }
-        TimestepSpacing::Trailing => numpy_arange_descending(t, -t / k as f64)
-            .into_iter()
-            .map(|x| x.round_ties_even() as i64 - 1)
-            .collect(),
-        TimestepSpacing::Linspace => {
-            // numpy's linspace(0, T − 1, K): i·step + 0 with the last entry set to the end.
-            crate::diffusion::schedule::linspace(0.0, t - 1.0, k)
-                .into_iter()
-                .rev()
-                .map(|x| x.round_ties_even() as i64)
-                .collect()
-        }
-    };
-    if out.len() != k || out.iter().any(|&x| x < 0) {
-        return Err(Error::config(
-            "num_inference_steps",
-            format!(
-                "with trailing spacing, numpy's arange({timesteps}, 0, -{timesteps}/{k}) overshoots and diffusers \
-                 gets {} timesteps ending at {}, a negative index into ᾱ; choose another K",
-                out.len(),
-                out.last().copied().unwrap_or(0)
-            ),
-        ));
-    }
-    if let Some(&first) = out.first() {
-        if first >= timesteps as i64 {
-            return Err(Error::config(
-                "steps_offset",
-                format!(
-                    "steps_offset = {steps_offset} puts the first of {k} timesteps at {first}, past T − 1 = {}",
-                    timesteps - 1
-                ),
-            ));
-        }
-    }
-    Ok(out.into_iter().map(|x| x as usize).collect())
-}
-
-/// numpy's `arange(start, 0, step)` for float64 with step < 0: length ⌈(0 − start)/step⌉, entry
-/// 0 = start, entry 1 = start + step, entry i = start + i·δ with δ = entry 1 − entry 0 (numpy's
-/// `DOUBLE_fill`).
-fn numpy_arange_descending(start: f64, step: f64) -> Vec<f64> {
-    let len = ((0.0 - start) / step).ceil();
-    if len.is_nan() || len <= 0.0 {
-        return Vec::new();
-    }
-    let len = len as usize;
-    let next = start + step;
-    let delta = next - start;
-    (0..len)
-        .map(|i| match i {
-            0 => start,
-            1 => next,
-            _ => start + i as f64 * delta,
-        })
-        .collect()
+        other => other,
+    })
 }
 
 #[cfg(test)]
