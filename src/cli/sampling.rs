@@ -116,8 +116,13 @@ impl SamplerArgs {
             bail!("--eta {} applies to --sampler ddim; {} has no eta", self.eta, k.name());
         }
         let euler_like = matches!(k, SamplerKind::Euler | SamplerKind::Heun);
-        if !euler_like && (self.s_churn != 0.0 || self.s_noise != 1.0 || self.s_tmin != 0.0 || self.s_tmax.is_finite()) {
-            bail!("--s-churn, --s-tmin, --s-tmax and --s-noise apply to --sampler euler or heun, not {}", k.name());
+        if !euler_like
+            && (self.s_churn != 0.0 || self.s_noise != 1.0 || self.s_tmin != 0.0 || self.s_tmax.is_finite())
+        {
+            bail!(
+                "--s-churn, --s-tmin, --s-tmax and --s-noise apply to --sampler euler or heun, not {}",
+                k.name()
+            );
         }
         if self.karras && k == SamplerKind::Ancestral {
             bail!("--karras: ancestral sampling (ddpm) runs on the trained chain's timesteps; use ddim, euler, heun, euler-ancestral or a dpm sampler");
@@ -139,7 +144,13 @@ impl SamplerArgs {
                     SolverTypeArg::Heun => SolverType::Heun,
                 },
                 lower_order_final: true,
-                churn: Churn { s_churn: self.s_churn, s_tmin: self.s_tmin, s_tmax: self.s_tmax, s_noise: self.s_noise },
+                churn: Churn {
+                    s_churn: self.s_churn,
+                    s_tmin: self.s_tmin,
+                    s_tmax: self.s_tmax,
+                    s_noise: self.s_noise,
+                },
+                reference_3m: false,
             },
             trajectory_frames: 0,
             stop: None,

@@ -4,7 +4,9 @@
 use ndarray::ArrayD;
 
 use super::{no_pending, Advance, AncestralParts, Denoised, Eval, Grid, GridPoint, NoiseSource, Solver};
-use crate::diffusion::{p_mean_variance, MeanType, ModelOutput, NoiseSchedule, PMeanVariance, Parameterization};
+use crate::diffusion::{
+    p_mean_variance, MeanType, ModelOutput, NoiseSchedule, PMeanVariance, Parameterization,
+};
 use crate::{Error, Result};
 
 /// The schedule of the process restricted to the grid's points (Nichol & Dhariwal 2021 §4): its
@@ -65,7 +67,8 @@ impl Ancestral {
                 "ancestral sampling runs on the trained chain's timesteps, not on Karras σ; drop --karras",
             ));
         }
-        let chain = if grid.points.len() > 1 { Some(respaced_schedule(&grid.points, schedule)?) } else { None };
+        let chain =
+            if grid.points.len() > 1 { Some(respaced_schedule(&grid.points, schedule)?) } else { None };
         Ok(Ancestral { points: grid.points, chain, param, clip_x0, x: x_t, step: 0 })
     }
 }
@@ -82,7 +85,14 @@ impl Solver for Ancestral {
         }
         let i = self.points.len() - 1 - self.step;
         let p = match &self.chain {
-            Some(chain) => p_mean_variance(chain, &self.param, &self.x, &vec![i; self.x.shape()[0]], &output, self.clip_x0),
+            Some(chain) => p_mean_variance(
+                chain,
+                &self.param,
+                &self.x,
+                &vec![i; self.x.shape()[0]],
+                &output,
+                self.clip_x0,
+            ),
             None => {
                 // One step onto ᾱ = 1: the posterior mean is x̂_0 itself (c₁ = 1, c₂ = 0), the
                 // variance 0.
@@ -91,7 +101,8 @@ impl Solver for Ancestral {
                     let x0 = output.prediction.mapv(|v| if self.clip_x0 { v.clamp(-1.0, 1.0) } else { v });
                     (output.prediction.clone(), x0)
                 } else {
-                    let d = Denoised::new(self.param.mean_type, &self.x, &at, &output.prediction, self.clip_x0)?;
+                    let d =
+                        Denoised::new(self.param.mean_type, &self.x, &at, &output.prediction, self.clip_x0)?;
                     (d.x0.clone(), d.x0)
                 };
                 let zeros = ArrayD::zeros(self.x.raw_dim());

@@ -15,7 +15,9 @@
 
 use ndarray::ArrayD;
 
-use super::{combine, no_pending, Advance, Denoised, Eval, Grid, GridPoint, NoiseSource, SamplerOptions, Solver};
+use super::{
+    combine, no_pending, Advance, Denoised, Eval, Grid, GridPoint, NoiseSource, SamplerOptions, Solver,
+};
 use crate::diffusion::{MeanType, ModelOutput};
 use crate::{Error, Result};
 
@@ -74,7 +76,10 @@ impl DpmSolver {
     ) -> Result<Self> {
         let max = if algorithm == DpmAlgorithm::DataSde { 2 } else { 3 };
         if !(1..=max).contains(&order) {
-            return Err(Error::config("sampler", format!("DPM-Solver order {order}; this variant has orders 1..={max}")));
+            return Err(Error::config(
+                "sampler",
+                format!("DPM-Solver order {order}; this variant has orders 1..={max}"),
+            ));
         }
         let k = grid.len();
         let to_zero = grid.end.sigma() == 0.0;
@@ -116,7 +121,8 @@ fn multistep_orders(p: u8, k: usize, lower_order_final: bool, to_zero: bool) -> 
     let short = lower_order_final && k < 15;
     (0..k)
         .map(|i| {
-            let mut o = p.min(i as u8 + 1);
+            // In usize: a run of more than 255 steps must not wrap the warm-up count.
+            let mut o = (p as usize).min(i + 1) as u8;
             if i + 1 == k && (short || to_zero) {
                 o = 1;
             }
@@ -233,7 +239,13 @@ impl DpmSolver {
                 let em = (-h).exp_m1(); // e^{−h} − 1
                 let phi1 = if h.is_finite() { a_t * (em / h + 1.0) } else { a_t };
                 let phi2 = if h.is_finite() { a_t * ((em + h) / (h * h) - 0.5) } else { -0.5 * a_t };
-                Coefs { cx: s_t / s_s, c0: -a_t * em, c1: if mid { -0.5 * a_t * em } else { phi1 }, c2: -phi2, cz: 0.0 }
+                Coefs {
+                    cx: s_t / s_s,
+                    c0: -a_t * em,
+                    c1: if mid { -0.5 * a_t * em } else { phi1 },
+                    c2: -phi2,
+                    cz: 0.0,
+                }
             }
             DpmAlgorithm::DataSde => {
                 let one_m = -(-2.0 * h).exp_m1(); // 1 − e^{−2h}
@@ -277,7 +289,12 @@ impl DpmSolver {
                 let d1_0 = combine(&[(1.0 / r0, m0), (-1.0 / r0, m1)]);
                 let d1_1 = combine(&[(1.0 / r1, m1), (-1.0 / r1, m2)]);
                 let d1 = combine(&[(1.0 + r0 / (r0 + r1), &d1_0), (-r0 / (r0 + r1), &d1_1)]);
-                let d2 = combine(&[(1.0 / (r0 + r1), &d1_0), (-1.0 / (r0 + r1), &d1_1)]);
+                // (D1_0 − D1_1) ≈ h² x̂₀''·(r0 + r1)/2, so D2 ≈ h² x̂₀'' needs the factor 2 that
+                // the singlestep update has. Lu et al.'s reference code and diffusers omit it,
+                // which makes their 3M second order (docs/sampling.md); `reference_3m` keeps
+                // their update.
+                let w = if self.options.reference_3m { 1.0 } else { 2.0 };
+                let d2 = combine(&[(w / (r0 + r1), &d1_0), (-w / (r0 + r1), &d1_1)]);
                 combine(&[(c.cx, &self.x), (c.c0, m0), (c.c1, &d1), (c.c2, &d2)])
             }
         };
@@ -351,5 +368,7 @@ mod tests {
         assert_eq!(multistep_orders(3, 16, true, false)[15], 3);
         assert_eq!(multistep_orders(3, 16, true, true)[15], 1);
         assert_eq!(multistep_orders(2, 16, false, false), [vec![1], vec![2; 15]].concat());
+        // Past 255 steps the warm-up count does not wrap.
+        assert!(multistep_orders(3, 300, true, false).iter().skip(2).all(|&o| o == 3));
     }
 }

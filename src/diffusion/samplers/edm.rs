@@ -56,7 +56,14 @@ pub struct EulerHeun {
 
 impl EulerHeun {
     /// The sampler over `grid` from x_T = `x_t`.
-    pub fn new(grid: Grid, mean_type: MeanType, heun: bool, churn: Churn, clip_x0: bool, x_t: ArrayD<f64>) -> Self {
+    pub fn new(
+        grid: Grid,
+        mean_type: MeanType,
+        heun: bool,
+        churn: Churn,
+        clip_x0: bool,
+        x_t: ArrayD<f64>,
+    ) -> Self {
         EulerHeun { grid, mean_type, heun, churn, clip_x0, x: x_t, step: 0, stage: Stage::Idle }
     }
 

@@ -201,7 +201,10 @@ pub fn dpm_spaced_timesteps(
     if out.first().is_some_and(|&t| t >= timesteps) {
         return Err(Error::config(
             "steps_offset",
-            format!("steps_offset = {steps_offset} puts the first of {k} timesteps past T − 1 = {}", timesteps - 1),
+            format!(
+                "steps_offset = {steps_offset} puts the first of {k} timesteps past T − 1 = {}",
+                timesteps - 1
+            ),
         ));
     }
     Ok(out)
@@ -327,7 +330,10 @@ impl Grid {
                 })
                 .collect()
         } else if spec.dpm_layout {
-            dpm_spaced_timesteps(spec.spacing, big_t, spec.steps, spec.steps_offset)?.into_iter().map(at_index).collect()
+            dpm_spaced_timesteps(spec.spacing, big_t, spec.steps, spec.steps_offset)?
+                .into_iter()
+                .map(at_index)
+                .collect()
         } else {
             spaced_timesteps(spec.spacing, big_t, spec.steps, spec.steps_offset)?
                 .into_iter()
@@ -484,7 +490,11 @@ mod tests {
         assert_eq!(m.end.alpha_bar(), s.alpha_bar()[0]);
         // 1000 Karras points crowd below σ(t = 1) and repeat a rounded timestep, but σ still
         // decreases, so the grid stands; a repeated σ is refused.
-        assert!(Grid::new(vec![GridPoint::from_sigma(1.0, 0.0); 2], vec![GridPoint::from_sigma(1.0, 0.0); 2], m.end)
-            .is_err());
+        assert!(Grid::new(
+            vec![GridPoint::from_sigma(1.0, 0.0); 2],
+            vec![GridPoint::from_sigma(1.0, 0.0); 2],
+            m.end
+        )
+        .is_err());
     }
 }

@@ -69,9 +69,21 @@ pub enum SamplerKind {
 impl SamplerKind {
     /// Every sampler with its name and one line of help.
     pub const ALL: [(SamplerKind, &'static str, &'static str); 16] = [
-        (SamplerKind::Ancestral, "ddpm", "ancestral, Ho et al. Algorithm 2 (stochastic; all T steps by default)"),
-        (SamplerKind::Ddim, "ddim", "DDIM, Song et al. 2021; --eta 0 deterministic (order 1), 1 ancestral-like"),
-        (SamplerKind::Pndm, "pndm", "PNDM, Liu et al. 2022: Runge-Kutta warm-up then linear multistep"),
+        (
+            SamplerKind::Ancestral,
+            "ddpm",
+            "ancestral, Ho et al. Algorithm 2 (stochastic; all T steps by default)",
+        ),
+        (
+            SamplerKind::Ddim,
+            "ddim",
+            "DDIM, Song et al. 2021; --eta 0 deterministic (order 1), 1 ancestral-like",
+        ),
+        (
+            SamplerKind::Pndm,
+            "pndm",
+            "PNDM, Liu et al. 2022: Runge-Kutta warm-up then linear multistep (order 2)",
+        ),
         (SamplerKind::Plms, "plms", "PNDM's linear multistep alone (diffusers' skip_prk_steps)"),
         (SamplerKind::DpmSolver(1), "dpm-solver-1", "DPM-Solver order 1 (= DDIM eta 0), Lu et al. 2022"),
         (SamplerKind::DpmSolver(2), "dpm-solver-2", "DPM-Solver order 2, singlestep"),
@@ -82,8 +94,16 @@ impl SamplerKind {
         (SamplerKind::DpmPlusPlus2M, "dpm++2m", "DPM-Solver++ order 2, multistep"),
         (SamplerKind::DpmPlusPlus3M, "dpm++3m", "DPM-Solver++ order 3, multistep"),
         (SamplerKind::DpmPlusPlus2MSde, "dpm++2m-sde", "DPM-Solver++ 2M, SDE variant (stochastic)"),
-        (SamplerKind::Euler, "euler", "Euler in sigma-space, Karras et al. 2022 (order 1; --s-churn adds noise)"),
-        (SamplerKind::Heun, "heun", "Heun in sigma-space, Karras et al. 2022 (order 2, 2 evaluations a step)"),
+        (
+            SamplerKind::Euler,
+            "euler",
+            "Euler in sigma-space, Karras et al. 2022 (order 1; --s-churn adds noise)",
+        ),
+        (
+            SamplerKind::Heun,
+            "heun",
+            "Heun in sigma-space, Karras et al. 2022 (order 2, 2 evaluations a step)",
+        ),
         (SamplerKind::EulerAncestral, "euler-ancestral", "Euler ancestral in sigma-space (stochastic)"),
     ];
 
@@ -106,8 +126,11 @@ impl SamplerKind {
             SamplerKind::DpmSolver(p) | SamplerKind::DpmSolverMultistep(p) => Some(p),
             SamplerKind::DpmPlusPlus2S | SamplerKind::DpmPlusPlus2M | SamplerKind::Heun => Some(2),
             SamplerKind::DpmPlusPlus3M => Some(3),
-            SamplerKind::Pndm => Some(4),
-            SamplerKind::Plms => Some(3),
+            // The Adams–Bashforth weights assume steps of equal length in σ; on other grids
+            // (every spacing ddpm and diffusers offer) both are second order; on grids evenly
+            // spaced in σ PNDM is fourth order and PLMS third (its start), as
+            // tests/sampler_order.rs measures.
+            SamplerKind::Pndm | SamplerKind::Plms => Some(2),
             SamplerKind::Ancestral | SamplerKind::DpmPlusPlus2MSde | SamplerKind::EulerAncestral => None,
         }
     }
@@ -136,7 +159,10 @@ impl std::str::FromStr for SamplerKind {
         };
         Self::ALL.iter().find(|(_, n, _)| *n == alias).map(|(k, _, _)| *k).ok_or_else(|| {
             let names: Vec<&str> = Self::ALL.iter().map(|(_, n, _)| *n).collect();
-            Error::config("sampler (--sampler)", format!("unknown sampler {s:?}; one of {}", names.join(", ")))
+            Error::config(
+                "sampler (--sampler)",
+                format!("unknown sampler {s:?}; one of {}", names.join(", ")),
+            )
         })
     }
 }
@@ -155,6 +181,10 @@ pub struct SamplerOptions {
     pub lower_order_final: bool,
     /// Euler's stochastic churn (Karras et al. Algorithm 2); no churn when `s_churn` is 0.
     pub churn: Churn,
+    /// The third-order multistep DPM-Solver(++) update as Lu et al.'s reference code and
+    /// diffusers write it, with the second difference D2 at half its weight (second order
+    /// overall); by default ddpm uses the exact weight (third order). For reproducing them.
+    pub reference_3m: bool,
 }
 
 impl Default for SamplerOptions {
@@ -165,6 +195,7 @@ impl Default for SamplerOptions {
             solver_type: SolverType::Midpoint,
             lower_order_final: true,
             churn: Churn::default(),
+            reference_3m: false,
         }
     }
 }
@@ -247,36 +278,47 @@ impl Denoised {
     /// # Errors
     /// [`Error::InvalidConfig`] for [`MeanType::PrevX`], whose output is a step of the original
     /// chain and has no meaning on another grid (only `ddpm` sampling takes it).
-    pub fn new(mean_type: MeanType, x: &ArrayD<f64>, at: &GridPoint, pred: &ArrayD<f64>, clip: bool) -> Result<Self> {
+    pub fn new(
+        mean_type: MeanType,
+        x: &ArrayD<f64>,
+        at: &GridPoint,
+        pred: &ArrayD<f64>,
+        clip: bool,
+    ) -> Result<Self> {
         assert_eq!(x.shape(), pred.shape(), "Denoised: x {:?} and prediction {:?}", x.shape(), pred.shape());
         let (a, s) = (at.alpha(), at.sigma_vp());
-        let (mut x0, eps) = match mean_type {
-            MeanType::Eps => (ndarray::Zip::from(x).and(pred).map_collect(|&x, &e| (x - s * e) / a), pred.clone()),
-            MeanType::X0 => {
-                let eps = if s > 0.0 {
-                    ndarray::Zip::from(x).and(pred).map_collect(|&x, &x0| (x - a * x0) / s)
-                } else {
-                    ArrayD::zeros(x.raw_dim())
-                };
-                (pred.clone(), eps)
-            }
-            MeanType::V => (
-                ndarray::Zip::from(x).and(pred).map_collect(|&x, &v| a * x - s * v),
-                ndarray::Zip::from(x).and(pred).map_collect(|&x, &v| s * x + a * v),
-            ),
-            MeanType::PrevX => {
-                return Err(Error::config(
+        let (mut x0, eps) =
+            match mean_type {
+                MeanType::Eps => {
+                    (ndarray::Zip::from(x).and(pred).map_collect(|&x, &e| (x - s * e) / a), pred.clone())
+                }
+                MeanType::X0 => {
+                    let eps = if s > 0.0 {
+                        ndarray::Zip::from(x).and(pred).map_collect(|&x, &x0| (x - a * x0) / s)
+                    } else {
+                        ArrayD::zeros(x.raw_dim())
+                    };
+                    (pred.clone(), eps)
+                }
+                MeanType::V => (
+                    ndarray::Zip::from(x).and(pred).map_collect(|&x, &v| a * x - s * v),
+                    ndarray::Zip::from(x).and(pred).map_collect(|&x, &v| s * x + a * v),
+                ),
+                MeanType::PrevX => return Err(Error::config(
                     "sampler (--sampler)",
                     "this model predicts x_(t-1) of its own chain (mean type prev-x), which only ancestral \
                      sampling on that chain can use; use --sampler ddpm",
-                ))
-            }
-        };
+                )),
+            };
         if !clip {
             return Ok(Denoised { x0, eps });
         }
         x0.mapv_inplace(|v| v.clamp(-1.0, 1.0));
-        let eps = if s > 0.0 { ndarray::Zip::from(x).and(&x0).map_collect(|&x, &x0| (x - a * x0) / s) } else { eps };
+        let eps = if s > 0.0 {
+            ndarray::Zip::from(x).and(&x0).map_collect(|&x, &x0| (x - a * x0) / s)
+        } else {
+            eps
+        };
         Ok(Denoised { x0, eps })
     }
 }
@@ -300,7 +342,10 @@ pub fn build(
     if !matches!(kind, SamplerKind::Ancestral) && param.mean_type == MeanType::PrevX {
         return Err(Error::config(
             "sampler (--sampler)",
-            format!("{} cannot use a model that predicts x_(t-1) (mean type prev-x); use --sampler ddpm", kind.name()),
+            format!(
+                "{} cannot use a model that predicts x_(t-1) (mean type prev-x); use --sampler ddpm",
+                kind.name()
+            ),
         ));
     }
     let p = param.mean_type;
@@ -315,9 +360,15 @@ pub fn build(
         SamplerKind::DpmSolverMultistep(order) => {
             Box::new(DpmSolver::new(grid, p, DpmAlgorithm::Noise, order, true, options, x_t)?)
         }
-        SamplerKind::DpmPlusPlus2S => Box::new(DpmSolver::new(grid, p, DpmAlgorithm::Data, 2, false, options, x_t)?),
-        SamplerKind::DpmPlusPlus2M => Box::new(DpmSolver::new(grid, p, DpmAlgorithm::Data, 2, true, options, x_t)?),
-        SamplerKind::DpmPlusPlus3M => Box::new(DpmSolver::new(grid, p, DpmAlgorithm::Data, 3, true, options, x_t)?),
+        SamplerKind::DpmPlusPlus2S => {
+            Box::new(DpmSolver::new(grid, p, DpmAlgorithm::Data, 2, false, options, x_t)?)
+        }
+        SamplerKind::DpmPlusPlus2M => {
+            Box::new(DpmSolver::new(grid, p, DpmAlgorithm::Data, 2, true, options, x_t)?)
+        }
+        SamplerKind::DpmPlusPlus3M => {
+            Box::new(DpmSolver::new(grid, p, DpmAlgorithm::Data, 3, true, options, x_t)?)
+        }
         SamplerKind::DpmPlusPlus2MSde => {
             Box::new(DpmSolver::new(grid, p, DpmAlgorithm::DataSde, 2, true, options, x_t)?)
         }
@@ -343,8 +394,7 @@ where
     O: FnMut(usize, &ArrayD<f64>, &GridPoint, &ModelOutput, &Advance, &ArrayD<f64>) -> Result<()>,
 {
     let mut i = 0;
-    loop {
-        let Some(eval) = solver.next_eval(noise) else { break };
+    while let Some(eval) = solver.next_eval(noise) {
         let (x_in, at) = (eval.x.clone(), eval.at);
         let out = model(&x_in, &at)?;
         let adv = solver.advance(out.clone(), noise)?;

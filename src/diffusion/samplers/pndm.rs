@@ -52,7 +52,10 @@ impl Pndm {
         if prk && grid.len() < 4 {
             return Err(Error::config(
                 "sampling steps (--steps)",
-                format!("pndm warms up with 3 Runge-Kutta steps and needs at least 4 steps, not {}; use plms", grid.len()),
+                format!(
+                    "pndm warms up with 3 Runge-Kutta steps and needs at least 4 steps, not {}; use plms",
+                    grid.len()
+                ),
             ));
         }
         let at = grid.points[0];
@@ -152,7 +155,12 @@ impl Solver for Pndm {
             1 => et(0).clone(),
             2 => combine(&[(1.5, et(0)), (-0.5, et(1))]),
             3 => combine(&[(23.0 / 12.0, et(0)), (-16.0 / 12.0, et(1)), (5.0 / 12.0, et(2))]),
-            _ => combine(&[(55.0 / 24.0, et(0)), (-59.0 / 24.0, et(1)), (37.0 / 24.0, et(2)), (-9.0 / 24.0, et(3))]),
+            _ => combine(&[
+                (55.0 / 24.0, et(0)),
+                (-59.0 / 24.0, et(1)),
+                (37.0 / 24.0, et(2)),
+                (-9.0 / 24.0, et(3)),
+            ]),
         };
         let x = transfer(&self.x, &p, &q, &combined);
         self.land(x);
