@@ -114,8 +114,11 @@ pub struct Samples {
 /// As [`NoiseSchedule::from_betas`].
 pub fn respace(schedule: &NoiseSchedule, timesteps: &[usize]) -> Result<NoiseSchedule> {
     let ab = schedule.alpha_bar();
-    let points: Vec<GridPoint> =
-        timesteps.iter().rev().map(|&s| GridPoint::from_alpha_bar(ab[s], schedule.model_timestep(s))).collect();
+    let points: Vec<GridPoint> = timesteps
+        .iter()
+        .rev()
+        .map(|&s| GridPoint::from_alpha_bar(ab[s], schedule.model_timestep(s)))
+        .collect();
     respaced_schedule(&points, schedule)
 }
 
@@ -276,32 +279,33 @@ pub fn trace(
     let ab = schedule.alpha_bar();
     let model = network(net, &bound, param, labels.as_deref());
     let mut steps = vec![];
-    let on_eval = |i: usize, x_in: &ArrayD<f64>, at: &GridPoint, out: &ModelOutput, adv: &Advance, x: &ArrayD<f64>| {
-        let index = ab.iter().position(|&a| a == at.alpha_bar());
-        if keep(i, index) {
-            let raw = match &out.variance_values {
-                None => out.prediction.clone(),
-                Some(v) => ndarray::concatenate(ndarray::Axis(1), &[out.prediction.view(), v.view()])
-                    .expect("both halves are [N, C, H, W]"),
-            };
-            steps.push(TraceStep {
-                eval: i,
-                t: at.model_t,
-                index,
-                sigma: at.sigma(),
-                x_t: x_in.clone(),
-                eps: raw,
-                x0_pred: adv.x0_pred.clone(),
-                eps_pred: adv.eps_pred.clone(),
-                mean: adv.ancestral.as_ref().map(|a| a.mean.clone()),
-                variance: adv.ancestral.as_ref().map(|a| a.variance.clone()),
-                noise: adv.noise.clone(),
-                x_prev: x.clone(),
-            });
-        }
-        progress(i + 1, total);
-        Ok(())
-    };
+    let on_eval =
+        |i: usize, x_in: &ArrayD<f64>, at: &GridPoint, out: &ModelOutput, adv: &Advance, x: &ArrayD<f64>| {
+            let index = ab.iter().position(|&a| a == at.alpha_bar());
+            if keep(i, index) {
+                let raw = match &out.variance_values {
+                    None => out.prediction.clone(),
+                    Some(v) => ndarray::concatenate(ndarray::Axis(1), &[out.prediction.view(), v.view()])
+                        .expect("both halves are [N, C, H, W]"),
+                };
+                steps.push(TraceStep {
+                    eval: i,
+                    t: at.model_t,
+                    index,
+                    sigma: at.sigma(),
+                    x_t: x_in.clone(),
+                    eps: raw,
+                    x0_pred: adv.x0_pred.clone(),
+                    eps_pred: adv.eps_pred.clone(),
+                    mean: adv.ancestral.as_ref().map(|a| a.mean.clone()),
+                    variance: adv.ancestral.as_ref().map(|a| a.variance.clone()),
+                    noise: adv.noise.clone(),
+                    x_prev: x.clone(),
+                });
+            }
+            progress(i + 1, total);
+            Ok(())
+        };
     let x0 = samplers::run(solver.as_mut(), rng, model, on_eval)?;
     Ok(Trace { x_start, steps, x0 })
 }
@@ -375,13 +379,24 @@ mod tests {
                 }
                 let cfg = SampleConfig { sampler: kind, steps: Some(6), karras, ..SampleConfig::ancestral() };
                 let mut calls = 0;
-                let a = sample(&net, &params, &s, &param, 2, &cfg, &mut crate::rng_from_seed(3), |d, total| {
-                    calls += 1;
-                    assert!(d <= total);
-                })
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-                let tr = trace(&net, &params, &s, &param, 2, &cfg, |_, _| true, &mut crate::rng_from_seed(3), |_, _| {})
-                    .unwrap();
+                let a =
+                    sample(&net, &params, &s, &param, 2, &cfg, &mut crate::rng_from_seed(3), |d, total| {
+                        calls += 1;
+                        assert!(d <= total);
+                    })
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let tr = trace(
+                    &net,
+                    &params,
+                    &s,
+                    &param,
+                    2,
+                    &cfg,
+                    |_, _| true,
+                    &mut crate::rng_from_seed(3),
+                    |_, _| {},
+                )
+                .unwrap();
                 assert_eq!(tr.steps.len(), calls, "{name}");
                 assert_eq!(tr.x0.mapv(|v| v as f32), a.images, "{name} karras {karras}");
                 assert!(a.images.iter().all(|v| v.is_finite()), "{name}");
@@ -395,7 +410,8 @@ mod tests {
         let s = NoiseSchedule::new(&BetaSchedule::Linear, 50, Conventions::default()).unwrap();
         let cfg = SampleConfig { steps: Some(1), ..SampleConfig::ancestral() };
         let tr =
-            trace(&net, &params, &s, &param, 1, &cfg, |_, _| true, &mut crate::rng_from_seed(1), |_, _| {}).unwrap();
+            trace(&net, &params, &s, &param, 1, &cfg, |_, _| true, &mut crate::rng_from_seed(1), |_, _| {})
+                .unwrap();
         assert_eq!(tr.steps.len(), 1);
         assert_eq!(tr.steps[0].index, Some(0));
         // One step onto ᾱ = 1 with no noise: μ̃ = x̂_0.

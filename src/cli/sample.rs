@@ -87,9 +87,8 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
     cfg.class = args.class;
     net.config.check_class(args.class)?;
     // Checks the grid (step count, spacing) before any work, and counts the evaluations.
-    let evals = ddpm::sample::start(&schedule, &param, &[1, 1, 1, 1], &cfg, &mut ddpm::rng_from_seed(0))
-?
-        .num_evals();
+    let evals =
+        ddpm::sample::start(&schedule, &param, &[1, 1, 1, 1], &cfg, &mut ddpm::rng_from_seed(0))?.num_evals();
     if args.trajectory && args.trajectory_frames > evals + 1 {
         bail!(
             "--trajectory-frames {} is more than the {} states of {evals} network evaluations",

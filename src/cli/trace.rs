@@ -80,7 +80,10 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     let ancestral = args.sampling.sampler == SamplerKind::Ancestral;
     if ancestral {
         if let Some(t) = keep.iter().find(|&&t| t >= big_t) {
-            bail!("--keep: timestep {t} is out of range; this model has T = {big_t} (steps 0..={})", big_t - 1);
+            bail!(
+                "--keep: timestep {t} is out of range; this model has T = {big_t} (steps 0..={})",
+                big_t - 1
+            );
         }
     }
     let schedule = d.schedule()?;
@@ -89,7 +92,8 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut cfg = args.sampling.config(big_t, clip)?;
     cfg.class = args.class;
     let param = d.parameterization();
-    let evals = ddpm::sample::start(&schedule, &param, &[1, 1, 1, 1], &cfg, &mut ddpm::rng_from_seed(0))?.num_evals();
+    let evals =
+        ddpm::sample::start(&schedule, &param, &[1, 1, 1, 1], &cfg, &mut ddpm::rng_from_seed(0))?.num_evals();
     if !ancestral {
         if let Some(e) = keep.iter().find(|&&e| e >= evals) {
             bail!("--keep: evaluation {e} is out of range; this run makes {evals} (0..={})", evals - 1);
@@ -111,7 +115,8 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let mut entries: Vec<(String, &ndarray::ArrayD<f64>)> = vec![];
     for s in &tr.steps {
-        let prefix = if ancestral { format!("t{:04}", s.index.unwrap_or(0)) } else { format!("e{:04}", s.eval) };
+        let prefix =
+            if ancestral { format!("t{:04}", s.index.unwrap_or(0)) } else { format!("e{:04}", s.eval) };
         let mut kept: Vec<(&str, &ndarray::ArrayD<f64>)> =
             vec![("x_t", &s.x_t), ("eps", &s.eps), ("x0_pred", &s.x0_pred)];
         if ancestral {
@@ -136,7 +141,11 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut arrays: Vec<(&str, NpzArray)> = if ancestral {
         vec![("timesteps", kept_t.view().into())]
     } else {
-        vec![("evals", kept_e.view().into()), ("timesteps", model_t.view().into()), ("sigmas", sigmas.view().into())]
+        vec![
+            ("evals", kept_e.view().into()),
+            ("timesteps", model_t.view().into()),
+            ("sigmas", sigmas.view().into()),
+        ]
     };
     arrays.push(("x_T", tr.x_start.view().into()));
     arrays.push(("x_0", tr.x0.view().into()));
