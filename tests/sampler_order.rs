@@ -513,10 +513,6 @@ fn measure(
 enum Expected {
     /// `ode_order()`.
     OdeOrder,
-    /// A measured order other than `ode_order()`, and why.
-    Differs(f64, &'static str),
-    /// Nothing: the asymptotic regime lies beyond the K the sampler can run, and why.
-    NotAsserted(&'static str),
     /// At least `ode_order()` − 0.3: the leading error constant nearly vanishes for this data on
     /// this grid, so the range shows a higher slope, and why.
     AtLeast(&'static str),
@@ -531,9 +527,10 @@ fn expected(kind: SamplerKind, spacing: Spacing, problem: &str) -> Expected {
              multistep method started this way) takes over; the mixture shows order 3",
         ),
         (SamplerKind::DpmSolverMultistep(3) | SamplerKind::DpmPlusPlus3M, Spacing::VpTime) => {
-            Expected::NotAsserted(
-                "on the VP grid uniform in t the steps near σ_end are so uneven that the K a multistep run \
-             takes here (≤ 240) do not reach the asymptotic regime (slopes 2.5–3.1 on the mixture)",
+            Expected::AtLeast(
+                "on the VP grid uniform in t the λ-steps grow sharply towards σ_end, and at the K of this \
+             test (60–240) the multistep 3M fits lie in 2.8–3.4 (dpm++3m on the mixture 3.36), not yet \
+             settled within ±0.3",
             )
         }
         _ => Expected::OdeOrder,
@@ -549,14 +546,6 @@ fn check_orders(spacing: Spacing, problems: &[FlowProblem]) {
             let slope = measure(&case, spacing, &ORDER_KS, problem, &schedule);
             let (order, why) = match expected(case.kind, spacing, problem.name) {
                 Expected::OdeOrder => (f64::from(ode_order), "ode_order()"),
-                Expected::Differs(measured, why) => {
-                    eprintln!("          ^ differs from ode_order() = {ode_order}: {why}");
-                    (measured, why)
-                }
-                Expected::NotAsserted(why) => {
-                    eprintln!("          ^ not asserted: {why}");
-                    continue;
-                }
                 Expected::AtLeast(why) => {
                     eprintln!("          ^ asserted: slope at least {ode_order} − 0.3: {why}");
                     if -slope < f64::from(ode_order) - 0.3 {
