@@ -63,7 +63,7 @@ pub struct SamplerArgs {
     #[arg(long, value_enum, default_value = "midpoint")]
     pub solver_type: SolverTypeArg,
     /// Euler's and Heun's stochastic churn S_churn (Karras et al. Algorithm 2; 0 = none).
-    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_non_negative)]
     pub s_churn: f64,
     /// Churn only where sigma >= S_tmin.
     #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
@@ -72,7 +72,7 @@ pub struct SamplerArgs {
     #[arg(long, default_value_t = f64::INFINITY, value_parser = non_negative)]
     pub s_tmax: f64,
     /// The churn noise's scale S_noise.
-    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_non_negative)]
     pub s_noise: f64,
 }
 
@@ -80,6 +80,14 @@ fn non_negative(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
     if v.is_nan() || v < 0.0 {
         return Err(format!("{s} is not a number >= 0"));
+    }
+    Ok(v)
+}
+
+fn finite_non_negative(s: &str) -> Result<f64, String> {
+    let v = non_negative(s)?;
+    if v.is_infinite() {
+        return Err(format!("{s} is not a finite number"));
     }
     Ok(v)
 }
