@@ -12,7 +12,7 @@
 #   1000 ancestral steps against themselves with another seed.
 # Each run is `ddpm trace` keeping one evaluation (x_0 in float64); its wall time is the
 # sampler's cost (the same code `ddpm sample` runs). Nothing else may run meanwhile.
-# Needs python3 with numpy (for benches/sampler_study.py).
+# Needs a python3 with numpy for benches/sampler_study.py (PYTHON=/path/to/python to choose one).
 set -euo pipefail
 ckpt=$1
 out=$2
@@ -50,4 +50,4 @@ for k in 10 20 50 100 250; do
   run "sde_dpm++2m-sde_k$k" "$n_sde" 1 --sampler dpm++2m-sde --steps "$k"
   run "sde_euler-ancestral_k$k" "$n_sde" 1 --sampler euler-ancestral --steps "$k"
 done
-python3 "$(dirname "$0")/sampler_study.py" "$out"
+"${PYTHON:-python3}" "$(dirname "$0")/sampler_study.py" "$out"
