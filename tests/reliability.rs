@@ -809,7 +809,11 @@ fn crafted_files_and_flags_get_one_clear_line_and_no_crash() {
         vec!["train", "--data", d, "--out", o, "--steps", "1", "--preset", "tiny", "--checkpoint-every", "0"],
         vec!["sample", "--checkpoint", r, "--out", o, "--sampler", "ddim", "--eta", "2"],
         vec!["sample", "--checkpoint", r, "--out", o, "--eta", "0.5"],
-        vec!["sample", "--checkpoint", r, "--out", o, "--steps", "1"],
+        // One step is a valid request since the samplers' grids (tests/cli_sampling.rs); these are not.
+        vec!["sample", "--checkpoint", r, "--out", o, "--steps", "0"],
+        vec!["sample", "--checkpoint", r, "--out", o, "--sampler", "dpm++2m", "--steps", "50"],
+        vec!["sample", "--checkpoint", r, "--out", o, "--steps", "999,500"],
+        vec!["sample", "--checkpoint", r, "--out", o, "--sampler", "euler", "--s-tmin", "2", "--s-tmax", "1"],
         vec!["sample", "--checkpoint", r, "--out", o, "--num", "100000000000"],
         vec!["predict", "--model", r, "--x", d, "--t", "50", "--out", o],
         vec!["bench", "--preset", "tiny", "--warmup", "18446744073709551615"],

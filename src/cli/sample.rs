@@ -49,7 +49,7 @@ pub struct SampleArgs {
     /// Also write trajectory.png: x_t from x_T to x_0 (rows = images, columns = time).
     #[arg(long)]
     pub trajectory: bool,
-    /// Snapshots per trajectory row (2 to 1000, at most the sampling steps + 1).
+    /// Snapshots per trajectory row (2 to 1000, at most the network evaluations + 1).
     #[arg(long, default_value_t = 10, value_parser = count(2..=1000), requires = "trajectory")]
     pub trajectory_frames: usize,
     /// Skip the individual NNNNNN.png files.

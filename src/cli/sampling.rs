@@ -47,7 +47,7 @@ pub struct SamplerArgs {
     pub sampler: SamplerKind,
     /// Grid points K in 1..=T, chosen by --spacing (default: all T for ddpm, 25 for the others).
     /// Heun evaluates the network about twice per point, PNDM 4 times in its first 3 steps.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_steps)]
     pub steps: Option<usize>,
     /// Which K of the T timesteps are visited.
     #[arg(long, value_enum, default_value = "linspace")]
@@ -84,6 +84,16 @@ fn non_negative(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+fn parse_steps(s: &str) -> Result<usize, String> {
+    if s.contains(',') {
+        return Err(format!(
+            "{s:?} is a list; --steps is the number of grid points (to choose which steps `ddpm trace` \
+             keeps, use --keep {s})"
+        ));
+    }
+    s.trim().parse().map_err(|_| format!("{s:?} is not a step count"))
+}
+
 fn finite_non_negative(s: &str) -> Result<f64, String> {
     let v = non_negative(s)?;
     if v.is_infinite() {
@@ -113,6 +123,13 @@ impl SamplerArgs {
     pub fn steps(&self, big_t: usize) -> usize {
         self.steps.unwrap_or(match self.sampler {
             SamplerKind::Ancestral => big_t,
+            // The DPM-Solvers' grid has at most T − 1 points (grid::dpm_spaced_timesteps).
+            SamplerKind::DpmSolver(_)
+            | SamplerKind::DpmSolverMultistep(_)
+            | SamplerKind::DpmPlusPlus2S
+            | SamplerKind::DpmPlusPlus2M
+            | SamplerKind::DpmPlusPlus3M
+            | SamplerKind::DpmPlusPlus2MSde => 25.min(big_t - 1).max(1),
             _ => 25.min(big_t),
         })
     }
@@ -131,6 +148,9 @@ impl SamplerArgs {
                 "--s-churn, --s-tmin, --s-tmax and --s-noise apply to --sampler euler or heun, not {}",
                 k.name()
             );
+        }
+        if self.s_tmin > self.s_tmax {
+            bail!("--s-tmin {} is above --s-tmax {}: churn would never apply", self.s_tmin, self.s_tmax);
         }
         if self.karras && k == SamplerKind::Ancestral {
             bail!("--karras: ancestral sampling (ddpm) runs on the trained chain's timesteps; use ddim, euler, heun, euler-ancestral or a dpm sampler");

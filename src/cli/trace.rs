@@ -21,7 +21,7 @@ use super::sampling::SamplerArgs;
 /// sqrt(variance) z; zeros at t = 0) and `tTTTT.x_prev`, all float64 [N, C, H, W]; plus
 /// `timesteps` (int64, the kept steps), `x_T` and `x_0`.
 ///
-/// With any other sampler (--sampler, --sampling-steps) each kept network evaluation e gives
+/// With any other sampler (--sampler, --steps) each kept network evaluation e gives
 /// `eEEEE.x_t` (the network's input), `.eps` (raw output), `.x0_pred`, `.eps_pred`, `.x_next`
 /// (the sampler's state after the update) and `.noise` where the update drew noise; plus
 /// `evals` (int64), `timesteps` (float64, the network timestep of each kept evaluation),

@@ -67,8 +67,23 @@ impl Ancestral {
                 "ancestral sampling runs on the trained chain's timesteps, not on Karras σ; drop --karras",
             ));
         }
-        let chain =
-            if grid.points.len() > 1 { Some(respaced_schedule(&grid.points, schedule)?) } else { None };
+        let full = grid.points.len() == schedule.num_timesteps();
+        if param.mean_type == MeanType::PrevX && !full {
+            return Err(Error::config(
+                "sampling steps (--steps)",
+                "this model predicts x_(t-1) of its own chain (mean type prev-x), which a respaced chain \
+                 cannot use; sample all T steps (drop --steps)",
+            ));
+        }
+        // All T steps: the trained schedule itself, so the run is the reference code's to the bit
+        // (re-deriving β from ᾱ would move the tables by rounding).
+        let chain = if full {
+            Some(schedule.clone())
+        } else if grid.points.len() > 1 {
+            Some(respaced_schedule(&grid.points, schedule)?)
+        } else {
+            None
+        };
         Ok(Ancestral { points: grid.points, chain, param, clip_x0, x: x_t, step: 0 })
     }
 }
@@ -202,5 +217,72 @@ impl Solver for Ddim {
 
     fn num_evals(&self) -> usize {
         self.grid.points.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::gaussian::{p_sample_loop, standard_normal};
+    use crate::diffusion::samplers::{
+        build, GridEnd, GridSpec, SamplerKind, SamplerOptions, TimestepSpacing,
+    };
+    use crate::diffusion::{BetaSchedule, Convention, VarianceType};
+
+    fn spec(steps: usize) -> GridSpec {
+        GridSpec {
+            steps,
+            spacing: TimestepSpacing::Linspace,
+            steps_offset: 0,
+            karras: false,
+            dpm_layout: false,
+            end: GridEnd::Zero,
+        }
+    }
+
+    #[test]
+    fn all_t_steps_are_the_trained_chain_to_the_bit() {
+        // diffusers' convention rebuilds its tables in f32 from β, so a chain re-derived from ᾱ
+        // would differ by rounding; over all T steps ancestral sampling must be p_sample_loop on
+        // the trained schedule exactly.
+        for convention in [Convention::Ho2020, Convention::Diffusers] {
+            let s = NoiseSchedule::new(&BetaSchedule::Linear, 40, convention.settings()).unwrap();
+            let param =
+                Parameterization { mean_type: MeanType::Eps, variance_type: VarianceType::FixedLarge };
+            let f = |x: &ArrayD<f64>, t: f64| x.mapv(|v| 0.3 * v + 0.05 * (v + t / 7.0).sin());
+            let want = p_sample_loop(
+                &s,
+                &param,
+                &[2, 3],
+                true,
+                |x, t| f(x, t[0] as f64),
+                &mut crate::rng_from_seed(5),
+            );
+            let mut rng = crate::rng_from_seed(5);
+            let x_t = standard_normal(&[2, 3], &mut rng);
+            let grid = Grid::from_schedule(&s, &spec(40)).unwrap();
+            let opts = SamplerOptions { clip_x0: true, ..SamplerOptions::default() };
+            let mut solver = build(SamplerKind::Ancestral, grid, &s, param, opts, x_t).unwrap();
+            while let Some(e) = solver.next_eval(&mut rng) {
+                let out = f(e.x, e.at.model_t);
+                solver.advance(ModelOutput { prediction: out, variance_values: None }, &mut rng).unwrap();
+            }
+            assert_eq!(solver.x(), &want, "{convention:?}");
+        }
+    }
+
+    #[test]
+    fn a_prev_x_model_is_refused_on_a_respaced_chain() {
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 40, Convention::Ho2020.settings()).unwrap();
+        let param = Parameterization { mean_type: MeanType::PrevX, variance_type: VarianceType::FixedSmall };
+        let x = ArrayD::zeros(vec![1, 2]);
+        let opts = SamplerOptions::default();
+        let grid = |k| Grid::from_schedule(&s, &spec(k)).unwrap();
+        assert!(build(SamplerKind::Ancestral, grid(40), &s, param, opts, x.clone()).is_ok());
+        for k in [1, 10] {
+            let e =
+                build(SamplerKind::Ancestral, grid(k), &s, param, opts, x.clone()).err().unwrap().to_string();
+            assert!(e.contains("prev-x") && e.contains("--steps"), "{e}");
+        }
     }
 }

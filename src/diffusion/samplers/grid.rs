@@ -187,6 +187,17 @@ pub fn dpm_spaced_timesteps(
     let out: Vec<usize> = match spacing {
         TimestepSpacing::Trailing => return spaced_timesteps(spacing, timesteps, k, steps_offset),
         _ if k == 0 || k > timesteps => return spaced_timesteps(spacing, timesteps, k, steps_offset),
+        // K + 1 points of T, t = 0 dropped: at K = T two would round to one timestep.
+        _ if k >= timesteps => {
+            return Err(Error::config(
+                "sampling steps (--steps)",
+                format!(
+                    "{k} steps of a {timesteps}-step diffusion: the DPM-Solvers lay out K + 1 timesteps \
+                     without t = 0, so K is at most T − 1 = {} here (or use --spacing trailing)",
+                    timesteps - 1
+                ),
+            ))
+        }
         TimestepSpacing::Linspace => linspace(0.0, (timesteps - 1) as f64, k + 1)
             .into_iter()
             .rev()
@@ -318,7 +329,14 @@ impl Grid {
                 ));
             }
             let (lo, hi) = (log_sigmas[0].exp(), log_sigmas[big_t - 1].exp());
-            karras_sigmas(lo, hi, spec.steps)
+            // A grid that ends at σ_min lays out K + 1 points down to it and drops the last, which
+            // the end replaces (else the last point and the end are one σ computed two ways).
+            let ending_at_min = spec.end == GridEnd::SigmaMin;
+            let mut sigmas = karras_sigmas(lo, hi, spec.steps + usize::from(ending_at_min));
+            if ending_at_min {
+                sigmas.pop();
+            }
+            sigmas
                 .into_iter()
                 .map(|s| {
                     let t = sigma_to_t(&log_sigmas, s);
@@ -379,6 +397,15 @@ impl Grid {
         sigma_to_t(&self.log_sigmas, sigma) * self.model_t_scale
     }
 
+    /// Checks a grid built by hand (its fields are public): at least one point, σ strictly
+    /// decreasing down to `end`, one midpoint per point.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] saying what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        self.check()
+    }
+
     /// Number of points.
     pub fn len(&self) -> usize {
         self.points.len()
@@ -433,6 +460,29 @@ mod tests {
         assert!(spaced_timesteps(TimestepSpacing::Leading, 50, 10, 5).is_err());
         assert!(spaced_timesteps(TimestepSpacing::Linspace, 50, 0, 0).is_err());
         assert!(spaced_timesteps(TimestepSpacing::Linspace, 50, 51, 0).is_err());
+    }
+
+    #[test]
+    fn dpm_grids_refuse_k_of_t_and_karras_grids_end_at_sigma_min_exactly() {
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 50, Conventions::default()).unwrap();
+        let spec = |steps, karras| GridSpec {
+            steps,
+            spacing: TimestepSpacing::Linspace,
+            steps_offset: 0,
+            karras,
+            dpm_layout: true,
+            end: GridEnd::SigmaMin,
+        };
+        assert_eq!(Grid::from_schedule(&s, &spec(49, false)).unwrap().len(), 49);
+        let e = Grid::from_schedule(&s, &spec(50, false)).unwrap_err().to_string();
+        assert!(e.contains("--steps") && e.contains("49"), "{e}");
+        assert!(dpm_spaced_timesteps(TimestepSpacing::Leading, 50, 50, 0).is_err());
+        for k in [1, 2, 10, 49] {
+            let g = Grid::from_schedule(&s, &spec(k, true)).unwrap();
+            assert_eq!(g.len(), k);
+            assert_eq!(g.end.alpha_bar(), s.alpha_bar()[0]);
+            assert!(g.points[k - 1].sigma() > g.end.sigma());
+        }
     }
 
     #[test]

@@ -85,7 +85,11 @@ impl SamplerKind {
             "PNDM, Liu et al. 2022: Runge-Kutta warm-up then linear multistep (order 2)",
         ),
         (SamplerKind::Plms, "plms", "PNDM's linear multistep alone (diffusers' skip_prk_steps)"),
-        (SamplerKind::DpmSolver(1), "dpm-solver-1", "DPM-Solver order 1 (= DDIM eta 0), Lu et al. 2022"),
+        (
+            SamplerKind::DpmSolver(1),
+            "dpm-solver-1",
+            "DPM-Solver order 1 (DDIM eta 0's update on the DPM grid), Lu et al. 2022",
+        ),
         (SamplerKind::DpmSolver(2), "dpm-solver-2", "DPM-Solver order 2, singlestep"),
         (SamplerKind::DpmSolver(3), "dpm-solver-3", "DPM-Solver order 3, singlestep"),
         (SamplerKind::DpmSolverMultistep(2), "dpm-solver-2m", "DPM-Solver order 2, multistep"),
@@ -329,8 +333,9 @@ impl Denoised {
 /// `param` says what the network predicts.
 ///
 /// # Errors
-/// [`Error::InvalidConfig`] for a combination that does not exist (e.g. ancestral sampling on a
-/// Karras grid, DDIM on a grid that does not end at the data, a PNDM run of fewer than 4 points).
+/// [`Error::InvalidConfig`] for an invalid grid ([`Grid::validate`]) or a combination that does
+/// not exist (e.g. ancestral sampling on a Karras grid or not ending at the data, a PNDM run of
+/// fewer than 4 points, a prev-x model with any sampler but ancestral on its own chain).
 pub fn build(
     kind: SamplerKind,
     grid: Grid,
@@ -339,6 +344,7 @@ pub fn build(
     options: SamplerOptions,
     x_t: ArrayD<f64>,
 ) -> Result<Box<dyn Solver>> {
+    grid.validate()?;
     if !matches!(kind, SamplerKind::Ancestral) && param.mean_type == MeanType::PrevX {
         return Err(Error::config(
             "sampler (--sampler)",
