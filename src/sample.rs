@@ -138,6 +138,28 @@ pub fn start(
     samplers::build(config.sampler, grid, schedule, *param, config.options, x)
 }
 
+/// A solver set up for `n` images of a network's shape, with the class labels it conditions on.
+struct Started {
+    solver: Box<dyn Solver>,
+    labels: Option<Vec<usize>>,
+}
+
+/// [`start`] for `n` images of `net`'s shape, with the class labels of `config` (checked against
+/// the network).
+fn start_for(
+    net: &UNet,
+    schedule: &NoiseSchedule,
+    param: &Parameterization,
+    n: usize,
+    config: &SampleConfig,
+    rng: &mut Rng,
+) -> Result<Started> {
+    net.config.check_class(config.class)?;
+    let c = &net.config;
+    let solver = start(schedule, param, &[n, c.in_channels, c.resolution, c.resolution], config, rng)?;
+    Ok(Started { solver, labels: config.class.map(|c| vec![c; n]) })
+}
+
 /// The network as a sampler's model: its output at (x, point), split per the variance type.
 fn network<'a>(
     net: &'a UNet,
@@ -172,11 +194,7 @@ pub fn sample(
     rng: &mut Rng,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Samples> {
-    net.config.check_class(config.class)?;
-    let c = &net.config;
-    let shape = [n, c.in_channels, c.resolution, c.resolution];
-    let mut solver = start(schedule, param, &shape, config, rng)?;
-    let labels = config.class.map(|c| vec![c; n]);
+    let Started { mut solver, labels } = start_for(net, schedule, param, n, config, rng)?;
     let bound = params.bind_constant();
     let total = solver.num_evals();
     let frame_at: Vec<usize> = match config.trajectory_frames {
@@ -268,12 +286,8 @@ pub fn trace(
     rng: &mut Rng,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Trace> {
-    net.config.check_class(config.class)?;
-    let c = &net.config;
-    let shape = [n, c.in_channels, c.resolution, c.resolution];
-    let mut solver = start(schedule, param, &shape, config, rng)?;
+    let Started { mut solver, labels } = start_for(net, schedule, param, n, config, rng)?;
     let x_start = solver.x().clone();
-    let labels = config.class.map(|c| vec![c; n]);
     let bound = params.bind_constant();
     let total = solver.num_evals();
     let ab = schedule.alpha_bar();
