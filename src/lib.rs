@@ -24,6 +24,7 @@
 //! | [`config`]    | what a training run depends on, and its validation                    |
 //! | [`data`]      | image folders, IDX, CIFAR-10 binaries, seeded batches, fingerprints    |
 //! | [`io`]        | checkpoints (the [`io::checkpoint::TrainState`] record), PNG grids, npz |
+//! | [`score`]     | sample quality: a small classifier's features, FD, KID, precision/recall, class statistics |
 //! | [`train`]     | one step of Algorithm 1; [`train::run::Run`], a whole run in a directory |
 //! | [`interop`]   | diffusers folders in and out, improved-/guided-diffusion `.pt` files in (a safe torch reader), counter weights |
 //!
@@ -54,6 +55,7 @@ pub mod kernels;
 pub mod nn;
 pub mod ops;
 pub mod sample;
+pub mod score;
 pub mod stop;
 pub mod train;
 

@@ -28,6 +28,7 @@ mod interop;
 mod predict;
 mod sample;
 mod sampling;
+mod score;
 mod trace;
 mod train;
 mod vectors;
@@ -64,6 +65,9 @@ enum Command {
     /// The network's raw output (ε_θ) for a float32 .npy batch at timestep T, from a ddpm
     /// checkpoint or a diffusers model folder.
     Predict(predict::PredictArgs),
+    /// How good a set of images is: FD, KID, precision/recall and class statistics in a small
+    /// classifier's feature space, beside real held-out images (or train that classifier).
+    Score(Box<score::ScoreArgs>),
     /// Every intermediate of a seeded ancestral sampling run at chosen steps, as an .npz.
     Trace(trace::TraceArgs),
     /// Read another implementation's model into a ddpm checkpoint: a diffusers UNet2DModel
@@ -113,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::Compare(args) => compare::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Trace(args) => trace::run(args),
+        Command::Score(args) => score::run(*args),
         Command::Import(args) => interop::run_import(args),
         Command::Export(args) => interop::run_export(args),
     };

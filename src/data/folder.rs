@@ -91,6 +91,21 @@ pub fn find_images(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load_image_folder(dir: &Path, image_size: usize, channels: usize) -> Result<Dataset> {
     check_target(image_size, channels)?;
     let paths = find_images(dir)?;
+    load_image_paths(dir, &paths, image_size, channels)
+}
+
+/// [`load_image_folder`] for a chosen list of image files (e.g. [`find_images`] filtered), with
+/// `dir` the folder named in messages and recorded as the source. The same checks and errors.
+///
+/// # Errors
+/// As [`load_image_folder`]; the "no images" error if `paths` is empty.
+pub fn load_image_paths(
+    dir: &Path,
+    paths: &[PathBuf],
+    image_size: usize,
+    channels: usize,
+) -> Result<Dataset> {
+    check_target(image_size, channels)?;
     if paths.is_empty() {
         return Err(Error::bad_file(
             dir,

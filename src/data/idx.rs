@@ -266,6 +266,16 @@ pub fn load_labels_for(images: &Path, count: usize) -> Result<Vec<u8>> {
     parse_idx_labels(&read_maybe_gzip(path)?, path, Some(count))
 }
 
+/// Reads an IDX label file named directly (gzip or not, within [`crate::files::memory_cap`]),
+/// holding the labels of `count` images.
+///
+/// # Errors
+/// [`Error::Io`] if it cannot be read; [`Error::BadFile`] naming it if it cannot be
+/// decompressed or [`parse_idx_labels`] refuses it.
+pub fn load_labels(path: &Path, count: usize) -> Result<Vec<u8>> {
+    parse_idx_labels(&read_maybe_gzip(path)?, path, Some(count))
+}
+
 /// Encodes labels as an IDX label file: header `0x00000801, N`, then one byte per label.
 ///
 /// # Panics

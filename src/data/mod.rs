@@ -46,8 +46,10 @@ use crate::Tensor;
 
 pub use batches::{Batch, BatchConfig, BatchIndices, BatchPosition, Batches};
 pub use cifar::{load_cifar, load_cifar_dir, write_cifar, CIFAR_IMAGE_BYTES, CIFAR_RECORD_BYTES};
-pub use folder::{find_images, load_image_folder};
-pub use idx::{load_idx, load_labels_for, load_mnist_dir, parse_idx_labels, write_idx, IDX_IMAGES_MAGIC};
+pub use folder::{find_images, load_image_folder, load_image_paths};
+pub use idx::{
+    load_idx, load_labels, load_labels_for, load_mnist_dir, parse_idx_labels, write_idx, IDX_IMAGES_MAGIC,
+};
 pub use spec::{DataRecord, DataSpec, Fingerprint};
 
 /// Which half of a dataset that ships in two halves (MNIST, CIFAR-10) to load.
@@ -315,6 +317,26 @@ impl Dataset {
         )?;
         subset.labels = self.labels.as_ref().map(|l| l[range].to_vec());
         Ok(subset)
+    }
+
+    /// The images (and labels) at `indices`, in that order, as a new dataset with the same source.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `indices` is empty or an index is `>= len()`.
+    pub fn select(&self, indices: &[usize]) -> Result<Dataset> {
+        if indices.is_empty() || indices.iter().any(|&i| i >= self.n) {
+            return Err(Error::config(
+                "dataset selection",
+                format!("no images, or an index past the {} images of {}", self.n, self.source.display()),
+            ));
+        }
+        let len = self.image_len();
+        let pixels =
+            indices.iter().flat_map(|&i| self.images[i * len..(i + 1) * len].iter().copied()).collect();
+        let mut picked =
+            Dataset::new(pixels, indices.len(), self.channels, self.height, self.width, self.source.clone())?;
+        picked.labels = self.labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect());
+        Ok(picked)
     }
 
     /// The images at `indices`, in that order, as a `[B, C, H, W]` tensor on [−1, 1]
