@@ -165,3 +165,18 @@ fn bad_input_gets_one_clear_error() {
     assert!(stderr(&o).contains("few-labels"), "{}", stderr(&o));
     assert!(!out.exists(), "nothing is written on an error");
 }
+
+#[test]
+fn the_demo_scores_its_own_samples() {
+    // A demo of a second's training: it draws its 256 digits and writes their score.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = ddpm(&["demo", "--out", out.to_str().unwrap(), "--minutes", "0.02"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let score: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("samples/score.json")).unwrap()).unwrap();
+    assert_eq!(score["n"], 256);
+    assert!(score["real_frac_conf90"].as_f64().unwrap() > 0.9, "{score}");
+    assert!(stderr(&o).contains("score of the 256 digits"), "{}", stderr(&o));
+    assert!(out.join("samples/grid.png").is_file() && out.join("samples/000255.png").is_file());
+}

@@ -120,6 +120,24 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Scores a folder of 28×28 digits (what `ddpm sample` writes) with the shipped MNIST scorer
+/// against the embedded MNIST and the default settings: what `ddpm score DIR` prints.
+pub fn score_mnist_folder(dir: &Path) -> anyhow::Result<Report> {
+    let scorer = Scorer::mnist().context("loading the shipped MNIST scorer")?;
+    let c = &scorer.config;
+    let samples = load_samples(dir, c.resolution, c.in_channels)?;
+    let spec = |split| DataSpec {
+        path: None,
+        split,
+        image_size: Some(c.resolution),
+        channels: Some(c.in_channels),
+        labels: false,
+    };
+    let train = load_data(&spec(Split::Train))?;
+    let test = load_data(&spec(Split::Test))?;
+    Ok(score(&scorer, &samples, &train, Some(&test), &ScoreConfig::default())?)
+}
+
 /// The test split of the reference data when it has its own (the embedded MNIST, an MNIST or
 /// CIFAR-10 folder); `None` for a single file or a folder of images, whose floor is then drawn
 /// from the training images outside the reference.
