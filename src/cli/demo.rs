@@ -87,7 +87,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         schedule: BetaSchedule::Linear,
         timesteps: 1000,
         convention: Convention::Ho2020,
-        mean_type: MeanArg::Eps,
+        // v-prediction: at equal steps it scores like ε-prediction given twice the steps
+        // (docs/demo.md).
+        mean_type: MeanArg::V,
         variance: VarianceArg::FixedLarge,
         loss: LossArg::Simple,
         timestep_sampling: TimestepArg::Uniform,
