@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(dataset image checkpoint diffusers_config npy npz betas torch_pt)
+[ ${#targets[@]} -gt 0 ] || targets=(dataset image checkpoint diffusers_config npy npz betas torch_pt scorer)
 host=$(rustc -vV | sed -n 's/^host: //p')
 # --target keeps RUSTFLAGS off the build scripts, which must not be instrumented.
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

@@ -37,10 +37,12 @@ pub enum Target {
     /// same bytes as the `data.pkl` of an archive holding [`PT_STORAGES`], since the checksums of
     /// a zip refuse almost every mutation of the pickle inside it.
     TorchPt,
+    /// A scorer's weights (`ddpm score --scorer`, `score::Scorer::from_bytes`).
+    Scorer,
 }
 
 /// Every target, in a fixed order.
-pub const TARGETS: [Target; 8] = [
+pub const TARGETS: [Target; 9] = [
     Target::Dataset,
     Target::Image,
     Target::Checkpoint,
@@ -49,6 +51,7 @@ pub const TARGETS: [Target; 8] = [
     Target::Npz,
     Target::Betas,
     Target::TorchPt,
+    Target::Scorer,
 ];
 
 impl Target {
@@ -63,6 +66,7 @@ impl Target {
             Target::Npz => "npz",
             Target::Betas => "betas",
             Target::TorchPt => "torch_pt",
+            Target::Scorer => "scorer",
         }
     }
 }
@@ -141,6 +145,20 @@ pub fn run(target: Target, data: &[u8]) -> bool {
             let pickle = !data.starts_with(b"PK") && check(&pt_archive(data));
             file || pickle
         }
+        Target::Scorer => match ddpm::score::Scorer::from_bytes(data, src) {
+            Ok(scorer) => {
+                // An accepted scorer must run on an image of its shape.
+                let c = &scorer.config;
+                let pixels = vec![128u8; c.in_channels * c.resolution * c.resolution];
+                let one =
+                    ddpm::data::Dataset::new(pixels, 1, c.in_channels, c.resolution, c.resolution, "fuzz")
+                        .expect("validated sizes");
+                let e = scorer.embed(&one, &[0]).expect("the image has the scorer's shape");
+                assert_eq!(e.features.dim(), (1, c.feature_dim()));
+                true
+            }
+            Err(_) => false,
+        },
     }
 }
 
@@ -201,6 +219,14 @@ pub fn seeds(target: Target) -> Vec<Vec<u8>> {
             state_dict_pickle(false),
             state_dict_pickle(true),
         ],
+        // Two small scorers: one of MNIST's shape with narrow layers, one for 8×8 RGB.
+        Target::Scorer => [(1, 28, 10, [2, 3, 4]), (3, 8, 4, [4, 4, 4])]
+            .into_iter()
+            .map(|(c, r, k, widths)| {
+                let config = ddpm::score::ScorerConfig { widths, ..ddpm::score::ScorerConfig::new(c, r, k) };
+                ddpm::score::Scorer::init(config, 0).expect("valid").to_bytes().expect("bytes")
+            })
+            .collect(),
     }
 }
 

@@ -244,3 +244,8 @@ fn fuzz_betas() {
 fn fuzz_torch_pt() {
     fuzz(Target::TorchPt);
 }
+
+#[test]
+fn fuzz_scorers() {
+    fuzz(Target::Scorer);
+}

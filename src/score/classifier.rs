@@ -56,6 +56,13 @@ impl ScorerConfig {
         self.widths[2]
     }
 
+    /// Activations of one image through the two convolutions, `w0·H·W + w1·(H/2)·(W/2)`: what
+    /// the memory of a forward pass scales with.
+    pub fn activation_len(&self) -> usize {
+        let r = self.resolution;
+        self.widths[0] * r * r + self.widths[1] * (r / 2) * (r / 2)
+    }
+
     /// The length of the flattened conv2 output that `fc` takes.
     pub fn flat_dim(&self) -> usize {
         self.widths[1] * (self.resolution / 4) * (self.resolution / 4)
@@ -80,6 +87,20 @@ impl ScorerConfig {
         }
         if self.widths.iter().any(|&w| !(1..=1024).contains(&w)) {
             return Err(Error::config("scorer widths", format!("{:?}: each must be 1 to 1024", self.widths)));
+        }
+        // A file's few bytes of configuration must not size a huge allocation: one image's
+        // activations are capped (the defaults at 256×256 use 3.1 M of the 4 M).
+        if self.activation_len() > MAX_ACTIVATION_LEN {
+            return Err(Error::config(
+                "scorer size",
+                format!(
+                    "widths {:?} at {}×{} need {} activations per image, above the {MAX_ACTIVATION_LEN} allowed",
+                    self.widths,
+                    self.resolution,
+                    self.resolution,
+                    self.activation_len()
+                ),
+            ));
         }
         Ok(())
     }
@@ -141,8 +162,13 @@ impl Default for ScorerTrainConfig {
     }
 }
 
-/// Images per forward pass when embedding without a tape (bounds the activations' memory).
+/// Images per forward pass when embedding without a tape, at most (fewer for large images: see
+/// [`Scorer::embed`]).
 const EMBED_CHUNK: usize = 500;
+/// The most activations one image may need ([`ScorerConfig::activation_len`]).
+const MAX_ACTIVATION_LEN: usize = 1 << 22;
+/// The most activations one embedding chunk may hold (256 MiB of f32).
+const MAX_CHUNK_ACTIVATIONS: usize = 1 << 26;
 
 impl Scorer {
     /// A scorer with freshly initialised weights (variance scaling, biases zero).
@@ -197,7 +223,8 @@ impl Scorer {
     }
 
     /// Features and softmax probabilities of the images at `indices` of `data`, computed without a
-    /// tape in chunks of [`EMBED_CHUNK`] images (the result does not depend on the chunking).
+    /// tape in chunks of at most 500 images and 256 MiB of activations (the result
+    /// does not depend on the chunking).
     ///
     /// # Errors
     /// As [`Scorer::check_images`].
@@ -207,10 +234,11 @@ impl Scorer {
         let mut features = Array2::<f64>::zeros((indices.len(), d));
         let mut probs = Array2::<f64>::zeros((indices.len(), k));
         let p = self.params.bind_constant();
-        for (chunk_no, chunk) in indices.chunks(EMBED_CHUNK).enumerate() {
+        let per_chunk = (MAX_CHUNK_ACTIVATIONS / self.config.activation_len().max(1)).clamp(1, EMBED_CHUNK);
+        for (chunk_no, chunk) in indices.chunks(per_chunk).enumerate() {
             let x = Var::constant(data.to_tensor(chunk));
             let out = self.forward(&p, &x);
-            let start = chunk_no * EMBED_CHUNK;
+            let start = chunk_no * per_chunk;
             let f = out
                 .features
                 .value()
@@ -259,12 +287,20 @@ impl Scorer {
     /// # Errors
     /// [`Error::Io`] if the file cannot be written.
     pub fn save(&self, path: &Path) -> Result<()> {
+        crate::files::write_atomic(path, &self.to_bytes()?)
+    }
+
+    /// The bytes [`Scorer::save`] writes.
+    ///
+    /// # Errors
+    /// Only if two parameters shared a name (they cannot: the configuration names them).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let tensors: Vec<(String, &Tensor)> = self.params.iter().map(|(n, t)| (n.to_string(), t)).collect();
         let mut metadata = BTreeMap::new();
         let config = serde_json::to_string(&self.config).expect("a plain struct serialises");
         metadata.insert(CONFIG_KEY.to_string(), config);
         metadata.insert(PROVENANCE_KEY.to_string(), self.provenance.clone());
-        crate::io::safetensors::save_atomic(path, &tensors, &metadata)
+        crate::io::safetensors::to_bytes(&tensors, &metadata)
     }
 
     /// Loads a scorer written by [`Scorer::save`].
@@ -548,6 +584,15 @@ mod tests {
         for cut in [0, 7, 8, 60, bytes.len() / 2, bytes.len() - 1] {
             assert!(Scorer::from_bytes(&bytes[..cut], &path).is_err());
         }
+    }
+
+    #[test]
+    fn a_configuration_that_would_need_huge_activations_is_refused() {
+        let mut c = ScorerConfig::new(1, 512, 10);
+        c.widths = [1024, 1024, 8];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("activations"), "{err}");
+        assert!(ScorerConfig::new(3, 256, 10).validate().is_ok(), "the defaults at 256×256 fit");
     }
 
     #[test]
