@@ -4,6 +4,7 @@
 # at each point draws 256 digits with each sampler and scores them with `ddpm score`.
 #
 #   benches/demo-study.sh OUT_DIR "1500 3000 6000" [extra train flags...]
+#   LR=4e-3 BATCH=64 benches/demo-study.sh ...   # the demo's lr and batch, changed
 #
 # Writes OUT_DIR/study.csv: steps, sampler, seconds to sample, and the score's figures.
 set -euo pipefail
@@ -21,7 +22,7 @@ for n in $points; do
   if [ -f "$run/checkpoint.safetensors" ]; then
     "$ddpm" train --out "$run" --resume --steps "$n" > "$out/train-$n.log" 2>&1
   else
-    "$ddpm" train --out "$run" --preset small --batch 32 --lr 2e-3 --warmup 100 --grad-clip 1 \
+    "$ddpm" train --out "$run" --preset small --batch "${BATCH:-32}" --lr "${LR:-2e-3}" --warmup 100 --grad-clip 1 \
       --ema-decay 0.999 --sample-count 0 --checkpoint-every 500 --seed 0 --steps "$n" "$@" > "$out/train-$n.log" 2>&1
   fi
   t1=$(date +%s.%N)
