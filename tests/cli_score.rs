@@ -129,6 +129,9 @@ fn bad_input_gets_one_clear_error() {
     let o = ddpm(&["score", missing.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("nowhere") && stderr(&o).contains("no such file"), "{}", stderr(&o));
+    let o = ddpm(&["score", &mnist_test(), "--against", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--against") && stderr(&o).contains("nowhere"), "{}", stderr(&o));
     // A safetensors file that is not a scorer.
     let fake = dir.path().join("fake.safetensors");
     std::fs::write(&fake, b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap();

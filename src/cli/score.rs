@@ -101,6 +101,9 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         channels: Some(c.in_channels),
         labels: false,
     };
+    if let Some(p) = args.against.as_deref().filter(|p| !p.exists()) {
+        bail!("--against {}: no such file or directory (give the data the model was trained on: a folder of images, an IDX file or CIFAR-10 batches)", p.display());
+    }
     let train = load_data(&spec(Split::Train)).context("loading the reference data (--against)")?;
     let held_out = held_out_split(&args.against, &spec(Split::Test))?;
     let config = ScoreConfig { reference_count: args.reference, seed: args.seed, ..ScoreConfig::default() };
