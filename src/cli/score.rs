@@ -81,6 +81,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         None => Scorer::mnist().context("loading the shipped MNIST scorer")?,
     };
     let c = scorer.config.clone();
+    // Cannot fail: SAMPLES is `required_unless_present = "train_scorer"`, and --train-scorer
+    // returned above.
     let samples_path = args.samples.as_deref().expect("clap requires SAMPLES without --train-scorer");
     let mut samples = load_samples(samples_path, c.resolution, c.in_channels)?;
     if let Some(n) = args.n {
@@ -213,6 +215,7 @@ fn kid(f: &Figures) -> String {
 
 /// `ddpm score --train-scorer`.
 fn run_train(args: &ScoreArgs) -> anyhow::Result<()> {
+    // Cannot fail: --train-scorer `requires = "out"`, and only --train-scorer calls this.
     let out = args.out.as_deref().expect("clap requires --out with --train-scorer");
     check_out_folder(out)?;
     if !(args.lr.is_finite() && args.lr > 0.0) {
