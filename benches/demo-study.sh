@@ -5,6 +5,8 @@
 #
 #   benches/demo-study.sh OUT_DIR "1500 3000 6000" [extra train flags...]
 #   LR=4e-3 BATCH=64 benches/demo-study.sh ...   # the demo's lr and batch, changed
+#   EMA="--ema-sigma-rel 0.1" benches/demo-study.sh ...   # its EMA (default --ema-decay 0.999)
+#   SAMPLERS="dpm++2m-sde --steps 20" benches/demo-study.sh ...   # only these samplers (';'-separated)
 #
 # Writes OUT_DIR/study.csv: steps, sampler, seconds to sample, and the score's figures.
 set -euo pipefail
@@ -17,13 +19,14 @@ csv="$out/study.csv"
 [ -f "$csv" ] || echo "steps,train_s,sampler,sample_s,fd,real_fd,kid,precision,recall,class_entropy,frac_conf90,real_frac_conf90" > "$csv"
 run="$out/run"
 samplers=("ddim --eta 1 --steps 20" "dpm++2m-sde --steps 20" "euler-ancestral --steps 20" "ddim --eta 0 --steps 20")
+if [ -n "${SAMPLERS:-}" ]; then IFS=';' read -r -a samplers <<< "$SAMPLERS"; fi
 for n in $points; do
   t0=$(date +%s.%N)
   if [ -f "$run/checkpoint.safetensors" ]; then
     "$ddpm" train --out "$run" --resume --steps "$n" > "$out/train-$n.log" 2>&1
   else
     "$ddpm" train --out "$run" --preset small --batch "${BATCH:-32}" --lr "${LR:-2e-3}" --warmup 100 --grad-clip 1 \
-      --ema-decay 0.999 --sample-count 0 --checkpoint-every 500 --seed 0 --steps "$n" "$@" > "$out/train-$n.log" 2>&1
+      ${EMA:---ema-decay 0.999} --sample-count 0 --checkpoint-every 500 --seed 0 --steps "$n" "$@" > "$out/train-$n.log" 2>&1
   fi
   t1=$(date +%s.%N)
   for s in "${samplers[@]}"; do

@@ -11,10 +11,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::{
-    BetaSchedule, Convention, LossType, MeanType, NoiseSchedule, Parameterization, TimestepSampling,
-    VarianceType,
+    BetaSchedule, Convention, LossType, LossWeighting, MeanType, NoiseSchedule, Parameterization,
+    TimestepSampling, VarianceType,
 };
-use crate::nn::{AdamConfig, UNetConfig};
+use crate::nn::{warmup_lr, AdamConfig, Ema, ParamStore, UNetConfig, MAX_SIGMA_REL};
 use crate::{Error, Result};
 
 /// The diffusion process and the objective.
@@ -34,6 +34,10 @@ pub struct DiffusionConfig {
     pub loss: LossType,
     /// How t is drawn.
     pub timestep_sampling: TimestepSampling,
+    /// How each example's squared error is weighted by its t (absent in checkpoints written
+    /// before it existed: uniform).
+    #[serde(default)]
+    pub loss_weighting: LossWeighting,
 }
 
 impl Default for DiffusionConfig {
@@ -47,6 +51,7 @@ impl Default for DiffusionConfig {
             variance_type: VarianceType::FixedLarge,
             loss: LossType::Simple,
             timestep_sampling: TimestepSampling::Uniform,
+            loss_weighting: LossWeighting::Uniform,
         }
     }
 }
@@ -83,7 +88,7 @@ impl DiffusionConfig {
         if !matches!(self.schedule, BetaSchedule::File(_)) {
             self.schedule()?;
         }
-        Ok(())
+        self.loss_weighting.check(self.loss, self.mean_type)
     }
 }
 
@@ -108,12 +113,59 @@ pub struct OptimConfig {
     pub ema_decay: f64,
     /// Warm the EMA decay up as `min(decay, (1+k)/(10+k))`.
     pub ema_warmup: bool,
+    /// EDM2's power-function EMA of this exponent γ instead of the fixed decay ([`Ema`]);
+    /// absent in checkpoints written before it existed.
+    #[serde(default)]
+    pub ema_power: Option<f64>,
+    /// Decay of the learning rate after the warm-up; absent in older checkpoints (none).
+    #[serde(default)]
+    pub lr_decay: Option<LrDecay>,
+}
+
+/// The shape of a learning-rate decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecayShape {
+    /// Straight down to 0.
+    Linear,
+    /// Half a cosine period, ½(1 + cos πp) (Loshchilov & Hutter's SGDR without restarts).
+    Cosine,
+}
+
+/// The learning rate falls from its peak at the end of the warm-up to 0 at `end_step`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LrDecay {
+    /// How it falls.
+    pub shape: DecayShape,
+    /// The step at which it reaches 0 (the run's planned length).
+    pub end_step: u64,
 }
 
 impl OptimConfig {
     /// Adam's hyper-parameters from these settings.
     pub fn adam_config(&self) -> AdamConfig {
         AdamConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+    }
+
+    /// The learning rate of (1-based) step `step`: the linear warm-up, then the decay if any.
+    /// After the decay's end step it is 0.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let warm = warmup_lr(self.lr, step, self.warmup_steps);
+        let Some(d) = self.lr_decay else { return warm };
+        let start = self.warmup_steps.min(d.end_step);
+        if step <= start {
+            return warm;
+        }
+        let p = ((step - start) as f64 / (d.end_step - start).max(1) as f64).min(1.0);
+        warm * match d.shape {
+            DecayShape::Linear => 1.0 - p,
+            DecayShape::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
+        }
+    }
+
+    /// A fresh average of `params` with these settings.
+    pub fn new_ema(&self, params: &ParamStore) -> Ema {
+        Ema::new(params, self.ema_decay, self.ema_warmup).with_power(self.ema_power)
     }
 
     /// Checks every value's range: a NaN or infinite learning rate, say, would make Adam write
@@ -151,6 +203,22 @@ impl OptimConfig {
                 format!("{} must be finite and at least 0", self.weight_decay),
             ));
         }
+        if let Some(g) = self.ema_power {
+            if !(g.is_finite() && g >= 0.0) {
+                return Err(Error::config(
+                    "power EMA (--ema-sigma-rel)",
+                    format!("γ = {g} must be finite and at least 0 (σ_rel in (0, {MAX_SIGMA_REL:.4}])"),
+                ));
+            }
+        }
+        if let Some(d) = self.lr_decay {
+            if d.end_step == 0 {
+                return Err(Error::config(
+                    "learning-rate decay (--lr-decay-steps)",
+                    "must end at step 1 or later",
+                ));
+            }
+        }
         unit("EMA decay (--ema-decay)", self.ema_decay, true)
     }
 }
@@ -167,6 +235,8 @@ impl Default for OptimConfig {
             weight_decay: 0.0,
             ema_decay: 0.9999,
             ema_warmup: true,
+            ema_power: None,
+            lr_decay: None,
         }
     }
 }
@@ -213,5 +283,55 @@ impl TrainConfig {
         self.diffusion.validate()?;
         self.optim.validate()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration written before the recipe options existed (no `loss_weighting`,
+    /// `ema_power`, `lr_decay`) still loads, as the paper's recipe.
+    #[test]
+    fn configurations_without_the_later_fields_load_with_their_defaults() {
+        let c = TrainConfig {
+            unet: crate::nn::Preset::Tiny.config(1, 8),
+            diffusion: DiffusionConfig::default(),
+            optim: OptimConfig::default(),
+            batch_size: 4,
+            random_flip: false,
+            seed: 0,
+        };
+        let mut json = serde_json::to_value(&c).expect("serialises");
+        json["diffusion"].as_object_mut().expect("object").remove("loss_weighting");
+        for key in ["ema_power", "lr_decay"] {
+            json["optim"].as_object_mut().expect("object").remove(key);
+        }
+        let back: TrainConfig = serde_json::from_value(json).expect("loads");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn lr_at_warms_up_then_decays_to_zero_and_stays_there() {
+        let mut o = OptimConfig { lr: 1.0, warmup_steps: 10, ..OptimConfig::default() };
+        assert_eq!(o.lr_at(5), 0.5);
+        assert_eq!(o.lr_at(1000), 1.0);
+        o.lr_decay = Some(LrDecay { shape: DecayShape::Linear, end_step: 110 });
+        assert_eq!(o.lr_at(10), 1.0);
+        assert!((o.lr_at(60) - 0.5).abs() < 1e-15);
+        assert_eq!(o.lr_at(110), 0.0);
+        assert_eq!(o.lr_at(500), 0.0);
+        o.lr_decay = Some(LrDecay { shape: DecayShape::Cosine, end_step: 110 });
+        assert!((o.lr_at(60) - 0.5).abs() < 1e-15);
+        assert!((o.lr_at(35) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs() < 1e-15);
+        // A decay that ends inside the warm-up: the warm-up, then 0.
+        o.lr_decay = Some(LrDecay { shape: DecayShape::Linear, end_step: 4 });
+        assert_eq!(o.lr_at(3), 0.3);
+        assert_eq!(o.lr_at(5), 0.0);
+        o.lr_decay = Some(LrDecay { shape: DecayShape::Linear, end_step: 0 });
+        assert!(o.validate().is_err());
+        o.lr_decay = None;
+        o.ema_power = Some(f64::NAN);
+        assert!(o.validate().unwrap_err().to_string().contains("--ema-sigma-rel"));
     }
 }

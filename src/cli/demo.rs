@@ -15,8 +15,8 @@ use super::sample::{sample_to_dir, SampleArgs};
 use super::sampling::SamplerArgs;
 use super::score::score_mnist_folder;
 use super::train::{
-    install_signal_handlers, signal_name, train, LossArg, MeanArg, PresetArg, TimestepArg, TrainArgs,
-    VarianceArg,
+    install_signal_handlers, signal_name, train, LossArg, LrDecayArg, MeanArg, PresetArg, TimestepArg,
+    TrainArgs, VarianceArg,
 };
 use ddpm::diffusion::samplers::SamplerKind;
 
@@ -83,6 +83,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         grad_clip: 1.0,
         ema_decay: 0.999,
         no_ema_warmup: false,
+        ema_sigma_rel: None,
+        lr_decay: LrDecayArg::None,
+        lr_decay_steps: None,
+        min_snr_gamma: None,
         random_flip: false,
         schedule: BetaSchedule::Linear,
         timesteps: 1000,
@@ -98,6 +102,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         sample_count: 0,
         sample_steps: 50,
         max_bad_steps: 3,
+        score_every: 0,
+        score_samples: 256,
+        scorer: None,
         allow_different_data: false,
     };
     let stop = install_signal_handlers()?;

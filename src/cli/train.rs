@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use ddpm::data::{DataSpec, Split};
-use ddpm::diffusion::{BetaSchedule, Convention, LossType, MeanType, TimestepSampling, VarianceType};
+use ddpm::diffusion::{
+    BetaSchedule, Convention, LossType, LossWeighting, MeanType, TimestepSampling, VarianceType,
+};
 use ddpm::nn::{
     AttnHeads, DownsamplePadding, EmbeddingOrder, Preset, Resample, TimeConditioning, UNetConfig,
 };
+use ddpm::score::Scorer;
 use ddpm::train::run::{
     Observer, Progress, ResumeData, Run, RunEvent, RunOptions, StopFlag, StopReason, LOSS_PLOT, METRICS,
 };
-use ddpm::train::{DiffusionConfig, OptimConfig, StepStats, TrainConfig, Trainer};
+use ddpm::train::{DecayShape, DiffusionConfig, LrDecay, OptimConfig, StepStats, TrainConfig, Trainer};
 use indicatif::ProgressBar;
 
 use super::common::{
@@ -89,6 +92,17 @@ pub enum VarianceArg {
     Learned,
     /// Learned interpolation between log β̃ and log β (Nichol & Dhariwal).
     LearnedRange,
+}
+
+/// The learning rate after the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LrDecayArg {
+    /// Constant at --lr.
+    None,
+    /// Straight down to 0 at --lr-decay-steps.
+    Linear,
+    /// Half a cosine period down to 0 at --lr-decay-steps.
+    Cosine,
 }
 
 /// The objective.
@@ -225,6 +239,21 @@ pub struct TrainArgs {
     /// Use the EMA decay as given from the first step (no (1+k)/(10+k) warm-up).
     #[arg(long)]
     pub no_ema_warmup: bool,
+    /// EDM2's power-function EMA (Karras et al. 2024) of relative length σ_rel in (0, 0.2887],
+    /// e.g. 0.05 or 0.10: the average spans that fraction of the run, however long it gets.
+    /// Replaces --ema-decay.
+    #[arg(long, value_parser = parse_sigma_rel, conflicts_with_all = ["ema_decay", "no_ema_warmup"])]
+    pub ema_sigma_rel: Option<f64>,
+    /// Learning rate after the warm-up: constant (none), or falling to 0 at --lr-decay-steps.
+    #[arg(long, value_enum, default_value = "none")]
+    pub lr_decay: LrDecayArg,
+    /// The step at which --lr-decay reaches 0 (default: --steps).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub lr_decay_steps: Option<u64>,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023; they use γ = 5): each example's error on x_0
+    /// weighted by min(SNR(t), γ), whatever --mean-type predicts. Simple loss only.
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
     /// Random horizontal flips (off for digits).
     #[arg(long)]
     pub random_flip: bool,
@@ -263,6 +292,19 @@ pub struct TrainArgs {
     /// DDIM steps for the periodic sample grids (at least 2; capped at T).
     #[arg(long, default_value_t = 50, value_parser = count(2..=1_000_000))]
     pub sample_steps: usize,
+    /// Every N steps, draw --score-samples images with the EMA weights (DPM-Solver++(2M)-SDE, 20
+    /// steps) and score them against the training images with `ddpm score`'s figures: FD, KID,
+    /// precision, recall, class entropy and the confident fraction go into metrics.csv and
+    /// score.png. 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub score_every: u64,
+    /// Images drawn for each --score-every score (4 to 10000).
+    #[arg(long, default_value_t = 256, value_parser = count(4..=10_000))]
+    pub score_samples: usize,
+    /// The scorer of --score-every (from `ddpm score --train-scorer`). Default: the shipped MNIST
+    /// scorer, for 1×28×28 images.
+    #[arg(long, requires = "score_every")]
+    pub scorer: Option<PathBuf>,
     /// Stop (exit code 3) after this many steps in a row whose loss or gradient norm is NaN or
     /// infinite; each is skipped without touching the weights, and nothing is saved after the
     /// last good checkpoint.
@@ -352,6 +394,9 @@ impl TrainArgs {
                     TimestepArg::Uniform => TimestepSampling::Uniform,
                     TimestepArg::Importance => TimestepSampling::Importance,
                 },
+                loss_weighting: self
+                    .min_snr_gamma
+                    .map_or(LossWeighting::Uniform, |gamma| LossWeighting::MinSnr { gamma }),
             },
             optim: OptimConfig {
                 lr: self.lr,
@@ -359,6 +404,8 @@ impl TrainArgs {
                 grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
                 ema_decay: self.ema_decay,
                 ema_warmup: !self.no_ema_warmup,
+                ema_power: self.ema_sigma_rel.and_then(ddpm::nn::power_ema_gamma),
+                lr_decay: self.lr_decay_config(),
                 ..OptimConfig::default()
             },
             batch_size: self.batch,
@@ -366,6 +413,31 @@ impl TrainArgs {
             seed: self.seed,
         }
     }
+}
+
+impl TrainArgs {
+    /// The decay the flags ask for; its end defaults to --steps (`train` refuses a decay with
+    /// neither).
+    fn lr_decay_config(&self) -> Option<LrDecay> {
+        let shape = match self.lr_decay {
+            LrDecayArg::None => return None,
+            LrDecayArg::Linear => DecayShape::Linear,
+            LrDecayArg::Cosine => DecayShape::Cosine,
+        };
+        Some(LrDecay { shape, end_step: self.lr_decay_steps.or(self.steps).unwrap_or(0) })
+    }
+}
+
+/// Parses `--ema-sigma-rel`: a σ_rel that a power profile with γ ≥ 0 has.
+fn parse_sigma_rel(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if ddpm::nn::power_ema_gamma(v).is_none() {
+        return Err(format!(
+            "{s}: σ_rel must be in (0, {:.4}] (EDM2 uses 0.05 to 0.15)",
+            ddpm::nn::MAX_SIGMA_REL
+        ));
+    }
+    Ok(v)
 }
 
 /// What a finished (or interrupted) run reports.
@@ -465,6 +537,9 @@ fn recipe_value(flag: &str, c: &TrainConfig) -> Option<String> {
         "grad_clip" => o.grad_clip.map_or_else(|| "0 (off)".into(), |c| c.to_string()),
         "ema_decay" => o.ema_decay.to_string(),
         "no_ema_warmup" => (!o.ema_warmup).to_string(),
+        "ema_sigma_rel" => format!("{:?}", o.ema_power),
+        "lr_decay" | "lr_decay_steps" => format!("{:?}", o.lr_decay),
+        "min_snr_gamma" => format!("{:?}", d.loss_weighting),
         // A file schedule is stored as its values; the file itself is never read again.
         "schedule" => match &d.schedule {
             BetaSchedule::File(_) | BetaSchedule::Custom(_) => "a schedule from a file".into(),
@@ -539,9 +614,20 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
         sample_count: args.sample_count,
         sample_steps: args.sample_steps,
         max_bad_steps: args.max_bad_steps,
+        score_every: args.score_every,
+        score_samples: args.score_samples,
     };
     if args.steps.is_none() && args.minutes.is_none() {
         bail!("say how long to train: --steps N or --minutes M");
+    }
+    if args.lr_decay != LrDecayArg::None && args.lr_decay_steps.is_none() && args.steps.is_none() {
+        bail!("--lr-decay needs the step where the rate reaches 0: give --lr-decay-steps N (or --steps N)");
+    }
+    if let (Some(n), Some(end), false) = (args.steps, args.lr_decay_steps, args.lr_decay == LrDecayArg::None)
+    {
+        if n > end {
+            bail!("--steps {n} goes past --lr-decay-steps {end}, where the learning rate reaches 0; raise --lr-decay-steps");
+        }
     }
     let spec = DataSpec {
         path: args.data.clone(),
@@ -589,6 +675,27 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
         Run::create(&args.out, args.config(c, h, classes), spec, Arc::new(data), options)
             .with_context(|| format!("cannot start training in {}", args.out.display()))?
     };
+    if args.score_every > 0 {
+        let scorer = match &args.scorer {
+            Some(p) => Scorer::load(p).with_context(|| format!("--scorer: loading {}", p.display()))?,
+            None => Scorer::mnist().context("loading the shipped MNIST scorer")?,
+        };
+        run.enable_scoring(scorer).with_context(|| match &args.scorer {
+            Some(p) => format!("--score-every: cannot score with {}", p.display()),
+            None => "--score-every: the shipped scorer is for 1x28x28 digits; for other images train one \
+                     with `ddpm score --train-scorer` and pass it with --scorer"
+                .to_string(),
+        })?;
+    }
+    if let (Some(n), Some(d)) = (args.steps, run.trainer().config().optim.lr_decay) {
+        if n > d.end_step {
+            bail!(
+                "--steps {n} goes past step {}, where this run's learning-rate decay reaches 0 (the checkpoint's \
+                 recipe); train a new run with a later --lr-decay-steps",
+                d.end_step
+            );
+        }
+    }
     let start = Instant::now();
     let mut observer = BarObserver::new(args);
     let outcome = run.run(stop, &mut observer);
@@ -682,6 +789,10 @@ impl Observer for BarObserver {
             RunEvent::Stopping(sig) => println_above(&self.bar, format!(
                 "{}: saving a checkpoint at this step, then exiting (send it again, a second or more later, to exit at once without saving)",
                 signal_name(i32::try_from(*sig).unwrap_or(0))
+            )),
+            RunEvent::Scored { step, score } => println_above(&self.bar, format!(
+                "step {step}: FD {:.2}, KID {:.4}, precision {:.3}, recall {:.3}, class entropy {:.3}, {:.1}% confident",
+                score.fd, score.kid, score.precision, score.recall, score.class_entropy, 100.0 * score.frac_conf90
             )),
             RunEvent::Saved { .. } | RunEvent::Sampled(_) => {}
         }

@@ -38,6 +38,7 @@ pub mod schedule;
 pub mod tape_losses;
 pub mod timesteps;
 pub mod vectors;
+pub mod weighting;
 
 pub use convention::{Convention, Conventions, NormalCdf};
 pub use gaussian::{
@@ -51,3 +52,4 @@ pub use losses::{
 pub use oracle::OracleDenoiser;
 pub use schedule::{BetaSchedule, NoiseSchedule, Table};
 pub use timesteps::{ImportanceSampler, TimestepBatch, TimestepSampling};
+pub use weighting::LossWeighting;

@@ -106,7 +106,7 @@ impl TrainState {
         }
         let o = &config.optim;
         let adam = Adam::new(&params, o.adam_config());
-        let ema = Ema::new(&params, o.ema_decay, o.ema_warmup);
+        let ema = o.new_ema(&params);
         let mut rng = crate::rng_from_seed(config.seed);
         rng.set_stream(1);
         Ok(TrainState {
@@ -330,7 +330,7 @@ pub fn from_file_bytes(bytes: &[u8], source: &Path) -> Result<TrainState> {
     adam.step = parse(source, &meta, "adam_step")?;
     adam.m = m.into_iter().map(|(_, t)| t).collect();
     adam.v = v.into_iter().map(|(_, t)| t).collect();
-    let mut ema = Ema::new(&params, o.ema_decay, o.ema_warmup);
+    let mut ema = o.new_ema(&params);
     ema.updates = parse(source, &meta, "ema_updates")?;
     ema.shadow = ema_values.into_iter().map(|(_, t)| t).collect();
     // Counters far beyond any run (2^48 steps is 9000 years at a million steps a second) come

@@ -19,7 +19,7 @@ mod params;
 mod resblock;
 mod unet;
 
-pub use ema::Ema;
+pub use ema::{power_ema_gamma, power_ema_sigma_rel, Ema, MAX_SIGMA_REL};
 pub use embedding::{timestep_embedding, EmbeddingOrder};
 pub use optim::{clip_grad_norm, warmup_lr, Adam, AdamConfig};
 pub use params::{all_finite, Bound, ParamStore};

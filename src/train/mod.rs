@@ -8,6 +8,7 @@
 //! | `mod.rs`   | [`Trainer`]: state + network + schedule + batch stream; the non-finite guard |
 //! | [`run`]    | [`run::Run`]: directory, lock, rotation, metrics.csv, loss.png, samples, stop policy |
 //! | [`metrics`]| metrics.csv: the header, a row per step, the cut back to a checkpoint's step |
+//! | [`scoring`]| `--score-every`: samples of the EMA weights scored during the run     |
 //!
 //! Randomness: the trainer owns one [`Rng`](crate::Rng) (timesteps, noise, dropout, in that
 //! order each step) and the batch stream has its own seeded stream; both positions are saved in
@@ -15,20 +16,21 @@
 
 pub mod metrics;
 pub mod run;
+pub mod scoring;
 
 use std::sync::Arc;
 
 use rand::Rng as _;
 use rand_distr::StandardNormal;
 
-pub use crate::config::{DiffusionConfig, OptimConfig, TrainConfig};
+pub use crate::config::{DecayShape, DiffusionConfig, LrDecay, OptimConfig, TrainConfig};
 use crate::data::{BatchConfig, Batches, Dataset};
 use crate::diffusion::gaussian::q_sample_f32;
 use crate::diffusion::tape_losses::training_losses_tape;
 use crate::diffusion::timesteps::sample_uniform;
 use crate::diffusion::{BetaSchedule, ImportanceSampler, NoiseSchedule, TimestepSampling};
 pub use crate::io::checkpoint::TrainState;
-use crate::nn::{all_finite, clip_grad_norm, warmup_lr, Adam, Ema, ParamStore, UNet, UNetConfig};
+use crate::nn::{all_finite, clip_grad_norm, Adam, ParamStore, UNet, UNetConfig};
 use crate::{rng_from_seed, Error, Result, Tape, Tensor, Var};
 
 /// What one step reports.
@@ -86,7 +88,7 @@ impl Trainer {
         let params = net.init_params(&mut init_rng);
         let o = &config.optim;
         let adam = Adam::new(&params, o.adam_config());
-        let ema = Ema::new(&params, o.ema_decay, o.ema_warmup);
+        let ema = o.new_ema(&params);
         // The training stream is seeded apart from the initialisation stream.
         let mut rng = rng_from_seed(config.seed);
         rng.set_stream(1);
@@ -206,12 +208,20 @@ impl Trainer {
         let d = &s.config.diffusion;
         let param = d.parameterization();
         let per_item = training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t.t, &eps, &out).loss;
-        let weights = Tensor::from_shape_vec(vec![n], t.weights.iter().map(|&w| w as f32).collect())
+        // The importance sampler's weights times the loss weighting's (docs in weighting.rs).
+        let (lw, alpha_bar) = (d.loss_weighting, self.schedule.alpha_bar());
+        let w: Vec<f32> = t
+            .weights
+            .iter()
+            .zip(&t.t)
+            .map(|(&w, &ti)| (w * lw.weight(alpha_bar[ti], d.mean_type)) as f32)
+            .collect();
+        let weights = Tensor::from_shape_vec(vec![n], w)
             .expect("both samplers return one weight per item of the batch");
         let loss = per_item.mul(&Var::constant(weights)).mean();
         let loss_value = loss.value()[[]] as f64;
         let o = &s.config.optim;
-        let lr = warmup_lr(o.lr, s.step + 1, o.warmup_steps);
+        let lr = o.lr_at(s.step + 1);
         if !loss_value.is_finite() {
             s.skipped_steps += 1;
             return Ok(StepStats {

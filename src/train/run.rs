@@ -12,6 +12,7 @@
 //! | `checkpoint.prev.safetensors` | the one before it, kept by every save                   |
 //! | `metrics.csv`                 | one row per step ([`super::metrics`])                   |
 //! | `loss.png`                    | the loss curve, redrawn at every save                   |
+//! | `score.png`                   | the sample score (`--score-every`), redrawn when scored |
 //! | `samples/step_NNNNNN.png`     | grids drawn with the EMA weights                        |
 //! | `.ddpm.lock`                  | the lock file ([`crate::files::DirLock`])               |
 //!
@@ -21,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, ScoreColumns};
+use super::scoring::Scoring;
 use super::{StepStats, Trainer};
 use crate::config::TrainConfig;
 use crate::data::{DataRecord, DataSpec, Dataset};
@@ -40,6 +42,8 @@ pub const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
 pub const METRICS: &str = "metrics.csv";
 /// The loss curve's file name.
 pub const LOSS_PLOT: &str = "loss.png";
+/// The score curve's file name.
+pub const SCORE_PLOT: &str = "score.png";
 
 /// When a run stops and what it writes on the way.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,6 +62,11 @@ pub struct RunOptions {
     pub sample_steps: usize,
     /// Stop with [`Error::Diverged`] after this many non-finite steps in a row.
     pub max_bad_steps: u64,
+    /// Score the EMA weights' samples every this many steps (0: never); needs
+    /// [`Run::enable_scoring`].
+    pub score_every: u64,
+    /// Images drawn for each score.
+    pub score_samples: usize,
 }
 
 impl Default for RunOptions {
@@ -70,6 +79,8 @@ impl Default for RunOptions {
             sample_count: 16,
             sample_steps: 50,
             max_bad_steps: 3,
+            score_every: 0,
+            score_samples: 256,
         }
     }
 }
@@ -97,6 +108,12 @@ impl RunOptions {
             return Err(Error::config(
                 "sample grid size (--sample-count)",
                 format!("{} is above 4096", self.sample_count),
+            ));
+        }
+        if self.score_every > 0 && self.score_samples < 4 {
+            return Err(Error::config(
+                "images scored (--score-samples)",
+                format!("{} is too few to score (at least 4)", self.score_samples),
             ));
         }
         if self.sample_count > 0 && self.sample_steps < 2 {
@@ -177,6 +194,13 @@ pub enum RunEvent {
     },
     /// A sample grid was written.
     Sampled(PathBuf),
+    /// The samples of a step were scored (`--score-every`).
+    Scored {
+        /// The step.
+        step: u64,
+        /// The figures.
+        score: ScoreColumns,
+    },
 }
 
 /// Progress of a run, given with every step.
@@ -217,6 +241,7 @@ pub struct Run {
     options: RunOptions,
     notices: Vec<String>,
     last_saved_step: Option<u64>,
+    scoring: Option<Scoring>,
 }
 
 impl Run {
@@ -376,7 +401,26 @@ impl Run {
         last_saved_step: Option<u64>,
     ) -> Result<Self> {
         let metrics = Metrics::open_at(&dir.join(METRICS), trainer.step_count())?;
-        Ok(Run { dir: dir.to_path_buf(), _lock: lock, trainer, metrics, options, notices, last_saved_step })
+        Ok(Run {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            trainer,
+            metrics,
+            options,
+            notices,
+            last_saved_step,
+            scoring: None,
+        })
+    }
+
+    /// Scores the run's samples with `scorer` every [`RunOptions::score_every`] steps: embeds
+    /// the reference from the training images now (a few seconds), once.
+    ///
+    /// # Errors
+    /// As [`Scoring::new`]: a scorer that does not fit the images, or a bad sample count.
+    pub fn enable_scoring(&mut self, scorer: crate::score::Scorer) -> Result<()> {
+        self.scoring = Some(Scoring::new(scorer, self.trainer.dataset(), self.options.score_samples)?);
+        Ok(())
     }
 
     /// The trainer.
@@ -401,6 +445,12 @@ impl Run {
     pub fn run(&mut self, stop: &StopFlag, observer: &mut dyn Observer) -> Result<RunOutcome> {
         for notice in self.notices.drain(..) {
             observer.event(&RunEvent::DataNotice(notice));
+        }
+        if self.options.score_every > 0 && self.scoring.is_none() {
+            return Err(Error::config(
+                "score interval (--score-every)",
+                "scoring needs a scorer; call Run::enable_scoring first",
+            ));
         }
         observer.started(&self.trainer);
         let start = Instant::now();
@@ -446,7 +496,18 @@ impl Run {
             let images_per_sec = batch / began.elapsed().as_secs_f64().max(1e-9);
             let elapsed = start.elapsed();
             let skipped = self.trainer.state().skipped_steps;
-            self.metrics.record(&stats, images_per_sec, elapsed.as_secs_f64(), skipped)?;
+            let every = self.options.score_every;
+            let score = match &self.scoring {
+                Some(scoring) if every > 0 && stats.step % every == 0 => {
+                    scoring.score(&self.trainer, stop)?
+                }
+                _ => None,
+            };
+            self.metrics.record(&stats, images_per_sec, elapsed.as_secs_f64(), skipped, score.as_ref())?;
+            if let Some(score) = score {
+                self.save_score_plot()?;
+                observer.event(&RunEvent::Scored { step: stats.step, score });
+            }
             let progress = Progress {
                 elapsed,
                 images_per_sec,
@@ -519,6 +580,29 @@ impl Run {
         }
         observer.event(&RunEvent::Saved { path: path.clone(), step });
         Ok(path)
+    }
+
+    /// Redraws `score.png`: the Fréchet distance and the percentage of samples not classified
+    /// with ≥ 0.9 confidence against the step, on a log axis (both fall as the model improves).
+    fn save_score_plot(&self) -> Result<()> {
+        let scores = self.metrics.scores();
+        if scores.len() < 2 {
+            return Ok(());
+        }
+        let fd: Vec<(f64, f64)> = scores.iter().map(|(s, c)| (*s as f64, c.fd)).collect();
+        let unsure: Vec<(f64, f64)> =
+            scores.iter().map(|(s, c)| (*s as f64, (100.0 * (1.0 - c.frac_conf90)).max(0.1))).collect();
+        crate::io::plot::save_line_chart(
+            &self.dir.join(SCORE_PLOT),
+            &format!("Sample score ({} images, EMA weights)", self.options.score_samples),
+            "step",
+            "lower is better",
+            true,
+            &[
+                crate::io::plot::Series { label: "FD (scorer features)", points: &fd },
+                crate::io::plot::Series { label: "% not classified with p >= 0.9", points: &unsure },
+            ],
+        )
     }
 
     /// Adds where the last good checkpoint is to a [`Error::Diverged`].

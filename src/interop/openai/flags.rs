@@ -532,6 +532,7 @@ impl Flags {
             variance_type,
             loss,
             timestep_sampling: TimestepSampling::Uniform,
+            loss_weighting: crate::diffusion::LossWeighting::Uniform,
         };
         config.validate().map_err(|e| bad(format!("the flags describe a diffusion ddpm cannot run: {e}")))?;
         Ok(config)

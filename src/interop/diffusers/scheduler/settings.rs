@@ -59,6 +59,7 @@ impl SchedulerSettings {
             variance_type: self.variance_type,
             loss: if self.variance_type.is_learned() { LossType::Hybrid } else { LossType::Simple },
             timestep_sampling: TimestepSampling::Uniform,
+            loss_weighting: crate::diffusion::LossWeighting::Uniform,
         }
     }
 
