@@ -241,6 +241,21 @@ impl Default for OptimConfig {
     }
 }
 
+/// How a training step draws its random numbers (docs/distributed.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Draws {
+    /// One stream for the run: the batch's timesteps, then its noise, then the dropout masks.
+    /// Runs started before keyed draws existed (their checkpoints lack the field); one process
+    /// only.
+    #[default]
+    Sequential,
+    /// Each example's timestep, noise and dropout from streams keyed by the seed, the step and
+    /// its position in the batch, so a step's maths does not depend on how many processes share
+    /// it. Every new run.
+    Keyed,
+}
+
 /// Everything a training run depends on; stored in every checkpoint's metadata.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -256,6 +271,9 @@ pub struct TrainConfig {
     pub random_flip: bool,
     /// Seed of the weights, the trainer's RNG and the batch order.
     pub seed: u64,
+    /// How steps draw their random numbers (absent in older checkpoints: sequential).
+    #[serde(default)]
+    pub draws: Draws,
 }
 
 impl TrainConfig {
@@ -301,12 +319,14 @@ mod tests {
             batch_size: 4,
             random_flip: false,
             seed: 0,
+            draws: Draws::Sequential,
         };
         let mut json = serde_json::to_value(&c).expect("serialises");
         json["diffusion"].as_object_mut().expect("object").remove("loss_weighting");
         for key in ["ema_power", "lr_decay"] {
             json["optim"].as_object_mut().expect("object").remove(key);
         }
+        json.as_object_mut().expect("object").remove("draws");
         let back: TrainConfig = serde_json::from_value(json).expect("loads");
         assert_eq!(back, c);
     }

@@ -91,6 +91,10 @@ pub enum Error {
         /// What was missing.
         reason: String,
     },
+    /// A data-parallel run's ranks could not work together: a communication failed, or they
+    /// disagree (different weights, configurations or lengths); the message says which.
+    #[error("distributed run: {0}")]
+    Distributed(String),
 }
 
 /// `Result` with the crate's [`Error`] as the default error type.

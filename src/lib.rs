@@ -45,6 +45,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod distributed;
 pub mod error;
 pub mod files;
 #[cfg(feature = "wgpu")]

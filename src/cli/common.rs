@@ -218,6 +218,7 @@ pub fn load_model(path: &Path, no_ema: bool) -> anyhow::Result<Model> {
             batch_size: 1,
             random_flip: false,
             seed: 0,
+            draws: ddpm::config::Draws::Keyed,
         };
         config.validate().with_context(|| {
             format!("{}: the UNet2DModel and the scheduler do not fit together", path.display())

@@ -63,6 +63,7 @@ pub fn run_import(args: ImportArgs) -> anyhow::Result<()> {
         batch_size: 128,
         random_flip: false,
         seed: args.seed,
+        draws: ddpm::config::Draws::Keyed,
     };
     config
         .validate()
@@ -139,6 +140,7 @@ fn import_diffusers(args: &ImportArgs) -> anyhow::Result<()> {
         batch_size: 128,
         random_flip: false,
         seed: args.seed,
+        draws: ddpm::config::Draws::Keyed,
     };
     config.validate().with_context(|| {
         format!("{}: the UNet2DModel and the scheduler do not fit together", dir.display())

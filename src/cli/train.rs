@@ -411,6 +411,7 @@ impl TrainArgs {
             batch_size: self.batch,
             random_flip: self.random_flip,
             seed: self.seed,
+            draws: ddpm::config::Draws::Keyed,
         }
     }
 }

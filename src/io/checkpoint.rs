@@ -131,6 +131,24 @@ impl TrainState {
         self.ema.to_store(&self.params)
     }
 
+    /// A 64-bit hash (xxh3) of the step and every weight, Adam moment and EMA value: the ranks
+    /// of a data-parallel run compare it to check that they hold the same state.
+    pub fn weights_hash(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&self.step.to_le_bytes());
+        let groups = [
+            self.params.iter().map(|(_, v)| v).collect::<Vec<_>>(),
+            self.adam.m.iter().collect(),
+            self.adam.v.iter().collect(),
+            self.ema.shadow.iter().collect(),
+        ];
+        for t in groups.iter().flatten() {
+            let bytes: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
+            h.update(&bytes);
+        }
+        h.digest()
+    }
+
     /// The first tensor (weights, EMA or Adam moment) holding a NaN or an infinity, named as
     /// in the file, or `None` if every value is finite. [`save`] refuses a state for which
     /// this is `Some`.

@@ -19,8 +19,8 @@ use super::layers::{
 };
 use super::unet::TimeConditioning;
 use super::Bound;
-use crate::ops::Padding;
-use crate::{Rng, Var};
+use crate::ops::{DropoutDraws, Padding};
+use crate::Var;
 
 /// What a residual block does to the resolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl ResBlockSpec {
     }
 
     /// Runs the block on x `[N, C_in, H, W]` with the embedding temb `[N, temb_ch]`.
-    /// `dropout` is `Some((p, rng))` in training.
+    /// `dropout` is `Some((p, draws))` in training.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -86,7 +86,7 @@ impl ResBlockSpec {
         temb: &Var,
         max_groups: usize,
         eps: f32,
-        dropout: Option<(f32, &mut Rng)>,
+        dropout: Option<(f32, &mut DropoutDraws)>,
     ) -> Var {
         let (gi, go) = (groups_for(self.c_in, max_groups), groups_for(self.c_out, max_groups));
         let resample = |v: &Var| match self.resampling {
@@ -110,8 +110,8 @@ impl ResBlockSpec {
                 h.scale_shift_per_channel(&scale, &shift).silu()
             }
         };
-        if let Some((rate, rng)) = dropout {
-            h = h.dropout(rate, rng);
+        if let Some((rate, draws)) = dropout {
+            h = draws.apply(&h, rate);
         }
         let skip = if self.c_in != self.c_out {
             conv(p, &format!("{prefix}.nin_shortcut"), &x, 1, Padding::zero())

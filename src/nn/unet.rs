@@ -23,7 +23,7 @@ use super::layers::{
 };
 use super::resblock::{groups_for, ResBlockSpec, Resampling};
 use super::{Bound, ParamStore};
-use crate::ops::Padding;
+use crate::ops::{DropoutDraws, Padding};
 use crate::{Error, Result, Rng, Var};
 
 /// How the stride-2 downsampling conv pads its input.
@@ -705,7 +705,7 @@ impl UNet {
     /// If x's shape does not match the configuration, `t.len()` differs from N, or the model is
     /// class-conditional (use [`UNet::forward_labelled`]).
     pub fn forward(&self, p: &Bound, x: &Var, t: &[f32], dropout_rng: Option<&mut Rng>) -> Var {
-        self.forward_labelled(p, x, t, None, dropout_rng)
+        self.forward_labelled(p, x, t, None, dropout_rng.map(DropoutDraws::Sequential))
     }
 
     /// [`UNet::forward`] with one class label per image for a class-conditional model (its
@@ -720,7 +720,7 @@ impl UNet {
         x: &Var,
         t: &[f32],
         labels: Option<&[usize]>,
-        mut dropout_rng: Option<&mut Rng>,
+        mut dropout: Option<DropoutDraws>,
     ) -> Var {
         let c = &self.config;
         let s = x.shape();
@@ -754,8 +754,8 @@ impl UNet {
         }
 
         let mut res_block = |spec: ResBlockSpec, prefix: &str, h: &Var| -> Var {
-            let drop = match dropout_rng.as_deref_mut() {
-                Some(rng) if c.dropout > 0.0 => Some((c.dropout, rng)),
+            let drop = match dropout.as_mut() {
+                Some(draws) if c.dropout > 0.0 => Some((c.dropout, draws)),
                 _ => None,
             };
             spec.forward(p, prefix, h, &temb, g, eps, drop)

@@ -33,6 +33,7 @@ mod shape;
 mod softmax;
 
 pub use conv::Padding;
+pub use dropout::DropoutDraws;
 
 #[cfg(test)]
 pub(crate) mod testutil {

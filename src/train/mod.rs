@@ -23,14 +23,16 @@ use std::sync::Arc;
 use rand::Rng as _;
 use rand_distr::StandardNormal;
 
-pub use crate::config::{DecayShape, DiffusionConfig, LrDecay, OptimConfig, TrainConfig};
+pub use crate::config::{DecayShape, DiffusionConfig, Draws, LrDecay, OptimConfig, TrainConfig};
 use crate::data::{BatchConfig, Batches, Dataset};
 use crate::diffusion::gaussian::q_sample_f32;
 use crate::diffusion::tape_losses::training_losses_tape;
 use crate::diffusion::timesteps::sample_uniform;
 use crate::diffusion::{BetaSchedule, ImportanceSampler, NoiseSchedule, TimestepSampling};
+use crate::distributed::{batch_slice, Collective, SingleProcess};
 pub use crate::io::checkpoint::TrainState;
 use crate::nn::{all_finite, clip_grad_norm, Adam, ParamStore, UNet, UNetConfig};
+use crate::ops::DropoutDraws;
 use crate::{rng_from_seed, Error, Result, Tape, Tensor, Var};
 
 /// What one step reports.
@@ -184,42 +186,86 @@ impl Trainer {
     /// a finite learning rate so large that the result overflows f32): the state cannot be
     /// saved after that.
     pub fn step(&mut self) -> Result<StepStats> {
+        self.step_with(&SingleProcess)
+    }
+
+    /// [`Trainer::step`] as one rank of a data-parallel group: the batch is the global batch
+    /// (every rank draws the same one), this rank computes the gradient of its slice
+    /// ([`batch_slice`]) of (1/B)·Σ wᵢ·lossᵢ, the gradients are summed in rank order
+    /// ([`Collective::sum_in_rank_order`]) and the per-example losses gathered, and every rank
+    /// then takes the same clipping, Adam and EMA step. With [`SingleProcess`] this is the
+    /// ordinary step. docs/distributed.md.
+    ///
+    /// # Errors
+    /// As [`Trainer::step`]; [`Error::Distributed`] if the group has more than one rank but the
+    /// run draws sequentially (a run started before keyed draws), or a communication fails.
+    pub fn step_with(&mut self, group: &dyn Collective) -> Result<StepStats> {
         let batch = self.batches.next_labelled();
-        let x0 = batch.x0;
         self.state.batch_position = self.batches.position();
         // An unconditional model ignores labels the data may hold; check_data made sure a
         // class-conditional one has them, each below num_classes.
         let labels = batch.labels.filter(|_| self.net.config.num_classes.is_some());
-        let n = x0.shape()[0];
-        let big_t = self.schedule.num_timesteps();
-        let s = &mut self.state;
-        let t = match &s.importance {
-            Some(imp) if imp.warmed_up() => imp.sample(n, &mut s.rng),
-            _ => sample_uniform(big_t, n, &mut s.rng),
+        let n = batch.x0.shape()[0];
+        let part = batch_slice(n, group.rank(), group.size());
+        let draws = match self.state.config.draws {
+            Draws::Keyed => self.keyed_draws(&part),
+            Draws::Sequential if group.size() == 1 => self.sequential_draws(n),
+            Draws::Sequential => {
+                return Err(Error::Distributed(
+                    "this run was started before keyed draws and can only continue in one process".into(),
+                ))
+            }
         };
-        let eps = Tensor::from_shape_simple_fn(x0.shape(), || s.rng.sample::<f32, _>(StandardNormal));
-        let x_t = q_sample_f32(&self.schedule, &x0, &t.t, &eps);
-        let model_t = self.schedule.model_timesteps_f32(&t.t).to_vec();
+        let Draws_ { t, weights, eps, mut dropout_rng } = draws;
+        let x0 = batch.x0.slice_axis(ndarray::Axis(0), ndarray::Slice::from(part.clone())).to_owned();
+        let labels = labels.map(|l| l[part.clone()].to_vec());
+        let x_t = q_sample_f32(&self.schedule, &x0, &t, &eps);
+        let model_t = self.schedule.model_timesteps_f32(&t).to_vec();
 
+        let s = &mut self.state;
         let tape = Tape::new();
         let p = s.params.bind(&tape);
         let x_t_var = Var::constant(x_t.clone());
-        let out = self.net.forward_labelled(&p, &x_t_var, &model_t, labels.as_deref(), Some(&mut s.rng));
+        let dropout = match s.config.draws {
+            Draws::Keyed => DropoutDraws::Keyed { rng: &mut dropout_rng, first_example: part.start as u64 },
+            Draws::Sequential => DropoutDraws::Sequential(&mut s.rng),
+        };
+        let out = self.net.forward_labelled(&p, &x_t_var, &model_t, labels.as_deref(), Some(dropout));
         let d = &s.config.diffusion;
         let param = d.parameterization();
-        let per_item = training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t.t, &eps, &out).loss;
-        // The importance sampler's weights times the loss weighting's (docs in weighting.rs).
+        let per_item = training_losses_tape(&self.schedule, &param, d.loss, &x0, &x_t, &t, &eps, &out).loss;
+        // The importance sampler's weights times the loss weighting's (docs in weighting.rs),
+        // over the global batch size: the ranks' gradients add up to that of the batch mean.
         let (lw, alpha_bar) = (d.loss_weighting, self.schedule.alpha_bar());
-        let w: Vec<f32> = t
-            .weights
+        let w: Vec<f32> = weights
             .iter()
-            .zip(&t.t)
-            .map(|(&w, &ti)| (w * lw.weight(alpha_bar[ti], d.mean_type)) as f32)
+            .zip(&t)
+            .map(|(&w, &ti)| (w * lw.weight(alpha_bar[ti], d.mean_type) / n as f64) as f32)
             .collect();
-        let weights = Tensor::from_shape_vec(vec![n], w)
-            .expect("both samplers return one weight per item of the batch");
-        let loss = per_item.mul(&Var::constant(weights)).mean();
-        let loss_value = loss.value()[[]] as f64;
+        let local = part.len();
+        let loss = match local {
+            0 => None,
+            _ => {
+                let w = Tensor::from_shape_vec(vec![local], w.clone())
+                    .expect("one weight per example of the slice");
+                Some(per_item.mul(&Var::constant(w)).sum())
+            }
+        };
+        // Every rank learns every example's weighted loss and timestep, in batch order.
+        let item_losses: Vec<f64> = per_item.value().iter().map(|&l| f64::from(l)).collect();
+        let mine: Vec<f64> = item_losses
+            .iter()
+            .zip(&w)
+            .map(|(&l, &w)| l * f64::from(w))
+            .chain(item_losses.iter().copied())
+            .chain(t.iter().map(|&t| t as f64))
+            .collect();
+        let gathered = gather_examples(group, &mine, local)?;
+        let loss_value = match group.size() {
+            // One process: the loss as the tape computed it (the sum in f32 of the batch).
+            1 => loss.as_ref().map_or(0.0, |l| f64::from(l.value()[[]])),
+            _ => gathered.weighted.iter().sum::<f64>(),
+        };
         let o = &s.config.optim;
         let lr = o.lr_at(s.step + 1);
         if !loss_value.is_finite() {
@@ -232,17 +278,23 @@ impl Trainer {
                 applied: false,
             });
         }
-        let mut grads = p.grads(&loss.backward());
+        let mut grads = match &loss {
+            Some(l) => p.grads(&l.backward()),
+            None => s.params.iter().map(|(_, v)| Tensor::zeros(v.raw_dim())).collect(),
+        };
         drop(p);
+        if group.size() > 1 {
+            sum_gradients(group, &mut grads)?;
+        }
         let grad_norm = clip_grad_norm(&mut grads, o.grad_clip.unwrap_or(f64::INFINITY));
         if !grad_norm.is_finite() {
             s.skipped_steps += 1;
             return Ok(StepStats { step: s.step + 1, loss: loss_value, grad_norm, lr, applied: false });
         }
         if let Some(imp) = &mut s.importance {
-            let losses: Vec<f64> = per_item.value().iter().map(|&l| l as f64).collect();
-            if losses.iter().all(|l| l.is_finite()) {
-                imp.update(&t.t, &losses).expect("one finite loss per sampled timestep, each in range");
+            if gathered.raw.iter().all(|l| l.is_finite()) {
+                imp.update(&gathered.t, &gathered.raw)
+                    .expect("one finite loss per sampled timestep, each in range");
             }
         }
         s.step += 1;
@@ -258,6 +310,111 @@ impl Trainer {
         }
         Ok(StepStats { step: s.step, loss: loss_value, grad_norm, lr, applied: true })
     }
+
+    /// The sequential draws of a whole batch of `n`: timesteps, then noise, from the run's one
+    /// stream (dropout masks come from it during the forward pass).
+    fn sequential_draws(&mut self, n: usize) -> Draws_ {
+        let big_t = self.schedule.num_timesteps();
+        let [_, c, h, w] = self.batches.dataset().shape();
+        let s = &mut self.state;
+        let tb = match &s.importance {
+            Some(imp) if imp.warmed_up() => imp.sample(n, &mut s.rng),
+            _ => sample_uniform(big_t, n, &mut s.rng),
+        };
+        let eps = Tensor::from_shape_simple_fn(vec![n, c, h, w], || s.rng.sample::<f32, _>(StandardNormal));
+        Draws_ { t: tb.t, weights: tb.weights, eps, dropout_rng: crate::rng_from_seed(0) }
+    }
+
+    /// The keyed draws of the examples in `part` of the next step: example i's timestep and
+    /// noise from its own stream, the dropout seeds from the step's shared stream.
+    fn keyed_draws(&self, part: &std::ops::Range<usize>) -> Draws_ {
+        let step = self.state.step + 1;
+        let seed = self.state.config.seed;
+        let big_t = self.schedule.num_timesteps();
+        let [_, c, h, w] = self.batches.dataset().shape();
+        let (mut t, mut weights) = (Vec::with_capacity(part.len()), Vec::with_capacity(part.len()));
+        let mut eps = Vec::with_capacity(part.len() * c * h * w);
+        for i in part.clone() {
+            let mut r = keyed_rng(seed, step, Some(i));
+            let tb = match &self.state.importance {
+                Some(imp) if imp.warmed_up() => imp.sample(1, &mut r),
+                _ => sample_uniform(big_t, 1, &mut r),
+            };
+            t.extend(tb.t);
+            weights.extend(tb.weights);
+            eps.extend((0..c * h * w).map(|_| r.sample::<f32, _>(StandardNormal)));
+        }
+        let eps = Tensor::from_shape_vec(vec![part.len(), c, h, w], eps).expect("C·H·W normals per example");
+        Draws_ { t, weights, eps, dropout_rng: keyed_rng(seed, step, None) }
+    }
+}
+
+/// What a step draws for the examples it computes.
+struct Draws_ {
+    t: Vec<usize>,
+    weights: Vec<f64>,
+    eps: Tensor,
+    dropout_rng: crate::Rng,
+}
+
+/// The stream of example `example` of (1-based) step `step`, or the step's shared stream
+/// (dropout seeds) for `None`: ChaCha8 of the run's seed on stream 2^63 | step·2^16 | example,
+/// or 2^62 | step. Streams 0 and 1 are the initialisation's and the sequential draws'.
+pub fn keyed_rng(seed: u64, step: u64, example: Option<usize>) -> crate::Rng {
+    let mut r = crate::rng_from_seed(seed);
+    r.set_stream(match example {
+        Some(i) => (1 << 63) | (step << 16) | i as u64,
+        None => (1 << 62) | step,
+    });
+    r
+}
+
+/// Every example's weighted loss, raw loss and timestep, in batch order, gathered from the ranks.
+struct Gathered {
+    weighted: Vec<f64>,
+    raw: Vec<f64>,
+    t: Vec<usize>,
+}
+
+/// Gathers `mine` (this rank's `local` weighted losses, then raw losses, then timesteps) from
+/// every rank into batch order.
+fn gather_examples(group: &dyn Collective, mine: &[f64], local: usize) -> Result<Gathered> {
+    let all = group.all_gather_f64(mine)?;
+    // Three values per example; each rank's slice length follows from the batch size.
+    if all.len() % 3 != 0 {
+        return Err(Error::Distributed("the ranks sent losses of different shapes".into()));
+    }
+    let n = all.len() / 3;
+    let (mut weighted, mut raw, mut t) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut at = 0;
+    for r in 0..group.size() {
+        let len = batch_slice(n, r, group.size()).len();
+        weighted.extend_from_slice(&all[at..at + len]);
+        raw.extend_from_slice(&all[at + len..at + 2 * len]);
+        t.extend(all[at + 2 * len..at + 3 * len].iter().map(|&x| x as usize));
+        at += 3 * len;
+    }
+    debug_assert_eq!(local, batch_slice(n, group.rank(), group.size()).len());
+    Ok(Gathered { weighted, raw, t })
+}
+
+/// Sums every rank's gradients in rank order, flattened in store order.
+fn sum_gradients(group: &dyn Collective, grads: &mut [Tensor]) -> Result<()> {
+    let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(Tensor::len).sum());
+    for g in grads.iter() {
+        flat.extend(g.iter());
+    }
+    group.sum_in_rank_order(&mut flat)?;
+    let mut at = 0;
+    for g in grads.iter_mut() {
+        let len = g.len();
+        for (dst, &src) in g.iter_mut().zip(&flat[at..at + len]) {
+            *dst = src;
+        }
+        at += len;
+    }
+    Ok(())
 }
 
 fn batch_config(c: &TrainConfig) -> BatchConfig {

@@ -28,6 +28,7 @@ use super::{StepStats, Trainer};
 use crate::config::TrainConfig;
 use crate::data::{DataRecord, DataSpec, Dataset};
 use crate::diffusion::samplers::SamplerKind;
+use crate::distributed::{Collective, SingleProcess};
 use crate::files::DirLock;
 use crate::io::checkpoint;
 use crate::sample::{sample, SampleConfig};
@@ -235,9 +236,12 @@ impl Observer for Silent {}
 /// A training run in a directory, holding its lock; see the module documentation.
 pub struct Run {
     dir: PathBuf,
-    _lock: DirLock,
+    /// Held by rank 0 only.
+    _lock: Option<DirLock>,
     trainer: Trainer,
-    metrics: Metrics,
+    /// Rank 0's metrics.csv (the other ranks write nothing).
+    metrics: Option<Metrics>,
+    group: Box<dyn Collective>,
     options: RunOptions,
     notices: Vec<String>,
     last_saved_step: Option<u64>,
@@ -259,8 +263,39 @@ impl Run {
         dataset: Arc<Dataset>,
         options: RunOptions,
     ) -> Result<Self> {
+        Self::create_in(dir, config, spec, dataset, options, Box::new(SingleProcess))
+    }
+
+    /// [`Run::create`] as one rank of `group` (docs/distributed.md): every rank builds the same
+    /// trainer; rank 0 alone locks and writes the directory. The ranks agree before returning:
+    /// if any rank fails, every rank returns an error.
+    ///
+    /// # Errors
+    /// As [`Run::create`]; [`Error::Distributed`] if another rank failed or the ranks' weights
+    /// differ.
+    pub fn create_in(
+        dir: &Path,
+        config: TrainConfig,
+        spec: DataSpec,
+        dataset: Arc<Dataset>,
+        options: RunOptions,
+        group: Box<dyn Collective>,
+    ) -> Result<Self> {
+        let built = Self::create_parts(dir, config, spec, dataset, &options, group.rank() == 0);
+        let (lock, trainer) = agree(&*group, built)?;
+        Run::assemble(dir, lock, trainer, options, vec![], None, group)
+    }
+
+    fn create_parts(
+        dir: &Path,
+        config: TrainConfig,
+        spec: DataSpec,
+        dataset: Arc<Dataset>,
+        options: &RunOptions,
+        rank0: bool,
+    ) -> Result<(Option<DirLock>, Trainer)> {
         options.validate()?;
-        let lock = lock_dir(dir)?;
+        let lock = if rank0 { Some(lock_dir(dir)?) } else { None };
         for name in [CHECKPOINT, PREVIOUS_CHECKPOINT] {
             let path = dir.join(name);
             if path.exists() {
@@ -278,7 +313,7 @@ impl Run {
         let fingerprint = dataset.fingerprint();
         let mut trainer = Trainer::new(config, dataset)?;
         trainer.state_mut().data = Some(DataRecord { spec, fingerprint });
-        Run::assemble(dir, lock, trainer, options, vec![], None)
+        Ok((lock, trainer))
     }
 
     /// Continues the run in `dir` from its checkpoint, on the data `data` says. The directory
@@ -290,8 +325,36 @@ impl Run {
     /// [`Error::DataChanged`] if the data is not what the checkpoint was trained on (and that
     /// was not allowed); the errors of loading the recorded data.
     pub fn resume(dir: &Path, data: ResumeData, options: RunOptions) -> Result<Self> {
+        Self::resume_in(dir, data, options, Box::new(SingleProcess))
+    }
+
+    /// [`Run::resume`] as one rank of `group`: every rank reads the checkpoint (the directory
+    /// must be visible to every rank); rank 0 alone locks it and writes. A checkpoint written by
+    /// any number of ranks resumes on any other.
+    ///
+    /// # Errors
+    /// As [`Run::resume`]; [`Error::Distributed`] if another rank failed or the ranks' weights
+    /// differ.
+    pub fn resume_in(
+        dir: &Path,
+        data: ResumeData,
+        options: RunOptions,
+        group: Box<dyn Collective>,
+    ) -> Result<Self> {
+        let built = Self::resume_parts(dir, data, &options, group.rank() == 0);
+        let (lock, trainer, notices) = agree(&*group, built)?;
+        let step = trainer.step_count();
+        Run::assemble(dir, lock, trainer, options, notices, Some(step), group)
+    }
+
+    fn resume_parts(
+        dir: &Path,
+        data: ResumeData,
+        options: &RunOptions,
+        rank0: bool,
+    ) -> Result<(Option<DirLock>, Trainer, Vec<String>)> {
         options.validate()?;
-        let lock = lock_dir(dir)?;
+        let lock = if rank0 { Some(lock_dir(dir)?) } else { None };
         let ckpt = dir.join(CHECKPOINT);
         let prev = dir.join(PREVIOUS_CHECKPOINT);
         if !ckpt.is_file() {
@@ -387,25 +450,43 @@ impl Run {
             }
         };
         let trainer = Trainer::from_state(state, dataset)?;
-        let step = trainer.step_count();
-        Run::assemble(dir, lock, trainer, options, notices, Some(step))
+        Ok((lock, trainer, notices))
     }
 
     /// The run over its parts, with metrics.csv cut back to the trainer's step.
+    /// The ranks check that they hold the same weights (a hash of every parameter, Adam moment
+    /// and EMA value), and rank 0 opens metrics.csv.
     fn assemble(
         dir: &Path,
-        lock: DirLock,
+        lock: Option<DirLock>,
         trainer: Trainer,
         options: RunOptions,
         notices: Vec<String>,
         last_saved_step: Option<u64>,
+        group: Box<dyn Collective>,
     ) -> Result<Self> {
-        let metrics = Metrics::open_at(&dir.join(METRICS), trainer.step_count())?;
+        if group.size() > 1 {
+            let hashes = group.all_gather_u64(trainer.state().weights_hash())?;
+            let differ: Vec<usize> = (0..hashes.len()).filter(|&r| hashes[r] != hashes[0]).collect();
+            if !differ.is_empty() {
+                return Err(Error::Distributed(format!(
+                    "ranks {differ:?} hold other weights than rank 0 (hashes {hashes:x?}); every rank must read \
+                     the same checkpoint"
+                )));
+            }
+        }
+        let opened = match lock {
+            Some(_) => Some(Metrics::open_at(&dir.join(METRICS), trainer.step_count())),
+            None => None,
+        }
+        .transpose();
+        let metrics = agree(&*group, opened)?;
         Ok(Run {
             dir: dir.to_path_buf(),
             _lock: lock,
             trainer,
             metrics,
+            group,
             options,
             notices,
             last_saved_step,
@@ -460,15 +541,17 @@ impl Run {
             if self.options.steps.is_some_and(|n| self.trainer.step_count() >= n) {
                 break StopReason::StepsReached;
             }
-            if self.options.duration.is_some_and(|d| start.elapsed() >= d) {
-                break StopReason::TimeUp;
-            }
-            if let Some(code) = stop.requested() {
-                observer.event(&RunEvent::Stopping(code));
-                break StopReason::Requested(code);
+            let time_up = self.options.duration.is_some_and(|d| start.elapsed() >= d);
+            match self.verdict(time_up, stop.requested())? {
+                Some(StopReason::Requested(code)) => {
+                    observer.event(&RunEvent::Stopping(code));
+                    break StopReason::Requested(code);
+                }
+                Some(other) => break other,
+                None => {}
             }
             let began = Instant::now();
-            let stats = self.trainer.step().map_err(|e| self.with_checkpoint_note(e))?;
+            let stats = self.trainer.step_with(&*self.group).map_err(|e| self.with_checkpoint_note(e))?;
             if !stats.applied {
                 consecutive_bad += 1;
                 observer.event(&RunEvent::Skipped {
@@ -497,13 +580,15 @@ impl Run {
             let elapsed = start.elapsed();
             let skipped = self.trainer.state().skipped_steps;
             let every = self.options.score_every;
-            let score = match &self.scoring {
-                Some(scoring) if every > 0 && stats.step % every == 0 => {
+            let score = match (&self.scoring, &self.metrics) {
+                (Some(scoring), Some(_)) if every > 0 && stats.step % every == 0 => {
                     scoring.score(&self.trainer, stop)?
                 }
                 _ => None,
             };
-            self.metrics.record(&stats, images_per_sec, elapsed.as_secs_f64(), skipped, score.as_ref())?;
+            if let Some(m) = &mut self.metrics {
+                m.record(&stats, images_per_sec, elapsed.as_secs_f64(), skipped, score.as_ref())?;
+            }
             if let Some(score) = score {
                 self.save_score_plot()?;
                 observer.event(&RunEvent::Scored { step: stats.step, score });
@@ -519,7 +604,8 @@ impl Run {
                 self.save(observer)?;
             }
             let o = &self.options;
-            if o.sample_every > 0 && stats.step % o.sample_every == 0 && o.sample_count > 0 {
+            let rank0 = self.metrics.is_some();
+            if rank0 && o.sample_every > 0 && stats.step % o.sample_every == 0 && o.sample_count > 0 {
                 // A stop requested while the grid is drawn ends the grid at once (a batch
                 // scheduler's grace period is short) and the loop at its next check.
                 if let Some(path) = self.sample_grid(stop)? {
@@ -531,7 +617,9 @@ impl Run {
         let mut reason = reason;
         let final_samples = match reason {
             StopReason::Requested(_) => None,
-            StopReason::StepsReached | StopReason::TimeUp if self.options.sample_count > 0 => {
+            StopReason::StepsReached | StopReason::TimeUp
+                if self.options.sample_count > 0 && self.metrics.is_some() =>
+            {
                 let path = self.sample_grid(stop)?;
                 match (&path, stop.requested()) {
                     (Some(p), _) => observer.event(&RunEvent::Sampled(p.clone())),
@@ -571,9 +659,14 @@ impl Run {
                 checkpoint: String::new(),
             }));
         }
+        let Some(metrics) = &self.metrics else {
+            // Not rank 0: rank 0 writes the checkpoint of the same state.
+            self.last_saved_step = Some(step);
+            return Ok(path);
+        };
         checkpoint::save_keeping_previous(&path, &self.dir.join(PREVIOUS_CHECKPOINT), state)?;
         self.last_saved_step = Some(step);
-        let history = self.metrics.history();
+        let history = metrics.history();
         if history.len() >= 2 {
             let (steps, losses): (Vec<u64>, Vec<f64>) = history.iter().copied().unzip();
             crate::io::plot::save_loss_curve(&self.dir.join(LOSS_PLOT), &steps, &losses)?;
@@ -585,7 +678,8 @@ impl Run {
     /// Redraws `score.png`: the Fréchet distance and the percentage of samples not classified
     /// with ≥ 0.9 confidence against the step, on a log axis (both fall as the model improves).
     fn save_score_plot(&self) -> Result<()> {
-        let scores = self.metrics.scores();
+        let Some(metrics) = &self.metrics else { return Ok(()) };
+        let scores = metrics.scores();
         if scores.len() < 2 {
             return Ok(());
         }
@@ -671,6 +765,53 @@ impl Run {
         let view = images.view().into_dimensionality::<ndarray::Ix4>().expect("samples are [N, C, H, W]");
         crate::io::png::save_grid(&path, view, cols)?;
         Ok(Some(path))
+    }
+}
+
+impl Run {
+    /// Whether to stop before the next step, decided the same on every rank: rank 0's clock
+    /// rules on the time budget, and a stop request seen by any rank stops them all (the
+    /// lowest-ranked request's signal is reported). One process decides alone.
+    fn verdict(&self, time_up: bool, requested: Option<usize>) -> Result<Option<StopReason>> {
+        if self.group.size() == 1 {
+            return Ok(match (time_up, requested) {
+                (true, _) => Some(StopReason::TimeUp),
+                (false, Some(code)) => Some(StopReason::Requested(code)),
+                (false, None) => None,
+            });
+        }
+        // Bit 40: rank 0's budget is spent; bits 0..32: the signal + 1 (0: none).
+        let mine = (u64::from(time_up) << 40) | requested.map_or(0, |c| (c as u64 & 0xffff_ffff) + 1);
+        let all = self.group.all_gather_u64(mine)?;
+        if all[0] >> 40 & 1 == 1 {
+            return Ok(Some(StopReason::TimeUp));
+        }
+        Ok(all
+            .iter()
+            .map(|v| v & 0xffff_ffff)
+            .find(|&c| c > 0)
+            .map(|c| StopReason::Requested((c - 1) as usize)))
+    }
+
+    /// This process's rank in the run's group (0 alone writes files).
+    pub fn rank(&self) -> usize {
+        self.group.rank()
+    }
+}
+
+/// Every rank's `result`, agreed: if any rank failed, every rank returns an error (its own, or
+/// one naming the first rank that failed).
+fn agree<T>(group: &dyn Collective, result: Result<T>) -> Result<T> {
+    if group.size() == 1 {
+        return result;
+    }
+    let failed = group.all_gather_u64(u64::from(result.is_err()))?;
+    match (result, failed.iter().position(|&f| f == 1)) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(rank)) => {
+            Err(Error::Distributed(format!("rank {rank} could not start the run (its message says why)")))
+        }
+        (Ok(v), None) => Ok(v),
     }
 }
 

@@ -1,0 +1,233 @@
+//! Data parallelism's one abstraction, [`Collective`]: a group of P processes (ranks) that can
+//! sum vectors in a fixed order and gather values, and three groups: [`SingleProcess`] (P = 1,
+//! what every command uses by default), [`LocalGroup`] (P threads of one process, for tests and
+//! for checking the maths without MPI) and, with the `mpi` feature, [`mpi::MpiWorld`] (the
+//! ranks of `mpirun` / `srun`). docs/distributed.md gives the design.
+//!
+//! This floor sits below [`crate::train`], which takes any `Collective`; nothing here knows
+//! about networks.
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+use std::ops::Range;
+use std::sync::{Arc, Barrier, Mutex};
+
+use crate::{Error, Result};
+
+/// A group of ranks acting together. Every method is collective: every rank calls it, in the
+/// same order, with vectors of the same length (where one is given).
+pub trait Collective {
+    /// This process's rank, 0 ≤ rank < size.
+    fn rank(&self) -> usize;
+
+    /// The number of ranks P.
+    fn size(&self) -> usize;
+
+    /// Replaces `values` on every rank with the element-wise sum of every rank's `values`, added
+    /// in rank order 0, 1, …, P−1 in f64 and rounded once to f32 ([`sum_in_rank_order`]): the
+    /// same bits on every rank, whatever the MPI library's reduction algorithm.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] if the communication fails.
+    fn sum_in_rank_order(&self, values: &mut [f32]) -> Result<()>;
+
+    /// Every rank's `values`, concatenated in rank order, on every rank. The ranks may give
+    /// different lengths.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] if the communication fails.
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<f64>>;
+
+    /// Every rank's `value`, in rank order, on every rank.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] if the communication fails.
+    fn all_gather_u64(&self, value: u64) -> Result<Vec<u64>> {
+        // Exact: u64 → f64 is lossless below 2^53, and the values gathered here (hashes cut to
+        // 52 bits, flags, counts) stay below it.
+        let v = self.all_gather_f64(&[(value & ((1 << 52) - 1)) as f64])?;
+        Ok(v.into_iter().map(|x| x as u64).collect())
+    }
+}
+
+/// The element-wise sum of `pieces` (one per rank, in rank order) added in that order in f64 and
+/// rounded once to f32, into `out`.
+///
+/// # Panics
+/// If a piece's length differs from `out`'s.
+pub fn sum_in_rank_order(pieces: &[&[f32]], out: &mut [f32]) {
+    for p in pieces {
+        assert_eq!(p.len(), out.len(), "sum_in_rank_order: a piece of {} for {} values", p.len(), out.len());
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = 0.0f64;
+        for p in pieces {
+            acc += f64::from(p[i]);
+        }
+        *o = acc as f32;
+    }
+}
+
+/// The examples of a batch of `batch` that rank `rank` of `size` computes:
+/// [⌊rank·batch/size⌋, ⌊(rank+1)·batch/size⌋). The slices tile the batch; a rank's slice is
+/// empty when there are more ranks than examples.
+pub fn batch_slice(batch: usize, rank: usize, size: usize) -> Range<usize> {
+    let at = |r: usize| (r as u128 * batch as u128 / size.max(1) as u128) as usize;
+    at(rank)..at(rank + 1)
+}
+
+/// The chunk of a vector of `len` values that rank `rank` of `size` reduces (the same cut as
+/// [`batch_slice`]).
+pub fn chunk_of(len: usize, rank: usize, size: usize) -> Range<usize> {
+    batch_slice(len, rank, size)
+}
+
+/// One process alone: sums and gathers are the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn size(&self) -> usize {
+        1
+    }
+
+    fn sum_in_rank_order(&self, _values: &mut [f32]) -> Result<()> {
+        // One f32 added to 0 in f64 and rounded back is itself.
+        Ok(())
+    }
+
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
+        Ok(values.to_vec())
+    }
+}
+
+/// What the threads of a [`LocalGroup`] exchange: each rank's deposit, by rank.
+#[derive(Debug)]
+struct Exchange {
+    f32s: Vec<Vec<f32>>,
+    f64s: Vec<Vec<f64>>,
+}
+
+/// P ranks as P threads of one process (each holding one `LocalGroup`, made by
+/// [`LocalGroup::new`]): the same collective semantics as MPI, for tests and for checking a
+/// data-parallel computation against one process without an MPI library.
+#[derive(Clone, Debug)]
+pub struct LocalGroup {
+    rank: usize,
+    size: usize,
+    shared: Arc<(Mutex<Exchange>, Barrier)>,
+}
+
+impl LocalGroup {
+    /// The `size` members of a new group, rank 0 first; give one to each thread.
+    ///
+    /// # Panics
+    /// If `size` is 0.
+    pub fn new(size: usize) -> Vec<LocalGroup> {
+        assert!(size > 0, "LocalGroup: a group needs at least one rank");
+        let shared = Arc::new((
+            Mutex::new(Exchange { f32s: vec![vec![]; size], f64s: vec![vec![]; size] }),
+            Barrier::new(size),
+        ));
+        (0..size).map(|rank| LocalGroup { rank, size, shared: shared.clone() }).collect()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Exchange>> {
+        self.shared.0.lock().map_err(|_| Error::Distributed("a rank of the local group panicked".into()))
+    }
+}
+
+impl Collective for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn sum_in_rank_order(&self, values: &mut [f32]) -> Result<()> {
+        self.lock()?.f32s[self.rank] = values.to_vec();
+        self.shared.1.wait();
+        {
+            let ex = self.lock()?;
+            let pieces: Vec<&[f32]> = ex.f32s.iter().map(Vec::as_slice).collect();
+            if pieces.iter().any(|p| p.len() != values.len()) {
+                return Err(Error::Distributed("the ranks summed vectors of different lengths".into()));
+            }
+            sum_in_rank_order(&pieces, values);
+        }
+        // Nobody deposits the next vector before everyone has read this one.
+        self.shared.1.wait();
+        Ok(())
+    }
+
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
+        self.lock()?.f64s[self.rank] = values.to_vec();
+        self.shared.1.wait();
+        let all = self.lock()?.f64s.concat();
+        self.shared.1.wait();
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_tile_the_batch_for_any_number_of_ranks() {
+        for batch in [0, 1, 5, 64, 65_536] {
+            for size in 1..=9 {
+                let mut next = 0;
+                for rank in 0..size {
+                    let s = batch_slice(batch, rank, size);
+                    assert_eq!(s.start, next);
+                    assert!(s.len() <= batch.div_ceil(size));
+                    next = s.end;
+                }
+                assert_eq!(next, batch);
+            }
+        }
+    }
+
+    #[test]
+    fn the_rank_order_sum_is_exactly_an_f64_sum_rounded_once() {
+        // 1 + 2^-30 − 1 in f32 steps is 0 or 2^-30 depending on order; in f64 it is 2^-30.
+        let (a, b, c) = ([1.0f32], [2f32.powi(-30)], [-1.0f32]);
+        let mut out = [0.0f32];
+        sum_in_rank_order(&[&a, &b, &c], &mut out);
+        assert_eq!(out[0], 2f32.powi(-30));
+    }
+
+    #[test]
+    fn a_local_group_sums_and_gathers_like_one_process() {
+        let group = LocalGroup::new(3);
+        let results: Vec<(Vec<f32>, Vec<f64>, Vec<u64>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .map(|g| {
+                    s.spawn(move || {
+                        let r = g.rank();
+                        let mut v = vec![r as f32, 1.0, 0.5 * r as f32];
+                        g.sum_in_rank_order(&mut v).unwrap();
+                        let gathered = g.all_gather_f64(&vec![r as f64; r]).unwrap();
+                        let ids = g.all_gather_u64(10 + r as u64).unwrap();
+                        (v, gathered, ids)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (v, gathered, ids) in &results {
+            assert_eq!(v, &vec![3.0, 3.0, 1.5]);
+            assert_eq!(gathered, &vec![1.0, 2.0, 2.0]);
+            assert_eq!(ids, &vec![10, 11, 12]);
+        }
+    }
+}
