@@ -14,6 +14,8 @@ fn config() -> TrainConfig {
     let mut unet = Preset::Tiny.config(1, 8);
     // Dropout on: its masks must not depend on the slice a rank holds.
     unet.dropout = 0.1;
+    // Two channels per norm group (tests/mpi.rs says why).
+    unet.gn_groups = 16;
     TrainConfig {
         unet,
         diffusion: DiffusionConfig { timesteps: 50, ..DiffusionConfig::default() },

@@ -157,6 +157,9 @@ pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
 
 /// A progress bar with position, rate and ETA, drawn on stderr (hidden when not a terminal).
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    if quiet_rank() {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::new(len);
     bar.set_style(
         ProgressStyle::with_template(&format!(
@@ -240,4 +243,58 @@ pub fn load_model(path: &Path, no_ema: bool) -> anyhow::Result<Model> {
         diffusion: ck.config.diffusion,
         clip_x0,
     })
+}
+
+/// The rank of this process in a distributed run and the run's size, once known (0 and 1 until
+/// then, and in every single-process command).
+static RANK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SIZE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// True on the ranks other than 0 of a distributed run: they print no status (rank 0 speaks for
+/// the job), only their errors.
+pub fn quiet_rank() -> bool {
+    RANK.load(std::sync::atomic::Ordering::Relaxed) != 0
+}
+
+/// `"rank R of P: "` in a distributed run, else empty.
+pub fn rank_prefix() -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    match SIZE.load(Relaxed) {
+        1 => String::new(),
+        p => format!("rank {} of {p}: ", RANK.load(Relaxed)),
+    }
+}
+
+/// Whether an MPI launcher (MPICH's Hydra, Open MPI's mpirun, PMIx, Slurm's srun) started this
+/// process as one rank of a job, and the job's size if the launcher says it (0 if not).
+fn launched_size() -> Option<usize> {
+    let var = |names: &[&str]| names.iter().find_map(|v| std::env::var(v).ok());
+    var(&["PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"])?;
+    let size = var(&["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"]);
+    Some(size.and_then(|s| s.trim().parse().ok()).unwrap_or(0))
+}
+
+/// The group this command runs in: the ranks of the MPI job when the binary has the `mpi`
+/// feature and was started by a launcher, else this process alone. A launch of several ranks
+/// of a binary without the feature is refused (each would run the whole job on its own).
+pub fn process_group() -> anyhow::Result<Box<dyn ddpm::distributed::Collective>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let launched = launched_size();
+    #[cfg(feature = "mpi")]
+    if launched.is_some() {
+        let world = ddpm::distributed::mpi::MpiWorld::init().context("starting MPI")?;
+        use ddpm::distributed::Collective as _;
+        RANK.store(world.rank(), Relaxed);
+        SIZE.store(world.size(), Relaxed);
+        return Ok(Box::new(world));
+    }
+    if let Some(p) = launched.filter(|&p| p != 1) {
+        let p = if p == 0 { "several".to_string() } else { p.to_string() };
+        bail!(
+            "started as one of {p} MPI ranks, but this ddpm was built without MPI: build it with \
+             `cargo build --release --features mpi` (docs/distributed.md)"
+        );
+    }
+    let _ = Relaxed;
+    Ok(Box::new(ddpm::distributed::SingleProcess))
 }

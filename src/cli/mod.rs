@@ -5,7 +5,9 @@
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        if !crate::cli::common::quiet_rank() {
+            let _ = writeln!(std::io::stderr(), $($arg)*);
+        }
     }};
 }
 
@@ -124,7 +126,9 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            say!("error: {}", one_line(&e));
+            // Every rank of a distributed run says why it failed, naming itself.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "{}error: {}", common::rank_prefix(), one_line(&e));
             match e.chain().find_map(|c| c.downcast_ref::<ddpm::Error>()) {
                 Some(ddpm::Error::Diverged { .. }) => ExitCode::from(EXIT_DIVERGED),
                 Some(ddpm::Error::Locked { .. }) => ExitCode::from(EXIT_LOCKED),

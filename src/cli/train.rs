@@ -22,7 +22,7 @@ use ddpm::train::{DecayShape, DiffusionConfig, LrDecay, OptimConfig, StepStats, 
 use indicatif::ProgressBar;
 
 use super::common::{
-    count, load_data, parse_list, parse_minutes, progress_bar, report_gpu_use, select_device, set_threads,
+    count, load_data, parse_list, parse_minutes, process_group, progress_bar, report_gpu_use, select_device, set_threads,
     DeviceArgs, SizeList,
 };
 
@@ -646,7 +646,7 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
                 allow_different: args.allow_different_data,
             },
         };
-        let run = Run::resume(&args.out, data, options)
+        let run = Run::resume_in(&args.out, data, options, process_group()?)
             .with_context(|| format!("cannot resume the run in {}", args.out.display()))?;
         let changed = changed_recipe(args, given, run.trainer().config());
         if !changed.is_empty() {
@@ -673,7 +673,7 @@ pub fn train(args: &TrainArgs, given: &[String], stop: &StopFlag) -> anyhow::Res
                 bail!("{}: --class-cond needs class labels and none were loaded", data.source().display())
             }
         };
-        Run::create(&args.out, args.config(c, h, classes), spec, Arc::new(data), options)
+        Run::create_in(&args.out, args.config(c, h, classes), spec, Arc::new(data), options, process_group()?)
             .with_context(|| format!("cannot start training in {}", args.out.display()))?
     };
     if args.score_every > 0 {
