@@ -14,8 +14,29 @@ const BIN: &str = env!("CARGO_BIN_EXE_ddpm");
 /// to lr·|g|/ε, and that noise depends on the order of the sums (docs/distributed.md measures
 /// both).
 const RECIPE: &[&str] = &[
-    "train", "--preset", "tiny", "--ch", "8", "--gn-groups", "4", "--dropout", "0.1", "--batch", "6", "--timesteps", "20", "--warmup",
-    "2", "--lr", "1e-3", "--checkpoint-every", "2", "--sample-count", "0", "--threads", "1",
+    "train",
+    "--preset",
+    "tiny",
+    "--ch",
+    "8",
+    "--gn-groups",
+    "4",
+    "--dropout",
+    "0.1",
+    "--batch",
+    "6",
+    "--timesteps",
+    "20",
+    "--warmup",
+    "2",
+    "--lr",
+    "1e-3",
+    "--checkpoint-every",
+    "2",
+    "--sample-count",
+    "0",
+    "--threads",
+    "1",
 ];
 
 fn mpirun_flags() -> Vec<&'static str> {
@@ -125,4 +146,75 @@ fn a_killed_rank_stops_the_job_and_leaves_the_checkpoint_intact() {
     assert!(said.contains("signal 9") || said.contains("Killed") || said.contains("KILLED"), "{said}");
     // The last checkpoint loads.
     ddpm::io::checkpoint::load(&ckpt).expect("the last checkpoint is intact");
+}
+
+#[test]
+fn distributed_eval_and_sample_equal_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    train(0, &run, 2, false);
+    let r = run.to_str().unwrap();
+    let launch = |ranks: usize, args: &[&str]| -> Output {
+        let o = if ranks == 1 {
+            Command::new(BIN).args(args).output()
+        } else {
+            Command::new("mpirun")
+                .args(mpirun_flags())
+                .args(["-n", &ranks.to_string(), BIN])
+                .args(args)
+                .output()
+        }
+        .expect("runs");
+        assert!(o.status.success(), "{ranks} ranks: {}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    // eval: the same report, to the last digit, on 1, 2 and 3 ranks (batches of 3 over 10 images).
+    let eval = ["eval", "--checkpoint", r, "--limit", "10", "--batch", "3", "--json", "--threads", "1"];
+    let one = launch(1, &eval).stdout;
+    for p in [2, 3] {
+        assert_eq!(
+            String::from_utf8_lossy(&launch(p, &eval).stdout),
+            String::from_utf8_lossy(&one),
+            "P = {p}"
+        );
+    }
+    // sample: the same files, byte for byte.
+    let out = |p: usize| dir.path().join(format!("s{p}"));
+    for p in [1, 3] {
+        let o = out(p);
+        launch(
+            p,
+            &[
+                "sample",
+                "--checkpoint",
+                r,
+                "--num",
+                "7",
+                "--batch",
+                "2",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "5",
+                "--out",
+                o.to_str().unwrap(),
+                "--threads",
+                "1",
+            ],
+        );
+    }
+    let names = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&out(1)), names(&out(3)));
+    assert_eq!(names(&out(1)).len(), 8, "7 images and the grid");
+    for name in names(&out(1)) {
+        assert_eq!(
+            std::fs::read(out(1).join(&name)).unwrap(),
+            std::fs::read(out(3).join(&name)).unwrap(),
+            "{name:?}"
+        );
+    }
 }

@@ -140,7 +140,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         threads: args.threads,
         device: DeviceArgs { device: DeviceArg::Cpu },
     };
-    let grid = sample_to_dir(&sample_args).context("demo sampling")?;
+    let grid = sample_to_dir(&sample_args, false)
+        .context("demo sampling")?
+        .expect("a single process writes the samples");
     let report = score_mnist_folder(&sample_args.out).context("scoring the demo's samples")?;
     let json = serde_json::to_string_pretty(&report.to_json())?;
     let score_path = sample_args.out.join("score.json");

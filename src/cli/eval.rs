@@ -11,7 +11,9 @@ use ddpm::nn::UNet;
 use ddpm::Var;
 use serde::Serialize;
 
-use super::common::{load_data, progress_bar, resolve_checkpoint, set_threads};
+use ddpm::distributed::{gather_pieces, my_pieces};
+
+use super::common::{load_data, process_group, progress_bar, resolve_checkpoint, set_threads};
 
 /// `ddpm eval` arguments.
 #[derive(Args, Debug, Clone)]
@@ -114,12 +116,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let params = &if args.no_ema { ck.params.clone() } else { ck.ema_params() };
     let bound = params.bind_constant();
     let big_t = schedule.num_timesteps();
-    let bar = progress_bar((n * big_t) as u64, "eval (image-steps)");
-    let mut rng = ddpm::rng_from_seed(args.seed);
-    let (mut prior, mut kl, mut dec, mut total) = (0.0, 0.0, 0.0, 0.0);
-    let mut start = 0;
-    while start < n {
-        let idx: Vec<usize> = (start..(start + args.batch).min(n)).collect();
+    // Batches are dealt to the ranks of a distributed run round-robin; batch k draws its noise
+    // from stream k of the seed, so the figures do not depend on how many ranks share the work.
+    let group = process_group()?;
+    let batches = n.div_ceil(args.batch);
+    let mine: Vec<usize> = my_pieces(batches, group.rank(), group.size()).collect();
+    let batch_len = |k: usize| args.batch.min(n - k * args.batch);
+    let bar = progress_bar(
+        (mine.iter().map(|&k| batch_len(k)).sum::<usize>() * big_t) as u64,
+        "eval (image-steps)",
+    );
+    let mut pieces = Vec::with_capacity(mine.len());
+    for &k in &mine {
+        let idx: Vec<usize> = (k * args.batch..k * args.batch + batch_len(k)).collect();
         let x0 = data.to_tensor(&idx).mapv(|v| v as f64);
         let labels = data.labels_at(&idx).filter(|_| classes.is_some());
         let b = idx.len();
@@ -130,14 +139,28 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             bar.inc(b as u64);
             y.value().mapv(|v| v as f64)
         };
+        let mut rng = ddpm::rng_from_seed(args.seed);
+        rng.set_stream(k as u64);
         let r = calc_bpd_loop(&schedule, &param, &x0, true, model, &mut rng);
-        prior += r.prior_bpd.sum();
-        kl += r.kl_sum_bpd.sum();
-        dec += r.decoder_bpd.sum();
-        total += r.total_bpd.sum();
-        start += b;
+        let piece: Vec<f64> = [&r.prior_bpd, &r.kl_sum_bpd, &r.decoder_bpd, &r.total_bpd]
+            .iter()
+            .flat_map(|a| a.iter().copied())
+            .collect();
+        pieces.push((k, piece));
     }
     bar.finish_and_clear();
+    // Every image's terms, summed in image order whatever the number of ranks.
+    let (mut prior, mut kl, mut dec, mut total) = (0.0, 0.0, 0.0, 0.0);
+    for piece in gather_pieces(&*group, &pieces, batches)? {
+        let b = piece.len() / 4;
+        prior += piece[..b].iter().sum::<f64>();
+        kl += piece[b..2 * b].iter().sum::<f64>();
+        dec += piece[2 * b..3 * b].iter().sum::<f64>();
+        total += piece[3 * b..].iter().sum::<f64>();
+    }
+    if group.rank() != 0 {
+        return Ok(());
+    }
     let k = n as f64;
     let report = Report {
         checkpoint: path.display().to_string(),

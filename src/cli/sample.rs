@@ -11,8 +11,11 @@ use ddpm::sample::{sample, SampleConfig, Samples};
 use ddpm::Tensor;
 use ndarray::{Axis, Ix4};
 
+use ddpm::distributed::{gather_pieces, my_pieces};
+
 use super::common::{
-    count, progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads, DeviceArgs,
+    count, process_group, progress_bar, report_gpu_use, resolve_checkpoint, select_device, set_threads,
+    DeviceArgs,
 };
 use super::sampling::SamplerArgs;
 
@@ -66,14 +69,18 @@ pub struct SampleArgs {
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     set_threads(args.threads)?;
     select_device(args.device)?;
-    let written = sample_to_dir(&args)?;
+    let written = sample_to_dir(&args, true)?;
     report_gpu_use();
-    say!("wrote {}", written.display());
+    if let Some(w) = written {
+        say!("wrote {}", w.display());
+    }
     Ok(())
 }
 
-/// Samples per `args` and writes the files; returns the grid's path.
-pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
+/// Samples per `args` and writes the files; returns the grid's path (`None` on the ranks other
+/// than 0 of a distributed run, which write nothing). With `distributed`, the ranks of an MPI
+/// launch share the batches.
+pub fn sample_to_dir(args: &SampleArgs, distributed: bool) -> anyhow::Result<Option<PathBuf>> {
     let path = resolve_checkpoint(&args.checkpoint)?;
     let ck = checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let net = UNet::new(ck.config.unet.clone())?;
@@ -97,9 +104,13 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
         );
     }
     let chunks = args.num.div_ceil(args.batch);
-    let bar = progress_bar((evals * chunks) as u64, "sample (evaluations)");
-    let mut parts = Vec::with_capacity(chunks);
-    for chunk in 0..chunks {
+    // Batches are dealt to the ranks of a distributed run round-robin; batch k is drawn from
+    // stream k of the seed, so the images do not depend on how many ranks share the work.
+    let group = if distributed { process_group()? } else { Box::new(ddpm::distributed::SingleProcess) };
+    let mine: Vec<usize> = my_pieces(chunks, group.rank(), group.size()).collect();
+    let bar = progress_bar((evals * mine.len()) as u64, "sample (evaluations)");
+    let mut parts = Vec::with_capacity(mine.len());
+    for (done_chunks, &chunk) in mine.iter().enumerate() {
         let n = args.batch.min(args.num - chunk * args.batch);
         let mut rng = ddpm::rng_from_seed(args.seed);
         rng.set_stream(chunk as u64);
@@ -109,14 +120,36 @@ pub fn sample_to_dir(args: &SampleArgs) -> anyhow::Result<PathBuf> {
             ..cfg.clone()
         };
         let s = sample(&net, params, &schedule, &param, n, &cfg, &mut rng, |done, _| {
-            bar.set_position((chunk * evals + done) as u64)
+            bar.set_position((done_chunks * evals + done) as u64)
         })
         .context("sampling")?;
-        parts.push(s);
+        parts.push((chunk, s));
     }
     bar.finish_and_clear();
-    let s = join_batches(parts);
-    write_samples(&s, &args.out, !args.grid_only)
+    if group.size() > 1 {
+        // Rank 0 gathers every batch's images and writes them all.
+        let pieces: Vec<(usize, Vec<f64>)> =
+            parts.iter().map(|(k, s)| (*k, s.images.iter().map(|&v| f64::from(v)).collect())).collect();
+        let all = gather_pieces(&*group, &pieces, chunks)?;
+        if group.rank() != 0 {
+            return Ok(None);
+        }
+        let [_, c, h, w] = [0, net.config.in_channels, net.config.resolution, net.config.resolution];
+        let trajectory =
+            parts.into_iter().find(|(k, _)| *k == 0).map(|(_, s)| s.trajectory).unwrap_or_default();
+        let mut joined = Vec::with_capacity(chunks);
+        for (k, piece) in all.into_iter().enumerate() {
+            let n = args.batch.min(args.num - k * args.batch);
+            let images =
+                Tensor::from_shape_vec(vec![n, c, h, w], piece.into_iter().map(|v| v as f32).collect())
+                    .map_err(|_| anyhow::anyhow!("rank data for batch {k} has the wrong size"))?;
+            joined.push(Samples { images, trajectory: vec![] });
+        }
+        joined[0].trajectory = trajectory;
+        return write_samples(&join_batches(joined), &args.out, !args.grid_only).map(Some);
+    }
+    let s = join_batches(parts.into_iter().map(|(_, s)| s).collect());
+    write_samples(&s, &args.out, !args.grid_only).map(Some)
 }
 
 /// The batches' images in order, with the first batch's trajectory.

@@ -22,8 +22,8 @@ use ddpm::train::{DecayShape, DiffusionConfig, LrDecay, OptimConfig, StepStats, 
 use indicatif::ProgressBar;
 
 use super::common::{
-    count, load_data, parse_list, parse_minutes, process_group, progress_bar, report_gpu_use, select_device, set_threads,
-    DeviceArgs, SizeList,
+    count, load_data, parse_list, parse_minutes, process_group, progress_bar, report_gpu_use, select_device,
+    set_threads, DeviceArgs, SizeList,
 };
 
 /// Network presets.

@@ -83,6 +83,50 @@ pub fn chunk_of(len: usize, rank: usize, size: usize) -> Range<usize> {
     batch_slice(len, rank, size)
 }
 
+/// Every rank's numbered pieces, gathered on every rank and returned in the order of their
+/// numbers, which together must be 0..count, each given by exactly one rank. How `eval` and
+/// `sample` put back together the batches their ranks computed.
+///
+/// # Errors
+/// [`Error::Distributed`] if a number is missing, repeated or out of range, or the
+/// communication fails.
+pub fn gather_pieces(
+    group: &dyn Collective,
+    mine: &[(usize, Vec<f64>)],
+    count: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let mut flat = Vec::with_capacity(mine.iter().map(|(_, v)| v.len() + 2).sum());
+    for (k, v) in mine {
+        flat.push(*k as f64);
+        flat.push(v.len() as f64);
+        flat.extend_from_slice(v);
+    }
+    let all = if group.size() == 1 { flat } else { group.all_gather_f64(&flat)? };
+    let mut out: Vec<Option<Vec<f64>>> = vec![None; count];
+    let mut at = 0;
+    while at < all.len() {
+        let bad = || Error::Distributed("the ranks' pieces do not fit together".into());
+        let (k, len) = (all[at] as usize, *all.get(at + 1).ok_or_else(bad)? as usize);
+        let piece = all.get(at + 2..at + 2 + len).ok_or_else(bad)?;
+        match out.get_mut(k) {
+            Some(slot @ None) => *slot = Some(piece.to_vec()),
+            _ => {
+                return Err(Error::Distributed(format!("piece {k} of {count} came twice or is out of range")))
+            }
+        }
+        at += 2 + len;
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(k, p)| p.ok_or_else(|| Error::Distributed(format!("no rank computed piece {k} of {count}"))))
+        .collect()
+}
+
+/// The pieces 0..count that rank `rank` of `size` computes: k with k mod size = rank.
+pub fn my_pieces(count: usize, rank: usize, size: usize) -> impl Iterator<Item = usize> {
+    (rank..count).step_by(size.max(1))
+}
+
 /// One process alone: sums and gathers are the identity.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SingleProcess;
@@ -203,6 +247,33 @@ mod tests {
         let mut out = [0.0f32];
         sum_in_rank_order(&[&a, &b, &c], &mut out);
         assert_eq!(out[0], 2f32.powi(-30));
+    }
+
+    #[test]
+    fn pieces_come_back_in_order_from_any_number_of_ranks() {
+        for size in [1, 2, 3, 5] {
+            let results: Vec<Vec<Vec<f64>>> = std::thread::scope(|s| {
+                let hs: Vec<_> = LocalGroup::new(size)
+                    .into_iter()
+                    .map(|g| {
+                        s.spawn(move || {
+                            let mine: Vec<(usize, Vec<f64>)> = my_pieces(7, g.rank(), g.size())
+                                .map(|k| (k, vec![k as f64; k % 3]))
+                                .collect();
+                            gather_pieces(&g, &mine, 7).unwrap()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in results {
+                assert_eq!(r, (0..7).map(|k| vec![k as f64; k % 3]).collect::<Vec<_>>());
+            }
+        }
+        // A missing or repeated piece is an error, not a panic.
+        assert!(gather_pieces(&SingleProcess, &[(0, vec![]), (0, vec![])], 2).is_err());
+        assert!(gather_pieces(&SingleProcess, &[(1, vec![1.0])], 2).is_err());
+        assert!(gather_pieces(&SingleProcess, &[(5, vec![1.0])], 2).is_err());
     }
 
     #[test]
