@@ -31,6 +31,7 @@ pub fn fixture_checkpoint() -> (TrainConfig, ParamStore) {
         batch_size: 16,
         random_flip: false,
         seed: 0,
+        draws: ddpm::config::Draws::Keyed,
     };
     let template =
         UNet::new(config.unet.clone()).expect("valid config").init_params(&mut ddpm::rng_from_seed(0));

@@ -281,6 +281,7 @@ fn checkpoint_file() -> Vec<u8> {
         batch_size: 2,
         random_flip: false,
         seed: 3,
+        draws: ddpm::train::Draws::Keyed,
     };
     let net = ddpm::nn::UNet::new(config.unet.clone()).expect("valid");
     let params = net.init_params(&mut ddpm::rng_from_seed(1));

@@ -63,11 +63,11 @@ fn score_every_writes_the_score_that_ddpm_score_gives_the_same_images() {
     assert!(stderr(&r).contains("step 2: FD") && stderr(&r).contains("step 4: FD"), "{}", stderr(&r));
     let rows = metrics(&out);
     let header = &rows[0];
-    assert_eq!(header.len(), 13);
+    assert_eq!(header.len(), 14);
     let col = |name: &str| header.iter().position(|h| h == name).expect("column");
     let (fd, conf) = (col("fd"), col("frac_conf90"));
     for row in &rows[1..] {
-        assert_eq!(row.len(), 13, "{row:?}");
+        assert_eq!(row.len(), 14, "{row:?}");
         let scored = row[0] == "2" || row[0] == "4";
         assert_eq!(!row[fd].is_empty(), scored, "{row:?}");
         if scored {

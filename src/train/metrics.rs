@@ -2,9 +2,11 @@
 //! back to a checkpoint's step when the run resumes (a run killed after its last checkpoint
 //! wrote rows that the resumed run writes again, identically).
 //!
-//! Columns: `step,loss,grad_norm,lr,images_per_sec,elapsed_s,skipped_steps`, where
+//! Columns: `step,loss,grad_norm,lr,images_per_sec,elapsed_s,skipped_steps,comm_s`, where
 //! `skipped_steps` counts the steps skipped so far for a non-finite loss or gradient (their rows
-//! are not written: a NaN has no place on a loss curve); then the sample score of
+//! are not written: a NaN has no place on a loss curve) and `comm_s` is the step's time spent
+//! exchanging losses and gradients with the other ranks of a distributed run (docs/distributed.md;
+//! 0 in one process); then the sample score of
 //! `--score-every` ([`crate::score`]), `fd,kid,precision,recall,class_entropy,frac_conf90`,
 //! filled on the steps that were scored and empty on the others.
 
@@ -17,7 +19,7 @@ use crate::{Error, Result};
 
 /// The header line.
 pub const HEADER: &str =
-    "step,loss,grad_norm,lr,images_per_sec,elapsed_s,skipped_steps,fd,kid,precision,recall,class_entropy,frac_conf90";
+    "step,loss,grad_norm,lr,images_per_sec,elapsed_s,skipped_steps,comm_s,fd,kid,precision,recall,class_entropy,frac_conf90";
 
 /// The score columns of a scored step's row.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -90,7 +92,7 @@ fn rows_up_to(path: &Path, step: u64) -> Kept {
         if s > last && s <= step && l.is_finite() {
             last = s;
             let fields: Vec<&str> = text.split(',').collect();
-            if let Some(score) = fields.get(7..13).and_then(ScoreColumns::parse) {
+            if let Some(score) = fields.get(8..14).and_then(ScoreColumns::parse) {
                 scores.push((s, score));
             }
             kept.push(text.to_string());
@@ -148,8 +150,15 @@ impl Metrics {
         };
         writeln!(
             self.file,
-            "{},{:.6},{:.6},{:.6e},{:.2},{:.1},{},{score_text}",
-            stats.step, stats.loss, stats.grad_norm, stats.lr, images_per_sec, elapsed_s, skipped
+            "{},{:.6},{:.6},{:.6e},{:.2},{:.1},{},{:.6},{score_text}",
+            stats.step,
+            stats.loss,
+            stats.grad_norm,
+            stats.lr,
+            images_per_sec,
+            elapsed_s,
+            skipped,
+            stats.comm_s
         )
         .map_err(|e| Error::io(&self.path, e))?;
         self.history.push((stats.step, stats.loss));
@@ -180,7 +189,7 @@ mod tests {
     use super::*;
 
     fn stats(step: u64, loss: f64) -> StepStats {
-        StepStats { step, loss, grad_norm: 1.0, lr: 1e-3, applied: true }
+        StepStats { step, loss, grad_norm: 1.0, lr: 1e-3, applied: true, comm_s: 0.0 }
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct StepStats {
     /// False when the loss or the gradient norm was not finite: the weights, moments and EMA
     /// were left untouched (the batch, timesteps and noise were still consumed).
     pub applied: bool,
+    /// Seconds spent exchanging losses and gradients with the other ranks (0 in one process).
+    pub comm_s: f64,
 }
 
 /// A training run in memory: its [`TrainState`] plus what is derived from it (the network, the
@@ -260,7 +262,9 @@ impl Trainer {
             .chain(item_losses.iter().copied())
             .chain(t.iter().map(|&t| t as f64))
             .collect();
+        let comm_start = std::time::Instant::now();
         let gathered = gather_examples(group, &mine, local)?;
+        let mut comm_s = if group.size() > 1 { comm_start.elapsed().as_secs_f64() } else { 0.0 };
         let loss_value = match group.size() {
             // One process: the loss as the tape computed it (the sum in f32 of the batch).
             1 => loss.as_ref().map_or(0.0, |l| f64::from(l.value()[[]])),
@@ -276,6 +280,7 @@ impl Trainer {
                 grad_norm: f64::NAN,
                 lr,
                 applied: false,
+                comm_s,
             });
         }
         let mut grads = match &loss {
@@ -284,12 +289,21 @@ impl Trainer {
         };
         drop(p);
         if group.size() > 1 {
+            let t0 = std::time::Instant::now();
             sum_gradients(group, &mut grads)?;
+            comm_s += t0.elapsed().as_secs_f64();
         }
         let grad_norm = clip_grad_norm(&mut grads, o.grad_clip.unwrap_or(f64::INFINITY));
         if !grad_norm.is_finite() {
             s.skipped_steps += 1;
-            return Ok(StepStats { step: s.step + 1, loss: loss_value, grad_norm, lr, applied: false });
+            return Ok(StepStats {
+                step: s.step + 1,
+                loss: loss_value,
+                grad_norm,
+                lr,
+                applied: false,
+                comm_s,
+            });
         }
         if let Some(imp) = &mut s.importance {
             if gathered.raw.iter().all(|l| l.is_finite()) {
@@ -308,7 +322,7 @@ impl Trainer {
                 checkpoint: String::new(),
             });
         }
-        Ok(StepStats { step: s.step, loss: loss_value, grad_norm, lr, applied: true })
+        Ok(StepStats { step: s.step, loss: loss_value, grad_norm, lr, applied: true, comm_s })
     }
 
     /// The sequential draws of a whole batch of `n`: timesteps, then noise, from the run's one

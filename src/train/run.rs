@@ -475,11 +475,8 @@ impl Run {
                 )));
             }
         }
-        let opened = match lock {
-            Some(_) => Some(Metrics::open_at(&dir.join(METRICS), trainer.step_count())),
-            None => None,
-        }
-        .transpose();
+        let opened =
+            lock.as_ref().map(|_| Metrics::open_at(&dir.join(METRICS), trainer.step_count())).transpose();
         let metrics = agree(&*group, opened)?;
         Ok(Run {
             dir: dir.to_path_buf(),
