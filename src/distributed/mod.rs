@@ -1,7 +1,7 @@
 //! Data parallelism's one abstraction, [`Collective`]: a group of P processes (ranks) that can
 //! sum vectors in a fixed order and gather values, and three groups: [`SingleProcess`] (P = 1,
 //! what every command uses by default), [`LocalGroup`] (P threads of one process, for tests and
-//! for checking the maths without MPI) and, with the `mpi` feature, [`mpi::MpiWorld`] (the
+//! for checking the maths without MPI) and, with the `mpi` feature, `mpi::MpiWorld` (the
 //! ranks of `mpirun` / `srun`). docs/distributed.md gives the design.
 //!
 //! This floor sits below [`crate::train`], which takes any `Collective`; nothing here knows
