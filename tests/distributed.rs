@@ -118,3 +118,28 @@ fn a_sequential_run_refuses_a_group() {
         assert!(e.contains("one process"), "{e}");
     }
 }
+
+/// Started by an MPI launcher as one of several ranks, a binary without the `mpi` feature
+/// refuses to train (each rank would train alone into the same directory), and the demo refuses
+/// in any build. The launcher is imitated by its environment variables.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_ranks_without_mpi_are_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ddpm"))
+            .args(args)
+            .env("PMI_RANK", "0")
+            .env("PMI_SIZE", "2")
+            .output()
+            .expect("the binary runs")
+    };
+    let o = run(&["train", "--preset", "tiny", "--steps", "1", "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--features mpi"), "{err}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+    let o = run(&["demo", "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("mpirun -n P ddpm train"), "{err}");
+}

@@ -267,7 +267,7 @@ pub fn rank_prefix() -> String {
 
 /// Whether an MPI launcher (MPICH's Hydra, Open MPI's mpirun, PMIx, Slurm's srun) started this
 /// process as one rank of a job, and the job's size if the launcher says it (0 if not).
-fn launched_size() -> Option<usize> {
+pub fn launched_size() -> Option<usize> {
     let var = |names: &[&str]| names.iter().find_map(|v| std::env::var(v).ok());
     var(&["PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"])?;
     let size = var(&["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"]);

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use ddpm::data::Split;
 use ddpm::diffusion::{BetaSchedule, Convention};
@@ -49,6 +49,12 @@ pub const DEMO_SAMPLES: usize = 256;
 
 /// `ddpm demo`.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if super::common::launched_size().is_some_and(|p| p != 1) {
+        bail!(
+            "the demo runs in one process; to share training over MPI ranks use \
+             `mpirun -n P ddpm train ...` (docs/distributed.md)"
+        );
+    }
     set_threads(args.threads)?;
     let start = Instant::now();
     let train_args = TrainArgs {
