@@ -146,6 +146,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         threads: args.threads,
         device: DeviceArgs { device: DeviceArg::Cpu },
     };
+    // Cannot be None: without `distributed` the one process is rank 0 and writes the files.
     let grid = sample_to_dir(&sample_args, false)
         .context("demo sampling")?
         .expect("a single process writes the samples");
