@@ -51,20 +51,31 @@ fn mpirun_flags() -> Vec<&'static str> {
 }
 
 fn train(ranks: usize, out: &Path, steps: u64, resume: bool) -> Output {
+    train_with(ranks, out, steps, resume, &[])
+}
+
+/// [`train`] with extra environment variables for every rank.
+fn train_with(ranks: usize, out: &Path, steps: u64, resume: bool, env: &[(&str, &str)]) -> Output {
+    let o = launch(ranks, out, steps, resume, env);
+    assert!(o.status.success(), "{ranks} ranks: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn launch(ranks: usize, out: &Path, steps: u64, resume: bool, env: &[(&str, &str)]) -> Output {
     let steps = steps.to_string();
     let mut args: Vec<&str> = RECIPE.to_vec();
     args.extend(["--out", out.to_str().unwrap(), "--steps", &steps]);
     if resume {
         args.push("--resume");
     }
-    let o = if ranks == 0 {
-        Command::new(BIN).args(&args).output()
+    let mut command = if ranks == 0 {
+        Command::new(BIN)
     } else {
-        Command::new("mpirun").args(mpirun_flags()).args(["-n", &ranks.to_string(), BIN]).args(&args).output()
-    }
-    .expect("runs");
-    assert!(o.status.success(), "{ranks} ranks: {}", String::from_utf8_lossy(&o.stderr));
-    o
+        let mut c = Command::new("mpirun");
+        c.args(mpirun_flags()).args(["-n", &ranks.to_string(), BIN]);
+        c
+    };
+    command.args(&args).envs(env.iter().copied()).output().expect("runs")
 }
 
 /// Every weight of the run's checkpoint, in store order.
@@ -91,7 +102,9 @@ fn ranks_match_one_process_repeat_exactly_and_resume_on_any_count() {
         let rel = relative(&w, &one);
         println!("P = {p}: ‖Δw‖/‖w‖ = {rel:.3e} from one process after 4 steps");
         assert!(rel < 1e-6, "P = {p}: {rel:e}");
-        train(p, &at(&format!("p{p}-again")), 4, false);
+        // Repeated with the gradients summed in buckets of at least 2,500 values (up to 17,
+        // most sent while the backward pass still runs) instead of one: the same bits.
+        train_with(p, &at(&format!("p{p}-again")), 4, false, &[("DDPM_MPI_BUCKET_MB", "0.01")]);
         assert!(weights(&at(&format!("p{p}-again"))) == w, "P = {p}: a repeated run differs");
     }
     // A P = 2 checkpoint of step 2 continues on 1 and on 3 ranks as the uninterrupted runs did.
@@ -105,10 +118,8 @@ fn ranks_match_one_process_repeat_exactly_and_resume_on_any_count() {
     }
 }
 
-#[test]
-fn a_killed_rank_stops_the_job_and_leaves_the_checkpoint_intact() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
+/// Starts a long `mpirun -n 2` training into `out` and waits for its first checkpoint.
+fn start_long_job(out: &Path) -> std::process::Child {
     let mut args: Vec<&str> = RECIPE.to_vec();
     args.extend(["--out", out.to_str().unwrap(), "--steps", "1000000"]);
     let job = Command::new("mpirun")
@@ -119,14 +130,19 @@ fn a_killed_rank_stops_the_job_and_leaves_the_checkpoint_intact() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("mpirun starts");
-    let ckpt = out.join("checkpoint.safetensors");
     let t0 = std::time::Instant::now();
-    while !ckpt.exists() {
+    while !out.join("checkpoint.safetensors").exists() {
         assert!(t0.elapsed().as_secs() < 120, "no checkpoint after 2 minutes");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    // Rank 1 is the ddpm process whose environment says so.
-    let rank1 = std::fs::read_dir("/proc")
+    job
+}
+
+/// The PID of rank `rank` of the job writing into `out` (the ddpm process whose environment
+/// says so).
+fn rank_pid(out: &Path, rank: usize) -> u32 {
+    let (mpich, ompi) = (format!("PMI_RANK={rank}\0"), format!("OMPI_COMM_WORLD_RANK={rank}\0"));
+    std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .find(|pid| {
@@ -134,10 +150,17 @@ fn a_killed_rank_stops_the_job_and_leaves_the_checkpoint_intact() {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
             has(&cmd, out.to_str().unwrap().as_bytes())
-                && (has(&env, b"PMI_RANK=1\0") || has(&env, b"OMPI_COMM_WORLD_RANK=1\0"))
+                && (has(&env, mpich.as_bytes()) || has(&env, ompi.as_bytes()))
         })
-        .expect("rank 1 is running");
-    Command::new("kill").args(["-9", &rank1.to_string()]).status().expect("kill");
+        .unwrap_or_else(|| panic!("rank {rank} is running"))
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_and_leaves_the_checkpoint_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let job = start_long_job(&out);
+    Command::new("kill").args(["-9", &rank_pid(&out, 1).to_string()]).status().expect("kill");
     let o = job.wait_with_output().expect("mpirun ends");
     assert!(!o.status.success(), "the job went on without rank 1");
     // The launcher names the rank that died (Hydra on stdout, Open MPI on stderr).
@@ -145,7 +168,29 @@ fn a_killed_rank_stops_the_job_and_leaves_the_checkpoint_intact() {
     println!("{said}");
     assert!(said.contains("signal 9") || said.contains("Killed") || said.contains("KILLED"), "{said}");
     // The last checkpoint loads.
-    ddpm::io::checkpoint::load(&ckpt).expect("the last checkpoint is intact");
+    ddpm::io::checkpoint::load(&out.join("checkpoint.safetensors")).expect("the last checkpoint is intact");
+}
+
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let job = start_long_job(&out);
+    // Rank 1 does not write: the stop must reach rank 0 through the step's collective verdict.
+    Command::new("kill").args(["-TERM", &rank_pid(&out, 1).to_string()]).status().expect("kill");
+    let o = job.wait_with_output().expect("mpirun ends");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
+    let said =
+        err.lines().find(|l| l.starts_with("stopped by SIGTERM at step ")).unwrap_or_else(|| panic!("{err}"));
+    let step: u64 = said["stopped by SIGTERM at step ".len()..].split(' ').next().unwrap().parse().unwrap();
+    let saved = ddpm::io::checkpoint::load(&out.join("checkpoint.safetensors")).expect("a checkpoint");
+    assert_eq!(saved.step, step, "the checkpoint is of the step the stop names");
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(metrics.lines().last().unwrap().starts_with(&format!("{step},")), "{metrics}");
+    // It resumes, in one process, from that step.
+    train(0, &out, step + 2, true);
+    assert_eq!(ddpm::io::checkpoint::load(&out.join("checkpoint.safetensors")).unwrap().step, step + 2);
 }
 
 #[test]
@@ -217,4 +262,14 @@ fn distributed_eval_and_sample_equal_one_process() {
             "{name:?}"
         );
     }
+}
+
+#[test]
+fn a_bad_bucket_size_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = launch(2, &dir.path().join("run"), 1, false, &[("DDPM_MPI_BUCKET_MB", "lots")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a bucket size of `lots` was accepted");
+    assert!(err.contains("DDPM_MPI_BUCKET_MB=lots"), "{err}");
+    assert!(!dir.path().join("run").join("checkpoint.safetensors").exists());
 }

@@ -31,6 +31,9 @@ type BackwardFn = Box<dyn FnOnce(Tensor, &mut Grads)>;
 struct Node {
     /// `None` for leaves: they keep their gradient instead of passing it on.
     backward: Option<BackwardFn>,
+    /// The first node that takes this one as an input (`usize::MAX` while none does): once the
+    /// reverse sweep has run it, this node's gradient is complete.
+    first_use: usize,
 }
 
 /// A Wengert list of recorded ops. Cheap to clone (a shared handle).
@@ -80,7 +83,7 @@ impl Tape {
 
     fn push(&self, backward: Option<BackwardFn>) -> usize {
         let mut nodes = self.nodes.borrow_mut();
-        nodes.push(Node { backward });
+        nodes.push(Node { backward, first_use: usize::MAX });
         nodes.len() - 1
     }
 
@@ -265,6 +268,13 @@ impl Var {
             }
         });
         let id = tape.push(Some(closure));
+        {
+            let mut nodes = tape.nodes.borrow_mut();
+            for input in inputs.iter().filter_map(|v| v.id()) {
+                let first = &mut nodes[input].first_use;
+                *first = (*first).min(id);
+            }
+        }
         Var { value, node: Some((tape, id)) }
     }
 
@@ -286,18 +296,64 @@ impl Var {
     /// # Panics
     /// If `grad_out`'s shape differs from the value's, or `self` is not on a tape.
     pub fn backward_with(&self, grad_out: Tensor) -> Grads {
+        self.sweep(grad_out, &[], &mut |_, _| {})
+    }
+
+    /// [`Var::backward`] that hands over each gradient of `watch` as soon as it is complete:
+    /// `on_final(k, g)` is called once for every k, when the sweep has run every op that uses
+    /// `watch[k]` (so leaves used last in the forward pass come first), with `None` where the
+    /// output does not depend on it. What a data-parallel step uses to send the last layers'
+    /// gradients while the first layers' are still being computed (docs/distributed.md).
+    ///
+    /// # Panics
+    /// As [`Var::backward`]; also if a watched value is on another tape.
+    pub fn backward_notify(&self, watch: &[&Var], on_final: &mut dyn FnMut(usize, Option<&Tensor>)) -> Grads {
+        assert_eq!(self.len(), 1, "backward: output has shape {:?}, not a scalar", self.shape());
+        self.sweep(Tensor::ones(self.value.raw_dim()), watch, on_final)
+    }
+
+    /// The reverse sweep seeded with `grad_out`, telling `on_final` about `watch` (see
+    /// [`Var::backward_notify`]).
+    fn sweep(
+        &self,
+        grad_out: Tensor,
+        watch: &[&Var],
+        on_final: &mut dyn FnMut(usize, Option<&Tensor>),
+    ) -> Grads {
         // A documented precondition (# Panics), not a run-time condition: the crate calls this
         // only on a loss computed from parameters bound to a tape.
         let (tape, root) = self.node.as_ref().expect("backward: value is not on a tape");
         assert_eq!(grad_out.shape(), self.shape(), "backward_with: seed shape differs from value");
+        for v in watch {
+            if let Some((t, _)) = &v.node {
+                assert!(t.same(tape), "backward_notify: a watched value is on another tape");
+            }
+        }
         let mut nodes = std::mem::take(&mut *tape.nodes.borrow_mut());
+        // The watched values by the node after whose backward step they are complete; those no
+        // op up to the root uses (or constants) are told at the end.
+        let mut complete_after: Vec<Vec<usize>> = vec![vec![]; nodes.len()];
+        let mut at_end = vec![];
+        for (k, v) in watch.iter().enumerate() {
+            match v.id().map(|id| nodes[id].first_use) {
+                Some(first) if first <= *root => complete_after[first].push(k),
+                _ => at_end.push(k),
+            }
+        }
         let mut grads = Grads { slots: (0..nodes.len()).map(|_| None).collect() };
         grads.accumulate(*root, grad_out);
         for id in (0..=*root).rev() {
-            let Some(backward) = nodes[id].backward.take() else { continue };
-            if let Some(g) = grads.slots[id].take() {
-                backward(g, &mut grads);
+            if let Some(backward) = nodes[id].backward.take() {
+                if let Some(g) = grads.slots[id].take() {
+                    backward(g, &mut grads);
+                }
             }
+            for &k in &complete_after[id] {
+                on_final(k, grads.get(watch[k]));
+            }
+        }
+        for k in at_end {
+            on_final(k, grads.get(watch[k]));
         }
         grads
     }
@@ -399,5 +455,31 @@ mod tests {
         let grads = y.backward();
         assert!(grads.get(&z).is_none());
         assert_eq!(grads.get_or_zeros(&z)[[]], 0.0);
+    }
+
+    #[test]
+    fn each_watched_gradient_is_handed_over_once_complete_last_used_first() {
+        // y = ((a·b)·c)·a: c completes first; a and b, first used by the same op, complete
+        // together after it (in the order watched), although a is used again later.
+        let build = || {
+            let tape = Tape::new();
+            let (a, b, c) = (tape.var(scalar(2.0)), tape.var(scalar(3.0)), tape.var(scalar(5.0)));
+            let unused = tape.var(scalar(7.0));
+            let y = mul(&mul(&mul(&a, &b), &c), &a);
+            (y, [a, b, c, unused])
+        };
+        let (y, leaves) = build();
+        let constant = Var::constant(scalar(1.0));
+        let watch = [&leaves[0], &leaves[1], &leaves[2], &leaves[3], &constant];
+        let mut told: Vec<(usize, Option<f32>)> = vec![];
+        let grads = y.backward_notify(&watch, &mut |k, g| told.push((k, g.map(|g| g[[]]))));
+        // dy/da = 2abc = 60, dy/db = a²c = 20, dy/dc = a²b = 12: complete when handed over.
+        assert_eq!(told, vec![(2, Some(12.0)), (0, Some(60.0)), (1, Some(20.0)), (3, None), (4, None)]);
+        // The same gradients as a plain backward pass, and still in the store.
+        let (y2, leaves2) = build();
+        let plain = y2.backward();
+        for (v, v2) in leaves.iter().zip(&leaves2).take(3) {
+            assert_eq!(grads.get(v).unwrap()[[]], plain.get(v2).unwrap()[[]]);
+        }
     }
 }

@@ -32,6 +32,28 @@ pub trait Collective {
     /// [`Error::Distributed`] if the communication fails.
     fn sum_in_rank_order(&self, values: &mut [f32]) -> Result<()>;
 
+    /// [`Collective::sum_in_rank_order`] of a vector handed over in pieces as they are made:
+    /// `produce` calls `put(k, values)` once for each piece k, in any order, piece k having
+    /// `lens[k]` values (the pieces laid end to end make the vector); the sum lands in `out`
+    /// (Σ lens values). A group may start summing before `produce` returns (`MpiWorld` does,
+    /// so communication overlaps the computation that makes the remaining pieces); the result
+    /// is the same bits either way. This default collects the pieces, then sums.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] if `produce` put a piece twice, left one out or gave one of the
+    /// wrong length, or the communication fails.
+    fn sum_pieces_in_rank_order(&self, lens: &[usize], produce: Producer<'_>, out: &mut [f32]) -> Result<()> {
+        let layout = PieceLayout::new(lens, out.len())?;
+        let mut seen = vec![false; lens.len()];
+        let mut bad = None;
+        produce(&mut |k, values| match layout.check(k, values.len(), &mut seen) {
+            Ok(range) => out[range].copy_from_slice(values),
+            Err(e) => bad = bad.take().or(Some(e)),
+        });
+        bad.map_or_else(|| layout.all_seen(&seen), Err)?;
+        self.sum_in_rank_order(out)
+    }
+
     /// Every rank's `values`, concatenated in rank order, on every rank. The ranks may give
     /// different lengths.
     ///
@@ -51,21 +73,99 @@ pub trait Collective {
     }
 }
 
+/// What [`Collective::sum_pieces_in_rank_order`] calls with its `put(k, values)`.
+pub type Producer<'p> = &'p mut dyn FnMut(&mut dyn FnMut(usize, &[f32]));
+
+/// Where the pieces of a vector sit when laid end to end, and the checks on what a producer puts.
+#[derive(Debug)]
+pub struct PieceLayout {
+    /// Piece k is `offsets[k]..offsets[k + 1]`.
+    pub offsets: Vec<usize>,
+}
+
+impl PieceLayout {
+    /// The layout of pieces of `lens`, which must add up to `total`.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] if they do not.
+    pub fn new(lens: &[usize], total: usize) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(lens.len() + 1);
+        let mut at = 0usize;
+        offsets.push(0);
+        for &l in lens {
+            at =
+                at.checked_add(l).ok_or_else(|| Error::Distributed("the pieces' lengths overflow".into()))?;
+            offsets.push(at);
+        }
+        if at != total {
+            return Err(Error::Distributed(format!("pieces of {at} values in all for a vector of {total}")));
+        }
+        Ok(Self { offsets })
+    }
+
+    /// Piece `k`'s range, after checking that it is new and has `len` values; marks it seen.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] for an unknown or repeated piece or a wrong length.
+    pub fn check(&self, k: usize, len: usize, seen: &mut [bool]) -> Result<Range<usize>> {
+        let range = self.offsets.get(k + 1).map(|&end| self.offsets[k]..end);
+        match (range, seen.get_mut(k)) {
+            (Some(r), Some(s)) if !*s && r.len() == len => {
+                *s = true;
+                Ok(r)
+            }
+            (Some(r), Some(_)) if r.len() != len => {
+                Err(Error::Distributed(format!("piece {k} has {len} values, not {}", r.len())))
+            }
+            _ => Err(Error::Distributed(format!("piece {k} was put twice or does not exist"))),
+        }
+    }
+
+    /// Ok if every piece was seen.
+    ///
+    /// # Errors
+    /// [`Error::Distributed`] naming the first piece never put.
+    pub fn all_seen(&self, seen: &[bool]) -> Result<()> {
+        match seen.iter().position(|s| !s) {
+            Some(k) => Err(Error::Distributed(format!("piece {k} of {} was never put", seen.len()))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sums of at least this many values run on the rayon pool (element-wise: the result does not
+/// depend on the threads).
+const PAR_SUM_MIN: usize = 1 << 16;
+
 /// The element-wise sum of `pieces` (one per rank, in rank order) added in that order in f64 and
 /// rounded once to f32, into `out`.
 ///
 /// # Panics
 /// If a piece's length differs from `out`'s.
 pub fn sum_in_rank_order(pieces: &[&[f32]], out: &mut [f32]) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 2048;
     for p in pieces {
         assert_eq!(p.len(), out.len(), "sum_in_rank_order: a piece of {} for {} values", p.len(), out.len());
     }
-    for (i, o) in out.iter_mut().enumerate() {
-        let mut acc = 0.0f64;
+    // Block by block: each piece added into an f64 accumulator in rank order, then rounded.
+    let block = |b: usize, out: &mut [f32]| {
+        let start = b * BLOCK;
+        let mut acc = [0.0f64; BLOCK];
+        let acc = &mut acc[..out.len()];
         for p in pieces {
-            acc += f64::from(p[i]);
+            for (a, &x) in acc.iter_mut().zip(&p[start..start + out.len()]) {
+                *a += f64::from(x);
+            }
         }
-        *o = acc as f32;
+        for (o, &a) in out.iter_mut().zip(acc.iter()) {
+            *o = a as f32;
+        }
+    };
+    if out.len() >= PAR_SUM_MIN {
+        out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| block(b, o));
+    } else {
+        out.chunks_mut(BLOCK).enumerate().for_each(|(b, o)| block(b, o));
     }
 }
 
@@ -247,6 +347,97 @@ mod tests {
         let mut out = [0.0f32];
         sum_in_rank_order(&[&a, &b, &c], &mut out);
         assert_eq!(out[0], 2f32.powi(-30));
+    }
+
+    #[test]
+    fn the_blocked_sum_equals_the_element_by_element_definition() {
+        // Lengths around the block (2048) and past the parallel threshold; values whose f32
+        // sums depend on the order, so any reordering or early rounding would show.
+        for len in [0, 1, 2047, 2048, 2049, 70_001] {
+            for ranks in 1..=4 {
+                let pieces: Vec<Vec<f32>> = (0..ranks)
+                    .map(|r| {
+                        (0..len)
+                            .map(|i| ((i * 7 + r * 13) % 11) as f32 * 0.1 + (r as f32 - 1.5) * 1e7)
+                            .collect()
+                    })
+                    .collect();
+                let refs: Vec<&[f32]> = pieces.iter().map(Vec::as_slice).collect();
+                let mut out = vec![f32::NAN; len];
+                sum_in_rank_order(&refs, &mut out);
+                for (i, &o) in out.iter().enumerate() {
+                    let exact: f64 = pieces.iter().map(|p| f64::from(p[i])).sum();
+                    assert_eq!(o, exact as f32, "len {len}, {ranks} ranks, element {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_vector_put_in_pieces_in_any_order_sums_like_the_whole() {
+        let lens = [3, 0, 5000, 1, 70_000];
+        let total: usize = lens.iter().sum();
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = LocalGroup::new(3)
+                .into_iter()
+                .map(|g| {
+                    s.spawn(move || {
+                        let r = g.rank();
+                        let v: Vec<f32> =
+                            (0..total).map(|i| ((i * (r + 3)) % 17) as f32 - 8.0 * r as f32).collect();
+                        let mut whole = v.clone();
+                        g.sum_in_rank_order(&mut whole).unwrap();
+                        let layout = PieceLayout::new(&lens, total).unwrap();
+                        let mut out = vec![0.0; total];
+                        // Each rank hands the pieces over in its own order.
+                        let order: Vec<usize> = (0..lens.len()).map(|k| (k * (r + 2)) % lens.len()).collect();
+                        g.sum_pieces_in_rank_order(
+                            &lens,
+                            &mut |put| {
+                                for &k in &order {
+                                    put(k, &v[layout.offsets[k]..layout.offsets[k + 1]]);
+                                }
+                            },
+                            &mut out,
+                        )
+                        .unwrap();
+                        (whole, out)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (whole, pieces) in results {
+            assert!(whole == pieces, "the sum of the pieces differs from the sum of the whole");
+        }
+    }
+
+    #[test]
+    fn a_piece_missing_repeated_misplaced_or_of_the_wrong_length_is_an_error() {
+        let lens = [2, 3];
+        let mut out = vec![0.0; 5];
+        let mut run = |puts: &[(usize, usize)]| {
+            SingleProcess.sum_pieces_in_rank_order(
+                &lens,
+                &mut |put| {
+                    for &(k, len) in puts {
+                        put(k, &vec![1.0; len]);
+                    }
+                },
+                &mut out,
+            )
+        };
+        assert!(run(&[(1, 3), (0, 2)]).is_ok());
+        for (puts, says) in [
+            (&[(0, 2)][..], "piece 1 of 2 was never put"),
+            (&[(0, 2), (0, 2), (1, 3)][..], "piece 0 was put twice"),
+            (&[(0, 2), (1, 3), (2, 1)][..], "piece 2 was put twice or does not exist"),
+            (&[(0, 2), (1, 4)][..], "piece 1 has 4 values, not 3"),
+        ] {
+            let err = run(puts).unwrap_err().to_string();
+            assert!(err.contains(says), "{puts:?}: {err}");
+        }
+        assert!(PieceLayout::new(&[2, 3], 6).is_err(), "lengths that do not add up");
     }
 
     #[test]

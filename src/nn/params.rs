@@ -133,9 +133,29 @@ impl Bound {
         self
     }
 
+    /// The bound parameters in store order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.vars.iter()
+    }
+
     /// The gradient of every parameter in store order, zeros where the loss did not depend on it.
     pub fn grads(&self, grads: &crate::Grads) -> Vec<Tensor> {
         self.vars.iter().map(|v| grads.get_or_zeros(v)).collect()
+    }
+
+    /// The backward pass of `loss`, handing each parameter's gradient to `on_final(i, g)` (i in
+    /// store order; `None` where the loss does not depend on it) as soon as it is complete
+    /// ([`Var::backward_notify`]).
+    ///
+    /// # Panics
+    /// As [`Var::backward_notify`].
+    pub fn backward_notify(
+        &self,
+        loss: &Var,
+        on_final: &mut dyn FnMut(usize, Option<&Tensor>),
+    ) -> crate::Grads {
+        let watch: Vec<&Var> = self.vars.iter().collect();
+        loss.backward_notify(&watch, on_final)
     }
 }
 

@@ -31,7 +31,7 @@ use crate::diffusion::timesteps::sample_uniform;
 use crate::diffusion::{BetaSchedule, ImportanceSampler, NoiseSchedule, TimestepSampling};
 use crate::distributed::{batch_slice, Collective, SingleProcess};
 pub use crate::io::checkpoint::TrainState;
-use crate::nn::{all_finite, clip_grad_norm, Adam, ParamStore, UNet, UNetConfig};
+use crate::nn::{all_finite, clip_grad_norm, Adam, Bound, ParamStore, UNet, UNetConfig};
 use crate::ops::DropoutDraws;
 use crate::{rng_from_seed, Error, Result, Tape, Tensor, Var};
 
@@ -60,6 +60,8 @@ pub struct Trainer {
     net: UNet,
     schedule: NoiseSchedule,
     batches: Batches,
+    /// The summed gradients of a data-parallel step, kept from step to step.
+    exchange_buffer: Vec<f32>,
 }
 
 impl Trainer {
@@ -131,7 +133,7 @@ impl Trainer {
         if let Some(imp) = &state.importance {
             imp.validate(schedule.num_timesteps())?;
         }
-        Ok(Self { state, net, schedule, batches })
+        Ok(Self { state, net, schedule, batches, exchange_buffer: vec![] })
     }
 
     /// The state: what a checkpoint of this moment holds.
@@ -283,16 +285,18 @@ impl Trainer {
                 comm_s,
             });
         }
-        let mut grads = match &loss {
-            Some(l) => p.grads(&l.backward()),
-            None => s.params.iter().map(|(_, v)| Tensor::zeros(v.raw_dim())).collect(),
+        let mut grads = if group.size() > 1 {
+            let (grads, exchange_s) =
+                exchange_gradients(group, &p, loss.as_ref(), &mut self.exchange_buffer)?;
+            comm_s += exchange_s;
+            grads
+        } else {
+            match &loss {
+                Some(l) => p.grads(&l.backward()),
+                None => s.params.iter().map(|(_, v)| Tensor::zeros(v.raw_dim())).collect(),
+            }
         };
         drop(p);
-        if group.size() > 1 {
-            let t0 = std::time::Instant::now();
-            sum_gradients(group, &mut grads)?;
-            comm_s += t0.elapsed().as_secs_f64();
-        }
         let grad_norm = clip_grad_norm(&mut grads, o.grad_clip.unwrap_or(f64::INFINITY));
         if !grad_norm.is_finite() {
             s.skipped_steps += 1;
@@ -413,22 +417,56 @@ fn gather_examples(group: &dyn Collective, mine: &[f64], local: usize) -> Result
     Ok(Gathered { weighted, raw, t })
 }
 
-/// Sums every rank's gradients in rank order, flattened in store order.
-fn sum_gradients(group: &dyn Collective, grads: &mut [Tensor]) -> Result<()> {
-    let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(Tensor::len).sum());
-    for g in grads.iter() {
-        flat.extend(g.iter());
-    }
-    group.sum_in_rank_order(&mut flat)?;
+/// The backward pass of this rank's `loss` (zeros for a rank without examples) with every
+/// gradient handed to the group as soon as it is complete, and the gradients summed over the
+/// ranks in rank order ([`Collective::sum_pieces_in_rank_order`]): the gradients in store order,
+/// and the seconds spent communicating (the whole exchange less the backward pass's own work).
+/// `buffer` holds the summed vector and is kept from step to step.
+fn exchange_gradients(
+    group: &dyn Collective,
+    p: &Bound,
+    loss: Option<&Var>,
+    buffer: &mut Vec<f32>,
+) -> Result<(Vec<Tensor>, f64)> {
+    let shapes: Vec<Vec<usize>> = p.vars().map(|v| v.shape().to_vec()).collect();
+    let lens: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+    buffer.resize(lens.iter().sum(), 0.0);
+    let (mut putting, mut backward) = (0.0, 0.0);
+    let start = std::time::Instant::now();
+    group.sum_pieces_in_rank_order(
+        &lens,
+        &mut |put| {
+            let mut hand_over = |i: usize, g: Option<&Tensor>| {
+                let t0 = std::time::Instant::now();
+                match g.and_then(|g| g.as_slice()) {
+                    Some(values) => put(i, values),
+                    None => put(
+                        i,
+                        &g.map_or_else(|| vec![0.0; lens[i]], |g| g.iter().copied().collect::<Vec<_>>()),
+                    ),
+                }
+                putting += t0.elapsed().as_secs_f64();
+            };
+            let t0 = std::time::Instant::now();
+            match loss {
+                Some(l) => drop(p.backward_notify(l, &mut hand_over)),
+                None => (0..lens.len()).for_each(|i| hand_over(i, None)),
+            }
+            backward = t0.elapsed().as_secs_f64();
+        },
+        buffer,
+    )?;
+    let comm_s = start.elapsed().as_secs_f64() - (backward - putting);
     let mut at = 0;
-    for g in grads.iter_mut() {
-        let len = g.len();
-        for (dst, &src) in g.iter_mut().zip(&flat[at..at + len]) {
-            *dst = src;
-        }
-        at += len;
-    }
-    Ok(())
+    let grads = shapes
+        .into_iter()
+        .zip(&lens)
+        .map(|(shape, &len)| {
+            at += len;
+            Tensor::from_shape_vec(shape, buffer[at - len..at].to_vec()).expect("one value per element")
+        })
+        .collect();
+    Ok((grads, comm_s))
 }
 
 fn batch_config(c: &TrainConfig) -> BatchConfig {
