@@ -492,11 +492,16 @@ impl Run {
     }
 
     /// Scores the run's samples with `scorer` every [`RunOptions::score_every`] steps: embeds
-    /// the reference from the training images now (a few seconds), once.
+    /// the reference from the training images now (a few seconds), once. On ranks other than 0
+    /// of a data-parallel run this does nothing.
     ///
     /// # Errors
     /// As [`Scoring::new`]: a scorer that does not fit the images, or a bad sample count.
     pub fn enable_scoring(&mut self, scorer: crate::score::Scorer) -> Result<()> {
+        if self.metrics.is_none() {
+            // A rank other than 0 of a data-parallel run: rank 0 alone draws and scores.
+            return Ok(());
+        }
         self.scoring = Some(Scoring::new(scorer, self.trainer.dataset(), self.options.score_samples)?);
         Ok(())
     }
@@ -524,7 +529,7 @@ impl Run {
         for notice in self.notices.drain(..) {
             observer.event(&RunEvent::DataNotice(notice));
         }
-        if self.options.score_every > 0 && self.scoring.is_none() {
+        if self.options.score_every > 0 && self.scoring.is_none() && self.metrics.is_some() {
             return Err(Error::config(
                 "score interval (--score-every)",
                 "scoring needs a scorer; call Run::enable_scoring first",
