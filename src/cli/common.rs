@@ -139,20 +139,9 @@ pub fn check_out_folder(out: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// A checkpoint file, or the checkpoint inside a run directory.
+/// The checkpoint file `path` names ([`ddpm::interop::resolve_checkpoint`]).
 pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
-    let file = if path.is_dir() { path.join(CHECKPOINT) } else { path.to_path_buf() };
-    if !file.is_file() {
-        if path.is_dir() {
-            bail!(
-                "{}: no {CHECKPOINT} in this directory; train first with `ddpm train --out {}`",
-                path.display(),
-                path.display()
-            );
-        }
-        bail!("{}: no such checkpoint file", path.display());
-    }
-    Ok(file)
+    Ok(ddpm::interop::resolve_checkpoint(path)?)
 }
 
 /// A progress bar with position, rate and ETA, drawn on stderr (hidden when not a terminal).
@@ -187,62 +176,13 @@ pub fn parse_list(s: &str) -> Result<SizeList, String> {
         .map(SizeList)
 }
 
-/// A network ready to run, from a ddpm checkpoint or a diffusers folder.
-pub struct Model {
-    /// The U-Net.
-    pub net: ddpm::nn::UNet,
-    /// Its weights (EMA unless asked otherwise, for a ddpm checkpoint).
-    pub params: ddpm::nn::ParamStore,
-    /// The diffusion it samples (from scheduler_config.json for a diffusers folder).
-    pub diffusion: ddpm::train::DiffusionConfig,
-    /// Whether sampling clips x̂_0 unless told otherwise.
-    pub clip_x0: bool,
-}
+/// A loaded network ([`ddpm::interop::LoadedModel`]).
+pub type Model = ddpm::interop::LoadedModel;
 
-/// Loads `path`: a diffusers folder (config.json, or unet/config.json), a ddpm run directory or
-/// a ddpm checkpoint file. `no_ema` picks a ddpm checkpoint's raw weights.
+/// Loads `path`: a diffusers folder, a ddpm run directory or a ddpm checkpoint file
+/// ([`ddpm::interop::load_model`]).
 pub fn load_model(path: &Path, no_ema: bool) -> anyhow::Result<Model> {
-    use ddpm::interop::diffusers;
-    if path.is_dir() && diffusers::is_diffusers_folder(path) {
-        let m = diffusers::load_folder(path)
-            .with_context(|| format!("reading the diffusers folder {}", path.display()))?;
-        let scheduler = match m.scheduler {
-            Some(s) => s,
-            // DDPMScheduler's defaults, as diffusers would use them.
-            None => diffusers::SchedulerSettings::from_json(&serde_json::json!({}), path)?,
-        };
-        let diffusion = scheduler.diffusion_config();
-        // The network and the scheduler must fit together (e.g. a learned variance needs twice
-        // the image channels out), as `ddpm import` checks.
-        let config = ddpm::train::TrainConfig {
-            unet: m.unet.clone(),
-            diffusion: diffusion.clone(),
-            optim: Default::default(),
-            batch_size: 1,
-            random_flip: false,
-            seed: 0,
-            draws: ddpm::config::Draws::Keyed,
-        };
-        config.validate().with_context(|| {
-            format!("{}: the UNet2DModel and the scheduler do not fit together", path.display())
-        })?;
-        return Ok(Model {
-            net: ddpm::nn::UNet::new(m.unet)?,
-            params: m.params,
-            diffusion,
-            clip_x0: scheduler.clip_sample,
-        });
-    }
-    let file = resolve_checkpoint(path)?;
-    let ck = ddpm::io::checkpoint::load(&file).with_context(|| format!("loading {}", file.display()))?;
-    let clip_x0 = ck.clip_x0.unwrap_or(true);
-    let params = if no_ema { ck.params } else { ck.ema_params() };
-    Ok(Model {
-        net: ddpm::nn::UNet::new(ck.config.unet.clone())?,
-        params,
-        diffusion: ck.config.diffusion,
-        clip_x0,
-    })
+    Ok(ddpm::interop::load_model(path, no_ema)?)
 }
 
 /// The rank of this process in a distributed run and the run's size, once known (0 and 1 until

@@ -7,6 +7,7 @@
 //! | [`openai`]      | improved-diffusion and guided-diffusion checkpoints: a `.pt` state dict and the flags of their scripts ↔ ddpm's U-Net and diffusion |
 //! | [`torch_pt`]    | PyTorch `.pt` state dicts (`torch.save`'s zip of a pickle), read without running the pickle |
 //! | [`counter`]     | counter-based weights (splitmix64 of tensor and element index), as the fixtures use |
+//! | [`model`]       | [`load_model`]: a ddpm checkpoint or run directory, or a diffusers folder, ready to predict |
 //!
 //! The diffusion math of diffusers' `DDPMScheduler` is the `diffusers`
 //! [`Convention`](crate::diffusion::Convention); docs/conventions.md lists where it differs from
@@ -14,5 +15,8 @@
 
 pub mod counter;
 pub mod diffusers;
+pub mod model;
 pub mod openai;
 pub mod torch_pt;
+
+pub use model::{load_model, resolve_checkpoint, LoadedModel};
