@@ -3,9 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use ddpm::diffusion::vectors::{
-    compare, read_named_arrays, ComparisonReport, EntryComparison, EntryStatus, Tolerance,
-};
+use ddpm::diffusion::vectors::{compare, read_named_arrays, Tolerance};
 
 /// Compare the arrays of CANDIDATE.npz with those of REF.npz, for use in CI.
 ///
@@ -54,7 +52,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     out!("candidate: {}", args.candidate.display());
     out!("tolerance: |cand - ref| <= {:e} + {:e} * |ref|", tolerance.atol, tolerance.rtol);
     out!();
-    out!("{}", format_table(&report).trim_end_matches('\n'));
+    out!("{}", report.table().trim_end_matches('\n'));
     let failed: Vec<&str> =
         report.entries.iter().filter(|e| !e.status.passed()).map(|e| e.name.as_str()).collect();
     out!();
@@ -64,77 +62,4 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     } else {
         bail!("{} of {} arrays do not match: {}", failed.len(), report.entries.len(), failed.join(", "))
     }
-}
-
-fn shape(s: &Option<Vec<usize>>) -> String {
-    match s {
-        Some(dims) => format!("{dims:?}"),
-        None => "-".to_string(),
-    }
-}
-
-fn number(v: Option<f64>) -> String {
-    match v {
-        Some(x) => format!("{x:.3e}"),
-        None => "-".to_string(),
-    }
-}
-
-fn status(e: &EntryComparison) -> String {
-    match e.status {
-        EntryStatus::Ok => "OK".to_string(),
-        EntryStatus::Mismatch => format!("MISMATCH ({} elements)", e.mismatched),
-        EntryStatus::ShapeMismatch => "MISMATCH (shape)".to_string(),
-        EntryStatus::MissingInCandidate => "MISSING in candidate".to_string(),
-        EntryStatus::MissingInReference => "MISSING in reference".to_string(),
-    }
-}
-
-/// The aligned table: name, shapes, max abs/rel error, status.
-fn format_table(report: &ComparisonReport) -> String {
-    let header = ["name", "shape ref", "shape cand", "max abs err", "max rel err", "status"];
-    let rows: Vec<[String; 6]> = report
-        .entries
-        .iter()
-        .map(|e| {
-            [
-                e.name.clone(),
-                shape(&e.reference_shape),
-                shape(&e.candidate_shape),
-                number(e.max_abs_err),
-                number(e.max_rel_err),
-                status(e),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: [&str; 6]| {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            // Numbers right-aligned, text left-aligned.
-            if i == 3 || i == 4 {
-                s.push_str(&format!("{cell:>w$}"));
-            } else if i == 5 {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}"));
-            }
-        }
-        s.push('\n');
-        s
-    };
-    let mut out = line(header);
-    out.push_str(&line(widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str)));
-    for row in &rows {
-        out.push_str(&line(row.each_ref().map(String::as_str)));
-    }
-    out
 }

@@ -123,17 +123,7 @@ impl SamplerArgs {
 
     /// The number of grid points for a process of T steps.
     pub fn steps(&self, big_t: usize) -> usize {
-        self.steps.unwrap_or(match self.sampler {
-            SamplerKind::Ancestral => big_t,
-            // The DPM-Solvers' grid has at most T − 1 points (grid::dpm_spaced_timesteps).
-            SamplerKind::DpmSolver(_)
-            | SamplerKind::DpmSolverMultistep(_)
-            | SamplerKind::DpmPlusPlus2S
-            | SamplerKind::DpmPlusPlus2M
-            | SamplerKind::DpmPlusPlus3M
-            | SamplerKind::DpmPlusPlus2MSde => 25.min(big_t - 1).max(1),
-            _ => 25.min(big_t),
-        })
+        self.steps.unwrap_or(self.sampler.default_steps(big_t))
     }
 
     /// The library's sampling configuration; `clip_x0` from the model and --no-clip.

@@ -310,6 +310,85 @@ impl ComparisonReport {
     }
 }
 
+impl ComparisonReport {
+    /// The report as `ddpm compare` prints it: one aligned row per entry (name, both shapes,
+    /// max abs/rel error, status).
+    pub fn table(&self) -> String {
+        let header = ["name", "shape ref", "shape cand", "max abs err", "max rel err", "status"];
+        let rows: Vec<[String; 6]> = self
+            .entries
+            .iter()
+            .map(|e| {
+                [
+                    e.name.clone(),
+                    shape_cell(&e.reference_shape),
+                    shape_cell(&e.candidate_shape),
+                    number_cell(e.max_abs_err),
+                    number_cell(e.max_rel_err),
+                    e.status_text(),
+                ]
+            })
+            .collect();
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |cells: [&str; 6]| {
+            let mut s = String::new();
+            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+                if i > 0 {
+                    s.push_str("  ");
+                }
+                // Numbers right-aligned, text left-aligned.
+                if i == 3 || i == 4 {
+                    s.push_str(&format!("{cell:>w$}"));
+                } else if i == 5 {
+                    s.push_str(cell);
+                } else {
+                    s.push_str(&format!("{cell:<w$}"));
+                }
+            }
+            s.push('\n');
+            s
+        };
+        let mut out = line(header);
+        out.push_str(&line(widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str)));
+        for row in &rows {
+            out.push_str(&line(row.each_ref().map(String::as_str)));
+        }
+        out
+    }
+}
+
+impl EntryComparison {
+    /// The status as the report's table writes it, e.g. `MISMATCH (3 elements)`.
+    pub fn status_text(&self) -> String {
+        match self.status {
+            EntryStatus::Ok => "OK".to_string(),
+            EntryStatus::Mismatch => format!("MISMATCH ({} elements)", self.mismatched),
+            EntryStatus::ShapeMismatch => "MISMATCH (shape)".to_string(),
+            EntryStatus::MissingInCandidate => "MISSING in candidate".to_string(),
+            EntryStatus::MissingInReference => "MISSING in reference".to_string(),
+        }
+    }
+}
+
+fn shape_cell(s: &Option<Vec<usize>>) -> String {
+    match s {
+        Some(dims) => format!("{dims:?}"),
+        None => "-".to_string(),
+    }
+}
+
+fn number_cell(v: Option<f64>) -> String {
+    match v {
+        Some(x) => format!("{x:.3e}"),
+        None => "-".to_string(),
+    }
+}
+
 /// Compares `candidate` against `reference` (name, values) entry by entry; with `only`, just
 /// those names (a name missing from both is reported as missing in the candidate).
 pub fn compare(

@@ -111,6 +111,22 @@ impl SamplerKind {
         (SamplerKind::EulerAncestral, "euler-ancestral", "Euler ancestral in sigma-space (stochastic)"),
     ];
 
+    /// The number of grid points used when none is asked for, on a process of T = `big_t`
+    /// steps: all T for ancestral sampling, else 25 (at most T − 1 for the DPM-Solvers).
+    pub fn default_steps(self, big_t: usize) -> usize {
+        match self {
+            SamplerKind::Ancestral => big_t,
+            // The DPM-Solvers' grid has at most T − 1 points (grid::dpm_spaced_timesteps).
+            SamplerKind::DpmSolver(_)
+            | SamplerKind::DpmSolverMultistep(_)
+            | SamplerKind::DpmPlusPlus2S
+            | SamplerKind::DpmPlusPlus2M
+            | SamplerKind::DpmPlusPlus3M
+            | SamplerKind::DpmPlusPlus2MSde => 25.min(big_t - 1).max(1),
+            _ => 25.min(big_t),
+        }
+    }
+
     /// The CLI name.
     pub fn name(self) -> &'static str {
         Self::ALL.iter().find(|(k, _, _)| *k == self).map(|(_, n, _)| *n).expect("every sampler is listed")
