@@ -45,6 +45,11 @@ impl OracleDenoiser {
         self.points.nrows()
     }
 
+    /// The number of values D of each point.
+    pub fn dim(&self) -> usize {
+        self.points.ncols()
+    }
+
     /// w_k(x_t), the posterior probability of each point given x_t, shape `[N, K]` (rows sum to 1).
     ///
     /// # Panics
