@@ -859,12 +859,15 @@ struct Model {
 #[pymethods]
 impl Model {
     /// The raw network output for images `x` [N, C, H, W] at network timesteps `t` [N]
-    /// (computed in float32, as ddpm runs its networks; returned as float64).
+    /// (computed in float32, as ddpm runs its networks; returned as float64); `y`, one class
+    /// label per image, for a class-conditional model.
+    #[pyo3(signature = (x, t, y = None))]
     fn predict<'py>(
         &self,
         py: Python<'py>,
         x: PyArrayLikeDyn<'py, f64, AllowTypeChange>,
         t: PyArrayLike1<'py, f64, AllowTypeChange>,
+        y: Option<PyArrayLike1<'py, i64, AllowTypeChange>>,
     ) -> PyResult<Array<'py>> {
         let x = array_in(&x);
         let t: Vec<f64> = t.as_array().to_vec();
@@ -883,27 +886,50 @@ impl Model {
         if t.len() != x.shape()[0] || t.iter().any(|v| !v.is_finite()) {
             return Err(value_err(format!("t must hold {} finite timesteps, one per image", x.shape()[0])));
         }
-        if c.num_classes.is_some() {
-            return Err(value_err("this model is class-conditional; predict takes no labels yet"));
-        }
+        let labels: Option<Vec<usize>> = match (c.num_classes, y) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(value_err("this model is not class-conditional; give no labels (y)"))
+            }
+            (Some(k), None) => {
+                return Err(value_err(format!(
+                    "this model is conditioned on {k} classes: give one label per image (y)"
+                )))
+            }
+            (Some(k), Some(y)) => {
+                let y = y.as_array().to_vec();
+                if y.len() != x.shape()[0] {
+                    return Err(value_err(format!("y has {} labels for {} images", y.len(), x.shape()[0])));
+                }
+                let label = |l: i64| {
+                    usize::try_from(l)
+                        .ok()
+                        .filter(|&u| u < k)
+                        .ok_or_else(|| value_err(format!("label {l} is not one of the model's {k} classes")))
+                };
+                Some(y.into_iter().map(label).collect::<PyResult<_>>()?)
+            }
+        };
         let out = detached(py, || {
             let m = &m.0;
             let bound = m.params.bind_constant();
             let mt: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-            let y =
-                m.net.forward_labelled(&bound, &ddpm::Var::constant(x.mapv(|v| v as f32)), &mt, None, None);
+            let x = ddpm::Var::constant(x.mapv(|v| v as f32));
+            let y = m.net.forward_labelled(&bound, &x, &mt, labels.as_deref(), None);
             Ok(y.value().mapv(f64::from))
         })?;
         Ok(out.into_pyarray(py))
     }
 
+    #[pyo3(signature = (x, t, y = None))]
     fn __call__<'py>(
         &self,
         py: Python<'py>,
         x: PyArrayLikeDyn<'py, f64, AllowTypeChange>,
         t: PyArrayLike1<'py, f64, AllowTypeChange>,
+        y: Option<PyArrayLike1<'py, i64, AllowTypeChange>>,
     ) -> PyResult<Array<'py>> {
-        self.predict(py, x, t)
+        self.predict(py, x, t, y)
     }
 
     /// The network's and the diffusion's configuration, as a dict.
@@ -948,14 +974,33 @@ impl Model {
     }
 }
 
-/// Loads a model: a ddpm checkpoint file or run directory (EMA weights unless no_ema), or a
-/// diffusers folder (config.json and weights, or unet/ and scheduler/).
+/// Loads a model: a ddpm checkpoint file or run directory (EMA weights unless no_ema), a
+/// diffusers folder (config.json and weights, or unet/ and scheduler/), or, given `flags` (the
+/// flags of their scripts), an improved-diffusion or guided-diffusion `.pt` (`family`).
 #[pyfunction]
-#[pyo3(signature = (path, no_ema = false))]
-fn load(py: Python<'_>, path: PathBuf, no_ema: bool) -> PyResult<Model> {
+#[pyo3(signature = (path, no_ema = false, flags = None, family = "improved-diffusion"))]
+fn load(py: Python<'_>, path: PathBuf, no_ema: bool, flags: Option<String>, family: &str) -> PyResult<Model> {
+    use ddpm::interop::openai::Family;
+    let family = match family {
+        "improved-diffusion" | "improved_diffusion" => Family::Improved,
+        "guided-diffusion" | "guided_diffusion" => Family::Guided,
+        _ => {
+            return Err(value_err(format!(
+                "family {family:?}: expected improved-diffusion or guided-diffusion"
+            )))
+        }
+    };
     let p = path.clone();
-    let m =
-        py.detach(move || guarded(|| ddpm::interop::load_model(&p, no_ema).map(OwnThread).map_err(py_err)))?;
+    let m = py.detach(move || {
+        guarded(|| {
+            match &flags {
+                Some(f) => ddpm::interop::load_openai(&p, f, family),
+                None => ddpm::interop::load_model(&p, no_ema),
+            }
+            .map(OwnThread)
+            .map_err(py_err)
+        })
+    })?;
     Ok(Model { inner: m, path })
 }
 

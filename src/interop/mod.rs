@@ -19,4 +19,4 @@ pub mod model;
 pub mod openai;
 pub mod torch_pt;
 
-pub use model::{load_model, resolve_checkpoint, LoadedModel};
+pub use model::{load_model, load_openai, resolve_checkpoint, LoadedModel};

@@ -1,6 +1,7 @@
 //! [`load_model`]: a network ready to predict, from whichever kind of file holds it (a ddpm
-//! checkpoint or run directory, or a diffusers folder). `ddpm predict` and `ddpm trace` load
-//! through it, and so do the Python bindings' `ddpm.load`.
+//! checkpoint or run directory, or a diffusers folder; [`load_openai`] for an improved- or
+//! guided-diffusion `.pt`). `ddpm predict` and `ddpm trace` load through it, and so do the
+//! Python bindings' `ddpm.load`.
 
 use std::path::{Path, PathBuf};
 
@@ -92,4 +93,26 @@ pub fn load_model(path: &Path, no_ema: bool) -> Result<LoadedModel> {
         diffusion: ck.config.diffusion,
         clip_x0,
     })
+}
+
+/// Loads an improved- or guided-diffusion `.pt` checkpoint built with `flags` (the flags of
+/// their scripts, as `ddpm import` takes them). Their samplers clip x̂_0, so `clip_x0` is set.
+///
+/// # Errors
+/// As [`super::openai::load`]; flags that describe no model ddpm can run.
+pub fn load_openai(pt: &Path, flags: &str, family: super::openai::Family) -> Result<LoadedModel> {
+    let m = super::openai::load(pt, flags, family)?;
+    let config = TrainConfig {
+        unet: m.unet.clone(),
+        diffusion: m.diffusion.clone(),
+        optim: Default::default(),
+        batch_size: 1,
+        random_flip: false,
+        seed: 0,
+        draws: Draws::Keyed,
+    };
+    config
+        .validate()
+        .map_err(|e| Error::bad_file(pt, format!("the flags describe no model ddpm can run: {e}")))?;
+    Ok(LoadedModel { net: UNet::new(m.unet)?, params: m.params, diffusion: m.diffusion, clip_x0: true })
 }
