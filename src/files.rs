@@ -289,6 +289,31 @@ fn memory_limit() -> Option<u64> {
     None
 }
 
+/// Refuses an array of `shape` of `bytes_each`-byte elements, held `copies` times, that would
+/// not fit in [`memory_cap`] (or whose size overflows): the check for sizes that come from a
+/// caller rather than a file (a sampling shape, a reference batch), so that a mistyped size is an
+/// error and not an abort in the allocator.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] for `what`, naming the size and the cap.
+pub fn check_array_size(what: &'static str, shape: &[usize], bytes_each: u64, copies: u64) -> Result<()> {
+    let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    let bytes = elements.and_then(|n| n.checked_mul(bytes_each)).and_then(|b| b.checked_mul(copies));
+    let cap = memory_cap();
+    match bytes {
+        Some(b) if b <= cap => Ok(()),
+        _ => Err(Error::config(
+            what,
+            format!(
+                "shape {shape:?} needs {} of memory, more than ddpm allocates ({} MiB: half the machine's \
+                 memory, or DDPM_MAX_DATA_MIB)",
+                bytes.map_or("more than 2^64 bytes".to_string(), |b| format!("{} MiB", b.div_ceil(1 << 20))),
+                cap >> 20
+            ),
+        )),
+    }
+}
+
 /// Refuses a declared size above `cap`: the one message every bounded reader gives.
 ///
 /// # Errors

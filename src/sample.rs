@@ -125,7 +125,8 @@ pub fn respace(schedule: &NoiseSchedule, timesteps: &[usize]) -> Result<NoiseSch
 /// The sampler of `config` on `schedule`, started from x_T ~ N(0, I) of `shape` drawn from `rng`.
 ///
 /// # Errors
-/// As [`SampleConfig::grid`] and [`samplers::build`].
+/// As [`SampleConfig::grid`] and [`samplers::build`]; a shape too large for memory
+/// ([`crate::files::check_array_size`]).
 pub fn start(
     schedule: &NoiseSchedule,
     param: &Parameterization,
@@ -134,6 +135,8 @@ pub fn start(
     rng: &mut Rng,
 ) -> Result<Box<dyn Solver>> {
     let grid = config.grid(schedule)?;
+    // x_T, and the few arrays of its size a solver keeps (history, noise, the model's output).
+    crate::files::check_array_size("sampling shape", shape, 8, 8)?;
     let x: ArrayD<f64> = ArrayD::from_shape_simple_fn(shape, || rng.sample::<f64, _>(StandardNormal));
     samplers::build(config.sampler, grid, schedule, *param, config.options, x)
 }

@@ -43,6 +43,14 @@ def test_bad_names_and_values_are_refused_with_the_fix():
         ddpm.sample(lambda x, t: x, [1, 1, 2, 2], s, sampler="ancestral", eta=0.5)
 
 
+def test_sizes_beyond_memory_are_refused_not_aborted():
+    s = ddpm.Schedule(timesteps=10)
+    with pytest.raises(ValueError, match="sampling shape.*more than ddpm allocates"):
+        ddpm.sample(lambda x, t: x, [10**6, 10**6, 10**6], s)
+    with pytest.raises(ValueError, match="reference batch.*more than ddpm allocates"):
+        ddpm.vectors(batch=10**9, sample_shape=(1000, 1000, 1000))
+
+
 def test_a_models_own_exception_comes_back_unchanged():
     s = ddpm.Schedule(timesteps=10)
 

@@ -143,10 +143,17 @@ impl ReferenceVectors {
                 format!("{:?} has a zero dimension", config.sample_shape),
             ));
         }
+        // Fourteen arrays of the batch's size.
+        let [c, h, w] = config.sample_shape;
+        crate::files::check_array_size(
+            "reference batch (--batch, --shape)",
+            &[config.batch, c, h, w],
+            8,
+            14,
+        )?;
         let schedule = NoiseSchedule::new(&config.schedule, config.timesteps, config.conventions)?;
         let big_t = schedule.num_timesteps();
         let n = config.batch;
-        let [c, h, w] = config.sample_shape;
         let shape = [n, c, h, w];
         let mut rng = rng_from_seed(config.seed);
 
