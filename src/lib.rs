@@ -12,7 +12,7 @@
 //!
 //! | module        | owns                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
-//! | [`error`], [`files`], [`stop`] | the error type; atomic writes, rotation, the directory lock, bounded reads; the stop flag |
+//! | [`error`], [`files`], [`stop`], [`cpu`] | the error type; atomic writes, rotation, the directory lock, bounded reads, memory caps; the stop flag; the kernels' instruction set (`DDPM_CPU`) |
 //! | [`autodiff`]  | the tape (Wengert list), [`Var`] handles, [`Grads`], gradient checks   |
 //! | [`kernels`]   | hot loops with no tape: gemm, conv2d (im2col), rayon                   |
 //! | [`device`]    | CPU or GPU for the large products: `--device`, the one dispatch point  |
@@ -25,6 +25,7 @@
 //! | [`data`]      | image folders, IDX, CIFAR-10 binaries, seeded batches, fingerprints    |
 //! | [`io`]        | checkpoints (the [`io::checkpoint::TrainState`] record), PNG grids, npz |
 //! | [`score`]     | sample quality: a small classifier's features, FD, KID, precision/recall, class statistics |
+//! | [`distributed`] | data parallelism: the `Collective` trait, sums in rank order, MPI (feature `mpi`) |
 //! | [`train`]     | one step of Algorithm 1; [`train::run::Run`], a whole run in a directory |
 //! | [`interop`]   | diffusers folders in and out, improved-/guided-diffusion `.pt` files in (a safe torch reader), counter weights |
 //!
@@ -42,6 +43,7 @@
 mod alloc;
 pub mod autodiff;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod diffusion;

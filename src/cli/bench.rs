@@ -44,6 +44,14 @@ pub struct BenchArgs {
     /// Print JSON lines (the peer scripts' field names) instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// The instruction set of the kernels: avx512, avx2 or scalar, at most what this machine
+    /// runs (default: DDPM_CPU if set, else the best it has). The JSON names the one used.
+    #[arg(long, value_parser = parse_isa)]
+    pub cpu: Option<ddpm::cpu::Isa>,
+}
+
+fn parse_isa(s: &str) -> Result<ddpm::cpu::Isa, String> {
+    s.parse().map_err(|e: ddpm::Error| e.to_string())
 }
 
 fn rss_text() -> String {
@@ -68,6 +76,10 @@ fn ms(x: f64) -> f64 {
 
 /// `ddpm bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(isa) = args.cpu {
+        ddpm::cpu::force(isa)?;
+    }
+    let cpu = ddpm::cpu::active().name();
     set_threads(args.threads)?;
     select_device(args.device)?;
     let device = match ddpm::device::current() {
@@ -85,7 +97,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let net = UNet::new(cfg.clone())?;
     let mut rng = rng_from_seed(0);
     let mut params = net.init_params(&mut rng);
-    let base = json!({"impl": "ddpm", "config": name, "params": params.num_scalars(), "device": device});
+    let base =
+        json!({"impl": "ddpm", "config": name, "params": params.num_scalars(), "device": device, "cpu": cpu});
     let emit = |v: serde_json::Value| -> anyhow::Result<()> {
         let mut m = base.as_object().cloned().unwrap_or_default();
         m.extend(v.as_object().cloned().unwrap_or_default());
@@ -126,7 +139,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if args.json {
             emit(v)?;
         } else {
-            say!("train step  {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {}",
+            say!("train step  {name} batch {b} threads {threads} {device} ({cpu}): {:.1} ms median ({:.1}-{:.1}), {:.1} images/s, {:.1} GFLOP/s, peak RSS {}",
                 med * 1e3, min * 1e3, max * 1e3, b as f64 / med, flops / med / 1e9, rss_text());
         }
     }
@@ -158,7 +171,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if args.json {
             emit(v)?;
         } else {
-            say!("sample step {name} batch {b} threads {threads} {device}: {:.1} ms median ({:.1}-{:.1}), {:.1} GFLOP/s, 1000 steps ≈ {:.0} s",
+            say!("sample step {name} batch {b} threads {threads} {device} ({cpu}): {:.1} ms median ({:.1}-{:.1}), {:.1} GFLOP/s, 1000 steps ≈ {:.0} s",
                 med * 1e3, min * 1e3, max * 1e3, flops / med / 1e9, med * 1000.0);
         }
     }

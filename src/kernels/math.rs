@@ -71,11 +71,11 @@ pub fn sum_f64_lanes(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     acc.iter().sum()
 }
 
+crate::cpu::isa_dispatch! {
 /// `x_i ← exp(x_i − max x) / Σ_j exp(x_j − max x)` (a softmax row, in place). The maximum and
 /// the sum run in 16 lanes (element `i` in lane `i mod 16`) added in a fixed tree, so the result
 /// is fixed and the loops vectorise; with one serial accumulator each row would wait on a
 /// chain of dependent adds. Compiled for AVX-512 and AVX2 too, chosen at run time.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn softmax_in_place(row: &mut [f32]) {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
@@ -108,7 +108,9 @@ pub fn softmax_in_place(row: &mut [f32]) {
         *v *= inv;
     }
 }
+}
 
+crate::cpu::isa_dispatch! {
 /// Softmax down each column of the `rows x ld` row-major block `s`: per column `j`,
 /// `s[i, j] ← exp(s[i, j] − max_i s[i, j]) / Σ_i exp(s[i, j] − max_i s[i, j])`. The columns run
 /// 16 at a time, one per lane, so nothing is reduced across lanes; each column's sum runs in 4
@@ -117,7 +119,6 @@ pub fn softmax_in_place(row: &mut [f32]) {
 ///
 /// # Panics
 /// If `ld` is not a multiple of 16 or `s` has fewer than `rows·ld` elements.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn softmax_columns_in_place(s: &mut [f32], rows: usize, ld: usize) {
     const LANES: usize = 16;
     assert!(
@@ -154,11 +155,12 @@ pub fn softmax_columns_in_place(s: &mut [f32], rows: usize, ld: usize) {
         }
     }
 }
+}
 
+crate::cpu::isa_dispatch! {
 /// The softmax gradient in place: `d_i ← y_i·(d_i − Σ_j d_j y_j)` for a row `y` of softmax
 /// outputs and the upstream gradient `d`; the dot product in 16 lanes, as in
 /// [`softmax_in_place`].
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 pub fn softmax_backward_in_place(d: &mut [f32], y: &[f32]) {
     assert_eq!(d.len(), y.len(), "softmax_backward_in_place: lengths differ");
     let mut lanes = [0.0f32; 16];
@@ -175,6 +177,7 @@ pub fn softmax_backward_in_place(d: &mut [f32], y: &[f32]) {
     for (d, &y) in d.iter_mut().zip(y) {
         *d = y * (*d - dot);
     }
+}
 }
 
 /// Lanes combined pairwise: `lanes[l] ∘ lanes[l + width]` for halving widths.

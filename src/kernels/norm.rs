@@ -5,10 +5,9 @@
 //!
 //! Statistics and parameter-gradient sums are accumulated in f64 (in 8 fixed lanes, see
 //! [`sum_f64_lanes`]); the per-element work is in f32. The chunk loops are compiled for AVX-512,
-//! AVX2 and the baseline, chosen at run time ([`mod@multiversion`]); they use no `mul_add`, so every
-//! version returns the same bits.
+//! AVX2 and the baseline, chosen at run time ([`crate::cpu::active`], `DDPM_CPU`); they use no
+//! `mul_add`, so every version returns the same bits.
 
-use multiversion::multiversion;
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
@@ -131,9 +130,9 @@ pub fn group_norm_forward_uninit(
     }
 }
 
+crate::cpu::isa_dispatch! {
 /// One (sample, group): statistics, then `y` (and `x̂` unless `xh` is empty). Returns 1/σ.
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 fn forward_chunk(
     inp: &[f32],
     gamma: &[f32],
@@ -173,6 +172,7 @@ fn forward_chunk(
         }
     }
     is
+}
 }
 
 /// Gradients of [`group_norm_forward`] from the upstream gradient `g` (same shape as `y`), its
@@ -235,8 +235,8 @@ pub fn group_norm_backward(
     }
 }
 
+crate::cpu::isa_dispatch! {
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 fn backward_chunk(
     g: &[f32],
     xh: &[f32],
@@ -289,6 +289,7 @@ fn backward_chunk(
     for (v, &h) in d.iter_mut().zip(xh) {
         *v = is * (*v - mean_d - h * mean_dx);
     }
+}
 }
 
 #[cfg(test)]

@@ -110,8 +110,9 @@ pub enum Init<'a> {
     },
 }
 
-/// Whether [`gemm_packed`] runs its SIMD micro-kernel on this machine (x86-64 with AVX-512F).
-/// Elsewhere it falls back to a plain loop, and callers should prefer a general gemm.
+/// Whether [`gemm_packed`] runs its SIMD micro-kernel: x86-64 with AVX-512F, unless `DDPM_CPU`
+/// asks for less ([`crate::cpu::active`]). Elsewhere it falls back to a plain loop, and callers
+/// should prefer a general gemm.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -242,7 +243,6 @@ fn portable(a: &PackedA, b: &[f32], ldb: usize, cols: usize, out: &mut [f32], ld
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
     use super::{Init, PackedA, MR};
 
@@ -252,9 +252,10 @@ mod avx512 {
     /// Inner-dimension block.
     const KC: usize = 128;
 
+    /// AVX-512F is present and the kernels may use it ([`crate::cpu::active`]: `DDPM_CPU` can
+    /// ask for less).
     pub(super) fn available() -> bool {
-        static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        crate::cpu::active() >= crate::cpu::Isa::Avx512
     }
 
     /// Mask of the first `n` (≤ 16) lanes.
