@@ -2,7 +2,7 @@
 //! `mpi` crate (rsmpi) over the system's MPI library.
 //!
 //! The gradient sum is a reduce-scatter followed by an all-gather, both as plain data movement
-//! (`MPI_Alltoallv`, `MPI_Allgatherv`): rank q receives chunk q of every rank's vector, adds the P
+//! (`MPI_Ialltoallv`, `MPI_Iallgatherv`): rank q receives chunk q of every rank's vector, adds the P
 //! pieces in rank order ([`sum_in_rank_order`]) and the summed chunks are gathered back. No float
 //! is added by MPI itself, so the result does not depend on the library or its algorithms.
 //!
@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::ops::Range;
 
-use mpi::datatype::{Partition, PartitionMut};
+use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -107,17 +107,6 @@ impl MpiWorld {
         self.world.abort(code)
     }
 
-    /// Every rank's length, checked equal to this one's and small enough for MPI's counts.
-    fn same_length(&self, len: usize) -> Result<Vec<usize>> {
-        let lens = self.gather_lengths(len)?;
-        if lens.iter().any(|&l| l != len) {
-            return Err(Error::Distributed(format!(
-                "the ranks summed vectors of different lengths: {lens:?}"
-            )));
-        }
-        Ok(lens)
-    }
-
     /// Every rank's `len`, in rank order.
     fn gather_lengths(&self, len: usize) -> Result<Vec<usize>> {
         if Count::try_from(len).is_err() {
@@ -142,17 +131,6 @@ fn bucket_values(mb: Option<&str>) -> Result<usize> {
     Ok(if mb == 0.0 { usize::MAX } else { ((mb * 1e6 / 4.0) as usize).max(1) })
 }
 
-/// MPI counts and displacements of the chunks [`chunk_of`] cuts a vector of `len` into.
-fn chunk_layout(len: usize, size: usize) -> (Vec<Count>, Vec<Count>) {
-    (0..size)
-        .map(|q| {
-            let c = chunk_of(len, q, size);
-            // Both fit: len fits a Count (checked by the callers).
-            (c.len() as Count, c.start as Count)
-        })
-        .unzip()
-}
-
 impl Collective for MpiWorld {
     fn rank(&self) -> usize {
         self.world.rank() as usize
@@ -163,25 +141,9 @@ impl Collective for MpiWorld {
     }
 
     fn sum_in_rank_order(&self, values: &mut [f32]) -> Result<()> {
-        let (p, rank, len) = (self.size(), self.rank(), values.len());
-        self.same_length(len)?;
-        let (counts, displs) = chunk_layout(len, p);
-        let mine = chunk_of(len, rank, p).len();
-        // Reduce-scatter as data movement: rank q receives chunk q of every rank, by rank.
-        let mut received = vec![0.0f32; mine * p];
-        {
-            let send = Partition::new(&*values, &counts[..], &displs[..]);
-            let recv_counts = vec![mine as Count; p];
-            let recv_displs: Vec<Count> = (0..p).map(|r| (r * mine) as Count).collect();
-            let mut recv = PartitionMut::new(&mut received[..], recv_counts, recv_displs);
-            self.world.all_to_all_varcount_into(&send, &mut recv);
-        }
-        let pieces: Vec<&[f32]> = (0..p).map(|r| &received[r * mine..(r + 1) * mine]).collect();
-        let mut summed = vec![0.0f32; mine];
-        sum_in_rank_order(&pieces, &mut summed);
-        let mut all = PartitionMut::new(values, &counts[..], &displs[..]);
-        self.world.all_gather_varcount_into(&summed[..], &mut all);
-        Ok(())
+        // The overlapped sum with the whole vector as its one piece: one code path for both.
+        let input = values.to_vec();
+        self.sum_pieces_in_rank_order(&[values.len()], &mut |put| put(0, &input), values)
     }
 
     fn sum_pieces_in_rank_order(&self, lens: &[usize], produce: Producer<'_>, out: &mut [f32]) -> Result<()> {
@@ -191,7 +153,7 @@ impl Collective for MpiWorld {
         let shape = buckets.fingerprint();
         let all = self.all_gather_u64(shape)?;
         if all.iter().any(|&f| f != shape) {
-            return Err(Error::Distributed("the ranks summed gradients of different shapes".into()));
+            return Err(Error::Distributed("the ranks summed vectors of different shapes".into()));
         }
         let mut bufs = self.buffers.take();
         let [send, recv, summed] = &mut bufs;
