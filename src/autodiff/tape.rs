@@ -332,7 +332,9 @@ impl Var {
         let mut nodes = std::mem::take(&mut *tape.nodes.borrow_mut());
         // The watched values by the node after whose backward step they are complete; those no
         // op up to the root uses (or constants) are told at the end.
-        let mut complete_after: Vec<Vec<usize>> = vec![vec![]; nodes.len()];
+        // (Nothing to track for a plain backward pass, the single-process training step.)
+        let mut complete_after: Vec<Vec<usize>> =
+            if watch.is_empty() { vec![] } else { vec![vec![]; nodes.len()] };
         let mut at_end = vec![];
         for (k, v) in watch.iter().enumerate() {
             match v.id().map(|id| nodes[id].first_use) {
@@ -348,7 +350,7 @@ impl Var {
                     backward(g, &mut grads);
                 }
             }
-            for &k in &complete_after[id] {
+            for &k in complete_after.get(id).map_or(&[][..], Vec::as_slice) {
                 on_final(k, grads.get(watch[k]));
             }
         }

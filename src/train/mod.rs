@@ -463,7 +463,8 @@ fn exchange_gradients(
         .zip(&lens)
         .map(|(shape, &len)| {
             at += len;
-            Tensor::from_shape_vec(shape, buffer[at - len..at].to_vec()).expect("one value per element")
+            // Cannot fail: `len` is the product of `shape` (computed above from it).
+            Tensor::from_shape_vec(shape, buffer[at - len..at].to_vec()).expect("len is the shape's product")
         })
         .collect();
     Ok((grads, comm_s))
