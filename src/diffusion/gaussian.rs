@@ -133,6 +133,17 @@ impl ModelOutput {
         let (a, b) = output.view().split_at(Axis(1), channels / 2);
         ModelOutput { prediction: a.to_owned(), variance_values: Some(b.to_owned()) }
     }
+
+    /// The raw output again: the two halves joined along the channels (the inverse of
+    /// [`ModelOutput::split`]), or the prediction alone.
+    pub fn joined(&self) -> ArrayD<f64> {
+        match &self.variance_values {
+            None => self.prediction.clone(),
+            Some(v) => ndarray::concatenate(Axis(1), &[self.prediction.view(), v.view()])
+                // Cannot fail: both halves come from one split and have the same shape.
+                .expect("both halves have the same shape"),
+        }
+    }
 }
 
 /// The reverse step p_θ(x_{t−1} ∣ x_t) of one batch, with the x_0 it implies.
