@@ -1,17 +1,17 @@
 //! The instruction set the hand-written kernels use: the best this machine has, or a lower one
-//! asked for with `DDPM_CPU=avx512|avx2|scalar` (or `ddpm bench --cpu`), as oneDNN's
+//! asked for with `DDPM_CPU=avx512|avx2|neon|scalar` (or `ddpm bench --cpu`), as oneDNN's
 //! `ONEDNN_MAX_CPU_ISA` and PyTorch's `ATEN_CPU_CAPABILITY` do, so that every path can be run,
 //! tested and timed on one machine.
 //!
-//! What each level selects (docs/cpu.md):
-//! - `avx512`: the AVX-512 packed micro-kernel and implicit convolutions, and the AVX-512
-//!   versions of the element-wise kernels (softmax, exp, group norm + SiLU);
-//! - `avx2`: the AVX2+FMA versions of the element-wise kernels; products and convolutions take
-//!   the general path (im2col and the `gemm` crate);
-//! - `scalar`: the element-wise kernels compiled for the baseline target; the same general path.
-//!
-//! The `gemm` crate, which does the general path's products, picks its own instruction set from
-//! the machine and is not capped by this setting.
+//! Every level runs the same kernels, written once over 16 lanes (`kernels/lanes.rs`): the
+//! packed micro-kernel, the implicit and polyphase convolutions and their weight gradient on
+//! the level's registers (`avx512`: one AVX-512 register per 16 lanes; `avx2`: two AVX2+FMA;
+//! `neon`: four NEON, on aarch64; `scalar`: a loop per lane), and the element-wise kernels
+//! (softmax, exp, group norm + SiLU) compiled for the level. All sum in one order, so all give
+//! the same bits (docs/cpu.md). The `gemm` crate, which does the remaining products (linear
+//! layers, the attention gradient, strided and 1x1 weight gradients), picks its own instruction
+//! set from the machine and is not capped by this setting; it gives the same bits under every
+//! level on one machine.
 
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -23,6 +23,8 @@ use crate::{Error, Result};
 pub enum Isa {
     /// The baseline target (SSE2 on x86-64, the target's own on others).
     Scalar,
+    /// aarch64 NEON (part of that architecture's baseline).
+    Neon,
     /// x86-64 AVX2 with FMA.
     Avx2,
     /// x86-64 AVX-512 (F, VL, DQ).
@@ -30,16 +32,32 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Every level, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    /// Every level, lowest first (of either architecture: see [`Isa::runs_here`]).
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Neon, Isa::Avx2, Isa::Avx512];
 
     /// The name `DDPM_CPU` and `ddpm bench --json` use.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
+            Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
         }
+    }
+
+    /// Whether this machine runs the level: `scalar` everywhere, `neon` on aarch64, `avx2` and
+    /// `avx512` on x86-64 machines that have them.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Neon => cfg!(target_arch = "aarch64"),
+            Isa::Avx2 | Isa::Avx512 => cfg!(target_arch = "x86_64") && self <= Isa::detected(),
+        }
+    }
+
+    /// The levels this machine runs, lowest first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|isa| isa.runs_here()).collect()
     }
 
     /// The best level this machine runs.
@@ -55,6 +73,9 @@ impl Isa {
                 if has!("avx2") && has!("fma") {
                     return Isa::Avx2;
                 }
+            }
+            if cfg!(target_arch = "aarch64") {
+                return Isa::Neon;
             }
             Isa::Scalar
         })
@@ -74,11 +95,12 @@ impl FromStr for Isa {
         match s.trim().to_ascii_lowercase().as_str() {
             "avx512" | "avx-512" | "avx512f" => Ok(Isa::Avx512),
             "avx2" => Ok(Isa::Avx2),
+            "neon" | "asimd" => Ok(Isa::Neon),
             "scalar" | "none" | "default" => Ok(Isa::Scalar),
             other => Err(Error::config(
                 "DDPM_CPU",
                 format!(
-                    "{other:?} is not an instruction set ddpm has kernels for; use avx512, avx2 or scalar"
+                    "{other:?} is not an instruction set ddpm has kernels for; use avx512, avx2, neon or scalar"
                 ),
             )),
         }
@@ -98,10 +120,13 @@ pub fn setting() -> Result<Option<Isa>> {
 
 fn check_runs(isa: Isa) -> Result<()> {
     let best = Isa::detected();
-    if isa > best {
+    if !isa.runs_here() {
         return Err(Error::config(
             "DDPM_CPU",
-            format!("this machine cannot run {isa}: the best it has is {best}; ask for {best} or lower"),
+            format!(
+                "this machine cannot run {isa}: it runs {}; ask for one of those (best: {best})",
+                Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", ")
+            ),
         ));
     }
     Ok(())

@@ -44,7 +44,7 @@ pub struct BenchArgs {
     /// Print JSON lines (the peer scripts' field names) instead of a summary.
     #[arg(long)]
     pub json: bool,
-    /// The instruction set of the kernels: avx512, avx2 or scalar, at most what this machine
+    /// The instruction set of the kernels: avx512, avx2, neon or scalar, at most what this machine
     /// runs (default: DDPM_CPU if set, else the best it has). The JSON names the one used.
     #[arg(long, value_parser = parse_isa)]
     pub cpu: Option<ddpm::cpu::Isa>,

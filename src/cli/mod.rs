@@ -86,7 +86,7 @@ the fix); 2 a usage error; 3 training diverged (non-finite loss or weights; the 
 kept); 4 the output directory is in use by another run; 128+N stopped by signal N (2 Ctrl-C, 15 SIGTERM, \
 1 SIGHUP) after saving a checkpoint (a second signal, a second or more after the first, exits at \
 once without saving). DDPM_MAX_DATA_MIB caps what a file may make ddpm allocate (default: half \
-the memory the process may use). DDPM_CPU=avx512|avx2|scalar caps the instruction set of the \
+the memory the process may use). DDPM_CPU=avx512|avx2|neon|scalar caps the instruction set of the \
 kernels (default: the best this machine has; docs/cpu.md). docs/reliability.md lists the guarantees.";
 
 /// Exit status for an error whose cause is a training divergence.

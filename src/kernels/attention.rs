@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
 use super::math::{softmax_backward_in_place, softmax_columns_in_place, softmax_in_place};
-use super::packed::{self, gemm_packed, Init, PackedA};
+use super::packed::{gemm_packed, Init, PackedA};
 
 /// Query rows per block of attention weights.
 const QUERY_BLOCK: usize = 32;
@@ -62,38 +62,14 @@ pub fn attention_forward(
     if len == 0 {
         return;
     }
-    if packed::available() {
-        return forward_packed(c, hw, q, k, v, scale, o);
-    }
-    let image = c * hw;
-    o.par_chunks_mut(image).enumerate().for_each_init(
-        || vec![0.0f32; QUERY_BLOCK * hw],
-        |w, (i, o_i)| {
-            let (q_i, k_i, v_i) =
-                (&q[i * image..][..image], &k[i * image..][..image], &v[i * image..][..image]);
-            for i0 in (0..hw).step_by(QUERY_BLOCK) {
-                let rows = QUERY_BLOCK.min(hw - i0);
-                let w = &mut w[..rows * hw];
-                // w[i, j] = scale · Σ_c q[c, i0 + i] k[c, j]: rows of qᵀ, read in place.
-                let q_t = MatRef::new(&q_i[i0..], rows, c, 1, hw);
-                gemm(scale, q_t, MatRef::row_major(k_i, c, hw), 0.0, MatMut::row_major(w, rows, hw));
-                for row in w.chunks_mut(hw) {
-                    softmax_in_place(row);
-                }
-                // o[c, i0 + i] = Σ_j v[c, j] w[i, j].
-                let w_t = MatRef::row_major(w, rows, hw).t();
-                gemm(1.0, MatRef::row_major(v_i, c, hw), w_t, 0.0, MatMut::new(&mut o_i[i0..], c, rows, hw));
-            }
-        },
-    );
+    forward_packed(c, hw, q, k, v, scale, o);
 }
 
-/// [`attention_forward`] on the AVX-512 kernel of `packed.rs`, the weights kept transposed so
-/// both products read one operand in place. Per image, `scale·kᵀ` (`[HW, C]`) and `v`
+/// [`attention_forward`] on the kernel of `packed.rs` (every level's lanes give the same bits),
+/// the weights kept transposed so both products read one operand in place. Per image, `scale·kᵀ` (`[HW, C]`) and `v`
 /// (`[C, HW]`) are packed once; per block of 32 queries, `wᵀ = (scale·kᵀ)·q[:, block]` is a
 /// `[HW, 32]` block (keys down, queries across), softmax runs down its columns, and
-/// `o[:, block] = v·wᵀ`. The sums run in a fixed order per image, as on the other path, but
-/// not the same order, so the two agree to rounding.
+/// `o[:, block] = v·wᵀ`. The sums run in a fixed order per image.
 fn forward_packed(c: usize, hw: usize, q: &[f32], k: &[f32], v: &[f32], scale: f32, o: &mut [f32]) {
     let image = c * hw;
     o.par_chunks_mut(image).enumerate().for_each_init(

@@ -12,15 +12,15 @@
 //!
 //! Which path runs:
 //! - a stride-1 convolution whose output is as large as its input (every 3x3 of the U-Net but
-//!   the downsample), on x86-64 with AVX-512F: no patch matrix at all. `implicit.rs` reads each
+//!   the downsample), on every instruction set: no patch matrix at all. `implicit.rs` reads each
 //!   row of `col_n` as a shifted window of the input under a lane mask, for the forward pass,
 //!   the input gradient (a forward convolution of `dy` with the flipped, transposed weights) and
 //!   the weight gradient;
 //! - otherwise the patch matrix is built a tile of output pixels at a time (a fixed number of
 //!   columns chosen from the geometry alone), so the buffer stays cache-sized and is allocated
-//!   once per rayon task, and multiplied by the packed micro-kernel of `packed.rs` (or the
-//!   general gemm without AVX-512F). A 1x1, stride-1, unpadded convolution skips im2col: the
-//!   image `[C_in, H·W]` already is `col_n`.
+//!   once per rayon task, and multiplied by the packed micro-kernel of `packed.rs`. A 1x1,
+//!   stride-1, unpadded convolution skips im2col: the image `[C_in, H·W]` already is `col_n`.
+//!   The weight gradients of these take the general gemm (the `gemm` crate).
 //!
 //! The `*_uninit` entry points write into memory that need not be initialised (a fresh `Vec`'s
 //! spare capacity), so the ops do not zero activations only to overwrite them.
@@ -38,7 +38,7 @@ use rayon::prelude::*;
 use super::as_uninit;
 use super::gemm::{gemm, MatMut, MatRef};
 use super::math::sum_f64_lanes;
-use super::packed::{self, gemm_packed, gemm_packed_uninit, Init, PackedA};
+use super::packed::{gemm_packed, gemm_packed_uninit, Init, PackedA};
 
 mod implicit;
 mod upsampled;
@@ -446,10 +446,10 @@ pub fn conv2d_forward_uninit(
 
 /// `y = conv2d(upsample_nearest2x(x), w) + bias` for a 3x3 convolution with padding 1 (the
 /// U-Net's upsample block): `x: [n, c_in, h, w]`, `w: [c_out, c_in, 3, 3]`, `bias: [c_out]`,
-/// `y: [n, c_out, 2h, 2w]`, every element written. With AVX-512 it runs as four 2x2
-/// convolutions of `x` (one per output phase, the 3x3 weights folded), a quarter of the pixels
-/// and 2.25 times fewer multiply-adds; elsewhere it upsamples and convolves. The two agree to
-/// rounding.
+/// `y: [n, c_out, 2h, 2w]`, every element written. Where the implicit kernels apply (an
+/// image of 16 pixels or more) it runs as four 2x2 convolutions of `x` (one per output phase, the
+/// 3x3 weights folded), a quarter of the pixels and 2.25 times fewer multiply-adds; else it
+/// upsamples and convolves. The two agree to rounding.
 ///
 /// # Panics
 /// If a slice length does not match the shapes.
@@ -561,6 +561,7 @@ pub fn conv2d_forward_plus(
 
 /// `y += image_bias[n, co] + residual`: the additions of `plus` other than the bias, for the
 /// paths that do not fuse them.
+#[cfg(feature = "wgpu")]
 fn add_after(g: &Conv2dGeom, plus: &ConvPlus<'_>, y: &mut [f32]) {
     if g.n == 0 || (plus.image_bias.is_none() && plus.residual.is_none()) {
         return;
@@ -592,8 +593,7 @@ fn start_bias(g: &Conv2dGeom, plus: &ConvPlus<'_>) -> (Option<Vec<f32>>, usize) 
     }
 }
 
-/// The forward convolution on the fastest CPU path for the geometry: with AVX-512, the
-/// implicit kernel of `implicit.rs` for a stride-1 same convolution or (through its polyphase
+/// The forward convolution on the fastest CPU path for the geometry: the implicit kernel of `implicit.rs` for a stride-1 same convolution or (through its polyphase
 /// components) a stride-2 3x3 that halves the image, else patch tiles.
 fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut [MaybeUninit<f32>]) {
     let (sums, image_stride) = start_bias(g, &plus);
@@ -631,14 +631,8 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut
         }
         return;
     }
-    if packed::available() {
-        check_forward(g, x, w, plus.bias, y.len());
-        forward_packed(g, x, w, start, y, g.tile_px());
-    } else {
-        let y = zero_init(y);
-        forward_tiled(g, x, w, plus.bias, y, g.tile_px());
-        add_after(g, &plus, y);
-    }
+    check_forward(g, x, w, plus.bias, y.len());
+    forward_packed(g, x, w, start, y, g.tile_px());
 }
 
 /// A 3x3 stride-2 convolution that halves an even-sized image (TensorFlow's "SAME" padding
@@ -744,53 +738,14 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
     if g.n == 0 {
         return;
     }
-    if packed::available() {
-        let start = implicit::Start { bias, ..implicit::Start::default() };
-        return forward_packed(g, x, w, start, as_uninit(y), tile_px);
-    }
-    let (k, px) = (g.patch_len(), g.out_px());
-    let pointwise = g.is_pointwise();
-    let tile_px = if pointwise { px } else { tile_px };
-    let w_mat = MatRef::row_major(w, g.c_out, k);
-    let x_img_len = g.c_in * g.h * g.w;
-    y.par_chunks_mut(g.c_out * px).zip(x.par_chunks(x_img_len)).for_each_init(
-        || {
-            if pointwise {
-                Vec::new()
-            } else {
-                vec![0.0; k * tile_px]
-            }
-        },
-        |col, (y_img, x_img)| {
-            for p0 in (0..px).step_by(tile_px) {
-                let p1 = px.min(p0 + tile_px);
-                let t = p1 - p0;
-                let patches = if pointwise {
-                    MatRef::new(&x_img[p0..], g.c_in, t, px, 1)
-                } else {
-                    im2col_tile(g, x_img, p0, p1, &mut col[..k * t]);
-                    MatRef::row_major(&col[..k * t], k, t)
-                };
-                let beta = match bias {
-                    Some(b) => {
-                        for (co, &b_co) in b.iter().enumerate() {
-                            y_img[co * px + p0..co * px + p1].fill(b_co);
-                        }
-                        1.0
-                    }
-                    None => 0.0,
-                };
-                gemm(1.0, w_mat, patches, beta, MatMut::new(&mut y_img[p0..], g.c_out, t, px));
-            }
-        },
-    );
+    let start = implicit::Start { bias, ..implicit::Start::default() };
+    forward_packed(g, x, w, start, as_uninit(y), tile_px);
 }
 
-/// The patch-tile path on the AVX-512 kernel of `packed.rs`: the weights packed once, every
+/// The patch-tile path on the kernel of `packed.rs`: the weights packed once, every
 /// tile's product reading them and the patch tile (or, for a 1x1 convolution, the input) in
 /// place, each output written once without being read first, so `y` need not be initialised.
-/// The sums start from `start` (as in the implicit path). The caller has checked that
-/// [`packed::available`] and the lengths.
+/// The sums start from `start` (as in the implicit path). The caller has checked the lengths.
 fn forward_packed(
     g: &Conv2dGeom,
     x: &[f32],
@@ -871,7 +826,7 @@ pub fn conv2d_backward_input_uninit(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &
 /// The geometry of the forward convolution that computes this one's input gradient, when that
 /// route is the faster one here (stride 1, a packed micro-kernel).
 fn as_forward(g: &Conv2dGeom) -> Option<Conv2dGeom> {
-    (packed::available() && g.stride == 1 && !g.is_pointwise()).then(|| g.transposed()).flatten()
+    (g.stride == 1 && !g.is_pointwise()).then(|| g.transposed()).flatten()
 }
 
 /// The input gradient of a stride-1 convolution as a forward convolution: `dx` is the full
@@ -940,9 +895,8 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
     }
     let (k, px) = (g.patch_len(), g.out_px());
     let pointwise = g.is_pointwise();
-    let w_t = MatRef::row_major(w, g.c_out, k).t();
     // Wᵀ packed once (see `conv2d_forward`).
-    let wt_packed = packed::available().then(|| PackedA::new(w, k, g.c_out, 1, k));
+    let wt_packed = PackedA::new(w, k, g.c_out, 1, k);
     let x_img_len = g.c_in * g.h * g.w;
     dx.par_chunks_mut(x_img_len).zip(dy.par_chunks(g.c_out * px)).for_each_init(
         || {
@@ -955,26 +909,14 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
         |dcol, (dx_img, dy_img)| {
             if pointwise {
                 // The image is its own patch matrix: dx_n = Wᵀ @ dy_n, no col2im.
-                match &wt_packed {
-                    Some(wp) => gemm_packed(wp, dy_img, px, px, dx_img, px, Init::Zero),
-                    None => {
-                        let dy_mat = MatRef::row_major(dy_img, g.c_out, px);
-                        gemm(1.0, w_t, dy_mat, 0.0, MatMut::row_major(dx_img, g.c_in, px));
-                    }
-                }
+                gemm_packed(&wt_packed, dy_img, px, px, dx_img, px, Init::Zero);
                 return;
             }
             dx_img.fill(0.0);
             for p0 in (0..px).step_by(tile_px) {
                 let p1 = px.min(p0 + tile_px);
                 let t = p1 - p0;
-                match &wt_packed {
-                    Some(wp) => gemm_packed(wp, &dy_img[p0..], px, t, &mut dcol[..k * t], t, Init::Zero),
-                    None => {
-                        let dy_tile = MatRef::new(&dy_img[p0..], g.c_out, t, px, 1);
-                        gemm(1.0, w_t, dy_tile, 0.0, MatMut::row_major(&mut dcol[..k * t], k, t));
-                    }
-                }
+                gemm_packed(&wt_packed, &dy_img[p0..], px, t, &mut dcol[..k * t], t, Init::Zero);
                 col2im_tile_add(g, &mut dcol[..k * t], p0, p1, dx_img);
             }
         },
@@ -987,7 +929,7 @@ fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], t
 ///
 /// Shapes: `x: [N, C_in, H, W]`, `dy: [N, C_out, out_h, out_w]`, `dw: [C_out, C_in, kh, kw]`
 /// (overwritten), `db: [C_out]` (overwritten). On the implicit path (stride-1 same
-/// convolutions with AVX-512F) each weight is summed by one task over every image in order;
+/// convolutions) each weight is summed by one task over every image in order;
 /// otherwise the batch is cut into chunks whose size depends only on `N`, chunk partials are
 /// computed in parallel and added in chunk order. `db` is accumulated in f64 in a fixed order.
 /// Both are bit-identical for any number of threads.
@@ -1375,7 +1317,7 @@ mod tests {
             assert_close(&db, &db_ref, &format!("backward_weight db {g:?}"));
         }
 
-        /// Same convolutions take the implicit path (with AVX-512F), the rest patch tiles.
+        /// Same convolutions take the implicit path, the rest patch tiles.
         #[test]
         fn forward_of_same_convolutions_matches_f64_reference(g in same(), with_bias in any::<bool>(), seed in any::<u64>()) {
             let mut rng = crate::rng_from_seed(seed);
@@ -1388,7 +1330,7 @@ mod tests {
             assert_close(&y, &forward_ref(&g, &x, &w, bias), &format!("conv2d_forward {g:?}"));
         }
 
-        /// A stride-2 3x3 that halves an even image takes the polyphase route (with AVX-512F):
+        /// A stride-2 3x3 that halves an even image takes the polyphase route:
         /// TensorFlow's and PyTorch's paddings, images from 2x2 up, sizes across row and
         /// channel blocks.
         #[test]

@@ -6,11 +6,14 @@
 //! weights once per call, instead of once per tile and image as a general gemm does, and reading
 //! the patch tile where im2col wrote it, removes both packing copies.
 //!
-//! On x86-64 with AVX-512F (detected at run time) an 8 x 32 register-blocked micro-kernel does
-//! the work: 16 accumulators of 16 lanes, per inner step two loads of `B` and eight broadcasts
-//! of `A`, the last column block masked. Elsewhere a portable loop computes the same sums in the
-//! same order (each output is `init + Σ_k A[r,k]·B[k,j]` accumulated in increasing `k`, one
-//! fused multiply-add per term), so both paths give the same bits.
+//! The micro-kernel is written once over 16 lanes ([`super::lanes`]) and run on the level's
+//! lanes with that level's register blocking: 8 rows x 32 columns (16 accumulators) with
+//! AVX-512, 4 x 16 with AVX2+FMA, 8 x 32 on the portable lanes. Blocking changes which outputs
+//! one call computes, not how an output is summed: each is `init + Σ_k A[r,k]·B[k,j]`
+//! accumulated in increasing `k`, one fused multiply-add per term, so every level gives the
+//! same bits.
+
+use super::lanes::{prefetch, Lanes16, Portable};
 
 /// Rows per panel of a packed `A`.
 pub(super) const MR: usize = 8;
@@ -110,20 +113,6 @@ pub enum Init<'a> {
     },
 }
 
-/// Whether [`gemm_packed`] runs its SIMD micro-kernel: x86-64 with AVX-512F, unless `DDPM_CPU`
-/// asks for less ([`crate::cpu::active`]). Elsewhere it falls back to a plain loop, and callers
-/// should prefer a general gemm.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `out[r·ldout + j] = init(r, j) + Σ_k A[r, k]·b[k·ldb + j]` for `r < a.rows()`, `j < cols`.
 ///
 /// # Panics
@@ -141,14 +130,8 @@ pub fn gemm_packed(
     if !check(a, b, ldb, cols, out.len(), ldout, init) {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        // SAFETY: AVX-512F is present (checked at run time), and `check` keeps every access of
-        // the kernel inside `b` and `out`.
-        unsafe { avx512::gemm(a, b, ldb, cols, out.as_mut_ptr(), ldout, init) };
-        return;
-    }
-    portable(a, b, ldb, cols, out, ldout, init);
+    // SAFETY: `check` keeps every access of the kernel inside `b` and `out`.
+    unsafe { dispatch(a, b, ldb, cols, out.as_mut_ptr(), ldout, init) };
 }
 
 /// [`gemm_packed`] into memory that need not be initialised, for an `init` that does not read
@@ -170,21 +153,9 @@ pub fn gemm_packed_uninit(
     if !check(a, b, ldb, cols, out.len(), ldout, init) {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        // SAFETY: as in `gemm_packed`; the kernel stores each output (first block of the inner
-        // dimension) before it reads it (later blocks), so it never reads uninitialised memory.
-        unsafe { avx512::gemm(a, b, ldb, cols, out.as_mut_ptr().cast(), ldout, init) };
-        return;
-    }
-    for r in 0..a.rows {
-        for v in &mut out[r * ldout..r * ldout + cols] {
-            v.write(0.0);
-        }
-    }
-    // SAFETY: the elements the product touches were written just above; same layout.
-    let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-    portable(a, b, ldb, cols, out, ldout, init);
+    // SAFETY: as in `gemm_packed`; the kernel stores each output (first block of the inner
+    // dimension) before it reads it (later blocks), so it never reads uninitialised memory.
+    unsafe { dispatch(a, b, ldb, cols, out.as_mut_ptr().cast(), ldout, init) };
 }
 
 /// The shape checks of [`gemm_packed`]; false when there is nothing to compute.
@@ -214,63 +185,45 @@ fn check(
     true
 }
 
-/// The reference loop: same terms, same order, one `mul_add` per term.
-fn portable(a: &PackedA, b: &[f32], ldb: usize, cols: usize, out: &mut [f32], ldout: usize, init: Init<'_>) {
-    for r in 0..a.rows {
-        let (q, lane) = (r / MR, r % MR);
-        let panel = &a.data[q * a.inner * MR..(q + 1) * a.inner * MR];
-        let row = &mut out[r * ldout..r * ldout + cols];
-        match init {
-            Init::Zero => row.fill(0.0),
-            Init::Bias(bias) => row.fill(bias[r]),
-            Init::Accumulate => {}
-            Init::Plus { bias, residual } => {
-                let b = bias.map_or(0.0, |b| b[r]);
-                for (o, &v) in row.iter_mut().zip(&residual[r * ldout..r * ldout + cols]) {
-                    *o = b + v;
-                }
-            }
-        }
-        for k in 0..a.inner {
-            let w = panel[k * MR + lane];
-            for (o, &bv) in row.iter_mut().zip(&b[k * ldb..k * ldb + cols]) {
-                *o = w.mul_add(bv, *o);
-            }
-        }
+/// The product on the lanes of the active level ([`crate::cpu::active`]): one order of terms,
+/// so one result, on every level.
+///
+/// # Safety
+/// The shapes checked by [`check`], `out` valid for them.
+unsafe fn dispatch(
+    a: &PackedA,
+    b: &[f32],
+    ldb: usize,
+    cols: usize,
+    out: *mut f32,
+    ldout: usize,
+    init: Init<'_>,
+) {
+    use crate::cpu::Isa;
+    match crate::cpu::active() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is at most what the machine runs (`cpu::active`).
+        Isa::Avx512 => x86::gemm_avx512(a, b, ldb, cols, out, ldout, init),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::gemm_avx2(a, b, ldb, cols, out, ldout, init),
+        // 4 x 16: 16 of NEON's 32 registers accumulate.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => gemm_lanes::<crate::kernels::lanes::Neon, 4, 1, 4>(a, b, ldb, cols, out, ldout, init),
+        _ => gemm_lanes::<Portable, 8, 2, 16>(a, b, ldb, cols, out, ldout, init),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+mod x86 {
+    use super::{gemm_lanes, Init, PackedA};
+    use crate::kernels::lanes::{Avx2, Avx512};
 
-    use super::{Init, PackedA, MR};
-
-    /// Columns per micro-kernel call: two vectors of 16.
-    const NR: usize = 32;
-
-    /// Inner-dimension block.
-    const KC: usize = 128;
-
-    /// AVX-512F is present and the kernels may use it ([`crate::cpu::active`]: `DDPM_CPU` can
-    /// ask for less).
-    pub(super) fn available() -> bool {
-        crate::cpu::active() >= crate::cpu::Isa::Avx512
-    }
-
-    /// Mask of the first `n` (≤ 16) lanes.
-    fn mask(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
-
+    /// 8 rows x 32 columns per micro-kernel call: 16 accumulators of 16 lanes (of 32 registers).
+    ///
     /// # Safety
-    /// AVX-512F must be available and the shapes checked by `gemm_packed`.
+    /// AVX-512F present; as [`super::dispatch`].
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gemm(
+    pub(super) unsafe fn gemm_avx512(
         a: &PackedA,
         b: &[f32],
         ldb: usize,
@@ -279,122 +232,188 @@ mod avx512 {
         ldout: usize,
         init: Init<'_>,
     ) {
-        let (rows, inner) = (a.rows, a.inner);
-        let (bp, op) = (b.as_ptr(), out);
-        // The residual of `Init::Plus`, laid out as `out` (never read otherwise).
-        let rp = match init {
-            Init::Plus { residual, .. } => residual.as_ptr(),
-            _ => std::ptr::null(),
-        };
-        // Column strips outer, row panels inner: a strip of B (inner x 32) stays in cache while
-        // every panel of A passes over it.
-        // The inner dimension is cut in blocks of KC so the strip's block (KC x 32 floats,
-        // 16 KiB) stays in L1 across the panels; later blocks accumulate onto the stored
-        // partial sums, which keeps the order of the terms (and so the bits) unchanged.
-        for j0 in (0..cols).step_by(NR) {
-            if !rp.is_null() && j0 + NR < cols {
-                // The next strip's residual, one or two cache lines per row `ldout` apart,
-                // which the hardware does not prefetch and the kernel's first load would wait on.
-                for r in 0..rows {
-                    let p = rp.wrapping_add(r * ldout + j0 + NR);
-                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NR.min(cols - j0 - NR) - 1).cast());
+        gemm_lanes::<Avx512, 8, 2, 16>(a, b, ldb, cols, out, ldout, init)
+    }
+
+    /// 4 rows x 16 columns per call: 4 accumulators of 16 lanes, 8 of the 16 AVX2 registers,
+    /// with two for `B` and one for the broadcast weight.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; as [`super::dispatch`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm_avx2(
+        a: &PackedA,
+        b: &[f32],
+        ldb: usize,
+        cols: usize,
+        out: *mut f32,
+        ldout: usize,
+        init: Init<'_>,
+    ) {
+        gemm_lanes::<Avx2, 4, 1, 4>(a, b, ldb, cols, out, ldout, init)
+    }
+}
+
+/// Columns per strip: two vectors of 16 lanes.
+const NR: usize = 32;
+
+/// Inner-dimension block.
+const KC: usize = 128;
+
+/// Mask of the first `n` (≤ 16) lanes.
+fn mask(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// The product on lanes `V`, `R` rows of a panel by `H` vectors of 16 columns per micro-kernel
+/// call (`N = R·H` accumulators). Each output is `init` plus its terms in increasing `k`, one
+/// fused multiply-add each, whatever `V`, `R` and `H`: the same bits on every level.
+///
+/// # Safety
+/// `V`'s instruction set present; as [`dispatch`].
+#[inline(always)]
+unsafe fn gemm_lanes<V: Lanes16, const R: usize, const H: usize, const N: usize>(
+    a: &PackedA,
+    b: &[f32],
+    ldb: usize,
+    cols: usize,
+    out: *mut f32,
+    ldout: usize,
+    init: Init<'_>,
+) {
+    debug_assert!(R * H == N && MR.is_multiple_of(R) && 2 % H == 0);
+    let (rows, inner) = (a.rows, a.inner);
+    let (bp, op) = (b.as_ptr(), out);
+    // The residual of `Init::Plus`, laid out as `out` (never read otherwise).
+    let rp = match init {
+        Init::Plus { residual, .. } => residual.as_ptr(),
+        _ => std::ptr::null(),
+    };
+    // Column strips outer, row panels inner: a strip of B (inner x 32) stays in cache while
+    // every panel of A passes over it.
+    // The inner dimension is cut in blocks of KC so the strip's block (KC x 32 floats,
+    // 16 KiB) stays in L1 across the panels; later blocks accumulate onto the stored
+    // partial sums, which keeps the order of the terms (and so the bits) unchanged.
+    for j0 in (0..cols).step_by(NR) {
+        if !rp.is_null() && j0 + NR < cols {
+            // The next strip's residual, one or two cache lines per row `ldout` apart,
+            // which the hardware does not prefetch and the kernel's first load would wait on.
+            for r in 0..rows {
+                let p = rp.wrapping_add(r * ldout + j0 + NR);
+                prefetch(p);
+                prefetch(p.wrapping_add(NR.min(cols - j0 - NR) - 1));
+            }
+        }
+        let n = NR.min(cols - j0);
+        let masks = [mask(n), mask(n.saturating_sub(16))];
+        let mut k0 = 0;
+        loop {
+            let kc = KC.min(inner - k0);
+            let block_init = if k0 == 0 { init } else { Init::Accumulate };
+            for q in 0..rows.div_ceil(MR) {
+                let r0 = q * MR;
+                let panel = a.data.as_ptr().add((q * inner + k0) * MR);
+                let live = MR.min(rows - r0);
+                for rr in (0..live).step_by(R) {
+                    for hh in (0..2).step_by(H) {
+                        if masks[hh] == 0 {
+                            continue;
+                        }
+                        // Rows r0+rr.., columns j0+16hh.. of out; rows k0..k0+kc of b.
+                        let col = j0 + 16 * hh;
+                        let (b_blk, o_blk) = (bp.add(k0 * ldb + col), op.add((r0 + rr) * ldout + col));
+                        let r_blk = rp.wrapping_add((r0 + rr) * ldout + col);
+                        let call = Call {
+                            panel: panel.add(rr),
+                            inner: kc,
+                            b: b_blk,
+                            ldb,
+                            out: o_blk,
+                            residual: r_blk,
+                            ldout,
+                        };
+                        kernel::<V, R, H, N>(&call, live - rr, &masks[hh..], block_init, r0 + rr);
+                    }
                 }
             }
-            let n = NR.min(cols - j0);
-            let (m0, m1) = (mask(n), mask(n.saturating_sub(16)));
-            let mut k0 = 0;
-            loop {
-                let kc = KC.min(inner - k0);
-                let block_init = if k0 == 0 { init } else { Init::Accumulate };
-                for q in 0..rows.div_ceil(MR) {
-                    let r0 = q * MR;
-                    let panel = a.data.as_ptr().add((q * inner + k0) * MR);
-                    let live = MR.min(rows - r0);
-                    // SAFETY (for the caller's promise): rows r0..r0+live and columns j0..j0+n
-                    // of out, rows k0..k0+kc and columns j0..j0+n of b are in bounds; masked
-                    // lanes are never touched.
-                    let (b_blk, o_blk) = (bp.add(k0 * ldb + j0), op.add(r0 * ldout + j0));
-                    let r_blk = rp.wrapping_add(r0 * ldout + j0);
-                    kernel(panel, kc, b_blk, ldb, o_blk, r_blk, ldout, live, m0, m1, block_init, r0);
-                }
-                k0 += kc;
-                if k0 >= inner {
-                    break;
-                }
+            k0 += kc;
+            if k0 >= inner {
+                break;
             }
         }
     }
+}
 
-    /// One 8 x 32 block: `live` rows (the rest of the panel is padding and is not stored),
-    /// lanes selected by `m0` (columns 0..16) and `m1` (16..32). `residual` is the block's
-    /// place in `Init::Plus`'s residual (read only for that init).
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn kernel(
-        panel: *const f32,
-        inner: usize,
-        b: *const f32,
-        ldb: usize,
-        out: *mut f32,
-        residual: *const f32,
-        ldout: usize,
-        live: usize,
-        m0: __mmask16,
-        m1: __mmask16,
-        init: Init<'_>,
-        r0: usize,
-    ) {
-        // Loops over all MR rows with constant bounds (rows past `live` skipped inside), so
-        // every `acc` index is a constant after unrolling and the accumulators stay in registers.
-        let mut acc = [_mm512_setzero_ps(); 2 * MR];
-        for r in 0..MR {
-            if r >= live {
-                continue;
-            }
-            let o = out.add(r * ldout);
-            let (lo, hi) = match init {
-                Init::Zero => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-                Init::Bias(bias) => {
-                    let v = _mm512_set1_ps(*bias.get_unchecked(r0 + r));
-                    (v, v)
-                }
-                Init::Accumulate => {
-                    (_mm512_maskz_loadu_ps(m0, o), _mm512_maskz_loadu_ps(m1, o.wrapping_add(16)))
-                }
+/// Where one micro-kernel call reads and writes.
+struct Call {
+    /// The panel at the block's first row and inner step (row `r`, step `k` at `r + k·MR`).
+    panel: *const f32,
+    inner: usize,
+    b: *const f32,
+    ldb: usize,
+    out: *mut f32,
+    /// `Init::Plus`'s residual at the block's place (read only for that init).
+    residual: *const f32,
+    ldout: usize,
+}
+
+/// One R x 16H block: `live` rows of it stored (the rest of the panel is padding), lanes of
+/// vector `h` selected by `masks[h]`.
+#[inline(always)]
+unsafe fn kernel<V: Lanes16, const R: usize, const H: usize, const N: usize>(
+    c: &Call,
+    live: usize,
+    masks: &[u16],
+    init: Init<'_>,
+    r0: usize,
+) {
+    // Loops over all R rows with constant bounds (rows past `live` skipped inside), so every
+    // `acc` index is a constant after unrolling and the accumulators stay in registers.
+    let mut acc = [V::zero(); N];
+    for r in 0..R {
+        if r >= live {
+            continue;
+        }
+        let o = c.out.add(r * c.ldout);
+        for h in 0..H {
+            let (m, at) = (masks[h], 16 * h);
+            acc[r * H + h] = match init {
+                Init::Zero => V::zero(),
+                Init::Bias(bias) => V::splat(*bias.get_unchecked(r0 + r)),
+                // `m` may be empty and the pointer past `out`: a masked load touches nothing.
+                Init::Accumulate => V::load_masked(m, o.wrapping_add(at)),
                 Init::Plus { bias, .. } => {
-                    let base = bias.map_or(_mm512_setzero_ps(), |b| _mm512_set1_ps(*b.get_unchecked(r0 + r)));
-                    let s = residual.wrapping_add(r * ldout);
-                    (
-                        _mm512_add_ps(base, _mm512_maskz_loadu_ps(m0, s)),
-                        _mm512_add_ps(base, _mm512_maskz_loadu_ps(m1, s.wrapping_add(16))),
-                    )
+                    let base = bias.map_or(V::zero(), |b| V::splat(*b.get_unchecked(r0 + r)));
+                    base.add(V::load_masked(m, c.residual.wrapping_add(r * c.ldout + at)))
                 }
             };
-            acc[2 * r] = lo;
-            acc[2 * r + 1] = hi;
         }
-        for k in 0..inner {
-            let brow = b.add(k * ldb);
-            let b0 = _mm512_maskz_loadu_ps(m0, brow);
-            // `m1` is empty when the block has 16 columns or fewer, and the pointer may then
-            // lie past `b`: wrapping arithmetic, and a masked load that touches nothing.
-            let b1 = _mm512_maskz_loadu_ps(m1, brow.wrapping_add(16));
-            let w = panel.add(k * MR);
-            for r in 0..MR {
-                let wr = _mm512_set1_ps(*w.add(r));
-                acc[2 * r] = _mm512_fmadd_ps(wr, b0, acc[2 * r]);
-                acc[2 * r + 1] = _mm512_fmadd_ps(wr, b1, acc[2 * r + 1]);
+    }
+    for k in 0..c.inner {
+        let brow = c.b.add(k * c.ldb);
+        let mut bv = [V::zero(); H];
+        for (h, v) in bv.iter_mut().enumerate() {
+            *v = V::load_masked(masks[h], brow.wrapping_add(16 * h));
+        }
+        let w = c.panel.add(k * MR);
+        for r in 0..R {
+            let wr = V::splat(*w.add(r));
+            for h in 0..H {
+                acc[r * H + h] = acc[r * H + h].fmadd(wr, bv[h]);
             }
         }
-        for r in 0..MR {
-            if r >= live {
-                continue;
-            }
-            let o = out.add(r * ldout);
-            _mm512_mask_storeu_ps(o, m0, acc[2 * r]);
-            _mm512_mask_storeu_ps(o.wrapping_add(16), m1, acc[2 * r + 1]);
+    }
+    for r in 0..R {
+        if r >= live {
+            continue;
+        }
+        let o = c.out.add(r * c.ldout);
+        for h in 0..H {
+            acc[r * H + h].store_masked(masks[h], o.wrapping_add(16 * h));
         }
     }
 }
@@ -404,6 +423,40 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::Rng as _;
+
+    /// The reference loop: same terms, same order, one `mul_add` per term.
+    fn portable(
+        a: &PackedA,
+        b: &[f32],
+        ldb: usize,
+        cols: usize,
+        out: &mut [f32],
+        ldout: usize,
+        init: Init<'_>,
+    ) {
+        for r in 0..a.rows {
+            let (q, lane) = (r / MR, r % MR);
+            let panel = &a.data[q * a.inner * MR..(q + 1) * a.inner * MR];
+            let row = &mut out[r * ldout..r * ldout + cols];
+            match init {
+                Init::Zero => row.fill(0.0),
+                Init::Bias(bias) => row.fill(bias[r]),
+                Init::Accumulate => {}
+                Init::Plus { bias, residual } => {
+                    let b = bias.map_or(0.0, |b| b[r]);
+                    for (o, &v) in row.iter_mut().zip(&residual[r * ldout..r * ldout + cols]) {
+                        *o = b + v;
+                    }
+                }
+            }
+            for k in 0..a.inner {
+                let w = panel[k * MR + lane];
+                for (o, &bv) in row.iter_mut().zip(&b[k * ldb..k * ldb + cols]) {
+                    *o = w.mul_add(bv, *o);
+                }
+            }
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]

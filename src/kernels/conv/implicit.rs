@@ -5,7 +5,7 @@
 //! input element `p + (i − pad_top)·w + (j − pad_left)` of each channel plane, or zero where
 //! that falls outside the image. So row `(ci, i, j)` of the im2col matrix, over a strip of 32
 //! consecutive output pixels, is a shifted window of plane `ci` with some lanes zeroed; the
-//! lanes to zero depend on the tap and the strip only. The AVX-512 kernels read those windows
+//! lanes to zero depend on the tap and the strip only. The kernels read those windows
 //! straight from the input with masked loads (a masked-off lane is neither read nor allowed to
 //! fault, and loads as 0.0), which removes im2col's writes and reads of `K·P` floats per image.
 //!
@@ -19,22 +19,27 @@
 //!   a block tap by tap and, per tap, channel by channel, so a tap's
 //!   mask and offset are loaded once per block rather than once per term. Each output is written
 //!   once per block and never read before its first write, so the output buffer need not be
-//!   initialised. The order of the terms is fixed by the geometry (not by threads), but it is
-//!   not the patch-tile path's, so the two agree to rounding.
+//!   initialised. The order of the terms is fixed by the geometry (not by threads or the
+//!   instruction set), but it is not the patch-tile path's, so the two agree to rounding.
 //! - [`backward_weight`]: `dW[co, ci, i, j] = Σ_n Σ_p dy[n, co, p]·x_shifted[n, ci, i, j, p]`,
 //!   accumulated in 16 lanes per weight (lane `l` sums the positions `≡ l mod 16` of a block,
 //!   images in order; small images are laid end to end in a block) and the lanes added in a fixed tree at the end. Each weight is owned by one task, so
 //!   the result does not depend on the number of threads. The order differs from the patch-tile
 //!   path's, so the two agree to rounding, not to the bit.
 //!
-//! Both need AVX-512F; [`applies`] says when the caller may use them.
+//! Both are written once over 16 lanes (`kernels/lanes.rs`) and run on the lanes of the
+//! `DDPM_CPU` level with its own register blocking (8 channels x 32 pixels on AVX-512, 4 x 16 on
+//! AVX2 and NEON; 8 x 3 taps, 2 x 3 for the weight gradient), which changes which sums one call
+//! updates but not the order of any sum: every level gives the same bits. [`applies`] says when
+//! the caller may use them.
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::Conv2dGeom;
-use crate::kernels::packed::{self, PackedA};
+use crate::cpu::Isa;
+use crate::kernels::packed::PackedA;
 
 /// Taps handled (a 7x7 kernel at most).
 const MAX_TAPS: usize = 49;
@@ -50,8 +55,7 @@ const GROUP: usize = 3;
 
 /// Whether this geometry can take the implicit path on this machine.
 pub(super) fn applies(g: &Conv2dGeom) -> bool {
-    packed::available()
-        && g.stride == 1
+    g.stride == 1
         && g.kh * g.kw > 1
         && g.kh * g.kw <= MAX_TAPS
         && g.out_h() == g.h
@@ -120,6 +124,19 @@ pub(super) fn forward(
     start: Start<'_>,
     y: &mut [MaybeUninit<f32>],
 ) {
+    forward_on(crate::cpu::active(), g, x, w_at, start, y)
+}
+
+/// [`forward`] on the kernels of level `isa`, which this machine must run.
+fn forward_on(
+    isa: Isa,
+    g: &Conv2dGeom,
+    x: &[f32],
+    w_at: impl Fn(usize, usize, usize) -> f32 + Sync,
+    start: Start<'_>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    assert!(isa.runs_here(), "the implicit convolution on {isa}, which this machine does not run");
     let taps = Taps::new(g);
     let px = g.h * g.w;
     let t_n = taps.len();
@@ -152,19 +169,22 @@ pub(super) fn forward(
     let rp = SharedPtr(start.residual.map_or(std::ptr::null_mut(), |r| r.as_ptr().cast_mut()));
     (0..strips.div_ceil(per_task)).into_par_iter().for_each(|k| {
         let strips = k * per_task..strips.min((k + 1) * per_task);
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `applies` checked AVX-512F; `x` and `y` have the geometry's lengths (checked
-        // by the caller), and the tasks' runs of strips, so the outputs they write, are disjoint.
+        // SAFETY: `x` and `y` have the geometry's lengths (checked by the caller), and the
+        // tasks' runs of strips, so the outputs they write, are disjoint.
         unsafe {
-            avx512::forward_strips(w, &taps, &table, &flat, xp.get(), yp.get(), rp.get(), strips, &start)
+            dispatch::forward_strips(
+                isa,
+                w,
+                &taps,
+                &table,
+                &flat,
+                xp.get(),
+                yp.get(),
+                rp.get(),
+                strips,
+                &start,
+            )
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!(
-            "the implicit convolution needs AVX-512F ({:?}, {:?}, {})",
-            start,
-            strips,
-            (xp.get(), yp.get(), rp.get(), flat.px).3
-        )
     });
 }
 
@@ -287,6 +307,12 @@ fn gcd(a: usize, b: usize) -> usize {
 /// `dW` (overwritten) of every weight; the bias gradient is the caller's.
 /// The caller has checked the lengths and that [`applies`] holds.
 pub(super) fn backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    backward_weight_on(crate::cpu::active(), g, x, dy, dw)
+}
+
+/// [`backward_weight`] on the kernels of level `isa`, which this machine must run.
+fn backward_weight_on(isa: Isa, g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    assert!(isa.runs_here(), "the implicit weight gradient on {isa}, which this machine does not run");
     let taps = Taps::new(g);
     let t_n = taps.len();
     let px = g.h * g.w;
@@ -330,13 +356,20 @@ pub(super) fn backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f
     let results: Vec<Vec<f32>> = items
         .par_iter()
         .map(|&(q, c0, c1)| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `applies` checked AVX-512F; `x` and `dy` have the geometry's lengths.
+            // SAFETY: `x` and `dy` have the geometry's lengths (checked by the caller).
             unsafe {
-                avx512::weight_item(&geometry, x, dy, &taps.offsets, [&full_masks, &last_masks], q, c0, c1)
+                dispatch::weight_item(
+                    isa,
+                    &geometry,
+                    x,
+                    dy,
+                    &taps.offsets,
+                    [&full_masks, &last_masks],
+                    q,
+                    c0,
+                    c1,
+                )
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("the implicit convolution needs AVX-512F ({q}, {c0}, {c1}, {})", geometry.px)
         })
         .collect();
     for (&(q, c0, c1), sums) in items.iter().zip(&results) {
@@ -369,26 +402,23 @@ struct WeightGeom {
     flatten: bool,
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
+/// The kernels on the lanes of a level, each with its register blocking; every level sums each
+/// output's terms in the same order.
+mod dispatch {
     use std::ops::Range;
 
-    use super::{Flat, HalfMasks, MaskTable, Start, Taps, WeightGeom, GROUP, ROWS, STRIP};
-    use crate::kernels::packed::{PackedA, MR};
+    use super::{lanes, Flat, MaskTable, Start, Taps, WeightGeom};
+    use crate::cpu::Isa;
+    use crate::kernels::lanes::Portable;
+    use crate::kernels::packed::PackedA;
 
-    /// Strips `strips` of the batch laid end to end (see [`Flat`]), every output channel.
+    /// [`lanes::forward_strips`] on level `isa`'s lanes.
     ///
     /// # Safety
-    /// AVX-512F must be available; `x` is `[N, C_in, px]`, `y` `[N, C_out, px]` (written, every
-    /// element of these strips, before it is read: the first block of channels stores the sums,
-    /// later blocks add to them), `w` packed `[C_out, C_in·taps]`; `residual` is null or, when
-    /// `start` has one, its `[N, C_out, px]` values; `start`'s bias has an entry for every
-    /// image and row it indexes; no other thread touches the outputs of these strips.
+    /// As [`lanes::forward_strips`]; the machine runs `isa`.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward_strips(
+        isa: Isa,
         w: &PackedA,
         taps: &Taps,
         table: &MaskTable,
@@ -399,6 +429,159 @@ mod avx512 {
         strips: Range<usize>,
         start: &Start<'_>,
     ) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::forward_avx512(w, taps, table, flat, x, y, residual, strips, start),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::forward_avx2(w, taps, table, flat, x, y, residual, strips, start),
+            // 4 output channels x 16 pixels: 16 of NEON's 32 registers accumulate.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => lanes::forward_strips::<crate::kernels::lanes::Neon, 4, 1, 4>(
+                w, taps, table, flat, x, y, residual, strips, start,
+            ),
+            _ => lanes::forward_strips::<Portable, 8, 2, 16>(
+                w, taps, table, flat, x, y, residual, strips, start,
+            ),
+        }
+    }
+
+    /// [`lanes::weight_item`] on level `isa`'s lanes.
+    ///
+    /// # Safety
+    /// As [`lanes::weight_item`]; the machine runs `isa`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weight_item(
+        isa: Isa,
+        g: &WeightGeom,
+        x: &[f32],
+        dy: &[f32],
+        offsets: &[isize],
+        masks: [&[u16]; 2],
+        q: usize,
+        c0: usize,
+        c1: usize,
+    ) -> Vec<f32> {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::weight_avx512(g, x, dy, offsets, masks, q, c0, c1),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::weight_avx2(g, x, dy, offsets, masks, q, c0, c1),
+            // 2 rows x 3 taps, as AVX2 (24 of 32 registers accumulate, some spill: unmeasured).
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => {
+                lanes::weight_item::<crate::kernels::lanes::Neon, 2, 6>(g, x, dy, offsets, masks, q, c0, c1)
+            }
+            _ => lanes::weight_item::<Portable, 8, 24>(g, x, dy, offsets, masks, q, c0, c1),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::ops::Range;
+
+        use super::super::{lanes, Flat, MaskTable, Start, Taps, WeightGeom};
+        use crate::kernels::lanes::{Avx2, Avx512};
+        use crate::kernels::packed::PackedA;
+
+        /// 8 output channels x 32 pixels per call: 16 accumulators of the 32 registers.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn forward_avx512(
+            w: &PackedA,
+            taps: &Taps,
+            table: &MaskTable,
+            flat: &Flat,
+            x: *const f32,
+            y: *mut f32,
+            residual: *const f32,
+            strips: Range<usize>,
+            start: &Start<'_>,
+        ) {
+            lanes::forward_strips::<Avx512, 8, 2, 16>(w, taps, table, flat, x, y, residual, strips, start)
+        }
+
+        /// 4 output channels x 16 pixels per call: 8 of the 16 AVX2 registers accumulate.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn forward_avx2(
+            w: &PackedA,
+            taps: &Taps,
+            table: &MaskTable,
+            flat: &Flat,
+            x: *const f32,
+            y: *mut f32,
+            residual: *const f32,
+            strips: Range<usize>,
+            start: &Start<'_>,
+        ) {
+            lanes::forward_strips::<Avx2, 4, 1, 4>(w, taps, table, flat, x, y, residual, strips, start)
+        }
+
+        /// All 8 rows x 3 taps per pass: 24 accumulators.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn weight_avx512(
+            g: &WeightGeom,
+            x: &[f32],
+            dy: &[f32],
+            offsets: &[isize],
+            masks: [&[u16]; 2],
+            q: usize,
+            c0: usize,
+            c1: usize,
+        ) -> Vec<f32> {
+            lanes::weight_item::<Avx512, 8, 24>(g, x, dy, offsets, masks, q, c0, c1)
+        }
+
+        /// 2 rows x 3 taps per pass: 12 of the 16 AVX2 registers accumulate.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn weight_avx2(
+            g: &WeightGeom,
+            x: &[f32],
+            dy: &[f32],
+            offsets: &[isize],
+            masks: [&[u16]; 2],
+            q: usize,
+            c0: usize,
+            c1: usize,
+        ) -> Vec<f32> {
+            lanes::weight_item::<Avx2, 2, 6>(g, x, dy, offsets, masks, q, c0, c1)
+        }
+    }
+}
+
+/// The kernels, written once over 16 lanes ([`crate::kernels::lanes`]).
+mod lanes {
+    use std::ops::Range;
+
+    use super::{Flat, HalfMasks, MaskTable, Start, Taps, WeightGeom, GROUP, ROWS, STRIP};
+    use crate::kernels::lanes::{prefetch, Lanes16};
+    use crate::kernels::packed::{PackedA, MR};
+
+    /// Strips `strips` of the batch laid end to end (see [`Flat`]), every output channel, `R`
+    /// output channels by `H` half strips per micro-kernel call (`N = R·H` accumulators).
+    ///
+    /// # Safety
+    /// `V`'s instruction set present; `x` is `[N, C_in, px]`, `y` `[N, C_out, px]` (written,
+    /// every element of these strips, before it is read: the first block of channels stores the
+    /// sums, later blocks add to them), `w` packed `[C_out, C_in·taps]`; `residual` is null or,
+    /// when `start` has one, its `[N, C_out, px]` values; `start`'s bias has an entry for every
+    /// image and row it indexes; no other thread touches the outputs of these strips.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) unsafe fn forward_strips<V: Lanes16, const R: usize, const H: usize, const N: usize>(
+        w: &PackedA,
+        taps: &Taps,
+        table: &MaskTable,
+        flat: &Flat,
+        x: *const f32,
+        y: *mut f32,
+        residual: *const f32,
+        strips: Range<usize>,
+        start: &Start<'_>,
+    ) {
+        debug_assert!(R * H == N && MR.is_multiple_of(R) && 2 % H == 0);
         let t_n = taps.len();
         let (rows, inner, px) = (w.rows, w.inner, flat.px);
         debug_assert_eq!(inner, flat.c_in * t_n);
@@ -439,10 +622,19 @@ mod avx512 {
                     let out = [ys[0].wrapping_add(r0 * px), ys[1].wrapping_add(r0 * px)];
                     let res = [rs[0].wrapping_add(r0 * px), rs[1].wrapping_add(r0 * px)];
                     let live = MR.min(rows - r0);
-                    if split {
-                        strip_kernel::<true>(&block, panel, out, res, live, r0);
-                    } else {
-                        strip_kernel::<false>(&block, panel, out, res, live, r0);
+                    for rr in (0..live).step_by(R) {
+                        for hh in (0..2).step_by(H) {
+                            if H == 1 && block.stores[hh] == [0, 0] {
+                                // A half strip past the batch's end: nothing to compute.
+                                continue;
+                            }
+                            let call = Pass { panel, out, res, live, r0, rr, hh };
+                            if split {
+                                strip_kernel::<V, R, H, N, true>(&block, &call);
+                            } else {
+                                strip_kernel::<V, R, H, N, false>(&block, &call);
+                            }
+                        }
                     }
                 }
             }
@@ -453,8 +645,8 @@ mod avx512 {
     /// strip before it is computed: its first block of channels loads the residual of every
     /// output channel, one cache line or two per channel `px` floats apart, which the hardware
     /// does not prefetch by itself, and the micro-kernel would wait on each.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn prefetch_residual(flat: &Flat, residual: *const f32, s: usize) {
+    #[inline(always)]
+    fn prefetch_residual(flat: &Flat, residual: *const f32, s: usize) {
         for h in 0..2 {
             let f = s * STRIP + 16 * h;
             let (image, q0) = (f / flat.span, f % flat.span);
@@ -465,19 +657,17 @@ mod avx512 {
             let spills = q0 + 16 > flat.px && image + 1 < flat.total / flat.px;
             for r in 0..flat.c_out {
                 let p = residual.wrapping_add(plane0 + r * flat.px + q0);
-                _mm_prefetch::<_MM_HINT_T0>(p.cast());
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(15).cast());
+                prefetch(p);
+                prefetch(p.wrapping_add(15));
                 if spills {
                     // The next image's lanes start at its pixel 0.
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        residual.wrapping_add(plane0 + (flat.c_out + r) * flat.px).cast(),
-                    );
+                    prefetch(residual.wrapping_add(plane0 + (flat.c_out + r) * flat.px));
                 }
             }
         }
     }
 
-    /// What the 8 x 32 blocks of one strip and one block of input channels share.
+    /// What the blocks of one strip and one block of input channels share.
     struct Block<'a> {
         channels: usize,
         t_n: usize,
@@ -499,114 +689,175 @@ mod avx512 {
         images: [usize; 2],
     }
 
-    /// One 8 x 32 output block over a block of input channels of `t_n` taps each: the
-    /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read, per half strip, at
-    /// `x + c·x_plane + offsets[t]` under the first image's mask and, if `SPLIT`, `next_in`
-    /// further on under the second image's; the outputs (and `res`, the residual at the same
-    /// places) likewise. `SPLIT` is whether any half strip has lanes in a second image.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn strip_kernel<const SPLIT: bool>(
-        b: &Block<'_>,
+    /// One micro-kernel call's place: the panel's 8 rows (`live` of them real) at `r0`, of
+    /// which rows `rr..rr+R` and half strips `hh..hh+H` are computed; `out` and `res` (the
+    /// residual at the same places) per half strip at row `r0`.
+    struct Pass {
         panel: *const f32,
         out: [*mut f32; 2],
         res: [*const f32; 2],
         live: usize,
         r0: usize,
+        rr: usize,
+        hh: usize,
+    }
+
+    /// One R x 16H output block over a block of input channels of `t_n` taps each: the
+    /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read, per half strip, at
+    /// `x + c·x_plane + offsets[t]` under the first image's mask and, if `SPLIT`, `next_in`
+    /// further on under the second image's; the outputs (and the residual) likewise. `SPLIT`
+    /// is whether any half strip has lanes in a second image.
+    #[inline(always)]
+    unsafe fn strip_kernel<V: Lanes16, const R: usize, const H: usize, const N: usize, const SPLIT: bool>(
+        b: &Block<'_>,
+        p: &Pass,
     ) {
-        let [h0, h1] = b.loads;
-        let mut acc = [_mm512_setzero_ps(); 2 * MR];
-        for r in 0..MR {
-            if r >= live {
+        let mut acc = [V::zero(); N];
+        for r in 0..R {
+            let row = p.rr + r;
+            if row >= p.live {
                 continue;
             }
-            for (h, [first, second]) in b.stores.into_iter().enumerate() {
-                let o = out[h].wrapping_add(r * b.y_plane);
-                acc[2 * r + h] = match b.start {
+            for h in 0..H {
+                let half = p.hh + h;
+                let [first, second] = b.stores[half];
+                let o = p.out[half].wrapping_add(row * b.y_plane);
+                acc[r * H + h] = match b.start {
                     None => {
-                        let v = _mm512_maskz_loadu_ps(first, o);
+                        let v = V::load_masked(first, o);
                         if SPLIT {
-                            _mm512_mask_loadu_ps(v, second, o.wrapping_add(b.next_out))
+                            V::load_merge(v, second, o.wrapping_add(b.next_out))
                         } else {
                             v
                         }
                     }
                     Some(s) => {
-                        let (row, image) = (r0 + r, b.images[h]);
+                        let (channel, image) = (p.r0 + row, b.images[half]);
                         // A half wholly past the batch has no lanes and reads no bias.
                         let mut v = match s.bias {
                             Some(bias) if first != 0 => {
-                                let v = _mm512_set1_ps(*bias.get_unchecked(image * s.image_stride + row));
+                                let v = V::splat(*bias.get_unchecked(image * s.image_stride + channel));
                                 if SPLIT && second != 0 {
-                                    let next = *bias.get_unchecked((image + 1) * s.image_stride + row);
-                                    _mm512_mask_blend_ps(second, v, _mm512_set1_ps(next))
+                                    let next = *bias.get_unchecked((image + 1) * s.image_stride + channel);
+                                    v.blend(second, V::splat(next))
                                 } else {
                                     v
                                 }
                             }
-                            _ => _mm512_setzero_ps(),
+                            _ => V::zero(),
                         };
                         if s.residual.is_some() {
-                            let p = res[h].wrapping_add(r * b.y_plane);
-                            let mut rv = _mm512_maskz_loadu_ps(first, p);
+                            let q = p.res[half].wrapping_add(row * b.y_plane);
+                            let mut rv = V::load_masked(first, q);
                             if SPLIT {
-                                rv = _mm512_mask_loadu_ps(rv, second, p.wrapping_add(b.next_out));
+                                rv = V::load_merge(rv, second, q.wrapping_add(b.next_out));
                             }
-                            v = _mm512_add_ps(v, rv);
+                            v = v.add(rv);
                         }
                         v
                     }
                 };
             }
         }
-        let mut wp = panel;
+        let mut wp = p.panel.add(p.rr);
         for t in 0..b.t_n {
             // Lanes whose element is outside their image (or past the batch) are masked off:
             // not read, and loaded as 0.0, the zero im2col would have written.
-            let (a0, a1) = (*h0.a.get_unchecked(t), *h1.a.get_unchecked(t));
-            let (b0, b1) = (*h0.b.get_unchecked(t), *h1.b.get_unchecked(t));
+            let mut first = [0u16; H];
+            let mut second = [0u16; H];
             let offset = *b.offsets.add(t);
-            let mut src = [b.x[0].wrapping_offset(offset), b.x[1].wrapping_offset(offset)];
-            for _ in 0..b.channels {
-                let mut v0 = _mm512_maskz_loadu_ps(a0, src[0]);
-                let mut v1 = _mm512_maskz_loadu_ps(a1, src[1]);
-                if SPLIT {
-                    v0 = _mm512_mask_loadu_ps(v0, b0, src[0].wrapping_add(b.next_in));
-                    v1 = _mm512_mask_loadu_ps(v1, b1, src[1].wrapping_add(b.next_in));
-                }
-                for r in 0..MR {
-                    let wr = _mm512_set1_ps(*wp.add(r));
-                    acc[2 * r] = _mm512_fmadd_ps(wr, v0, acc[2 * r]);
-                    acc[2 * r + 1] = _mm512_fmadd_ps(wr, v1, acc[2 * r + 1]);
-                }
-                wp = wp.add(MR);
-                src = [src[0].wrapping_add(b.x_plane), src[1].wrapping_add(b.x_plane)];
+            let mut src = [std::ptr::null::<f32>(); H];
+            for h in 0..H {
+                let half = &b.loads[p.hh + h];
+                first[h] = *half.a.get_unchecked(t);
+                second[h] = *half.b.get_unchecked(t);
+                src[h] = b.x[p.hh + h].wrapping_offset(offset);
+            }
+            // Most taps of most strips read every lane inside one image: plain loads there.
+            let whole = first.iter().all(|&m| m == u16::MAX) && second.iter().all(|&m| m == 0);
+            if whole {
+                wp = channel_terms::<V, R, H, N, false, false>(b, &mut acc, wp, src, first, second);
+            } else {
+                wp = channel_terms::<V, R, H, N, true, SPLIT>(b, &mut acc, wp, src, first, second);
             }
         }
-        for r in 0..MR {
-            if r >= live {
+        for r in 0..R {
+            let row = p.rr + r;
+            if row >= p.live {
                 continue;
             }
-            for (h, [first, second]) in b.stores.into_iter().enumerate() {
-                let o = out[h].wrapping_add(r * b.y_plane);
-                _mm512_mask_storeu_ps(o, first, acc[2 * r + h]);
+            for h in 0..H {
+                let half = p.hh + h;
+                let [first, second] = b.stores[half];
+                let o = p.out[half].wrapping_add(row * b.y_plane);
+                acc[r * H + h].store_masked(first, o);
                 if SPLIT {
-                    _mm512_mask_storeu_ps(o.wrapping_add(b.next_out), second, acc[2 * r + h]);
+                    acc[r * H + h].store_masked(second, o.wrapping_add(b.next_out));
                 }
             }
         }
     }
 
+    /// One tap's terms over the block's channels: per channel, the `H` half strips' windows
+    /// (with `MASKED`, under `first`, and with `SPLIT` also `second` `next_in` further on;
+    /// without, whole vectors, where the caller has checked that `first` selects every lane)
+    /// times the `R` rows' weights. Returns the panel pointer after the block's channels.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn channel_terms<
+        V: Lanes16,
+        const R: usize,
+        const H: usize,
+        const N: usize,
+        const MASKED: bool,
+        const SPLIT: bool,
+    >(
+        b: &Block<'_>,
+        acc: &mut [V; N],
+        mut wp: *const f32,
+        mut src: [*const f32; H],
+        first: [u16; H],
+        second: [u16; H],
+    ) -> *const f32 {
+        for _ in 0..b.channels {
+            let mut v = [V::zero(); H];
+            for h in 0..H {
+                v[h] = if !MASKED {
+                    V::load(src[h])
+                } else if SPLIT {
+                    V::load_merge(V::load_masked(first[h], src[h]), second[h], src[h].wrapping_add(b.next_in))
+                } else {
+                    V::load_masked(first[h], src[h])
+                };
+            }
+            for r in 0..R {
+                let wr = V::splat(*wp.add(r));
+                for h in 0..H {
+                    acc[r * H + h] = acc[r * H + h].fmadd(wr, v[h]);
+                }
+            }
+            wp = wp.add(MR);
+            for s in &mut src {
+                *s = s.wrapping_add(b.x_plane);
+            }
+        }
+        wp
+    }
+
     /// The weight gradient of output channels `8q..8q+8` (those that exist) and input channels
-    /// `c0..c1`, as `[row][c − c0][tap]`.
+    /// `c0..c1`, as `[row][c − c0][tap]`; `RP` rows x 3 taps per pass over the pixels
+    /// (`A = 3·RP` accumulators). Lane `l` of a weight's accumulator sums, in order, its terms
+    /// at the pixels `≡ l mod 16` of each chunk; the passes only change which weights one sweep
+    /// updates, not any weight's order of terms.
     ///
     /// # Safety
-    /// AVX-512F must be available; `x: [N, C_in, px]`, `dy: [N, C_out, px]`; `masks` as built
-    /// by `backward_weight` (`[chunk][tap]`, taps padded to whole groups): with `g.flatten`, for
-    /// a full block of images end to end and for the last, shorter one; without, for one image.
+    /// `V`'s instruction set present; `x: [N, C_in, px]`, `dy: [N, C_out, px]`; `masks` as
+    /// built by `backward_weight` (`[chunk][tap]`, taps padded to whole groups): with
+    /// `g.flatten`, for a full block of images end to end and for the last, shorter one;
+    /// without, for one image.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weight_item(
+    #[inline(always)]
+    pub(super) unsafe fn weight_item<V: Lanes16, const RP: usize, const A: usize>(
         g: &WeightGeom,
         x: &[f32],
         dy: &[f32],
@@ -616,6 +867,7 @@ mod avx512 {
         c0: usize,
         c1: usize,
     ) -> Vec<f32> {
+        debug_assert!(RP * GROUP == A && ROWS.is_multiple_of(RP));
         let (px, t_n) = (g.px, g.t_n);
         debug_assert!(x.len() == g.n * g.c_in * px && dy.len() == g.n * g.c_out * px);
         let groups = t_n.div_ceil(GROUP);
@@ -623,7 +875,7 @@ mod avx512 {
         let live = ROWS.min(g.c_out - q * ROWS);
         let cc = c1 - c0;
         // The 24 accumulators of each (channel, tap group), kept between blocks.
-        let mut acc_buf = vec![_mm512_setzero_ps(); cc * groups * ROWS * GROUP];
+        let mut acc_buf = vec![V::zero(); cc * groups * ROWS * GROUP];
         let block_len = g.image_block * px;
         // dy of this panel for a block, `[segment][chunk][row][16]` (a segment is the whole
         // block when flattened, else one image), zero past each segment's last pixel and in rows
@@ -664,42 +916,44 @@ mod avx512 {
             for c in 0..cc {
                 for gi in 0..groups {
                     let slot = &mut acc_buf[(c * groups + gi) * ROWS * GROUP..][..ROWS * GROUP];
-                    let mut acc = [_mm512_setzero_ps(); ROWS * GROUP];
-                    acc.copy_from_slice(slot);
-                    let mut d = dy_panel.as_ptr();
-                    for seg in 0..segments {
-                        let xp = if g.flatten {
-                            x_block.as_ptr().add(c * seg_len)
-                        } else {
-                            x.as_ptr().add(((n0 + seg) * g.c_in + c0 + c) * px)
-                        };
-                        // This group's taps; a missing one has an empty mask and offset 0.
-                        let mut xs_ptr = [xp; GROUP];
-                        for (k, ptr) in xs_ptr.iter_mut().enumerate() {
-                            if let Some(&o) = offsets.get(gi * GROUP + k) {
-                                *ptr = xp.wrapping_offset(o);
-                            }
-                        }
-                        let mut m = table.as_ptr().add(gi * GROUP);
-                        for ch in 0..seg_chunks {
-                            let p = ch * 16;
-                            let mut xs = [_mm512_setzero_ps(); GROUP];
-                            for k in 0..GROUP {
-                                // Lanes past the segment or reading outside their image are off.
-                                xs[k] = _mm512_maskz_loadu_ps(*m.add(k), xs_ptr[k].wrapping_add(p));
-                            }
-                            for r in 0..ROWS {
-                                let dv = _mm512_loadu_ps(d.add(r * 16));
-                                for k in 0..GROUP {
-                                    acc[r * GROUP + k] = _mm512_fmadd_ps(dv, xs[k], acc[r * GROUP + k]);
+                    for r0 in (0..live).step_by(RP) {
+                        let mut acc = [V::zero(); A];
+                        acc.copy_from_slice(&slot[r0 * GROUP..][..A]);
+                        let mut d = dy_panel.as_ptr().add(r0 * 16);
+                        for seg in 0..segments {
+                            let xp = if g.flatten {
+                                x_block.as_ptr().add(c * seg_len)
+                            } else {
+                                x.as_ptr().add(((n0 + seg) * g.c_in + c0 + c) * px)
+                            };
+                            // This group's taps; a missing one has an empty mask and offset 0.
+                            let mut xs_ptr = [xp; GROUP];
+                            for (k, ptr) in xs_ptr.iter_mut().enumerate() {
+                                if let Some(&o) = offsets.get(gi * GROUP + k) {
+                                    *ptr = xp.wrapping_offset(o);
                                 }
                             }
-                            d = d.add(ROWS * 16);
-                            // One past the table after the last chunk: never read.
-                            m = m.wrapping_add(padded_taps);
+                            let mut m = table.as_ptr().add(gi * GROUP);
+                            for ch in 0..seg_chunks {
+                                let p = ch * 16;
+                                let mut xs = [V::zero(); GROUP];
+                                for k in 0..GROUP {
+                                    // Lanes past the segment or reading outside their image are off.
+                                    xs[k] = V::load_masked(*m.add(k), xs_ptr[k].wrapping_add(p));
+                                }
+                                for r in 0..RP {
+                                    let dv = V::load(d.add(r * 16));
+                                    for k in 0..GROUP {
+                                        acc[r * GROUP + k] = acc[r * GROUP + k].fmadd(dv, xs[k]);
+                                    }
+                                }
+                                d = d.add(ROWS * 16);
+                                // One past the table after the last chunk: never read.
+                                m = m.wrapping_add(padded_taps);
+                            }
                         }
+                        slot[r0 * GROUP..][..A].copy_from_slice(&acc);
                     }
-                    slot.copy_from_slice(&acc);
                 }
             }
         }
@@ -709,9 +963,7 @@ mod avx512 {
             for c in 0..cc {
                 for t in 0..t_n {
                     let (gi, k) = (t / GROUP, t % GROUP);
-                    let v = acc_buf[(c * groups + gi) * ROWS * GROUP + r * GROUP + k];
-                    let mut lanes = [0.0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                    let mut lanes = acc_buf[(c * groups + gi) * ROWS * GROUP + r * GROUP + k].to_array();
                     let mut width = 16;
                     while width > 1 {
                         width /= 2;
@@ -724,5 +976,71 @@ mod avx512 {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::Rng as _;
+
+    /// A stride-1 same geometry the implicit kernels take: odd sizes (partial strips, images
+    /// laid end to end, strips crossing images), up to 5x5 kernels, uneven padding.
+    fn same() -> impl Strategy<Value = Conv2dGeom> {
+        (1usize..=3, 1usize..=3)
+            .prop_flat_map(|(kh, kw)| {
+                (
+                    (1usize..=3, 1usize..=20, 1usize..=19),
+                    (4usize..=15, 4usize..=15),
+                    (Just((kh, kw)), 0..kh, 0..kw),
+                )
+            })
+            .prop_map(|((n, c_in, c_out), (h, w), ((kh, kw), top, left))| Conv2dGeom {
+                n,
+                c_in,
+                h,
+                w,
+                c_out,
+                kh: 2 * kh - 1,
+                kw: 2 * kw - 1,
+                stride: 1,
+                pad_top: top,
+                pad_bottom: 2 * kh - 2 - top,
+                pad_left: left,
+                pad_right: 2 * kw - 2 - left,
+            })
+            .prop_filter("the implicit kernels apply", applies)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Every level this machine runs gives the portable lanes' bits, forward (with a bias
+        /// per image and a residual) and for the weight gradient: one order of sums everywhere.
+        #[test]
+        fn every_level_gives_the_same_bits(g in same(), with_residual in any::<bool>(), seed in any::<u64>()) {
+            let mut rng = crate::rng_from_seed(seed);
+            let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+            let (x, w, dy) = (rand(g.x_len()), rand(g.w_len()), rand(g.y_len()));
+            let (bias, residual) = (rand(g.n * g.c_out), rand(g.y_len()));
+            let taps = g.kh * g.kw;
+            let start = Start { bias: Some(&bias), image_stride: g.c_out, residual: with_residual.then_some(&residual[..]) };
+            let run = |isa: Isa| {
+                let mut y = vec![MaybeUninit::new(f32::NAN); g.y_len()];
+                forward_on(isa, &g, &x, |r, c, t| w[(r * g.c_in + c) * taps + t], start, &mut y);
+                // SAFETY: `forward_on` writes every element (and they started initialised).
+                let y: Vec<u32> = y.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect();
+                let mut dw = vec![f32::NAN; g.w_len()];
+                backward_weight_on(isa, &g, &x, &dy, &mut dw);
+                (y, dw.iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
+            };
+            let want = run(Isa::Scalar);
+            for isa in Isa::available() {
+                let got = run(isa);
+                prop_assert!(got.0 == want.0, "forward on {} differs from scalar ({:?})", isa, g);
+                prop_assert!(got.1 == want.1, "weight gradient on {} differs from scalar ({:?})", isa, g);
+            }
+        }
     }
 }

@@ -1,0 +1,474 @@
+//! Sixteen `f32` lanes, whatever the machine's vector width: the one shape in which the products
+//! and convolutions of `packed.rs` and `conv/implicit.rs` are written, so that each instruction
+//! set runs the same sums in the same order and gives the same bits (docs/cpu.md).
+//!
+//! | type | holds the 16 lanes as | when |
+//! |---|---|---|
+//! | [`Avx512`] | one `__m512` | `DDPM_CPU` level `avx512` |
+//! | [`Avx2`] | two `__m256` (lanes 0..8, 8..16) | level `avx2` |
+//! | `Neon` | four `float32x4_t` | level `neon` (every aarch64 machine) |
+//! | [`Portable`] | `[f32; 16]`, a loop per lane | level `scalar`, and every other architecture |
+//!
+//! Every operation is lane-wise, and the multiply-add is fused on every type (`f32::mul_add` in
+//! the portable one), so a lane's value after the same sequence of operations is the same bits
+//! on every type. Masks are `u16`, bit `l` for lane `l`; a masked-off lane of a load is neither
+//! read nor allowed to fault, and loads as 0.0; a masked-off lane of a store is not written.
+//!
+//! The methods are `unsafe`: each type's may only run where its instruction set is present, and
+//! the pointer ones read or write the lanes their mask selects. Kernels generic over [`Lanes16`]
+//! are `#[inline(always)]` and instantiated inside a function that enables the type's target
+//! features, so that every method inlines into one loop.
+
+/// Sixteen `f32` lanes; see the module's documentation.
+pub(crate) trait Lanes16: Copy {
+    /// All lanes 0.
+    unsafe fn zero() -> Self;
+    /// All lanes `v`.
+    unsafe fn splat(v: f32) -> Self;
+    /// Lanes `p[0..16]`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// Lane `l` from `p[l]` where bit `l` of `m` is set, else 0.0 (and `p[l]` not touched).
+    unsafe fn load_masked(m: u16, p: *const f32) -> Self;
+    /// Lane `l` from `p[l]` where bit `l` of `m` is set, else `v`'s lane.
+    unsafe fn load_merge(v: Self, m: u16, p: *const f32) -> Self;
+    /// Lanes into `p[0..16]`.
+    unsafe fn store(self, p: *mut f32);
+    /// Lane `l` into `p[l]` where bit `l` of `m` is set; the others not touched.
+    unsafe fn store_masked(self, m: u16, p: *mut f32);
+    /// `self + b`, lane-wise.
+    unsafe fn add(self, b: Self) -> Self;
+    /// `a·b + self`, lane-wise, rounded once.
+    unsafe fn fmadd(self, a: Self, b: Self) -> Self;
+    /// `b`'s lane where bit `l` of `m` is set, else `self`'s.
+    unsafe fn blend(self, m: u16, b: Self) -> Self;
+    /// The lanes, in order.
+    unsafe fn to_array(self) -> [f32; 16] {
+        let mut out = [0.0f32; 16];
+        self.store(out.as_mut_ptr());
+        out
+    }
+}
+
+/// The portable lanes: a loop per lane, which the compiler vectorises where it can.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Portable([f32; 16]);
+
+impl Lanes16 for Portable {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Portable([0.0; 16])
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Portable([v; 16])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Portable(std::array::from_fn(|l| *p.add(l)))
+    }
+    #[inline(always)]
+    unsafe fn load_masked(m: u16, p: *const f32) -> Self {
+        Portable(std::array::from_fn(|l| if m >> l & 1 != 0 { *p.wrapping_add(l) } else { 0.0 }))
+    }
+    #[inline(always)]
+    unsafe fn load_merge(v: Self, m: u16, p: *const f32) -> Self {
+        Portable(std::array::from_fn(|l| if m >> l & 1 != 0 { *p.wrapping_add(l) } else { v.0[l] }))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        for (l, &v) in self.0.iter().enumerate() {
+            *p.add(l) = v;
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_masked(self, m: u16, p: *mut f32) {
+        for (l, &v) in self.0.iter().enumerate() {
+            if m >> l & 1 != 0 {
+                *p.wrapping_add(l) = v;
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|l| self.0[l] + b.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+        Portable(std::array::from_fn(|l| a.0[l].mul_add(b.0[l], self.0[l])))
+    }
+    #[inline(always)]
+    unsafe fn blend(self, m: u16, b: Self) -> Self {
+        Portable(std::array::from_fn(|l| if m >> l & 1 != 0 { b.0[l] } else { self.0[l] }))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) use arm::Neon;
+
+/// Asks for the cache line holding `p` to be brought into L1 (a hint: nothing where the
+/// architecture has no such instruction in its baseline; never faults).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64's baseline; a prefetch does not fault on any address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Lanes16;
+
+    /// The 16 lanes in one AVX-512 register.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx512(__m512);
+
+    impl Lanes16 for Avx512 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn zero() -> Self {
+            Avx512(_mm512_setzero_ps())
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn splat(v: f32) -> Self {
+            Avx512(_mm512_set1_ps(v))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx512(_mm512_loadu_ps(p))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_masked(m: u16, p: *const f32) -> Self {
+            Avx512(_mm512_maskz_loadu_ps(m, p))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_merge(v: Self, m: u16, p: *const f32) -> Self {
+            Avx512(_mm512_mask_loadu_ps(v.0, m, p))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self.0)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store_masked(self, m: u16, p: *mut f32) {
+            _mm512_mask_storeu_ps(p, m, self.0)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn add(self, b: Self) -> Self {
+            Avx512(_mm512_add_ps(self.0, b.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+            Avx512(_mm512_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn blend(self, m: u16, b: Self) -> Self {
+            Avx512(_mm512_mask_blend_ps(m, self.0, b.0))
+        }
+    }
+
+    /// The 16 lanes in two AVX2 registers: lanes 0..8, then 8..16.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx2([__m256; 2]);
+
+    /// Per byte of a mask, its 8 lanes as AVX2 wants them: all bits set where the lane is on.
+    static MASKS: [[i32; 8]; 256] = {
+        let mut t = [[0i32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut l = 0;
+            while l < 8 {
+                if m >> l & 1 != 0 {
+                    t[m][l] = -1;
+                }
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// The AVX2 mask of lanes `8h..8h+8` of `m`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn half_mask(m: u16, h: usize) -> __m256i {
+        _mm256_loadu_si256(MASKS[((m >> (8 * h)) & 0xFF) as usize].as_ptr().cast())
+    }
+
+    /// Lanes `8h..8h+8` of `m` selected, the others 0.0 and not touched.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_half(m: u16, p: *const f32, h: usize) -> __m256 {
+        match (m >> (8 * h)) & 0xFF {
+            0xFF => _mm256_loadu_ps(p.wrapping_add(8 * h)),
+            0 => _mm256_setzero_ps(),
+            _ => _mm256_maskload_ps(p.wrapping_add(8 * h), half_mask(m, h)),
+        }
+    }
+
+    impl Lanes16 for Avx2 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn zero() -> Self {
+            Avx2([_mm256_setzero_ps(); 2])
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn splat(v: f32) -> Self {
+            let s = _mm256_set1_ps(v);
+            Avx2([s, s])
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx2([_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))])
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_masked(m: u16, p: *const f32) -> Self {
+            Avx2([load_half(m, p, 0), load_half(m, p, 1)])
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_merge(v: Self, m: u16, p: *const f32) -> Self {
+            if m == 0 {
+                return v;
+            }
+            v.blend(m, Self::load_masked(m, p))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0[0]);
+            _mm256_storeu_ps(p.add(8), self.0[1]);
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store_masked(self, m: u16, p: *mut f32) {
+            for h in 0..2 {
+                let q = p.wrapping_add(8 * h);
+                match (m >> (8 * h)) & 0xFF {
+                    0xFF => _mm256_storeu_ps(q, self.0[h]),
+                    0 => {}
+                    _ => _mm256_maskstore_ps(q, half_mask(m, h), self.0[h]),
+                }
+            }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn add(self, b: Self) -> Self {
+            Avx2([_mm256_add_ps(self.0[0], b.0[0]), _mm256_add_ps(self.0[1], b.0[1])])
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+            Avx2([_mm256_fmadd_ps(a.0[0], b.0[0], self.0[0]), _mm256_fmadd_ps(a.0[1], b.0[1], self.0[1])])
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn blend(self, m: u16, b: Self) -> Self {
+            let pick = |h: usize| _mm256_castsi256_ps(half_mask(m, h));
+            Avx2([_mm256_blendv_ps(self.0[0], b.0[0], pick(0)), _mm256_blendv_ps(self.0[1], b.0[1], pick(1))])
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use super::Lanes16;
+
+    /// The 16 lanes in four NEON registers (lanes 0..4, 4..8, 8..12, 12..16). NEON is part of
+    /// aarch64's baseline, so these run on every aarch64 machine. NEON has no masked loads or
+    /// stores: a quarter whose mask is whole or empty takes one instruction, a partial one goes
+    /// lane by lane.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Neon([float32x4_t; 4]);
+
+    /// Per nibble of a mask, its 4 lanes as NEON's bit select wants them.
+    static MASKS: [[u32; 4]; 16] = {
+        let mut t = [[0u32; 4]; 16];
+        let mut m = 0;
+        while m < 16 {
+            let mut l = 0;
+            while l < 4 {
+                if m >> l & 1 != 0 {
+                    t[m][l] = u32::MAX;
+                }
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    #[inline(always)]
+    fn nibble(m: u16, i: usize) -> usize {
+        ((m >> (4 * i)) & 0xF) as usize
+    }
+
+    impl Lanes16 for Neon {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Neon([vdupq_n_f32(0.0); 4])
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Neon([vdupq_n_f32(v); 4])
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Neon(std::array::from_fn(|i| vld1q_f32(p.add(4 * i))))
+        }
+        #[inline(always)]
+        unsafe fn load_masked(m: u16, p: *const f32) -> Self {
+            Neon(std::array::from_fn(|i| {
+                let q = p.wrapping_add(4 * i);
+                match nibble(m, i) {
+                    0xF => vld1q_f32(q),
+                    0 => vdupq_n_f32(0.0),
+                    n => {
+                        let lanes: [f32; 4] =
+                            std::array::from_fn(|l| if n >> l & 1 != 0 { *q.wrapping_add(l) } else { 0.0 });
+                        vld1q_f32(lanes.as_ptr())
+                    }
+                }
+            }))
+        }
+        #[inline(always)]
+        unsafe fn load_merge(v: Self, m: u16, p: *const f32) -> Self {
+            v.blend(m, Self::load_masked(m, p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            for (i, &v) in self.0.iter().enumerate() {
+                vst1q_f32(p.add(4 * i), v);
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_masked(self, m: u16, p: *mut f32) {
+            for (i, &v) in self.0.iter().enumerate() {
+                let q = p.wrapping_add(4 * i);
+                match nibble(m, i) {
+                    0xF => vst1q_f32(q, v),
+                    0 => {}
+                    n => {
+                        let mut lanes = [0.0f32; 4];
+                        vst1q_f32(lanes.as_mut_ptr(), v);
+                        for (l, &x) in lanes.iter().enumerate() {
+                            if n >> l & 1 != 0 {
+                                *q.wrapping_add(l) = x;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            Neon(std::array::from_fn(|i| vaddq_f32(self.0[i], b.0[i])))
+        }
+        #[inline(always)]
+        unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+            Neon(std::array::from_fn(|i| vfmaq_f32(self.0[i], a.0[i], b.0[i])))
+        }
+        #[inline(always)]
+        unsafe fn blend(self, m: u16, b: Self) -> Self {
+            Neon(std::array::from_fn(|i| {
+                vbslq_f32(vld1q_u32(MASKS[nibble(m, i)].as_ptr()), b.0[i], self.0[i])
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One sequence of every operation, on lane type `V`.
+    ///
+    /// # Safety
+    /// `V`'s instruction set must be present.
+    #[inline(always)]
+    unsafe fn exercise<V: Lanes16>(a: &[f32; 16], b: &[f32; 16], c: &[f32; 16], m: u16, n: u16) -> [f32; 16] {
+        let (va, vb, vc) = (V::load(a.as_ptr()), V::load(b.as_ptr()), V::load(c.as_ptr()));
+        let mut s = vc.fmadd(va, vb).add(V::splat(0.5));
+        s = s.blend(m, V::load_masked(n, b.as_ptr()));
+        s = V::load_merge(s, n & !m, c.as_ptr());
+        let mut out = *c;
+        s.fmadd(V::zero(), va).store_masked(m | n, out.as_mut_ptr());
+        out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exercise_avx512(a: &[f32; 16], b: &[f32; 16], c: &[f32; 16], m: u16, n: u16) -> [f32; 16] {
+        exercise::<Avx512>(a, b, c, m, n)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exercise_avx2(a: &[f32; 16], b: &[f32; 16], c: &[f32; 16], m: u16, n: u16) -> [f32; 16] {
+        exercise::<Avx2>(a, b, c, m, n)
+    }
+
+    proptest! {
+        /// Every lane type gives the portable lanes' bits, and those follow the definitions
+        /// lane by lane (the fused multiply-add rounded once).
+        #[test]
+        fn every_lane_type_gives_the_portable_bits(
+            a in prop::array::uniform16(-1e3f32..1e3), b in prop::array::uniform16(-1e3f32..1e3),
+            c in prop::array::uniform16(-1e3f32..1e3), m in any::<u16>(), n in any::<u16>(),
+        ) {
+            // SAFETY: the portable lanes run everywhere.
+            let want = unsafe { exercise::<Portable>(&a, &b, &c, m, n) };
+            for l in 0..16 {
+                let (on_m, on_n) = (m >> l & 1 != 0, n >> l & 1 != 0);
+                // `f32::mul_add` is IEEE 754's fusedMultiplyAdd: a·b + c rounded once.
+                let fused = a[l].mul_add(b[l], c[l]) + 0.5;
+                let s = if on_m { if on_n { b[l] } else { 0.0 } } else if on_n { c[l] } else { fused };
+                let expect = if on_m || on_n { s } else { c[l] };
+                prop_assert_eq!(want[l].to_bits(), expect.to_bits(), "lane {}", l);
+            }
+            #[cfg(target_arch = "aarch64")]
+            {
+                // SAFETY: NEON is part of aarch64's baseline.
+                let got = unsafe { exercise::<Neon>(&a, &b, &c, m, n) };
+                prop_assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "neon");
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                use crate::cpu::{Isa, active};
+                if active() >= Isa::Avx2 {
+                    // SAFETY: AVX2 and FMA are present.
+                    let got = unsafe { exercise_avx2(&a, &b, &c, m, n) };
+                    prop_assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "avx2");
+                }
+                if active() >= Isa::Avx512 {
+                    // SAFETY: AVX-512F is present.
+                    let got = unsafe { exercise_avx512(&a, &b, &c, m, n) };
+                    prop_assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "avx512");
+                }
+            }
+        }
+    }
+}
