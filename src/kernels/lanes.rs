@@ -31,6 +31,15 @@ pub(crate) trait Lanes16: Copy {
     unsafe fn load_masked(m: u16, p: *const f32) -> Self;
     /// Lane `l` from `p[l]` where bit `l` of `m` is set, else `v`'s lane.
     unsafe fn load_merge(v: Self, m: u16, p: *const f32) -> Self;
+    /// A mask in the form this type's masked loads take, for a loop that uses one mask many
+    /// times ([`Lanes16::load_under`], [`Lanes16::merge_under`]).
+    type Mask: Copy;
+    /// `m` prepared.
+    unsafe fn mask(m: u16) -> Self::Mask;
+    /// [`Lanes16::load_masked`] under a prepared mask.
+    unsafe fn load_under(m: Self::Mask, p: *const f32) -> Self;
+    /// [`Lanes16::load_merge`] under a prepared mask: `p`'s lanes where `m` is on, else `self`'s.
+    unsafe fn merge_under(self, m: Self::Mask, p: *const f32) -> Self;
     /// Lanes into `p[0..16]`.
     unsafe fn store(self, p: *mut f32);
     /// Lane `l` into `p[l]` where bit `l` of `m` is set; the others not touched.
@@ -42,10 +51,54 @@ pub(crate) trait Lanes16: Copy {
     /// `b`'s lane where bit `l` of `m` is set, else `self`'s.
     unsafe fn blend(self, m: u16, b: Self) -> Self;
     /// The lanes, in order.
+    #[cfg(test)]
     unsafe fn to_array(self) -> [f32; 16] {
         let mut out = [0.0f32; 16];
         self.store(out.as_mut_ptr());
         out
+    }
+}
+
+/// A register's worth of lanes, 16 or fewer: what a kernel that handles the 16 lanes in parts
+/// works on (the weight gradient, whose accumulators do not all fit in AVX2's or NEON's
+/// registers as whole 16-lane groups, runs over lanes 0..8 and then 8..16 on AVX2). Each lane
+/// still takes the same operations in the same order, so the bits do not change.
+pub(crate) trait Part: Copy {
+    /// Lanes per part; divides 16.
+    const LANES: usize;
+    /// All lanes 0.
+    unsafe fn zero() -> Self;
+    /// Lanes `p[0..LANES]`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// Lane `l` from `p[l]` where bit `l` of `m` is set, else 0.0 (`p[l]` not touched).
+    unsafe fn load_masked(m: u16, p: *const f32) -> Self;
+    /// Lanes into `p[0..LANES]`.
+    unsafe fn store(self, p: *mut f32);
+    /// `a·b + self`, rounded once.
+    unsafe fn fmadd(self, a: Self, b: Self) -> Self;
+}
+
+impl<V: Lanes16> Part for V {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        <V as Lanes16>::zero()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        <V as Lanes16>::load(p)
+    }
+    #[inline(always)]
+    unsafe fn load_masked(m: u16, p: *const f32) -> Self {
+        <V as Lanes16>::load_masked(m, p)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        <V as Lanes16>::store(self, p)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+        <V as Lanes16>::fmadd(self, a, b)
     }
 }
 
@@ -54,6 +107,19 @@ pub(crate) trait Lanes16: Copy {
 pub(crate) struct Portable([f32; 16]);
 
 impl Lanes16 for Portable {
+    type Mask = u16;
+    #[inline(always)]
+    unsafe fn mask(m: u16) -> u16 {
+        m
+    }
+    #[inline(always)]
+    unsafe fn load_under(m: u16, p: *const f32) -> Self {
+        <Self as Lanes16>::load_masked(m, p)
+    }
+    #[inline(always)]
+    unsafe fn merge_under(self, m: u16, p: *const f32) -> Self {
+        <Self as Lanes16>::load_merge(self, m, p)
+    }
     #[inline(always)]
     unsafe fn zero() -> Self {
         Portable([0.0; 16])
@@ -94,7 +160,7 @@ impl Lanes16 for Portable {
     }
     #[inline(always)]
     unsafe fn fmadd(self, a: Self, b: Self) -> Self {
-        Portable(std::array::from_fn(|l| a.0[l].mul_add(b.0[l], self.0[l])))
+        Portable(std::array::from_fn(|l| fused_mul_add(a.0[l], b.0[l], self.0[l])))
     }
     #[inline(always)]
     unsafe fn blend(self, m: u16, b: Self) -> Self {
@@ -103,10 +169,48 @@ impl Lanes16 for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
+pub(crate) use x86::{Avx2, Avx2Half, Avx512};
+
+/// `a·b + c` rounded once to f32, as `f32::mul_add` (IEEE 754 fusedMultiplyAdd), without a
+/// call into libm where the target has no fused multiply-add instruction (x86-64's baseline):
+/// there `f32::mul_add` is a function call per term, which made the portable lanes 60 times
+/// slower than the vector ones.
+///
+/// Method (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms
+/// using rounding to odd", IEEE TC 2008): `a·b` is exact in f64 (48 significant bits); the sum
+/// `s = a·b + c` in f64 with its exact error `e` (Knuth's TwoSum); if `e ≠ 0` and `s` is even,
+/// `s` is replaced by its neighbour towards `e` — the sum rounded to odd in 53 bits. Rounding
+/// that to 24 bits (`as f32`, to nearest) is the correctly rounded `a·b + c`, since 53 ≥ 24 + 2.
+/// Checked against `f32::mul_add` in the tests, including halfway cases and subnormals.
+#[inline(always)]
+pub(crate) fn fused_mul_add(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(any(target_feature = "fma", target_arch = "aarch64")) {
+        // The instruction itself, inline.
+        return a.mul_add(b, c);
+    }
+    fused_mul_add_by_f64(a, b, c)
+}
+
+/// The f64 emulation of [`fused_mul_add`] (its documentation has the method), on every target.
+#[inline(always)]
+fn fused_mul_add_by_f64(a: f32, b: f32, c: f32) -> f32 {
+    let p = f64::from(a) * f64::from(b);
+    let c = f64::from(c);
+    let s = p + c;
+    // TwoSum: e = (p + c) − s exactly (no overflow for f32 inputs).
+    let v = s - p;
+    let e = (p - (s - v)) + (c - v);
+    // Branch-free, so that the lanes' loop vectorises: the neighbour towards e is one step up
+    // in magnitude (bits + 1) if e has s's sign, else down (bits − 1); taken only where e ≠ 0,
+    // s's last bit is 0 and s is finite.
+    let bits = s.to_bits();
+    let toward = if (e > 0.0) == (s > 0.0) { 1u64 } else { u64::MAX };
+    let take = u64::from(e != 0.0) & !bits & u64::from(s.is_finite());
+    f64::from_bits(bits.wrapping_add(toward & take.wrapping_neg())) as f32
+}
 
 #[cfg(target_arch = "aarch64")]
-pub(crate) use arm::Neon;
+pub(crate) use arm::{Neon, NeonQuarter};
 
 /// Asks for the cache line holding `p` to be brought into L1 (a hint: nothing where the
 /// architecture has no such instruction in its baseline; never faults).
@@ -132,6 +236,22 @@ mod x86 {
     pub(crate) struct Avx512(__m512);
 
     impl Lanes16 for Avx512 {
+        type Mask = u16;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn mask(m: u16) -> u16 {
+            m
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_under(m: u16, p: *const f32) -> Self {
+            Avx512(_mm512_maskz_loadu_ps(m, p))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn merge_under(self, m: u16, p: *const f32) -> Self {
+            Avx512(_mm512_mask_loadu_ps(self.0, m, p))
+        }
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn zero() -> Self {
@@ -184,6 +304,39 @@ mod x86 {
         }
     }
 
+    /// Eight lanes in one AVX2 register: a [`super::Part`] of the 16.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx2Half(__m256);
+
+    impl super::Part for Avx2Half {
+        const LANES: usize = 8;
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn zero() -> Self {
+            Avx2Half(_mm256_setzero_ps())
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx2Half(_mm256_loadu_ps(p))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_masked(m: u16, p: *const f32) -> Self {
+            Avx2Half(load_half(m & 0xFF, p, 0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+            Avx2Half(_mm256_fmadd_ps(a.0, b.0, self.0))
+        }
+    }
+
     /// The 16 lanes in two AVX2 registers: lanes 0..8, then 8..16.
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Avx2([__m256; 2]);
@@ -224,6 +377,27 @@ mod x86 {
     }
 
     impl Lanes16 for Avx2 {
+        /// The two halves' masks as `vmaskmovps` takes them: one instruction per half, no branch.
+        type Mask = [__m256i; 2];
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn mask(m: u16) -> [__m256i; 2] {
+            [half_mask(m, 0), half_mask(m, 1)]
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_under(m: [__m256i; 2], p: *const f32) -> Self {
+            Avx2([_mm256_maskload_ps(p, m[0]), _mm256_maskload_ps(p.wrapping_add(8), m[1])])
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn merge_under(self, m: [__m256i; 2], p: *const f32) -> Self {
+            let v = Self::load_under(m, p);
+            Avx2([
+                _mm256_blendv_ps(self.0[0], v.0[0], _mm256_castsi256_ps(m[0])),
+                _mm256_blendv_ps(self.0[1], v.0[1], _mm256_castsi256_ps(m[1])),
+            ])
+        }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn zero() -> Self {
@@ -303,6 +477,42 @@ mod arm {
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Neon([float32x4_t; 4]);
 
+    /// Four lanes in one NEON register: a [`super::Part`] of the 16.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct NeonQuarter(float32x4_t);
+
+    impl super::Part for NeonQuarter {
+        const LANES: usize = 4;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            NeonQuarter(vdupq_n_f32(0.0))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            NeonQuarter(vld1q_f32(p))
+        }
+        #[inline(always)]
+        unsafe fn load_masked(m: u16, p: *const f32) -> Self {
+            NeonQuarter(match nibble(m, 0) {
+                0xF => vld1q_f32(p),
+                0 => vdupq_n_f32(0.0),
+                n => {
+                    let lanes: [f32; 4] =
+                        std::array::from_fn(|l| if n >> l & 1 != 0 { *p.wrapping_add(l) } else { 0.0 });
+                    vld1q_f32(lanes.as_ptr())
+                }
+            })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            vst1q_f32(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+            NeonQuarter(vfmaq_f32(self.0, a.0, b.0))
+        }
+    }
+
     /// Per nibble of a mask, its 4 lanes as NEON's bit select wants them.
     static MASKS: [[u32; 4]; 16] = {
         let mut t = [[0u32; 4]; 16];
@@ -326,6 +536,19 @@ mod arm {
     }
 
     impl Lanes16 for Neon {
+        type Mask = u16;
+        #[inline(always)]
+        unsafe fn mask(m: u16) -> u16 {
+            m
+        }
+        #[inline(always)]
+        unsafe fn load_under(m: u16, p: *const f32) -> Self {
+            <Self as Lanes16>::load_masked(m, p)
+        }
+        #[inline(always)]
+        unsafe fn merge_under(self, m: u16, p: *const f32) -> Self {
+            <Self as Lanes16>::load_merge(self, m, p)
+        }
         #[inline(always)]
         unsafe fn zero() -> Self {
             Neon([vdupq_n_f32(0.0); 4])
@@ -414,6 +637,13 @@ mod tests {
         let mut s = vc.fmadd(va, vb).add(V::splat(0.5));
         s = s.blend(m, V::load_masked(n, b.as_ptr()));
         s = V::load_merge(s, n & !m, c.as_ptr());
+        // The prepared-mask forms give what the plain ones give: lanes of `s` where the two
+        // agree (every lane, if they do), NaN elsewhere.
+        let prepared = V::load_under(V::mask(m), a.as_ptr()).merge_under(V::mask(n & !m), b.as_ptr());
+        let plain = V::load_merge(V::load_masked(m, a.as_ptr()), n & !m, b.as_ptr());
+        let (pr, pl) = (prepared.to_array(), plain.to_array());
+        let same = (0..16).fold(0u16, |acc, l| acc | u16::from(pr[l].to_bits() == pl[l].to_bits()) << l);
+        s = V::splat(f32::NAN).blend(same, s);
         let mut out = *c;
         s.fmadd(V::zero(), va).store_masked(m | n, out.as_mut_ptr());
         out
@@ -429,6 +659,66 @@ mod tests {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exercise_avx2(a: &[f32; 16], b: &[f32; 16], c: &[f32; 16], m: u16, n: u16) -> [f32; 16] {
         exercise::<Avx2>(a, b, c, m, n)
+    }
+
+    /// An f32 from its sign, a biased exponent and a mantissa: every magnitude, subnormals too.
+    fn f32_from(sign: bool, exp: u32, mantissa: u32) -> f32 {
+        f32::from_bits(u32::from(sign) << 31 | (exp % 255) << 23 | (mantissa & 0x7F_FFFF))
+    }
+
+    #[test]
+    fn fused_mul_add_emulation_rounds_halfway_cases_once() {
+        // a·b = 1 + 2^-11 + 2^-24 lies exactly halfway between two f32 (their spacing is
+        // 2^-23 in [1, 2)); c = 2^-80 puts the exact sum just above it, so the answer rounds
+        // up. Rounded to f64 first, the sum loses c, lands on the midpoint, and rounds to even
+        // (down): the double rounding the emulation must avoid.
+        let (a, b, c) = (1.0 + 2f32.powi(-12), 1.0 + 2f32.powi(-12), 2f32.powi(-80));
+        let up = 1.0 + 2f32.powi(-11) + 2f32.powi(-23);
+        assert_eq!(a.mul_add(b, c), up);
+        assert_eq!(
+            ((f64::from(a) * f64::from(b) + f64::from(c)) as f32),
+            up - 2f32.powi(-23),
+            "double rounding"
+        );
+        assert_eq!(fused_mul_add_by_f64(a, b, c), up);
+        assert_eq!(fused_mul_add_by_f64(a, b, -c), up - 2f32.powi(-23));
+        assert_eq!(fused_mul_add_by_f64(-a, b, -c), -up);
+        assert_eq!(fused_mul_add(a, b, c), up);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+        /// The f64 emulation of the fused multiply-add is `f32::mul_add` bit for bit, over every
+        /// sign, exponent (subnormal to overflow) and mantissa, and with operands drawn close
+        /// together so that cancellation and halfway cases are common.
+        #[test]
+        fn fused_mul_add_emulation_is_the_correctly_rounded_result(
+            s in any::<(bool, bool, bool)>(), e in (0u32..255, 0u32..255, 0u32..255),
+            m in any::<(u32, u32, u32)>(), near in any::<bool>(),
+        ) {
+            let (a, b) = (f32_from(s.0, e.0, m.0), f32_from(s.1, e.1, m.1));
+            // `near`: c close to −a·b, so the sum cancels and its low bits decide the rounding.
+            let c = if near { -(a * b) * (1.0 + f32_from(false, 127 - 24 + e.2 % 8, m.2)) } else { f32_from(s.2, e.2, m.2) };
+            let (want, got) = (a.mul_add(b, c), fused_mul_add_by_f64(a, b, c));
+            prop_assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{a:e}·{b:e} + {c:e}: {want:e} vs {got:e}");
+        }
+
+        /// Products that land exactly halfway between two f32 (odd 12-bit mantissas multiply
+        /// to a 24th bit), scaled over the exponent range, plus a small c of either sign or
+        /// none: the cases where one rounding and two differ.
+        #[test]
+        fn fused_mul_add_emulation_is_exact_at_midpoints(
+            i in 0u32..2048, j in 0u32..2048, (ea, eb) in (-60i32..60, -60i32..60),
+            ec in -90i32..-20, sign in any::<(bool, bool)>(), with_c in any::<bool>(),
+        ) {
+            let a = (1.0 + (2 * i + 1) as f32 * 2f32.powi(-12)) * 2f32.powi(ea);
+            let b = (1.0 + (2 * j + 1) as f32 * 2f32.powi(-12)) * 2f32.powi(eb);
+            let a = if sign.0 { -a } else { a };
+            let c = if with_c { a * b * 2f32.powi(ec) * if sign.1 { -1.0 } else { 1.0 } } else { 0.0 };
+            let (want, got) = (a.mul_add(b, c), fused_mul_add_by_f64(a, b, c));
+            prop_assert_eq!(want.to_bits(), got.to_bits(), "{:e}·{:e} + {:e}", a, b, c);
+        }
     }
 
     proptest! {

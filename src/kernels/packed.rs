@@ -6,7 +6,7 @@
 //! weights once per call, instead of once per tile and image as a general gemm does, and reading
 //! the patch tile where im2col wrote it, removes both packing copies.
 //!
-//! The micro-kernel is written once over 16 lanes ([`super::lanes`]) and run on the level's
+//! The micro-kernel is written once over 16 lanes (`kernels/lanes.rs`) and run on the level's
 //! lanes with that level's register blocking: 8 rows x 32 columns (16 accumulators) with
 //! AVX-512, 4 x 16 with AVX2+FMA, 8 x 32 on the portable lanes. Blocking changes which outputs
 //! one call computes, not how an output is summed: each is `init + Σ_k A[r,k]·B[k,j]`
@@ -393,11 +393,22 @@ unsafe fn kernel<V: Lanes16, const R: usize, const H: usize, const N: usize>(
             };
         }
     }
+    // Whole vectors (every column block but a matrix's last) load without a mask.
+    let whole = masks[..H].iter().all(|&m| m == u16::MAX);
+    let mut prepared = [V::mask(0); H];
+    for h in 0..H {
+        prepared[h] = V::mask(masks[h]);
+    }
     for k in 0..c.inner {
         let brow = c.b.add(k * c.ldb);
         let mut bv = [V::zero(); H];
         for (h, v) in bv.iter_mut().enumerate() {
-            *v = V::load_masked(masks[h], brow.wrapping_add(16 * h));
+            // `masks[h]` may be empty and the pointer past `b`: a masked load touches nothing.
+            *v = if whole {
+                V::load(brow.add(16 * h))
+            } else {
+                V::load_under(prepared[h], brow.wrapping_add(16 * h))
+            };
         }
         let w = c.panel.add(k * MR);
         for r in 0..R {

@@ -466,11 +466,11 @@ mod dispatch {
             Isa::Avx512 => x86::weight_avx512(g, x, dy, offsets, masks, q, c0, c1),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::weight_avx2(g, x, dy, offsets, masks, q, c0, c1),
-            // 2 rows x 3 taps, as AVX2 (24 of 32 registers accumulate, some spill: unmeasured).
+            // 8 rows x 3 taps, four lanes at a time: 24 of NEON's 32 registers accumulate.
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon => {
-                lanes::weight_item::<crate::kernels::lanes::Neon, 2, 6>(g, x, dy, offsets, masks, q, c0, c1)
-            }
+            Isa::Neon => lanes::weight_item::<crate::kernels::lanes::NeonQuarter, 8, 24>(
+                g, x, dy, offsets, masks, q, c0, c1,
+            ),
             _ => lanes::weight_item::<Portable, 8, 24>(g, x, dy, offsets, masks, q, c0, c1),
         }
     }
@@ -480,7 +480,7 @@ mod dispatch {
         use std::ops::Range;
 
         use super::super::{lanes, Flat, MaskTable, Start, Taps, WeightGeom};
-        use crate::kernels::lanes::{Avx2, Avx512};
+        use crate::kernels::lanes::{Avx2, Avx2Half, Avx512};
         use crate::kernels::packed::PackedA;
 
         /// 8 output channels x 32 pixels per call: 16 accumulators of the 32 registers.
@@ -533,7 +533,8 @@ mod dispatch {
             lanes::weight_item::<Avx512, 8, 24>(g, x, dy, offsets, masks, q, c0, c1)
         }
 
-        /// 2 rows x 3 taps per pass: 12 of the 16 AVX2 registers accumulate.
+        /// 4 rows x 3 taps per pass, lanes 0..8 then 8..16: 12 of the 16 AVX2 registers
+        /// accumulate.
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx2,fma")]
         pub(super) unsafe fn weight_avx2(
@@ -546,7 +547,7 @@ mod dispatch {
             c0: usize,
             c1: usize,
         ) -> Vec<f32> {
-            lanes::weight_item::<Avx2, 2, 6>(g, x, dy, offsets, masks, q, c0, c1)
+            lanes::weight_item::<Avx2Half, 4, 12>(g, x, dy, offsets, masks, q, c0, c1)
         }
     }
 }
@@ -556,7 +557,7 @@ mod lanes {
     use std::ops::Range;
 
     use super::{Flat, HalfMasks, MaskTable, Start, Taps, WeightGeom, GROUP, ROWS, STRIP};
-    use crate::kernels::lanes::{prefetch, Lanes16};
+    use crate::kernels::lanes::{prefetch, Lanes16, Part};
     use crate::kernels::packed::{PackedA, MR};
 
     /// Strips `strips` of the batch laid end to end (see [`Flat`]), every output channel, `R`
@@ -819,15 +820,23 @@ mod lanes {
         first: [u16; H],
         second: [u16; H],
     ) -> *const f32 {
+        // The masks in the form the loads take, once for all the channels.
+        let (mut m1, mut m2) = ([V::mask(0); H], [V::mask(0); H]);
+        if MASKED {
+            for h in 0..H {
+                m1[h] = V::mask(first[h]);
+                m2[h] = V::mask(second[h]);
+            }
+        }
         for _ in 0..b.channels {
             let mut v = [V::zero(); H];
             for h in 0..H {
                 v[h] = if !MASKED {
                     V::load(src[h])
                 } else if SPLIT {
-                    V::load_merge(V::load_masked(first[h], src[h]), second[h], src[h].wrapping_add(b.next_in))
+                    V::load_under(m1[h], src[h]).merge_under(m2[h], src[h].wrapping_add(b.next_in))
                 } else {
-                    V::load_masked(first[h], src[h])
+                    V::load_under(m1[h], src[h])
                 };
             }
             for r in 0..R {
@@ -846,9 +855,10 @@ mod lanes {
 
     /// The weight gradient of output channels `8q..8q+8` (those that exist) and input channels
     /// `c0..c1`, as `[row][c − c0][tap]`; `RP` rows x 3 taps per pass over the pixels
-    /// (`A = 3·RP` accumulators). Lane `l` of a weight's accumulator sums, in order, its terms
-    /// at the pixels `≡ l mod 16` of each chunk; the passes only change which weights one sweep
-    /// updates, not any weight's order of terms.
+    /// (`A = 3·RP` accumulators of `P::LANES` lanes), and each part of the 16 lanes in turn.
+    /// Lane `l` of a weight's accumulator sums, in order, its terms at the pixels `≡ l mod 16`
+    /// of each chunk; the passes and parts only change which lanes one sweep updates, not any
+    /// lane's order of terms.
     ///
     /// # Safety
     /// `V`'s instruction set present; `x: [N, C_in, px]`, `dy: [N, C_out, px]`; `masks` as
@@ -857,7 +867,7 @@ mod lanes {
     /// without, for one image.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub(super) unsafe fn weight_item<V: Lanes16, const RP: usize, const A: usize>(
+    pub(super) unsafe fn weight_item<P: Part, const RP: usize, const A: usize>(
         g: &WeightGeom,
         x: &[f32],
         dy: &[f32],
@@ -874,8 +884,8 @@ mod lanes {
         let padded_taps = groups * GROUP;
         let live = ROWS.min(g.c_out - q * ROWS);
         let cc = c1 - c0;
-        // The 24 accumulators of each (channel, tap group), kept between blocks.
-        let mut acc_buf = vec![V::zero(); cc * groups * ROWS * GROUP];
+        // The 24 accumulators of each (channel, tap group), 16 lanes each, kept between blocks.
+        let mut acc_buf = vec![0.0f32; cc * groups * ROWS * GROUP * 16];
         let block_len = g.image_block * px;
         // dy of this panel for a block, `[segment][chunk][row][16]` (a segment is the whole
         // block when flattened, else one image), zero past each segment's last pixel and in rows
@@ -915,44 +925,57 @@ mod lanes {
             }
             for c in 0..cc {
                 for gi in 0..groups {
-                    let slot = &mut acc_buf[(c * groups + gi) * ROWS * GROUP..][..ROWS * GROUP];
-                    for r0 in (0..live).step_by(RP) {
-                        let mut acc = [V::zero(); A];
-                        acc.copy_from_slice(&slot[r0 * GROUP..][..A]);
-                        let mut d = dy_panel.as_ptr().add(r0 * 16);
-                        for seg in 0..segments {
-                            let xp = if g.flatten {
-                                x_block.as_ptr().add(c * seg_len)
-                            } else {
-                                x.as_ptr().add(((n0 + seg) * g.c_in + c0 + c) * px)
-                            };
-                            // This group's taps; a missing one has an empty mask and offset 0.
-                            let mut xs_ptr = [xp; GROUP];
-                            for (k, ptr) in xs_ptr.iter_mut().enumerate() {
-                                if let Some(&o) = offsets.get(gi * GROUP + k) {
-                                    *ptr = xp.wrapping_offset(o);
+                    let slot = acc_buf.as_mut_ptr().add((c * groups + gi) * ROWS * GROUP * 16);
+                    for part in (0..16).step_by(P::LANES) {
+                        for r0 in (0..live).step_by(RP) {
+                            // Accumulator (r, k) of the slot, lanes part..part+LANES.
+                            let at = |r: usize, k: usize| slot.add(((r0 + r) * GROUP + k) * 16 + part);
+                            let mut acc = [P::zero(); A];
+                            for r in 0..RP {
+                                for k in 0..GROUP {
+                                    acc[r * GROUP + k] = P::load(at(r, k));
                                 }
                             }
-                            let mut m = table.as_ptr().add(gi * GROUP);
-                            for ch in 0..seg_chunks {
-                                let p = ch * 16;
-                                let mut xs = [V::zero(); GROUP];
-                                for k in 0..GROUP {
-                                    // Lanes past the segment or reading outside their image are off.
-                                    xs[k] = V::load_masked(*m.add(k), xs_ptr[k].wrapping_add(p));
-                                }
-                                for r in 0..RP {
-                                    let dv = V::load(d.add(r * 16));
-                                    for k in 0..GROUP {
-                                        acc[r * GROUP + k] = acc[r * GROUP + k].fmadd(dv, xs[k]);
+                            let mut d = dy_panel.as_ptr().add(r0 * 16 + part);
+                            for seg in 0..segments {
+                                let xp = if g.flatten {
+                                    x_block.as_ptr().add(c * seg_len)
+                                } else {
+                                    x.as_ptr().add(((n0 + seg) * g.c_in + c0 + c) * px)
+                                };
+                                // This group's taps; a missing one has an empty mask and offset 0.
+                                let mut xs_ptr = [xp.wrapping_add(part); GROUP];
+                                for (k, ptr) in xs_ptr.iter_mut().enumerate() {
+                                    if let Some(&o) = offsets.get(gi * GROUP + k) {
+                                        *ptr = xp.wrapping_offset(o).wrapping_add(part);
                                     }
                                 }
-                                d = d.add(ROWS * 16);
-                                // One past the table after the last chunk: never read.
-                                m = m.wrapping_add(padded_taps);
+                                let mut m = table.as_ptr().add(gi * GROUP);
+                                for ch in 0..seg_chunks {
+                                    let p = ch * 16;
+                                    let mut xs = [P::zero(); GROUP];
+                                    for k in 0..GROUP {
+                                        // Lanes past the segment or reading outside their
+                                        // image are off.
+                                        xs[k] = P::load_masked(*m.add(k) >> part, xs_ptr[k].wrapping_add(p));
+                                    }
+                                    for r in 0..RP {
+                                        let dv = P::load(d.add(r * 16));
+                                        for k in 0..GROUP {
+                                            acc[r * GROUP + k] = acc[r * GROUP + k].fmadd(dv, xs[k]);
+                                        }
+                                    }
+                                    d = d.add(ROWS * 16);
+                                    // One past the table after the last chunk: never read.
+                                    m = m.wrapping_add(padded_taps);
+                                }
+                            }
+                            for r in 0..RP {
+                                for k in 0..GROUP {
+                                    acc[r * GROUP + k].store(at(r, k));
+                                }
                             }
                         }
-                        slot[r0 * GROUP..][..A].copy_from_slice(&acc);
                     }
                 }
             }
@@ -963,7 +986,8 @@ mod lanes {
             for c in 0..cc {
                 for t in 0..t_n {
                     let (gi, k) = (t / GROUP, t % GROUP);
-                    let mut lanes = acc_buf[(c * groups + gi) * ROWS * GROUP + r * GROUP + k].to_array();
+                    let at = ((c * groups + gi) * ROWS * GROUP + r * GROUP + k) * 16;
+                    let mut lanes: [f32; 16] = acc_buf[at..at + 16].try_into().expect("16 lanes");
                     let mut width = 16;
                     while width > 1 {
                         width /= 2;
