@@ -76,9 +76,55 @@ pub(crate) trait Part: Copy {
     unsafe fn store(self, p: *mut f32);
     /// `a·b + self`, rounded once.
     unsafe fn fmadd(self, a: Self, b: Self) -> Self;
+    /// All lanes `v`.
+    unsafe fn splat(v: f32) -> Self;
+    /// `self + b`.
+    unsafe fn add(self, b: Self) -> Self;
+    /// `b`'s lane where bit `l` of `m` is set, else `self`'s.
+    unsafe fn blend(self, m: u16, b: Self) -> Self;
+    /// Lane `l` into `p[l]` where bit `l` of `m` is set; the others not touched.
+    unsafe fn store_masked(self, m: u16, p: *mut f32);
+    /// A mask prepared for [`Part::load_under`] and [`Part::merge_under`] (bits past
+    /// `LANES` ignored).
+    type Mask: Copy;
+    /// `m` prepared.
+    unsafe fn mask(m: u16) -> Self::Mask;
+    /// [`Part::load_masked`] under a prepared mask.
+    unsafe fn load_under(m: Self::Mask, p: *const f32) -> Self;
+    /// `p`'s lanes where `m` is on, else `self`'s.
+    unsafe fn merge_under(self, m: Self::Mask, p: *const f32) -> Self;
 }
 
 impl<V: Lanes16> Part for V {
+    type Mask = <V as Lanes16>::Mask;
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        <V as Lanes16>::splat(v)
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        <V as Lanes16>::add(self, b)
+    }
+    #[inline(always)]
+    unsafe fn blend(self, m: u16, b: Self) -> Self {
+        <V as Lanes16>::blend(self, m, b)
+    }
+    #[inline(always)]
+    unsafe fn store_masked(self, m: u16, p: *mut f32) {
+        <V as Lanes16>::store_masked(self, m, p)
+    }
+    #[inline(always)]
+    unsafe fn mask(m: u16) -> Self::Mask {
+        <V as Lanes16>::mask(m)
+    }
+    #[inline(always)]
+    unsafe fn load_under(m: Self::Mask, p: *const f32) -> Self {
+        <V as Lanes16>::load_under(m, p)
+    }
+    #[inline(always)]
+    unsafe fn merge_under(self, m: Self::Mask, p: *const f32) -> Self {
+        <V as Lanes16>::merge_under(self, m, p)
+    }
     const LANES: usize = 16;
     #[inline(always)]
     unsafe fn zero() -> Self {
@@ -335,6 +381,46 @@ mod x86 {
         unsafe fn fmadd(self, a: Self, b: Self) -> Self {
             Avx2Half(_mm256_fmadd_ps(a.0, b.0, self.0))
         }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn splat(v: f32) -> Self {
+            Avx2Half(_mm256_set1_ps(v))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn add(self, b: Self) -> Self {
+            Avx2Half(_mm256_add_ps(self.0, b.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn blend(self, m: u16, b: Self) -> Self {
+            Avx2Half(_mm256_blendv_ps(self.0, b.0, _mm256_castsi256_ps(half_mask(m, 0))))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store_masked(self, m: u16, p: *mut f32) {
+            match m & 0xFF {
+                0xFF => _mm256_storeu_ps(p, self.0),
+                0 => {}
+                _ => _mm256_maskstore_ps(p, half_mask(m, 0), self.0),
+            }
+        }
+        type Mask = __m256i;
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn mask(m: u16) -> __m256i {
+            half_mask(m, 0)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_under(m: __m256i, p: *const f32) -> Self {
+            Avx2Half(_mm256_maskload_ps(p, m))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn merge_under(self, m: __m256i, p: *const f32) -> Self {
+            Avx2Half(_mm256_blendv_ps(self.0, _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m)))
+        }
     }
 
     /// The 16 lanes in two AVX2 registers: lanes 0..8, then 8..16.
@@ -510,6 +596,50 @@ mod arm {
         #[inline(always)]
         unsafe fn fmadd(self, a: Self, b: Self) -> Self {
             NeonQuarter(vfmaq_f32(self.0, a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            NeonQuarter(vdupq_n_f32(v))
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            NeonQuarter(vaddq_f32(self.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn blend(self, m: u16, b: Self) -> Self {
+            NeonQuarter(vbslq_f32(vld1q_u32(MASKS[nibble(m, 0)].as_ptr()), b.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn store_masked(self, m: u16, p: *mut f32) {
+            match nibble(m, 0) {
+                0xF => vst1q_f32(p, self.0),
+                0 => {}
+                n => {
+                    let mut lanes = [0.0f32; 4];
+                    vst1q_f32(lanes.as_mut_ptr(), self.0);
+                    for (l, &x) in lanes.iter().enumerate() {
+                        if n >> l & 1 != 0 {
+                            *p.wrapping_add(l) = x;
+                        }
+                    }
+                }
+            }
+        }
+        type Mask = u16;
+        #[inline(always)]
+        unsafe fn mask(m: u16) -> u16 {
+            m
+        }
+        #[inline(always)]
+        unsafe fn load_under(m: u16, p: *const f32) -> Self {
+            <Self as super::Part>::load_masked(m, p)
+        }
+        #[inline(always)]
+        unsafe fn merge_under(self, m: u16, p: *const f32) -> Self {
+            if nibble(m, 0) == 0 {
+                return self;
+            }
+            <Self as super::Part>::blend(self, m, <Self as super::Part>::load_masked(m, p))
         }
     }
 

@@ -434,9 +434,9 @@ mod dispatch {
             Isa::Avx512 => x86::forward_avx512(w, taps, table, flat, x, y, residual, strips, start),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::forward_avx2(w, taps, table, flat, x, y, residual, strips, start),
-            // 4 output channels x 16 pixels: 16 of NEON's 32 registers accumulate.
+            // 8 output channels x 8 pixels (two quarters): 16 of NEON's 32 registers accumulate.
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon => lanes::forward_strips::<crate::kernels::lanes::Neon, 4, 1, 4>(
+            Isa::Neon => lanes::forward_strips::<crate::kernels::lanes::NeonQuarter, 8, 2, 16>(
                 w, taps, table, flat, x, y, residual, strips, start,
             ),
             _ => lanes::forward_strips::<Portable, 8, 2, 16>(
@@ -480,7 +480,7 @@ mod dispatch {
         use std::ops::Range;
 
         use super::super::{lanes, Flat, MaskTable, Start, Taps, WeightGeom};
-        use crate::kernels::lanes::{Avx2, Avx2Half, Avx512};
+        use crate::kernels::lanes::{Avx2Half, Avx512};
         use crate::kernels::packed::PackedA;
 
         /// 8 output channels x 32 pixels per call: 16 accumulators of the 32 registers.
@@ -500,7 +500,10 @@ mod dispatch {
             lanes::forward_strips::<Avx512, 8, 2, 16>(w, taps, table, flat, x, y, residual, strips, start)
         }
 
-        /// 4 output channels x 16 pixels per call: 8 of the 16 AVX2 registers accumulate.
+        /// 8 output channels x 8 pixels per call: 8 of the 16 AVX2 registers accumulate, and
+        /// each load of the input feeds 8 multiply-adds (4 with 4 x 16, which left the
+        /// 32x32 and 16x16 images, whose channel planes are 4 KiB apart and share L1 sets,
+        /// waiting on L2).
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx2,fma")]
         pub(super) unsafe fn forward_avx2(
@@ -514,7 +517,7 @@ mod dispatch {
             strips: Range<usize>,
             start: &Start<'_>,
         ) {
-            lanes::forward_strips::<Avx2, 4, 1, 4>(w, taps, table, flat, x, y, residual, strips, start)
+            lanes::forward_strips::<Avx2Half, 8, 1, 8>(w, taps, table, flat, x, y, residual, strips, start)
         }
 
         /// All 8 rows x 3 taps per pass: 24 accumulators.
@@ -557,11 +560,12 @@ mod lanes {
     use std::ops::Range;
 
     use super::{Flat, HalfMasks, MaskTable, Start, Taps, WeightGeom, GROUP, ROWS, STRIP};
-    use crate::kernels::lanes::{prefetch, Lanes16, Part};
+    use crate::kernels::lanes::{prefetch, Part};
     use crate::kernels::packed::{PackedA, MR};
 
     /// Strips `strips` of the batch laid end to end (see [`Flat`]), every output channel, `R`
-    /// output channels by `H` half strips per micro-kernel call (`N = R·H` accumulators).
+    /// output channels by `S` slots of `P::LANES` pixels per micro-kernel call (`N = R·S`
+    /// accumulators; a strip's 32 pixels are `32 / P::LANES` slots).
     ///
     /// # Safety
     /// `V`'s instruction set present; `x` is `[N, C_in, px]`, `y` `[N, C_out, px]` (written,
@@ -571,7 +575,7 @@ mod lanes {
     /// image and row it indexes; no other thread touches the outputs of these strips.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub(super) unsafe fn forward_strips<V: Lanes16, const R: usize, const H: usize, const N: usize>(
+    pub(super) unsafe fn forward_strips<P: Part, const R: usize, const S: usize, const N: usize>(
         w: &PackedA,
         taps: &Taps,
         table: &MaskTable,
@@ -582,7 +586,7 @@ mod lanes {
         strips: Range<usize>,
         start: &Start<'_>,
     ) {
-        debug_assert!(R * H == N && MR.is_multiple_of(R) && 2 % H == 0);
+        debug_assert!(R * S == N && MR.is_multiple_of(R) && (STRIP / P::LANES).is_multiple_of(S));
         let t_n = taps.len();
         let (rows, inner, px) = (w.rows, w.inner, flat.px);
         debug_assert_eq!(inner, flat.c_in * t_n);
@@ -624,16 +628,20 @@ mod lanes {
                     let res = [rs[0].wrapping_add(r0 * px), rs[1].wrapping_add(r0 * px)];
                     let live = MR.min(rows - r0);
                     for rr in (0..live).step_by(R) {
-                        for hh in (0..2).step_by(H) {
-                            if H == 1 && block.stores[hh] == [0, 0] {
-                                // A half strip past the batch's end: nothing to compute.
+                        for slot in (0..STRIP / P::LANES).step_by(S) {
+                            let empty = (slot..slot + S).all(|k| {
+                                let (half, off) = slot_place::<P>(k);
+                                (block.stores[half][0] | block.stores[half][1]) >> off & lane_bits::<P>() == 0
+                            });
+                            if empty {
+                                // Pixels past the batch's end: nothing to compute.
                                 continue;
                             }
-                            let call = Pass { panel, out, res, live, r0, rr, hh };
+                            let call = Pass { panel, out, res, live, r0, rr, slot };
                             if split {
-                                strip_kernel::<V, R, H, N, true>(&block, &call);
+                                strip_kernel::<P, R, S, N, true>(&block, &call);
                             } else {
-                                strip_kernel::<V, R, H, N, false>(&block, &call);
+                                strip_kernel::<P, R, S, N, false>(&block, &call);
                             }
                         }
                     }
@@ -691,7 +699,7 @@ mod lanes {
     }
 
     /// One micro-kernel call's place: the panel's 8 rows (`live` of them real) at `r0`, of
-    /// which rows `rr..rr+R` and half strips `hh..hh+H` are computed; `out` and `res` (the
+    /// which rows `rr..rr+R` and slots `slot..slot+S` are computed; `out` and `res` (the
     /// residual at the same places) per half strip at row `r0`.
     struct Pass {
         panel: *const f32,
@@ -700,58 +708,86 @@ mod lanes {
         live: usize,
         r0: usize,
         rr: usize,
-        hh: usize,
+        slot: usize,
     }
 
-    /// One R x 16H output block over a block of input channels of `t_n` taps each: the
-    /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read, per half strip, at
+    /// Slot `k`'s half strip and its first lane there.
+    #[inline(always)]
+    fn slot_place<P: Part>(k: usize) -> (usize, usize) {
+        (k * P::LANES / 16, k * P::LANES % 16)
+    }
+
+    /// The mask bits of one part's lanes.
+    #[inline(always)]
+    fn lane_bits<P: Part>() -> u16 {
+        if P::LANES >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << P::LANES) - 1
+        }
+    }
+
+    /// One R x (S·LANES) output block over a block of input channels of `t_n` taps each: the
+    /// micro-kernel of `packed.rs` with `B`'s row `(c, t)` read, per slot, at
     /// `x + c·x_plane + offsets[t]` under the first image's mask and, if `SPLIT`, `next_in`
     /// further on under the second image's; the outputs (and the residual) likewise. `SPLIT`
     /// is whether any half strip has lanes in a second image.
     #[inline(always)]
-    unsafe fn strip_kernel<V: Lanes16, const R: usize, const H: usize, const N: usize, const SPLIT: bool>(
+    unsafe fn strip_kernel<P: Part, const R: usize, const S: usize, const N: usize, const SPLIT: bool>(
         b: &Block<'_>,
         p: &Pass,
     ) {
-        let mut acc = [V::zero(); N];
+        // Per slot: its half strip, first lane there, and store masks shifted to lane 0.
+        let mut half = [0usize; S];
+        let mut off = [0usize; S];
+        let mut stores = [[0u16; 2]; S];
+        for k in 0..S {
+            (half[k], off[k]) = slot_place::<P>(p.slot + k);
+            let [first, second] = b.stores[half[k]];
+            stores[k] = [first >> off[k] & lane_bits::<P>(), second >> off[k] & lane_bits::<P>()];
+        }
+        let mut acc = [P::zero(); N];
         for r in 0..R {
             let row = p.rr + r;
             if row >= p.live {
                 continue;
             }
-            for h in 0..H {
-                let half = p.hh + h;
-                let [first, second] = b.stores[half];
-                let o = p.out[half].wrapping_add(row * b.y_plane);
-                acc[r * H + h] = match b.start {
+            for k in 0..S {
+                let [first, second] = stores[k];
+                let o = p.out[half[k]].wrapping_add(row * b.y_plane + off[k]);
+                acc[r * S + k] = match b.start {
                     None => {
-                        let v = V::load_masked(first, o);
+                        let v = P::load_masked(first, o);
                         if SPLIT {
-                            V::load_merge(v, second, o.wrapping_add(b.next_out))
+                            v.merge_under(P::mask(second), o.wrapping_add(b.next_out))
                         } else {
                             v
                         }
                     }
-                    Some(s) => {
-                        let (channel, image) = (p.r0 + row, b.images[half]);
-                        // A half wholly past the batch has no lanes and reads no bias.
-                        let mut v = match s.bias {
+                    Some(st) => {
+                        let (channel, image) = (p.r0 + row, b.images[half[k]]);
+                        // A slot with no lanes in the batch reads no bias.
+                        let mut v = match st.bias {
                             Some(bias) if first != 0 => {
-                                let v = V::splat(*bias.get_unchecked(image * s.image_stride + channel));
+                                let v = P::splat(*bias.get_unchecked(image * st.image_stride + channel));
                                 if SPLIT && second != 0 {
-                                    let next = *bias.get_unchecked((image + 1) * s.image_stride + channel);
-                                    v.blend(second, V::splat(next))
+                                    let next = *bias.get_unchecked((image + 1) * st.image_stride + channel);
+                                    v.blend(second, P::splat(next))
                                 } else {
                                     v
                                 }
                             }
-                            _ => V::zero(),
+                            Some(bias) if SPLIT && second != 0 => {
+                                // The slot's lanes are all in the next image.
+                                P::splat(*bias.get_unchecked((image + 1) * st.image_stride + channel))
+                            }
+                            _ => P::zero(),
                         };
-                        if s.residual.is_some() {
-                            let q = p.res[half].wrapping_add(row * b.y_plane);
-                            let mut rv = V::load_masked(first, q);
+                        if st.residual.is_some() {
+                            let q = p.res[half[k]].wrapping_add(row * b.y_plane + off[k]);
+                            let mut rv = P::load_masked(first, q);
                             if SPLIT {
-                                rv = V::load_merge(rv, second, q.wrapping_add(b.next_out));
+                                rv = rv.merge_under(P::mask(second), q.wrapping_add(b.next_out));
                             }
                             v = v.add(rv);
                         }
@@ -764,22 +800,22 @@ mod lanes {
         for t in 0..b.t_n {
             // Lanes whose element is outside their image (or past the batch) are masked off:
             // not read, and loaded as 0.0, the zero im2col would have written.
-            let mut first = [0u16; H];
-            let mut second = [0u16; H];
+            let mut first = [0u16; S];
+            let mut second = [0u16; S];
             let offset = *b.offsets.add(t);
-            let mut src = [std::ptr::null::<f32>(); H];
-            for h in 0..H {
-                let half = &b.loads[p.hh + h];
-                first[h] = *half.a.get_unchecked(t);
-                second[h] = *half.b.get_unchecked(t);
-                src[h] = b.x[p.hh + h].wrapping_offset(offset);
+            let mut src = [std::ptr::null::<f32>(); S];
+            for k in 0..S {
+                let masks = &b.loads[half[k]];
+                first[k] = *masks.a.get_unchecked(t) >> off[k] & lane_bits::<P>();
+                second[k] = *masks.b.get_unchecked(t) >> off[k] & lane_bits::<P>();
+                src[k] = b.x[half[k]].wrapping_offset(offset).wrapping_add(off[k]);
             }
             // Most taps of most strips read every lane inside one image: plain loads there.
-            let whole = first.iter().all(|&m| m == u16::MAX) && second.iter().all(|&m| m == 0);
+            let whole = first.iter().all(|&m| m == lane_bits::<P>()) && second.iter().all(|&m| m == 0);
             if whole {
-                wp = channel_terms::<V, R, H, N, false, false>(b, &mut acc, wp, src, first, second);
+                wp = channel_terms::<P, R, S, N, false, false>(b, &mut acc, wp, src, first, second);
             } else {
-                wp = channel_terms::<V, R, H, N, true, SPLIT>(b, &mut acc, wp, src, first, second);
+                wp = channel_terms::<P, R, S, N, true, SPLIT>(b, &mut acc, wp, src, first, second);
             }
         }
         for r in 0..R {
@@ -787,62 +823,61 @@ mod lanes {
             if row >= p.live {
                 continue;
             }
-            for h in 0..H {
-                let half = p.hh + h;
-                let [first, second] = b.stores[half];
-                let o = p.out[half].wrapping_add(row * b.y_plane);
-                acc[r * H + h].store_masked(first, o);
+            for k in 0..S {
+                let [first, second] = stores[k];
+                let o = p.out[half[k]].wrapping_add(row * b.y_plane + off[k]);
+                acc[r * S + k].store_masked(first, o);
                 if SPLIT {
-                    acc[r * H + h].store_masked(second, o.wrapping_add(b.next_out));
+                    acc[r * S + k].store_masked(second, o.wrapping_add(b.next_out));
                 }
             }
         }
     }
 
-    /// One tap's terms over the block's channels: per channel, the `H` half strips' windows
+    /// One tap's terms over the block's channels: per channel, the `S` slots' windows
     /// (with `MASKED`, under `first`, and with `SPLIT` also `second` `next_in` further on;
     /// without, whole vectors, where the caller has checked that `first` selects every lane)
     /// times the `R` rows' weights. Returns the panel pointer after the block's channels.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn channel_terms<
-        V: Lanes16,
+        P: Part,
         const R: usize,
-        const H: usize,
+        const S: usize,
         const N: usize,
         const MASKED: bool,
         const SPLIT: bool,
     >(
         b: &Block<'_>,
-        acc: &mut [V; N],
+        acc: &mut [P; N],
         mut wp: *const f32,
-        mut src: [*const f32; H],
-        first: [u16; H],
-        second: [u16; H],
+        mut src: [*const f32; S],
+        first: [u16; S],
+        second: [u16; S],
     ) -> *const f32 {
         // The masks in the form the loads take, once for all the channels.
-        let (mut m1, mut m2) = ([V::mask(0); H], [V::mask(0); H]);
+        let (mut m1, mut m2) = ([P::mask(0); S], [P::mask(0); S]);
         if MASKED {
-            for h in 0..H {
-                m1[h] = V::mask(first[h]);
-                m2[h] = V::mask(second[h]);
+            for k in 0..S {
+                m1[k] = P::mask(first[k]);
+                m2[k] = P::mask(second[k]);
             }
         }
         for _ in 0..b.channels {
-            let mut v = [V::zero(); H];
-            for h in 0..H {
-                v[h] = if !MASKED {
-                    V::load(src[h])
+            let mut v = [P::zero(); S];
+            for k in 0..S {
+                v[k] = if !MASKED {
+                    P::load(src[k])
                 } else if SPLIT {
-                    V::load_under(m1[h], src[h]).merge_under(m2[h], src[h].wrapping_add(b.next_in))
+                    P::load_under(m1[k], src[k]).merge_under(m2[k], src[k].wrapping_add(b.next_in))
                 } else {
-                    V::load_under(m1[h], src[h])
+                    P::load_under(m1[k], src[k])
                 };
             }
             for r in 0..R {
-                let wr = V::splat(*wp.add(r));
-                for h in 0..H {
-                    acc[r * H + h] = acc[r * H + h].fmadd(wr, v[h]);
+                let wr = P::splat(*wp.add(r));
+                for k in 0..S {
+                    acc[r * S + k] = acc[r * S + k].fmadd(wr, v[k]);
                 }
             }
             wp = wp.add(MR);
