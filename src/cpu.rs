@@ -3,7 +3,7 @@
 //! `ONEDNN_MAX_CPU_ISA` and PyTorch's `ATEN_CPU_CAPABILITY` do, so that every path can be run,
 //! tested and timed on one machine.
 //!
-//! Every level runs the same kernels, written once over 16 lanes (`kernels/lanes.rs`): the
+//! Every level runs the same kernels, written once over 16 lanes (`kernels/lanes/`): the
 //! packed micro-kernel, the implicit and polyphase convolutions and their weight gradient on
 //! the level's registers (`avx512`: one AVX-512 register per 16 lanes; `avx2`: two AVX2+FMA;
 //! `neon`: four NEON, on aarch64; `scalar`: a loop per lane), and the element-wise kernels

@@ -1,6 +1,6 @@
 //! The kernels' instruction-set paths (`DDPM_CPU`, docs/cpu.md) against each other: two `tiny`
 //! training steps on each level this machine runs must give the same bits. Every kernel of
-//! ddpm's own is written over 16 lanes with one order of sums (`src/kernels/lanes.rs`), and the
+//! ddpm's own is written over 16 lanes with one order of sums (`src/kernels/lanes/`), and the
 //! products left to the `gemm` crate (linear layers, the attention gradient and the weight
 //! gradients of the strided and 1x1 convolutions) are the same code under every level, since
 //! the crate picks its instruction set from the machine, not from `DDPM_CPU`.

@@ -12,7 +12,7 @@
 //!
 //! Which path runs:
 //! - a stride-1 convolution whose output is as large as its input (every 3x3 of the U-Net but
-//!   the downsample), on every instruction set: no patch matrix at all. `implicit.rs` reads each
+//!   the downsample), on every instruction set: no patch matrix at all. `implicit/` reads each
 //!   row of `col_n` as a shifted window of the input under a lane mask, for the forward pass,
 //!   the input gradient (a forward convolution of `dy` with the flipped, transposed weights) and
 //!   the weight gradient;
@@ -593,7 +593,8 @@ fn start_bias(g: &Conv2dGeom, plus: &ConvPlus<'_>) -> (Option<Vec<f32>>, usize) 
     }
 }
 
-/// The forward convolution on the fastest CPU path for the geometry: the implicit kernel of `implicit.rs` for a stride-1 same convolution or (through its polyphase
+/// The forward convolution on the fastest CPU path for the geometry: the implicit kernel of
+/// `implicit/` for a stride-1 same convolution or (through its polyphase
 /// components) a stride-2 3x3 that halves the image, else patch tiles.
 fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut [MaybeUninit<f32>]) {
     let (sums, image_stride) = start_bias(g, &plus);

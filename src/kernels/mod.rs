@@ -9,10 +9,10 @@
 //! | `attention.rs` | [`attention_forward`], [`attention_backward`]: softmax attention fused per image |
 //! | `gemm.rs`     | [`sgemm`], [`sgemm_batched`]: `C = α·op(A)@op(B) + β·C` over the `gemm` crate   |
 //! | `conv.rs`     | [`Conv2dGeom`], [`conv2d_forward`] and its input / weight gradients      |
-//! | `conv/implicit.rs` | stride-1 same convolutions read in place under lane masks          |
+//! | `conv/implicit/` | stride-1 same convolutions read in place under lane masks           |
 //! | `norm.rs`     | [`group_norm_forward`] (optionally fused with SiLU) and [`group_norm_backward`] |
 //! | `packed.rs`   | [`packed::gemm_packed`]: A packed once, B read in place; the conv micro-kernel |
-//! | `lanes.rs`    | 16 `f32` lanes on AVX-512, AVX2, NEON or a portable loop: the one shape the products and convolutions are written in, so every instruction set gives the same bits |
+//! | `lanes/`      | 16 `f32` lanes on AVX-512, AVX2, NEON or a portable loop: the one shape the products and convolutions are written in, so every instruction set gives the same bits |
 //! | `math.rs`     | `exp`/sigmoid and f64 lane sums that vectorise (no libm call per element) |
 //! | `upsample.rs` | [`upsample_nearest2x`] and its gradient                                  |
 //!

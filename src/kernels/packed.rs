@@ -6,7 +6,7 @@
 //! weights once per call, instead of once per tile and image as a general gemm does, and reading
 //! the patch tile where im2col wrote it, removes both packing copies.
 //!
-//! The micro-kernel is written once over 16 lanes (`kernels/lanes.rs`) and run on the level's
+//! The micro-kernel is written once over 16 lanes (`kernels/lanes/`) and run on the level's
 //! lanes with that level's register blocking: 8 rows x 32 columns (16 accumulators) with
 //! AVX-512, 4 x 16 with AVX2+FMA, 8 x 32 on the portable lanes. Blocking changes which outputs
 //! one call computes, not how an output is summed: each is `init + Σ_k A[r,k]·B[k,j]`
