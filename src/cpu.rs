@@ -114,15 +114,15 @@ impl FromStr for Isa {
 pub fn setting() -> Result<Option<Isa>> {
     let Some(v) = std::env::var_os("DDPM_CPU") else { return Ok(None) };
     let isa: Isa = v.to_str().unwrap_or("?").parse()?;
-    check_runs(isa)?;
+    check_runs(isa, "DDPM_CPU")?;
     Ok(Some(isa))
 }
 
-fn check_runs(isa: Isa) -> Result<()> {
+fn check_runs(isa: Isa, field: &'static str) -> Result<()> {
     let best = Isa::detected();
     if !isa.runs_here() {
         return Err(Error::config(
-            "DDPM_CPU",
+            field,
             format!(
                 "this machine cannot run {isa}: it runs {}; ask for one of those (best: {best})",
                 Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>().join(", ")
@@ -147,7 +147,7 @@ pub fn active() -> Isa {
 /// [`Error::InvalidConfig`] if the machine cannot run `isa`, or the level was already fixed to
 /// another one.
 pub fn force(isa: Isa) -> Result<()> {
-    check_runs(isa)?;
+    check_runs(isa, "--cpu")?;
     let now = *ACTIVE.get_or_init(|| isa);
     if now != isa {
         return Err(Error::config(

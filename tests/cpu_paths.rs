@@ -70,5 +70,17 @@ fn a_level_the_machine_lacks_or_does_not_know_is_refused_by_name() {
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(&format!("cannot run {isa}")), "{err}");
+        assert!(err.contains("DDPM_CPU"), "{err}");
+        // Asked for with the flag instead, the error names the flag.
+        let o = Command::new(BIN)
+            .env_remove("DDPM_CPU")
+            .args(["bench", "--preset", "tiny", "--cpu", isa.name()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--cpu") && err.contains(&format!("cannot run {isa}")),
+            "{err}"
+        );
     }
 }
