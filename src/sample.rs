@@ -300,7 +300,7 @@ pub fn trace(
         |i: usize, x_in: &ArrayD<f64>, at: &GridPoint, out: &ModelOutput, adv: &Advance, x: &ArrayD<f64>| {
             let index = ab.iter().position(|&a| a == at.alpha_bar());
             if keep(i, index) {
-                let raw = out.joined();
+                let raw = out.joined()?;
                 steps.push(TraceStep {
                     eval: i,
                     t: at.model_t,

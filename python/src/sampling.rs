@@ -89,7 +89,7 @@ pub(crate) fn sample<'py>(
                 (SamplerKind::Ancestral, Some(t)) => format!("t{t:04}"),
                 _ => format!("e{i:04}"),
             };
-            let raw = out.joined();
+            let raw = out.joined()?;
             let mut push = |name: &str, a: &ArrayD<f64>| kept.push((format!("{prefix}.{name}"), a.clone()));
             push("x_t", x_in);
             push("eps", &raw);

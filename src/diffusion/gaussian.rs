@@ -136,12 +136,23 @@ impl ModelOutput {
 
     /// The raw output again: the two halves joined along the channels (the inverse of
     /// [`ModelOutput::split`]), or the prediction alone.
-    pub fn joined(&self) -> ArrayD<f64> {
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] if the halves' shapes differ other than in the channels
+    /// (the fields are public, so a caller can build such an output).
+    pub fn joined(&self) -> crate::Result<ArrayD<f64>> {
         match &self.variance_values {
-            None => self.prediction.clone(),
-            Some(v) => ndarray::concatenate(Axis(1), &[self.prediction.view(), v.view()])
-                // Cannot fail: both halves come from one split and have the same shape.
-                .expect("both halves have the same shape"),
+            None => Ok(self.prediction.clone()),
+            Some(v) => ndarray::concatenate(Axis(1), &[self.prediction.view(), v.view()]).map_err(|_| {
+                crate::Error::config(
+                    "model output",
+                    format!(
+                        "the prediction {:?} and the variance values {:?} cannot be joined along the channels",
+                        self.prediction.shape(),
+                        v.shape()
+                    ),
+                )
+            }),
         }
     }
 }

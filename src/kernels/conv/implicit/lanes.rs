@@ -467,7 +467,8 @@ pub(super) unsafe fn weight_item<P: Part, const RP: usize, const A: usize>(
             for t in 0..t_n {
                 let (gi, k) = (t / GROUP, t % GROUP);
                 let at = ((c * groups + gi) * ROWS * GROUP + r * GROUP + k) * 16;
-                let mut lanes: [f32; 16] = acc_buf[at..at + 16].try_into().expect("16 lanes");
+                let mut lanes = [0.0f32; 16];
+                lanes.copy_from_slice(&acc_buf[at..at + 16]);
                 let mut width = 16;
                 while width > 1 {
                     width /= 2;
