@@ -11,7 +11,10 @@
 //! | [`conv2d_backward_weight`]     | `dW = Σ_n dy_n @ col_nᵀ`, `db = Σ_{n,p} dy_n[:, p]`    |
 //!
 //! Which path runs:
-//! - a stride-1 convolution whose output is as large as its input (every 3x3 of the U-Net but
+//! - a 3x3 stride-1 convolution padded by 1 on every side, of at least 16 channels in and out on
+//!   images of at least 8x8 (the U-Net's 3x3s above its smallest resolutions), and its input
+//!   gradient: Winograd's F(2x2, 3x3) in `winograd.rs`, 2.25 times fewer multiply-adds;
+//! - another stride-1 convolution whose output is as large as its input (every 3x3 of the U-Net but
 //!   the downsample), on every instruction set: no patch matrix at all. `implicit/` reads each
 //!   row of `col_n` as a shifted window of the input under a lane mask, for the forward pass,
 //!   the input gradient (a forward convolution of `dy` with the flipped, transposed weights) and
@@ -42,6 +45,7 @@ use super::packed::{gemm_packed, gemm_packed_uninit, Init, PackedA};
 
 mod implicit;
 mod upsampled;
+mod winograd;
 
 /// Target size, in f32 elements, of one tile of the patch matrix (512 KiB: about an L2 cache).
 const TILE_ELEMS: usize = 1 << 17;
@@ -628,12 +632,29 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut
         check_forward(g, x, w, plus.bias, y.len());
         if g.n > 0 {
             let (c_in, taps) = (g.c_in, g.kh * g.kw);
-            implicit::forward(g, x, |r, c, t| w[(r * c_in + c) * taps + t], start, y);
+            same_conv(g, x, |r, c, t| w[(r * c_in + c) * taps + t], start, y);
         }
         return;
     }
     check_forward(g, x, w, plus.bias, y.len());
     forward_packed(g, x, w, start, y, g.tile_px());
+}
+
+/// A stride-1 "same" convolution for which [`implicit::applies`] holds: through Winograd's
+/// F(2x2, 3x3) where that applies (a 3x3 padded by 1 with enough channels), else the implicit
+/// kernel.
+fn same_conv(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w_at: impl Fn(usize, usize, usize) -> f32 + Sync,
+    start: implicit::Start<'_>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    if winograd::applies(g) {
+        winograd::forward(g, x, w_at, start, y)
+    } else {
+        implicit::forward(g, x, w_at, start, y)
+    }
 }
 
 /// A 3x3 stride-2 convolution that halves an even-sized image (TensorFlow's "SAME" padding
@@ -852,7 +873,7 @@ fn backward_input_as_forward(
             // w'[ci, co, t] = w[co, ci, taps − 1 − t]: flipping both axes reverses the tap index.
             let (c_in, taps) = (g.c_in, g.kh * g.kw);
             let start = implicit::Start::default();
-            implicit::forward(gt, dy, |r, c, t| w[(c * c_in + r) * taps + (taps - 1 - t)], start, dx);
+            same_conv(gt, dy, |r, c, t| w[(c * c_in + r) * taps + (taps - 1 - t)], start, dx);
         }
         return;
     }

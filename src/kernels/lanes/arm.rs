@@ -196,4 +196,29 @@ impl Lanes16 for Neon {
     unsafe fn blend(self, m: u16, b: Self) -> Self {
         Neon(std::array::from_fn(|i| vbslq_f32(vld1q_u32(MASKS[nibble(m, i)].as_ptr()), b.0[i], self.0[i])))
     }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Neon(std::array::from_fn(|i| vsubq_f32(self.0[i], b.0[i])))
+    }
+    #[inline(always)]
+    unsafe fn deinterleave(self, b: Self) -> (Self, Self) {
+        // Eight quarters of 4 lanes; each pair gives 4 even and 4 odd lanes.
+        let q = [self.0[0], self.0[1], self.0[2], self.0[3], b.0[0], b.0[1], b.0[2], b.0[3]];
+        (
+            Neon(std::array::from_fn(|i| vuzp1q_f32(q[2 * i], q[2 * i + 1]))),
+            Neon(std::array::from_fn(|i| vuzp2q_f32(q[2 * i], q[2 * i + 1]))),
+        )
+    }
+    #[inline(always)]
+    unsafe fn interleave(self, odd: Self) -> (Self, Self) {
+        let q: [float32x4_t; 8] = std::array::from_fn(|i| {
+            let (e, o) = (self.0[i / 2], odd.0[i / 2]);
+            if i % 2 == 0 {
+                vzip1q_f32(e, o)
+            } else {
+                vzip2q_f32(e, o)
+            }
+        });
+        (Neon([q[0], q[1], q[2], q[3]]), Neon([q[4], q[5], q[6], q[7]]))
+    }
 }

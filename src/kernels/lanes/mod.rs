@@ -48,8 +48,16 @@ pub(crate) trait Lanes16: Copy {
     unsafe fn add(self, b: Self) -> Self;
     /// `a·b + self`, lane-wise, rounded once.
     unsafe fn fmadd(self, a: Self, b: Self) -> Self;
+    /// `self − b`, lane-wise.
+    unsafe fn sub(self, b: Self) -> Self;
     /// `b`'s lane where bit `l` of `m` is set, else `self`'s.
     unsafe fn blend(self, m: u16, b: Self) -> Self;
+    /// The 32 lanes `self ‖ b` split by parity: `(e, o)` with `e[l]` = lane `2l` and `o[l]` =
+    /// lane `2l + 1` of the 32.
+    unsafe fn deinterleave(self, b: Self) -> (Self, Self);
+    /// The inverse of [`Lanes16::deinterleave`]: `self` the even lanes of 32, `odd` the odd ones,
+    /// returned as lanes 0..16 and 16..32.
+    unsafe fn interleave(self, odd: Self) -> (Self, Self);
     /// The lanes, in order.
     #[cfg(test)]
     unsafe fn to_array(self) -> [f32; 16] {
@@ -212,6 +220,20 @@ impl Lanes16 for Portable {
     unsafe fn blend(self, m: u16, b: Self) -> Self {
         Portable(std::array::from_fn(|l| if m >> l & 1 != 0 { b.0[l] } else { self.0[l] }))
     }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|l| self.0[l] - b.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn deinterleave(self, b: Self) -> (Self, Self) {
+        let at = |i: usize| if i < 16 { self.0[i] } else { b.0[i - 16] };
+        (Portable(std::array::from_fn(|l| at(2 * l))), Portable(std::array::from_fn(|l| at(2 * l + 1))))
+    }
+    #[inline(always)]
+    unsafe fn interleave(self, odd: Self) -> (Self, Self) {
+        let at = |i: usize| if i.is_multiple_of(2) { self.0[i / 2] } else { odd.0[i / 2] };
+        (Portable(std::array::from_fn(at)), Portable(std::array::from_fn(|l| at(l + 16))))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -304,6 +326,31 @@ mod tests {
         out
     }
 
+    /// The lane-moving operations and `sub` on lane type `V`: `a ‖ b` split by parity, the
+    /// halves joined again, and `a − b`.
+    ///
+    /// # Safety
+    /// `V`'s instruction set must be present.
+    #[inline(always)]
+    unsafe fn shuffle<V: Lanes16>(a: &[f32; 16], b: &[f32; 16]) -> [[f32; 16]; 5] {
+        let (va, vb) = (V::load(a.as_ptr()), V::load(b.as_ptr()));
+        let (e, o) = va.deinterleave(vb);
+        let (lo, hi) = e.interleave(o);
+        [e.to_array(), o.to_array(), lo.to_array(), hi.to_array(), va.sub(vb).to_array()]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn shuffle_avx512(a: &[f32; 16], b: &[f32; 16]) -> [[f32; 16]; 5] {
+        shuffle::<Avx512>(a, b)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn shuffle_avx2(a: &[f32; 16], b: &[f32; 16]) -> [[f32; 16]; 5] {
+        shuffle::<Avx2>(a, b)
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn exercise_avx512(a: &[f32; 16], b: &[f32; 16], c: &[f32; 16], m: u16, n: u16) -> [f32; 16] {
@@ -373,6 +420,36 @@ mod tests {
             let c = if with_c { a * b * 2f32.powi(ec) * if sign.1 { -1.0 } else { 1.0 } } else { 0.0 };
             let (want, got) = (a.mul_add(b, c), fused_mul_add_by_f64(a, b, c));
             prop_assert_eq!(want.to_bits(), got.to_bits(), "{:e}·{:e} + {:e}", a, b, c);
+        }
+    }
+
+    #[test]
+    fn deinterleave_and_interleave_move_every_lane_where_they_say() {
+        let a: [f32; 16] = std::array::from_fn(|l| l as f32);
+        let b: [f32; 16] = std::array::from_fn(|l| (16 + l) as f32);
+        // SAFETY: the portable lanes run everywhere.
+        let want = unsafe { shuffle::<Portable>(&a, &b) };
+        for l in 0..16 {
+            assert_eq!(want[0][l], (2 * l) as f32, "even lane {l}");
+            assert_eq!(want[1][l], (2 * l + 1) as f32, "odd lane {l}");
+            assert_eq!((want[2][l], want[3][l]), (a[l], b[l]), "interleave undoes deinterleave, lane {l}");
+            assert_eq!(want[4][l], -16.0, "a − b, lane {l}");
+        }
+        let bits = |v: [[f32; 16]; 5]| v.map(|r| r.map(f32::to_bits));
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is part of aarch64's baseline.
+        assert_eq!(bits(unsafe { shuffle::<Neon>(&a, &b) }), bits(want), "neon");
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::cpu::{active, Isa};
+            if active() >= Isa::Avx2 {
+                // SAFETY: AVX2 and FMA are present.
+                assert_eq!(bits(unsafe { shuffle_avx2(&a, &b) }), bits(want), "avx2");
+            }
+            if active() >= Isa::Avx512 {
+                // SAFETY: AVX-512F is present.
+                assert_eq!(bits(unsafe { shuffle_avx512(&a, &b) }), bits(want), "avx512");
+            }
         }
     }
 

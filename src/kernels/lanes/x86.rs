@@ -76,6 +76,25 @@ impl Lanes16 for Avx512 {
     unsafe fn blend(self, m: u16, b: Self) -> Self {
         Avx512(_mm512_mask_blend_ps(m, self.0, b.0))
     }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sub(self, b: Self) -> Self {
+        Avx512(_mm512_sub_ps(self.0, b.0))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn deinterleave(self, b: Self) -> (Self, Self) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        (Avx512(_mm512_permutex2var_ps(self.0, even, b.0)), Avx512(_mm512_permutex2var_ps(self.0, odd, b.0)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn interleave(self, odd: Self) -> (Self, Self) {
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        (Avx512(_mm512_permutex2var_ps(self.0, lo, odd.0)), Avx512(_mm512_permutex2var_ps(self.0, hi, odd.0)))
+    }
 }
 
 /// Eight lanes in one AVX2 register: a [`super::Part`] of the 16.
@@ -274,5 +293,36 @@ impl Lanes16 for Avx2 {
     unsafe fn blend(self, m: u16, b: Self) -> Self {
         let pick = |h: usize| _mm256_castsi256_ps(half_mask(m, h));
         Avx2([_mm256_blendv_ps(self.0[0], b.0[0], pick(0)), _mm256_blendv_ps(self.0[1], b.0[1], pick(1))])
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sub(self, b: Self) -> Self {
+        Avx2([_mm256_sub_ps(self.0[0], b.0[0]), _mm256_sub_ps(self.0[1], b.0[1])])
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn deinterleave(self, b: Self) -> (Self, Self) {
+        // Per pair of registers (16 lanes): the even (odd) lanes of each 128-bit half, then the
+        // halves' 64-bit pieces put in order.
+        let split = |x: __m256, y: __m256| {
+            let e = _mm256_shuffle_ps::<0x88>(x, y);
+            let o = _mm256_shuffle_ps::<0xDD>(x, y);
+            let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
+            (order(e), order(o))
+        };
+        let (e0, o0) = split(self.0[0], self.0[1]);
+        let (e1, o1) = split(b.0[0], b.0[1]);
+        (Avx2([e0, e1]), Avx2([o0, o1]))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn interleave(self, odd: Self) -> (Self, Self) {
+        // Eight even and eight odd lanes make sixteen: unpack within 128-bit halves, then put
+        // the halves in order.
+        let join = |e: __m256, o: __m256| {
+            let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+            [_mm256_permute2f128_ps::<0x20>(lo, hi), _mm256_permute2f128_ps::<0x31>(lo, hi)]
+        };
+        (Avx2(join(self.0[0], odd.0[0])), Avx2(join(self.0[1], odd.0[1])))
     }
 }
