@@ -13,7 +13,8 @@
 //! Which path runs:
 //! - a 3x3 stride-1 convolution padded by 1 on every side, of at least 16 channels in and out on
 //!   images of at least 8x8 (the U-Net's 3x3s above its smallest resolutions), and its input
-//!   gradient: Winograd's F(2x2, 3x3) in `winograd.rs`, 2.25 times fewer multiply-adds;
+//!   gradient: Winograd's F(2x2, 3x3) in `winograd.rs`, 2.25 times fewer multiply-adds; and its
+//!   weight gradient too where the batch has at least 2,048 tiles of 2x2 pixels;
 //! - another stride-1 convolution whose output is as large as its input (every 3x3 of the U-Net but
 //!   the downsample), on every instruction set: no patch matrix at all. `implicit/` reads each
 //!   row of `col_n` as a shifted window of the input under a lane mask, for the forward pass,
@@ -974,6 +975,8 @@ pub fn conv2d_backward_weight(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f
         }
         if g.n == 0 {
             dw.fill(0.0);
+        } else if winograd::weight_applies(g) {
+            winograd::backward_weight(g, x, dy, dw);
         } else {
             implicit::backward_weight(g, x, dy, dw);
         }
