@@ -1513,6 +1513,8 @@ mod tests {
         // convolution (patch tiles).
         let cases = [
             geom(3, 20, 17, (14, 14), (3, 3), 1, (1, 1, 1, 1)),
+            // Winograd's F(2x2, 3x3): 294 tiles of 2x2.
+            geom(6, 20, 17, (14, 14), (3, 3), 1, (1, 1, 1, 1)),
             geom(3, 9, 11, (7, 7), (3, 3), 1, (1, 1, 1, 1)),
             geom(2, 40, 9, (8, 8), (3, 3), 1, (1, 1, 1, 1)),
             geom(2, 5, 12, (8, 8), (3, 3), 2, (0, 1, 0, 1)),
@@ -1523,6 +1525,37 @@ mod tests {
             for parts in 0..8 {
                 check_forward_plus(g, 100 + k as u64, parts);
             }
+        }
+    }
+
+    /// The three entry points on geometries that take Winograd's F(2x2, 3x3) (the weight
+    /// gradient from 2,048 tiles), against the f64 reference: forward with every part, the
+    /// input gradient, the weight and bias gradients.
+    #[test]
+    fn winograd_geometries_match_f64_reference_through_the_entry_points() {
+        for (k, g) in [
+            geom(32, 16, 20, (16, 16), (3, 3), 1, (1, 1, 1, 1)),
+            geom(90, 17, 16, (9, 9), (3, 3), 1, (1, 1, 1, 1)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(winograd::weight_applies(g), "{g:?} takes the Winograd weight gradient");
+            for parts in [0, 3, 4, 7] {
+                check_forward_plus(g, 200 + k as u64, parts);
+            }
+            let mut rng = crate::rng_from_seed(300 + k as u64);
+            let x = random_vec(&mut rng, g.x_len());
+            let w = random_vec(&mut rng, g.w_len());
+            let dy = random_vec(&mut rng, g.y_len());
+            let mut dx = vec![f32::NAN; g.x_len()];
+            conv2d_backward_input(g, &dy, &w, &mut dx);
+            assert_close(&dx, &backward_input_ref(g, &dy, &w), &format!("dx {g:?}"));
+            let (mut dw, mut db) = (vec![f32::NAN; g.w_len()], vec![f32::NAN; g.c_out]);
+            conv2d_backward_weight(g, &x, &dy, &mut dw, Some(&mut db));
+            let (want_dw, want_db) = backward_weight_ref(g, &x, &dy);
+            assert_close(&dw, &want_dw, &format!("dw {g:?}"));
+            assert_close(&db, &want_db, &format!("db {g:?}"));
         }
     }
 
