@@ -1624,4 +1624,37 @@ mod tests {
             assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()));
         }
     }
+
+    #[test]
+    fn winograd_results_are_bit_identical_across_thread_counts() {
+        // 2,048 tiles: the forward pass, the input gradient and the weight gradient all take
+        // F(2x2, 3x3), in several chunks and parts.
+        let g = geom(32, 16, 20, (16, 16), (3, 3), 1, (1, 1, 1, 1));
+        assert!(winograd::weight_applies(&g));
+        let mut rng = crate::rng_from_seed(12);
+        let x = random_vec(&mut rng, g.x_len());
+        let w = random_vec(&mut rng, g.w_len());
+        let b = random_vec(&mut rng, g.c_out);
+        let dy = random_vec(&mut rng, g.y_len());
+        let run = |threads: usize| {
+            let pool =
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("building a rayon pool");
+            pool.install(|| {
+                let mut y = vec![0.0; g.y_len()];
+                conv2d_forward(&g, &x, &w, Some(&b), &mut y);
+                let mut dx = vec![0.0; g.x_len()];
+                conv2d_backward_input(&g, &dy, &w, &mut dx);
+                let mut dw = vec![0.0; g.w_len()];
+                conv2d_backward_weight(&g, &x, &dy, &mut dw, None);
+                [y, dx, dw]
+            })
+        };
+        let (one, three) = (run(1), run(3));
+        for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(one.iter().zip(&three)) {
+            assert!(
+                a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{what} differs between 1 and 3 threads"
+            );
+        }
+    }
 }
