@@ -86,7 +86,7 @@ pub(super) fn applies(g: &Conv2dGeom) -> bool {
         && g.c_out >= MIN_CHANNELS
         && g.h >= MIN_SIDE
         && g.w >= MIN_SIDE
-        && g.n * g.h.div_ceil(2) * g.w.div_ceil(2) >= MIN_TILES
+        && tiles(g) >= MIN_TILES
 }
 
 /// `y[n, r, p] = start[n, r, p] + Σ_{c,t} w_at(r, c, t)·x[n, c, p + offset(t)]`, the contract
@@ -102,6 +102,11 @@ pub(super) fn forward(
     y: &mut [MaybeUninit<f32>],
 ) {
     forward_on(crate::cpu::active(), g, x, w_at, start, y)
+}
+
+/// The batch's 2x2 output tiles, `N·⌈h/2⌉·⌈w/2⌉`.
+fn tiles(g: &Conv2dGeom) -> usize {
+    g.n * g.h.div_ceil(2) * g.w.div_ceil(2)
 }
 
 /// [`forward`] with the transforms on the lanes of level `isa`, which this machine must run

@@ -42,7 +42,7 @@ const WEIGHT_MIN_TILES: usize = 2048;
 
 /// Whether [`backward_weight`] is the faster route for this geometry (beyond [`super::applies`]).
 pub(in crate::kernels::conv) fn weight_applies(g: &Conv2dGeom) -> bool {
-    super::applies(g) && g.n * g.h.div_ceil(2) * g.w.div_ceil(2) >= WEIGHT_MIN_TILES
+    super::applies(g) && super::tiles(g) >= WEIGHT_MIN_TILES
 }
 
 /// [`backward_weight`] on the lanes of level `isa`, which this machine must run.
@@ -69,9 +69,10 @@ fn backward_weight_on(isa: Isa, g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut 
             du
         })
         .collect();
-    let mut du = partials.first().cloned().unwrap_or_else(|| vec![0.0; 16 * k_n * c_n]);
-    for part in partials.iter().skip(1) {
-        for (a, &b) in du.iter_mut().zip(part) {
+    let mut parts = partials.into_iter();
+    let mut du = parts.next().unwrap_or_else(|| vec![0.0; 16 * k_n * c_n]);
+    for part in parts {
+        for (a, &b) in du.iter_mut().zip(&part) {
             *a += b;
         }
     }
