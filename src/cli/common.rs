@@ -25,12 +25,12 @@ pub fn set_threads(threads: usize) -> anyhow::Result<()> {
             THREADS_PER_CORE_MAX * cores
         );
     }
-    if threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .context("could not size the thread pool")?;
-    }
+    let threads = if threads == 0 { cores } else { threads };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .use_current_thread()
+        .build_global()
+        .context("could not size the thread pool")?;
     Ok(())
 }
 
