@@ -1,5 +1,6 @@
 //! The tape, the `Var` handle and the gradient store.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::fmt;
 use std::rc::Rc;
@@ -78,7 +79,7 @@ impl Tape {
     pub fn var_shared(&self, value: Rc<Tensor>) -> Var {
         let value = shared_standard(value);
         let id = self.push(None);
-        Var { value, node: Some((self.clone(), id)) }
+        Var { value, node: Some((self.clone(), id)), derived: None }
     }
 
     fn push(&self, backward: Option<BackwardFn>) -> usize {
@@ -100,7 +101,14 @@ impl Tape {
 pub struct Var {
     value: Rc<Tensor>,
     node: Option<(Tape, usize)>,
+    /// What ops derived from a frozen value and keep with it ([`Var::frozen`]); `None` for
+    /// every other value.
+    derived: Option<Rc<Derived>>,
 }
+
+/// The values ops derived from a frozen value, at most one of each type, shared by its clones.
+#[derive(Default)]
+struct Derived(RefCell<Vec<Rc<dyn Any>>>);
 
 impl fmt::Debug for Var {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -115,13 +123,36 @@ impl Var {
     /// A value that is not differentiated: no tape, nothing recorded by ops that only use
     /// constants. This is the inference path.
     pub fn constant(value: Tensor) -> Var {
-        Var { value: Rc::new(standard_layout(value)), node: None }
+        Var { value: Rc::new(standard_layout(value)), node: None, derived: None }
     }
 
     /// Like [`Var::constant`], sharing an existing value instead of copying it (a value not in
     /// standard layout is copied into it).
     pub fn constant_shared(value: Rc<Tensor>) -> Var {
-        Var { value: shared_standard(value), node: None }
+        Var { value: shared_standard(value), node: None, derived: None }
+    }
+
+    /// A constant (like [`Var::constant_shared`]) whose value cannot change for as long as it or
+    /// a clone lives, so ops may keep what they derive from it with it ([`Var::derived`]: a
+    /// convolution's packed weights) instead of deriving it again on every call. The value is
+    /// shared, and a shared `Rc` is never written through (`Rc::make_mut` copies it, `get_mut`
+    /// refuses). The parameters of an inference run are bound so
+    /// ([`crate::nn::ParamStore::bind_constant`]).
+    pub fn frozen(value: Rc<Tensor>) -> Var {
+        Var { value: shared_standard(value), node: None, derived: Some(Rc::default()) }
+    }
+
+    /// The value of type `T` derived from this one: made by `make` on the first call and kept with
+    /// the value for the later calls. `None` unless the value is [`Var::frozen`]; the caller then
+    /// derives it for this call alone.
+    pub fn derived<T: Any>(&self, make: impl FnOnce() -> T) -> Option<Rc<T>> {
+        let mut kept = self.derived.as_ref()?.0.borrow_mut();
+        if let Some(t) = kept.iter().find_map(|d| Rc::clone(d).downcast::<T>().ok()) {
+            return Some(t);
+        }
+        let t = Rc::new(make());
+        kept.push(Rc::clone(&t) as Rc<dyn Any>);
+        Some(t)
     }
 
     /// The value.
@@ -166,7 +197,7 @@ impl Var {
 
     /// The same value cut off from the tape: gradients stop here.
     pub fn detach(&self) -> Var {
-        Var { value: Rc::clone(&self.value), node: None }
+        Var { value: Rc::clone(&self.value), node: None, derived: self.derived.clone() }
     }
 
     /// Records an op with `N` inputs and returns its output.
@@ -275,7 +306,7 @@ impl Var {
                 *first = (*first).min(id);
             }
         }
-        Var { value, node: Some((tape, id)) }
+        Var { value, node: Some((tape, id)), derived: None }
     }
 
     /// Reverse sweep from this scalar: d(self)/d(leaf) for every leaf on the tape.
@@ -412,6 +443,31 @@ mod tests {
 
     fn scalar(x: f32) -> Tensor {
         arr0(x).into_dyn()
+    }
+
+    /// A frozen value keeps one derived value per type, shared by its clones and detached
+    /// copies; no other value keeps any.
+    #[test]
+    fn only_frozen_values_keep_what_is_derived_from_them() {
+        let frozen = Var::frozen(Rc::new(scalar(2.0)));
+        let mut made = 0;
+        let a = frozen.derived(|| {
+            made += 1;
+            vec![1u8]
+        });
+        let b = frozen.clone().derived(|| {
+            made += 1;
+            vec![2u8]
+        });
+        let c = frozen.detach().derived(|| vec![3u8]);
+        let other_type = frozen.derived(|| 4u32);
+        assert_eq!(made, 1, "made once");
+        let (a, b, c) = (a.expect("frozen"), b.expect("frozen"), c.expect("frozen"));
+        assert!(Rc::ptr_eq(&a, &b) && Rc::ptr_eq(&a, &c) && *a == [1u8], "one value, shared");
+        assert_eq!(other_type.as_deref(), Some(&4u32), "a second type, kept beside the first");
+        let tape = Tape::new();
+        assert!(Var::constant(scalar(1.0)).derived(|| 0u8).is_none());
+        assert!(tape.var(scalar(1.0)).derived(|| 0u8).is_none());
     }
 
     /// y = a * b recorded by hand, to test the tape without the ops module.

@@ -45,8 +45,12 @@ use super::math::sum_f64_lanes;
 use super::packed::{gemm_packed, gemm_packed_uninit, Init, PackedA};
 
 mod implicit;
+mod kept;
 mod upsampled;
 mod winograd;
+
+pub use kept::PackedWeights;
+use kept::{key, with_packed};
 
 /// Target size, in f32 elements, of one tile of the patch matrix (512 KiB: about an L2 cache).
 const TILE_ELEMS: usize = 1 << 17;
@@ -427,7 +431,7 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>
         return;
     }
     if implicit::applies(g) || polyphase(g).is_some() {
-        forward_any(g, x, w, ConvPlus { bias, ..ConvPlus::default() }, as_uninit(y));
+        forward_any(g, x, w, None, ConvPlus { bias, ..ConvPlus::default() }, as_uninit(y));
     } else {
         forward_tiled(g, x, w, bias, y, g.tile_px());
     }
@@ -446,7 +450,7 @@ pub fn conv2d_forward_uninit(
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
 ) {
-    conv2d_forward_plus(g, x, w, ConvPlus { bias, ..ConvPlus::default() }, y);
+    conv2d_forward_plus(g, x, w, None, ConvPlus { bias, ..ConvPlus::default() }, y);
 }
 
 /// `y = conv2d(upsample_nearest2x(x), w) + bias` for a 3x3 convolution with padding 1 (the
@@ -454,7 +458,8 @@ pub fn conv2d_forward_uninit(
 /// `y: [n, c_out, 2h, 2w]`, every element written. Where the implicit kernels apply (an
 /// image of 16 pixels or more) it runs as four 2x2 convolutions of `x` (one per output phase, the
 /// 3x3 weights folded), a quarter of the pixels and 2.25 times fewer multiply-adds; else it
-/// upsamples and convolves. The two agree to rounding.
+/// upsamples and convolves. The two agree to rounding. `kept` keeps the weights' packing for
+/// the next call with the same weights ([`PackedWeights`]).
 ///
 /// # Panics
 /// If a slice length does not match the shapes.
@@ -466,6 +471,7 @@ pub fn upsample2x_conv3x3_forward_uninit(
     (h, w): (usize, usize),
     x: &[f32],
     weight: &[f32],
+    kept: Option<&PackedWeights>,
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
 ) {
@@ -504,13 +510,21 @@ pub fn upsample2x_conv3x3_forward_uninit(
         return;
     }
     if upsampled::applies(n, c_in, c_out, h, w) {
-        return upsampled::forward(n, c_in, c_out, (h, w), x, weight, bias, y);
+        let phases = || upsampled::pack(c_in, c_out, weight);
+        return with_packed(
+            kept,
+            |k| &k.upsampled,
+            weight,
+            key(&g),
+            phases,
+            |packed| upsampled::forward(n, c_in, c_out, (h, w), x, packed, bias, y),
+        );
     }
     let mut up = Vec::with_capacity(g.x_len());
     super::upsample::upsample_nearest2x_uninit(n * c_in, h, w, x, &mut up.spare_capacity_mut()[..g.x_len()]);
     // SAFETY: the upsampling wrote all of it.
     unsafe { up.set_len(g.x_len()) };
-    conv2d_forward_uninit(&g, &up, weight, bias, y);
+    conv2d_forward_plus(&g, &up, weight, kept, ConvPlus { bias, ..ConvPlus::default() }, y);
 }
 
 /// What a forward convolution adds to its products, each part optional:
@@ -529,7 +543,8 @@ pub struct ConvPlus<'a> {
 }
 
 /// [`conv2d_forward_uninit`] with the additions of `plus` (see [`ConvPlus`]): on return every
-/// element of `y` is written.
+/// element of `y` is written. `kept` keeps the weights' packing for the next call with the same
+/// weights ([`PackedWeights`]: a sampling run's).
 ///
 /// # Panics
 /// As [`conv2d_forward`], and if `plus`'s image bias is not `[N, C_out]` or its residual not
@@ -538,6 +553,7 @@ pub fn conv2d_forward_plus(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
+    kept: Option<&PackedWeights>,
     plus: ConvPlus<'_>,
     y: &mut [MaybeUninit<f32>],
 ) {
@@ -561,7 +577,7 @@ pub fn conv2d_forward_plus(
             return;
         }
     }
-    forward_any(g, x, w, plus, y);
+    forward_any(g, x, w, kept, plus, y);
 }
 
 /// `y += image_bias[n, co] + residual`: the additions of `plus` other than the bias, for the
@@ -601,7 +617,14 @@ fn start_bias(g: &Conv2dGeom, plus: &ConvPlus<'_>) -> (Option<Vec<f32>>, usize) 
 /// The forward convolution on the fastest CPU path for the geometry: the implicit kernel of
 /// `implicit/` for a stride-1 same convolution or (through its polyphase
 /// components) a stride-2 3x3 that halves the image, else patch tiles.
-fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut [MaybeUninit<f32>]) {
+fn forward_any(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    kept: Option<&PackedWeights>,
+    plus: ConvPlus<'_>,
+    y: &mut [MaybeUninit<f32>],
+) {
     let (sums, image_stride) = start_bias(g, &plus);
     let start =
         implicit::Start { bias: sums.as_deref().or(plus.bias), image_stride, residual: plus.residual };
@@ -610,21 +633,23 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut
         if g.n > 0 {
             let xp = polyphase_input(g, x);
             let (c_in, pt, pl) = (g.c_in, g.pad_top, g.pad_left);
-            implicit::forward(
-                &pg,
-                &xp,
-                |r, c4, t| {
-                    // Tap (a, b) of phase (p, q) is tap (2a + p − pt, 2b + q − pl) of the 3x3.
-                    let (c, p, q, a, b) = (c4 / 4, c4 / 2 % 2, c4 % 2, t / 2, t % 2);
-                    let (i, j) = ((2 * a + p).wrapping_sub(pt), (2 * b + q).wrapping_sub(pl));
-                    if i < 3 && j < 3 {
-                        w[(r * c_in + c) * 9 + i * 3 + j]
-                    } else {
-                        0.0
-                    }
-                },
-                start,
-                y,
+            let w_at = |r: usize, c4: usize, t: usize| {
+                // Tap (a, b) of phase (p, q) is tap (2a + p − pt, 2b + q − pl) of the 3x3.
+                let (c, p, q, a, b) = (c4 / 4, c4 / 2 % 2, c4 % 2, t / 2, t % 2);
+                let (i, j) = ((2 * a + p).wrapping_sub(pt), (2 * b + q).wrapping_sub(pl));
+                if i < 3 && j < 3 {
+                    w[(r * c_in + c) * 9 + i * 3 + j]
+                } else {
+                    0.0
+                }
+            };
+            with_packed(
+                kept,
+                |k| &k.polyphase,
+                w,
+                key(g),
+                || implicit::pack(&pg, w_at),
+                |a| implicit::forward_packed(&pg, &xp, a, start, y),
             );
         }
         return;
@@ -633,12 +658,31 @@ fn forward_any(g: &Conv2dGeom, x: &[f32], w: &[f32], plus: ConvPlus<'_>, y: &mut
         check_forward(g, x, w, plus.bias, y.len());
         if g.n > 0 {
             let (c_in, taps) = (g.c_in, g.kh * g.kw);
-            same_conv(g, x, |r, c, t| w[(r * c_in + c) * taps + t], start, y);
+            let w_at = |r, c, t| w[(r * c_in + c) * taps + t];
+            if winograd::applies(g) {
+                with_packed(
+                    kept,
+                    |k| &k.winograd,
+                    w,
+                    key(g),
+                    || winograd::pack(g, w_at),
+                    |u| winograd::forward_packed(g, x, u, start, y),
+                );
+            } else {
+                with_packed(
+                    kept,
+                    |k| &k.implicit,
+                    w,
+                    key(g),
+                    || implicit::pack(g, w_at),
+                    |a| implicit::forward_packed(g, x, a, start, y),
+                );
+            }
         }
         return;
     }
     check_forward(g, x, w, plus.bias, y.len());
-    forward_packed(g, x, w, start, y, g.tile_px());
+    forward_packed(g, x, w, kept, start, y, g.tile_px());
 }
 
 /// A stride-1 "same" convolution for which [`implicit::applies`] holds: through Winograd's
@@ -762,7 +806,7 @@ fn forward_tiled(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: 
         return;
     }
     let start = implicit::Start { bias, ..implicit::Start::default() };
-    forward_packed(g, x, w, start, as_uninit(y), tile_px);
+    forward_packed(g, x, w, None, start, as_uninit(y), tile_px);
 }
 
 /// The patch-tile path on the kernel of `packed.rs`: the weights packed once, every
@@ -773,6 +817,7 @@ fn forward_packed(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
+    kept: Option<&PackedWeights>,
     start: implicit::Start<'_>,
     y: &mut [MaybeUninit<f32>],
     tile_px: usize,
@@ -780,10 +825,30 @@ fn forward_packed(
     if g.n == 0 {
         return;
     }
+    let k = g.patch_len();
+    let tile_px = if g.is_pointwise() { g.out_px() } else { tile_px };
+    let pack = || PackedA::new(w, g.c_out, k, k, 1);
+    with_packed(
+        kept,
+        |k| &k.tiled,
+        w,
+        key(g),
+        pack,
+        |w_packed| forward_tiles(g, x, w_packed, start, y, tile_px),
+    )
+}
+
+/// [`forward_packed`] with the weights packed.
+fn forward_tiles(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w_packed: &PackedA,
+    start: implicit::Start<'_>,
+    y: &mut [MaybeUninit<f32>],
+    tile_px: usize,
+) {
     let (k, px) = (g.patch_len(), g.out_px());
     let pointwise = g.is_pointwise();
-    let tile_px = if pointwise { px } else { tile_px };
-    let w_packed = PackedA::new(w, g.c_out, k, k, 1);
     let x_img_len = g.c_in * g.h * g.w;
     let y_img_len = g.c_out * px;
     y.par_chunks_mut(y_img_len).zip(x.par_chunks(x_img_len)).enumerate().for_each_init(
@@ -805,7 +870,7 @@ fn forward_packed(
                     (Some(b), None) => Init::Bias(b),
                     (bias, Some(r)) => Init::Plus { bias, residual: &r[p0..] },
                 };
-                gemm_packed_uninit(&w_packed, b, ldb, t, &mut y_img[p0..], px, init);
+                gemm_packed_uninit(w_packed, b, ldb, t, &mut y_img[p0..], px, init);
             }
         },
     );
@@ -890,7 +955,7 @@ fn backward_input_as_forward(
             }
         }
     }
-    forward_any(gt, dy, &flipped, ConvPlus::default(), dx);
+    forward_any(gt, dy, &flipped, None, ConvPlus::default(), dx);
 }
 
 fn backward_input_tiled(g: &Conv2dGeom, dy: &[f32], w: &[f32], dx: &mut [f32], tile_px: usize) {
@@ -1477,7 +1542,7 @@ mod tests {
             }
         }
         let mut y = vec![f32::NAN; g.y_len()];
-        conv2d_forward_plus(g, &x, &w, plus, as_uninit(&mut y));
+        conv2d_forward_plus(g, &x, &w, None, plus, as_uninit(&mut y));
         assert_close(&y, &want, &format!("forward_plus {g:?} parts {parts}"));
     }
 
@@ -1501,7 +1566,7 @@ mod tests {
             crate::kernels::upsample_nearest2x(n * c_in, h, w, &x, &mut up);
             let g = geom(n, c_in, c_out, (2 * h, 2 * w), (3, 3), 1, (1, 1, 1, 1));
             let mut y = vec![f32::NAN; g.y_len()];
-            upsample2x_conv3x3_forward_uninit(n, c_in, c_out, (h, w), &x, &wt, bias, as_uninit(&mut y));
+            upsample2x_conv3x3_forward_uninit(n, c_in, c_out, (h, w), &x, &wt, None, bias, as_uninit(&mut y));
             assert_close(&y, &forward_ref(&g, &up, &wt, bias), &format!("upsample + 3x3 {g:?}"));
         }
     }

@@ -33,6 +33,7 @@ pub use attention::{attention_backward, attention_forward};
 pub use conv::{
     conv2d_backward_input, conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward,
     conv2d_forward_plus, conv2d_forward_uninit, upsample2x_conv3x3_forward_uninit, Conv2dGeom, ConvPlus,
+    PackedWeights,
 };
 pub use gemm::{sgemm, sgemm_batched};
 pub use norm::{group_norm_backward, group_norm_forward, group_norm_forward_uninit, GroupNormGeom};

@@ -103,10 +103,12 @@ impl ParamStore {
         }
     }
 
-    /// Every parameter as a constant, for inference with no tape.
+    /// Every parameter as a constant, for inference with no tape: frozen ([`Var::frozen`]), so
+    /// the ops keep what they derive from the weights (packed convolution kernels) for as long
+    /// as the binding lives, and a sampling run packs each weight once, not once per step.
     pub fn bind_constant(&self) -> Bound {
         Bound {
-            vars: self.values.iter().map(|v| Var::constant_shared(Rc::clone(v))).collect(),
+            vars: self.values.iter().map(|v| Var::frozen(Rc::clone(v))).collect(),
             index: self.index.clone(),
         }
     }
@@ -162,6 +164,23 @@ impl Bound {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The packings kept with a binding's weights rely on this: while a binding lives, an
+    /// optimiser's writes to the store go to a copy, and the bound values stay as they were.
+    #[test]
+    fn writes_to_the_store_leave_a_live_binding_unchanged() {
+        let mut store = ParamStore::new();
+        store.insert("w", Tensor::from_elem(vec![2, 3], 1.5));
+        let bound = store.bind_constant();
+        let before = bound.get("w").value().as_ptr();
+        for v in store.values_mut() {
+            v.fill(-7.0);
+        }
+        assert_eq!(bound.get("w").value().as_ptr(), before, "the binding's value was not moved");
+        assert!(bound.get("w").value().iter().all(|&v| v == 1.5), "nor written");
+        assert!(store.get("w").is_some_and(|w| w.iter().all(|&v| v == -7.0)), "the store was");
+        assert!(bound.get("w").derived(|| 0u8).is_some(), "bound frozen, so packings are kept");
+    }
 
     #[test]
     fn all_finite_finds_a_nan_or_infinity_anywhere_in_any_layout() {

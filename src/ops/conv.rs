@@ -8,7 +8,7 @@ use crate::kernels::math::sum_f64_lanes;
 use crate::kernels::{
     conv2d_backward_input_uninit, conv2d_backward_weight, conv2d_forward_plus,
     upsample2x_conv3x3_forward_uninit, upsample_nearest2x_backward, upsample_nearest2x_uninit, Conv2dGeom,
-    ConvPlus,
+    ConvPlus, PackedWeights,
 };
 use crate::{Tensor, Var};
 
@@ -117,8 +117,13 @@ impl Var {
             let t = image_bias.map(|t| contiguous(t.value()));
             let r = residual.map(|r| contiguous(r.value()));
             let plus = ConvPlus { bias: b.as_deref(), image_bias: t.as_deref(), residual: r.as_deref() };
+            let kept = weight.derived(PackedWeights::new);
             // SAFETY: conv2d_forward_plus writes every output element.
-            unsafe { written_by(out_shape.iter().product(), |y| conv2d_forward_plus(&g, &x, &w, plus, y)) }
+            unsafe {
+                written_by(out_shape.iter().product(), |y| {
+                    conv2d_forward_plus(&g, &x, &w, kept.as_deref(), plus, y)
+                })
+            }
         };
         let y = Tensor::from_shape_vec(out_shape.as_slice(), y)
             .expect("written_by filled out_shape's element count");
@@ -203,10 +208,21 @@ impl Var {
         let (x, wt) = (contiguous(self.value()), contiguous(weight.value()));
         let b = bias.map(|b| contiguous(b.value()));
         let len = n * c_out * 4 * h * w;
+        let kept = weight.derived(PackedWeights::new);
         // SAFETY: the kernel writes every output element.
         let y = unsafe {
             written_by(len, |y| {
-                upsample2x_conv3x3_forward_uninit(n, c_in, c_out, (h, w), &x, &wt, b.as_deref(), y)
+                upsample2x_conv3x3_forward_uninit(
+                    n,
+                    c_in,
+                    c_out,
+                    (h, w),
+                    &x,
+                    &wt,
+                    kept.as_deref(),
+                    b.as_deref(),
+                    y,
+                )
             })
         };
         Var::constant(Tensor::from_shape_vec(vec![n, c_out, 2 * h, 2 * w], y).expect("y has len elements"))

@@ -18,6 +18,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::{implicit, Conv2dGeom};
+use crate::kernels::packed::PackedA;
 
 /// The 3x3 taps (rows, or columns) that output phase `p` folds into its 2x2 tap `a`.
 fn folded(p: usize, a: usize) -> std::ops::Range<usize> {
@@ -54,26 +55,12 @@ pub(super) fn applies(n: usize, c_in: usize, c_out: usize, h: usize, w: usize) -
     implicit::applies(&phase_geom(n, c_in, c_out, h, w, 0, 0))
 }
 
-/// `y = conv3x3_same(upsample_nearest2x(x), w3) + bias` with `x: [n, c_in, h, w]`,
-/// `w3: [c_out, c_in, 3, 3]`, `y: [n, c_out, 2h, 2w]`, every element written. The caller has
-/// checked the lengths and [`applies`].
-#[allow(clippy::too_many_arguments)]
-pub(super) fn forward(
-    n: usize,
-    c_in: usize,
-    c_out: usize,
-    (h, w): (usize, usize),
-    x: &[f32],
-    w3: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [MaybeUninit<f32>],
-) {
-    let px = h * w;
-    let mut phases: Vec<Vec<f32>> = Vec::with_capacity(4);
+/// The four phases' folded 2x2 kernels of `w3: [c_out, c_in, 3, 3]`, packed for the implicit
+/// kernel, phase `(p, q)` at `2p + q`.
+pub(super) fn pack(c_in: usize, c_out: usize, w3: &[f32]) -> Vec<PackedA> {
+    let mut phases = Vec::with_capacity(4);
     for p in 0..2 {
         for q in 0..2 {
-            let g = phase_geom(n, c_in, c_out, h, w, p, q);
-            let mut out = Vec::with_capacity(n * c_out * px);
             let w_at = |r: usize, c: usize, t: usize| {
                 let base = (r * c_in + c) * 9;
                 let mut sum = 0.0f32;
@@ -84,8 +71,37 @@ pub(super) fn forward(
                 }
                 sum
             };
+            // The packing depends on the channels and taps only: one image of 4x4 stands for any.
+            phases.push(implicit::pack(&phase_geom(1, c_in, c_out, 4, 4, p, q), w_at));
+        }
+    }
+    phases
+}
+
+/// `y = conv3x3_same(upsample_nearest2x(x), w3) + bias` with `x: [n, c_in, h, w]`, the 3x3
+/// weights `w3: [c_out, c_in, 3, 3]` given as their phases' packings ([`pack`]),
+/// `y: [n, c_out, 2h, 2w]`, every element written. The caller has checked the lengths and
+/// [`applies`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    (h, w): (usize, usize),
+    x: &[f32],
+    packed: &[PackedA],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let px = h * w;
+    let mut phases: Vec<Vec<f32>> = Vec::with_capacity(4);
+    for p in 0..2 {
+        for q in 0..2 {
+            let g = phase_geom(n, c_in, c_out, h, w, p, q);
+            let mut out = Vec::with_capacity(n * c_out * px);
             let start = implicit::Start { bias, ..implicit::Start::default() };
-            implicit::forward(&g, x, w_at, start, &mut out.spare_capacity_mut()[..n * c_out * px]);
+            let out_slots = &mut out.spare_capacity_mut()[..n * c_out * px];
+            implicit::forward_packed(&g, x, &packed[2 * p + q], start, out_slots);
             // SAFETY: the implicit kernel wrote all n·c_out·px elements.
             unsafe { out.set_len(n * c_out * px) };
             phases.push(out);

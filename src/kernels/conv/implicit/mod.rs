@@ -124,24 +124,14 @@ pub(super) fn forward(
     start: Start<'_>,
     y: &mut [MaybeUninit<f32>],
 ) {
-    forward_on(crate::cpu::active(), g, x, w_at, start, y)
+    forward_packed(g, x, &pack(g, w_at), start, y)
 }
 
-/// [`forward`] on the kernels of level `isa`, which this machine must run.
-fn forward_on(
-    isa: Isa,
-    g: &Conv2dGeom,
-    x: &[f32],
-    w_at: impl Fn(usize, usize, usize) -> f32 + Sync,
-    start: Start<'_>,
-    y: &mut [MaybeUninit<f32>],
-) {
-    assert!(isa.runs_here(), "the implicit convolution on {isa}, which this machine does not run");
-    let taps = Taps::new(g);
-    let px = g.h * g.w;
-    let t_n = taps.len();
-    // The weights packed in the kernel's order of terms: channel blocks, within a block tap by
-    // tap, within a tap channel by channel.
+/// `W[r, c·taps + t] = w_at(r, c, t)` packed in the kernel's order of terms: channel blocks,
+/// within a block tap by tap, within a tap channel by channel. It depends on the geometry's
+/// channels and taps only, so one packing serves every batch and image size.
+pub(super) fn pack(g: &Conv2dGeom, w_at: impl Fn(usize, usize, usize) -> f32 + Sync) -> PackedA {
+    let t_n = g.kh * g.kw;
     let cb = channels_per_block(t_n);
     let mut order = Vec::with_capacity(g.c_in * t_n);
     for c0 in (0..g.c_in).step_by(cb) {
@@ -149,10 +139,43 @@ fn forward_on(
             order.extend((c0..g.c_in.min(c0 + cb)).map(|c| (c, t)));
         }
     }
-    let w = &PackedA::from_fn(g.c_out, order.len(), |r, kk| {
+    PackedA::from_fn(g.c_out, order.len(), |r, kk| {
         let (c, t) = order[kk];
         w_at(r, c, t)
-    });
+    })
+}
+
+/// [`forward`] with the weights packed by [`pack`] for a geometry of the same channels and taps.
+pub(super) fn forward_packed(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &PackedA,
+    start: Start<'_>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    forward_on(crate::cpu::active(), g, x, w, start, y)
+}
+
+/// [`forward_packed`] on the kernels of level `isa`, which this machine must run.
+fn forward_on(
+    isa: Isa,
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &PackedA,
+    start: Start<'_>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    assert!(isa.runs_here(), "the implicit convolution on {isa}, which this machine does not run");
+    assert!(
+        (w.rows(), w.inner()) == (g.c_out, g.c_in * g.kh * g.kw),
+        "the implicit convolution: weights packed as {}x{}, the geometry needs {}x{}",
+        w.rows(),
+        w.inner(),
+        g.c_out,
+        g.c_in * g.kh * g.kw
+    );
+    let taps = Taps::new(g);
+    let px = g.h * g.w;
     // Strips of 32 output pixels. Where an image's last strip would leave many lanes idle (a
     // 14x14 image fills 196 of 224, a 7x7 49 of 64), the batch's pixels run end to end and a
     // strip (or one of its 16-lane halves) may start in one image and end in the next; else
@@ -607,7 +630,7 @@ mod tests {
             let start = Start { bias: Some(&bias), image_stride: g.c_out, residual: with_residual.then_some(&residual[..]) };
             let run = |isa: Isa| {
                 let mut y = vec![MaybeUninit::new(f32::NAN); g.y_len()];
-                forward_on(isa, &g, &x, |r, c, t| w[(r * g.c_in + c) * taps + t], start, &mut y);
+                forward_on(isa, &g, &x, &pack(&g, |r, c, t| w[(r * g.c_in + c) * taps + t]), start, &mut y);
                 // SAFETY: `forward_on` writes every element (and they started initialised).
                 let y: Vec<u32> = y.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect();
                 let mut dw = vec![f32::NAN; g.w_len()];

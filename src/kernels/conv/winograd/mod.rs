@@ -101,7 +101,25 @@ pub(super) fn forward(
     start: Start<'_>,
     y: &mut [MaybeUninit<f32>],
 ) {
-    forward_on(crate::cpu::active(), g, x, w_at, start, y)
+    forward_packed(g, x, &pack(g, w_at), start, y)
+}
+
+/// The 3x3 kernels `w_at(r, c, t)` transformed and packed for [`forward_packed`]: 16 matrices
+/// `U_ξ: [C_out, C_in]`. They depend on the channels only, so one packing serves every batch and
+/// image size.
+pub(super) fn pack(g: &Conv2dGeom, w_at: impl Fn(usize, usize, usize) -> f32 + Sync) -> Vec<PackedA> {
+    transform_weights(g.c_out, g.c_in, &w_at)
+}
+
+/// [`forward`] with the kernels transformed by [`pack`] for a geometry of the same channels.
+pub(super) fn forward_packed(
+    g: &Conv2dGeom,
+    x: &[f32],
+    u: &[PackedA],
+    start: Start<'_>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    forward_on(crate::cpu::active(), g, x, u, start, y)
 }
 
 /// The batch's 2x2 output tiles, `N·⌈h/2⌉·⌈w/2⌉`.
@@ -109,28 +127,26 @@ fn tiles(g: &Conv2dGeom) -> usize {
     g.n * g.h.div_ceil(2) * g.w.div_ceil(2)
 }
 
-/// [`forward`] with the transforms on the lanes of level `isa`, which this machine must run
-/// (the products run on the active level's packed kernel, which gives every level's bits).
+/// [`forward_packed`] with the transforms on the lanes of level `isa`, which this machine must
+/// run (the products run on the active level's packed kernel, which gives every level's bits).
 fn forward_on(
     isa: Isa,
     g: &Conv2dGeom,
     x: &[f32],
-    w_at: impl Fn(usize, usize, usize) -> f32 + Sync,
+    u: &[PackedA],
     start: Start<'_>,
     y: &mut [MaybeUninit<f32>],
 ) {
     assert!(isa.runs_here(), "the Winograd convolution on {isa}, which this machine does not run");
+    assert!(
+        u.len() == 16 && u.iter().all(|a| (a.rows(), a.inner()) == (g.c_out, g.c_in)),
+        "the Winograd convolution: transformed weights that are not 16 matrices [C_out, C_in]"
+    );
     let plan = Plan::new(g);
     let chunks = plan.tile_rows.div_ceil(plan.rows_per_chunk);
     let rows_per_chunk = plan.rows_per_chunk;
     let tile_rows = plan.tile_rows;
-    let job = Job {
-        u: transform_weights(g.c_out, g.c_in, &w_at),
-        plan,
-        x,
-        start,
-        out: SharedPtr(y.as_mut_ptr().cast::<f32>()),
-    };
+    let job = Job { u, plan, x, start, out: SharedPtr(y.as_mut_ptr().cast::<f32>()) };
     (0..chunks).into_par_iter().for_each(|k| {
         let rows = k * rows_per_chunk..tile_rows.min((k + 1) * rows_per_chunk);
         SCRATCH.with_borrow_mut(|s| {
@@ -314,7 +330,7 @@ mod x86 {
 struct Job<'a> {
     plan: Plan,
     x: &'a [f32],
-    u: Vec<PackedA>,
+    u: &'a [PackedA],
     start: Start<'a>,
     out: SharedPtr,
 }
@@ -585,7 +601,14 @@ pub(super) mod tests {
     fn run(isa: Isa, g: &Conv2dGeom, x: &[f32], w: &[f32], start: Start<'_>) -> Vec<f32> {
         let mut y = vec![f32::NAN; g.y_len()];
         let c_in = g.c_in;
-        forward_on(isa, g, x, |r, c, t| w[(r * c_in + c) * 9 + t], start, crate::kernels::as_uninit(&mut y));
+        forward_on(
+            isa,
+            g,
+            x,
+            &pack(g, |r, c, t| w[(r * c_in + c) * 9 + t]),
+            start,
+            crate::kernels::as_uninit(&mut y),
+        );
         y
     }
 
