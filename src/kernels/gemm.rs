@@ -1,17 +1,24 @@
-//! Single-precision matrix multiply on row-major slices, on top of the `gemm` crate (its
-//! AVX-512 kernels with the `x86-v4` feature, chosen at run time; benches/README.md has the
-//! measurements against `matrixmultiply`).
+//! Single-precision matrix multiply on row-major slices, on the packed micro-kernel of
+//! `packed.rs`: every output is `init + Σ_k (α·A[r, k])·B[k, j]` summed in increasing `k`, one
+//! fused multiply-add a term, on every instruction-set level and so on every machine (until
+//! 2026-12 this was the `gemm` crate, whose kernels, chosen from the machine, gave other bits on
+//! other vector widths; benches/README.md has both measured).
 //!
-//! `gemm` takes a row stride and a column stride for every operand, so a transposed
-//! operand is only a swap of strides: nothing is copied. The public entry points split the work
-//! over rayon in blocks whose size depends only on the shape, never on the number of threads,
-//! and no task reduces into another's output, so results are bit-identical however many threads
-//! run them.
+//! The views take a row stride and a column stride for every operand: A is packed from any
+//! strides; B is read in place when its rows are runs of memory, else copied row-major first
+//! (a transposed operand); both buffers are kept per thread. The public entry points split the
+//! work over rayon in blocks whose size depends only on the shape, never on the number of
+//! threads, and no task reduces into another's output, so results are bit-identical however
+//! many threads run them.
 //!
 //! `MatRef`, `MatMut` and `gemm` are the crate-internal strided views that the convolution
 //! kernels use to multiply sub-blocks of larger buffers without copying them.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
+
+use super::packed::{gemm_packed, Init, PackedA};
 
 /// Rows of C computed by one rayon task when a single [`sgemm`] is split.
 const ROW_BLOCK: usize = 32;
@@ -137,37 +144,52 @@ pub(crate) fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMu
         }
         return;
     }
-    // Strides fit in isize: each is at most the length of a slice (or multiplies a zero index
-    // when its dimension is 1), and slice lengths never exceed isize::MAX.
-    // SAFETY: `MatRef::new` and `MatMut::new` checked that every element the views address lies
-    // inside their slices; C has unit column stride and row stride >= its row length, so no two
-    // of its elements alias; C is borrowed mutably, so it cannot overlap A or B.
-    unsafe {
-        // The `gemm` crate computes dst := α·dst + β·lhs@rhs (its α/β are the BLAS β/α), takes
-        // column strides before row strides, and reads dst only when asked. It runs on this
-        // thread (`Parallelism::None`): the callers own the parallelism, which keeps results
-        // independent of the thread count.
-        ::gemm::gemm(
-            c.rows,
-            c.cols,
-            a.cols,
-            c.data.as_mut_ptr(),
-            1,
-            c.rs as isize,
-            beta != 0.0,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            beta,
-            alpha,
-            false,
-            false,
-            false,
-            ::gemm::Parallelism::None,
-        );
+    // Every output in one order on every machine and level: the packed kernel sums
+    // `init + Σ_k (α·A[r, k])·B[k, j]` in increasing k, one fused multiply-add a term.
+    let init = if beta == 0.0 {
+        Init::Zero
+    } else {
+        if beta != 1.0 {
+            for r in 0..c.rows {
+                c.data[r * c.rs..r * c.rs + c.cols].iter_mut().for_each(|v| *v *= beta);
+            }
+        }
+        Init::Accumulate
+    };
+    // A single row's stride is never used; the kernel asks only that it be at least the row.
+    let ldout = if c.rows == 1 { c.rs.max(c.cols) } else { c.rs };
+    SCRATCH.with_borrow_mut(|(packed, copy)| {
+        packed.repack(a.data, a.rows, a.cols, a.rs, a.cs);
+        if alpha != 1.0 {
+            packed.scale(alpha);
+        }
+        let (b_data, ldb) = if b.cs == 1 && b.rs >= b.cols {
+            (b.data, b.rs)
+        } else {
+            // B's rows are not runs of memory (a transposed operand): laid out row-major first.
+            row_major_copy(b, copy);
+            (copy.as_slice(), b.cols)
+        };
+        gemm_packed(packed, b_data, ldb, c.cols, c.data, ldout, init);
+    });
+}
+
+thread_local! {
+    /// [`gemm`]'s packing of A and row-major copy of B, kept per thread between calls (they
+    /// only grow). `gemm` runs on its calling thread and calls nothing that could run another
+    /// `gemm` there, so the borrow is never taken twice.
+    static SCRATCH: RefCell<(PackedA, Vec<f32>)> = RefCell::new((PackedA::new(&[], 0, 0, 0, 0), Vec::new()));
+}
+
+/// `b`'s elements in row-major order into `out`: each row written in one run, the reads
+/// strided (for a transposed operand, one element of each of `b.cols` runs, which stay in cache
+/// from one row to the next).
+fn row_major_copy(b: MatRef<'_>, out: &mut Vec<f32>) {
+    out.clear();
+    out.reserve(b.rows * b.cols);
+    for k in 0..b.rows {
+        let row = &b.data[k * b.rs..];
+        out.extend(row.iter().step_by(b.cs).take(b.cols));
     }
 }
 
@@ -367,6 +389,39 @@ mod tests {
             beta in prop_oneof![Just(0.0f32), Just(1.0f32), -2.0f32..2.0],
         ) {
             check_sgemm(seed, trans_a, trans_b, m, k, n, alpha, beta);
+        }
+
+        /// The canonical order, bit for bit: `β·C` (when β ≠ 0), then one fused multiply-add
+        /// per term `(α·A[r, k])·B[k, j]` in increasing k. The same bits on every level (CI runs
+        /// this under each `DDPM_CPU`) and so on every machine; a kernel that split the sum into
+        /// blocks or partial sums would fail it.
+        #[test]
+        fn sgemm_sums_in_the_canonical_order(
+            seed in any::<u64>(),
+            trans_a in any::<bool>(),
+            trans_b in any::<bool>(),
+            m in 1usize..=20,
+            k in 0usize..=300,
+            n in 1usize..=40,
+            alpha in prop_oneof![Just(1.0f32), -2.0f32..2.0],
+            beta in prop_oneof![Just(0.0f32), Just(1.0f32), -2.0f32..2.0],
+        ) {
+            let mut rng = crate::rng_from_seed(seed);
+            let (a, b) = (random_vec(&mut rng, m * k), random_vec(&mut rng, k * n));
+            let c0 = random_vec(&mut rng, m * n);
+            let mut c = c0.clone();
+            sgemm(trans_a, trans_b, m, k, n, alpha, &a, &b, beta, &mut c);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut want = if beta == 0.0 { 0.0 } else { beta * c0[i * n + j] };
+                    for l in 0..k {
+                        let av = if trans_a { a[l * m + i] } else { a[i * k + l] };
+                        let bv = if trans_b { b[j * k + l] } else { b[l * n + j] };
+                        want = (alpha * av).mul_add(bv, want);
+                    }
+                    prop_assert_eq!(c[i * n + j].to_bits(), want.to_bits(), "C[{}, {}]", i, j);
+                }
+            }
         }
 
         #[test]

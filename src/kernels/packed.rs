@@ -33,6 +33,16 @@ impl PackedA {
     /// # Panics
     /// If the view reaches past the end of `a`.
     pub fn new(a: &[f32], rows: usize, inner: usize, rs: usize, cs: usize) -> Self {
+        let mut packed = Self { data: Vec::new(), rows: 0, inner: 0 };
+        packed.repack(a, rows, inner, rs, cs);
+        packed
+    }
+
+    /// [`PackedA::new`] into this one's memory, which is reused (it only grows).
+    ///
+    /// # Panics
+    /// As [`PackedA::new`].
+    pub fn repack(&mut self, a: &[f32], rows: usize, inner: usize, rs: usize, cs: usize) {
         if rows > 0 && inner > 0 {
             let last = (rows - 1) * rs + (inner - 1) * cs;
             assert!(
@@ -42,7 +52,9 @@ impl PackedA {
             );
         }
         let panels = rows.div_ceil(MR);
-        let mut data = vec![0.0f32; panels * inner * MR];
+        let data = &mut self.data;
+        data.clear();
+        data.resize(panels * inner * MR, 0.0);
         for q in 0..panels {
             let panel = &mut data[q * inner * MR..(q + 1) * inner * MR];
             let live = MR.min(rows - q * MR);
@@ -62,7 +74,7 @@ impl PackedA {
                 }
             }
         }
-        Self { data, rows, inner }
+        (self.rows, self.inner) = (rows, inner);
     }
 
     /// Packs `A[r, k] = f(r, k)` for `r < rows`, `k < inner`, the panels in parallel (for an `A`
@@ -81,6 +93,11 @@ impl PackedA {
             });
         }
         Self { data, rows, inner }
+    }
+
+    /// Multiplies every element by `alpha` (each product rounded once).
+    pub fn scale(&mut self, alpha: f32) {
+        self.data.iter_mut().for_each(|v| *v *= alpha);
     }
 
     /// Rows of `A`.

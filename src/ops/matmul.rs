@@ -1,6 +1,6 @@
 //! Matrix products: 2-D matmul, batched matmul over a leading axis, and the linear layer.
 
-use ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Axis, Ix2};
+use ndarray::{Array2, ArrayView2, Axis, Ix2};
 
 use super::par::zeroed;
 use crate::{kernels, Tensor, Var};
@@ -11,16 +11,31 @@ fn as2<'a>(x: &'a Tensor, op: &str) -> ArrayView2<'a, f32> {
         .unwrap_or_else(|_| panic!("{op}: expected a matrix, got {:?}", x.shape()))
 }
 
-/// `a @ b` for matrices: ndarray's gemm (matrixmultiply's kernels), or the GPU when
-/// [`crate::device::offload`] says so.
+/// `a @ b` for matrices on [`kernels::sgemm`] (a transposed view is passed as such, anything
+/// else laid out row-major first), or the GPU when [`crate::device::offload`] says so.
 fn mm(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
     #[cfg(feature = "wgpu")]
     if let Some(c) = crate::gpu::bmm(a.insert_axis(Axis(0)), b.insert_axis(Axis(0))) {
         return c.index_axis_move(Axis(0), 0);
     }
-    let mut c = Array2::zeros((a.nrows(), b.ncols()));
-    general_mat_mul(1.0, &a, &b, 0.0, &mut c);
-    c
+    let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
+    let (a_data, trans_a) = stored(a);
+    let (b_data, trans_b) = stored(b);
+    let mut c = vec![0.0f32; m * n];
+    kernels::sgemm(trans_a, trans_b, m, k, n, 1.0, &a_data, &b_data, 0.0, &mut c);
+    Array2::from_shape_vec((m, n), c).expect("c holds m·n values")
+}
+
+/// A matrix's elements in row-major order, or its transpose's (then `true`): borrowed where the
+/// view already is one of the two.
+fn stored(x: ArrayView2<'_, f32>) -> (std::borrow::Cow<'_, [f32]>, bool) {
+    if let Some(s) = x.to_slice() {
+        (std::borrow::Cow::Borrowed(s), false)
+    } else if let Some(s) = x.reversed_axes().to_slice() {
+        (std::borrow::Cow::Borrowed(s), true)
+    } else {
+        (std::borrow::Cow::Owned(x.iter().copied().collect()), false)
+    }
 }
 
 /// `a[i] @ b[i]` for every `i` of the leading axis.
