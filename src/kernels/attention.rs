@@ -26,7 +26,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm, MatMut, MatRef};
+use super::gemm::{gemm, gemm_packed_a, MatMut, MatRef};
 use super::math::{softmax_backward_in_place, softmax_columns_in_place, softmax_in_place};
 use super::packed::{gemm_packed, Init, PackedA};
 
@@ -141,6 +141,9 @@ pub fn attention_backward(
             || (vec![0.0f32; QUERY_BLOCK * hw], vec![0.0f32; QUERY_BLOCK * hw]),
             |(w, dw), (i, ((dq_i, dk_i), dv_i))| {
                 let [q_i, k_i, v_i, do_i] = [q, k, v, d_o].map(|x| &x[i * image..][..image]);
+                // scale·k, the left operand of every block's dq: packed once per image.
+                let mut k_scaled = PackedA::new(k_i, c, hw, hw, 1);
+                k_scaled.scale(scale);
                 for i0 in (0..hw).step_by(QUERY_BLOCK) {
                     let rows = QUERY_BLOCK.min(hw - i0);
                     let (w, dw) = (&mut w[..rows * hw], &mut dw[..rows * hw]);
@@ -168,13 +171,7 @@ pub fn attention_backward(
                     }
                     // dq[c, i0 + i] = scale Σ_j k[c, j] dS[i, j].
                     let ds_t = MatRef::row_major(dw, rows, hw).t();
-                    gemm(
-                        scale,
-                        MatRef::row_major(k_i, c, hw),
-                        ds_t,
-                        0.0,
-                        MatMut::new(&mut dq_i[i0..], c, rows, hw),
-                    );
+                    gemm_packed_a(&k_scaled, ds_t, 0.0, MatMut::new(&mut dq_i[i0..], c, rows, hw));
                     // dk[c, j] += scale Σ_i q[c, i0 + i] dS[i, j].
                     let q_blk = MatRef::new(&q_i[i0..], c, rows, hw, 1);
                     gemm(scale, q_blk, MatRef::row_major(dw, rows, hw), beta, MatMut::row_major(dk_i, c, hw));

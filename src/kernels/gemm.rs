@@ -146,6 +146,40 @@ pub(crate) fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMu
     }
     // Every output in one order on every machine and level: the packed kernel sums
     // `init + Σ_k (α·A[r, k])·B[k, j]` in increasing k, one fused multiply-add a term.
+    SCRATCH.with_borrow_mut(|(packed, copy)| {
+        packed.repack(a.data, a.rows, a.cols, a.rs, a.cs);
+        if alpha != 1.0 {
+            packed.scale(alpha);
+        }
+        product(packed, b, beta, c, copy);
+    });
+}
+
+/// [`gemm`] with `α·A` packed by the caller (an operand that several products share).
+///
+/// # Panics
+/// If the shapes do not chain, as [`gemm`].
+pub(crate) fn gemm_packed_a(a: &PackedA, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
+    assert_eq!(
+        (a.rows(), a.inner(), b.cols),
+        (c.rows, b.rows, c.cols),
+        "gemm: A ({}x{}) @ B ({}x{}) into C ({}x{})",
+        a.rows(),
+        a.inner(),
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
+    if c.rows == 0 || c.cols == 0 {
+        return;
+    }
+    SCRATCH.with_borrow_mut(|(_, copy)| product(a, b, beta, c, copy));
+}
+
+/// `C = A @ B + β·C` for a packed, non-empty `A` and shapes that chain; `copy` holds B
+/// row-major when its rows are not runs of memory.
+fn product(a: &PackedA, b: MatRef<'_>, beta: f32, c: MatMut<'_>, copy: &mut Vec<f32>) {
     let init = if beta == 0.0 {
         Init::Zero
     } else {
@@ -158,20 +192,14 @@ pub(crate) fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMu
     };
     // A single row's stride is never used; the kernel asks only that it be at least the row.
     let ldout = if c.rows == 1 { c.rs.max(c.cols) } else { c.rs };
-    SCRATCH.with_borrow_mut(|(packed, copy)| {
-        packed.repack(a.data, a.rows, a.cols, a.rs, a.cs);
-        if alpha != 1.0 {
-            packed.scale(alpha);
-        }
-        let (b_data, ldb) = if b.cs == 1 && b.rs >= b.cols {
-            (b.data, b.rs)
-        } else {
-            // B's rows are not runs of memory (a transposed operand): laid out row-major first.
-            row_major_copy(b, copy);
-            (copy.as_slice(), b.cols)
-        };
-        gemm_packed(packed, b_data, ldb, c.cols, c.data, ldout, init);
-    });
+    let (b_data, ldb) = if b.cs == 1 && b.rs >= b.cols {
+        (b.data, b.rs)
+    } else {
+        // B's rows are not runs of memory (a transposed operand): laid out row-major first.
+        row_major_copy(b, copy);
+        (copy.as_slice(), b.cols)
+    };
+    gemm_packed(a, b_data, ldb, c.cols, c.data, ldout, init);
 }
 
 thread_local! {
