@@ -5,8 +5,8 @@
 //! upsample paths into their folded 2x2 kernels, the patch tiles into panels. During training the
 //! weights change every step, so packing per call costs nothing extra. A sampling run evaluates
 //! the same weights hundreds of times, and at small batches the packing is a large share of a
-//! step (a tenth of a batch-1 step of the `mnist` preset): [`PackedWeights`] keeps each packing
-//! from its first call for the next.
+//! step (keeping them took a batch-1 step of the `mnist` preset from 8.6 to 6.3 ms on `avx2`,
+//! docs/cpu.md): [`PackedWeights`] keeps each packing from its first call for the next.
 //!
 //! Packing only moves values, or adds and halves them in one fixed order, so a kept packing is
 //! the same bits as a fresh one and the results do not change.
