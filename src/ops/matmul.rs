@@ -23,6 +23,7 @@ fn mm(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
     let (b_data, trans_b) = stored(b);
     let mut c = vec![0.0f32; m * n];
     kernels::sgemm(trans_a, trans_b, m, k, n, 1.0, &a_data, &b_data, 0.0, &mut c);
+    // Cannot fail: `c` was made `m·n` long above and sgemm keeps its length.
     Array2::from_shape_vec((m, n), c).expect("c holds m·n values")
 }
 
